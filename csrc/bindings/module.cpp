@@ -1,0 +1,159 @@
+// kt_core._C: the one binding module. It takes raw data pointers and shapes (no libtorch linkage, so
+// one build serves any torch); kt_core/kernels.py validates tensors and passes their pointers here.
+// Every entry point re-checks what it can see and raises ValueError instead of crashing.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#include "../moe/experts_op.h"
+#include "../moe/kernel_registry.h"
+#include "../runtime/cpu_features.h"
+#include "../runtime/thread_pool.h"
+
+namespace py = pybind11;
+using kt::DType;
+
+namespace {
+
+using LoraTuple = std::tuple<int, float, uintptr_t, uintptr_t, uintptr_t, uintptr_t>;
+using LoraGradTuple = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t>;
+
+DType parse_dtype(const std::string& name, const char* what) {
+  if (name == "float32") return DType::kF32;
+  if (name == "bfloat16") return DType::kBF16;
+  throw std::invalid_argument(std::string(what) + ": dtype must be 'float32' or 'bfloat16', got '" + name + "'");
+}
+
+template <typename T>
+T* pointer(uintptr_t address, const char* what) {
+  if (address == 0) throw std::invalid_argument(std::string("experts: null pointer for ") + what);
+  return reinterpret_cast<T*>(address);
+}
+
+kt::LoraFactors parse_lora(const std::optional<LoraTuple>& lora) {
+  kt::LoraFactors f;
+  if (!lora) return f;
+  f.rank = std::get<0>(*lora);
+  if (f.rank <= 0) throw std::invalid_argument("experts: LoRA rank must be positive");
+  f.scaling = std::get<1>(*lora);
+  f.gate_up_a = pointer<const float>(std::get<2>(*lora), "lora gate_up_A");
+  f.gate_up_b = pointer<const float>(std::get<3>(*lora), "lora gate_up_B");
+  f.down_a = pointer<const float>(std::get<4>(*lora), "lora down_A");
+  f.down_b = pointer<const float>(std::get<5>(*lora), "lora down_B");
+  return f;
+}
+
+kt::Activations parse_activations(int T, int K, const std::string& dtype, uintptr_t x, uintptr_t ids, uintptr_t w) {
+  if (T < 0 || K < 1) throw std::invalid_argument("experts: need T >= 0 tokens and K >= 1 experts per token");
+  kt::Activations a;
+  a.T = T;
+  a.K = K;
+  a.dtype = parse_dtype(dtype, "hidden_states");
+  if (T > 0) {
+    a.x = pointer<const void>(x, "hidden_states");
+    a.ids = pointer<const int64_t>(ids, "top_k_index");
+    a.w = pointer<const float>(w, "top_k_weights");
+  }
+  return a;
+}
+
+class PyExpertsOp {
+ public:
+  PyExpertsOp(const std::string& kernel, int num_experts, int hidden, int intermediate, uintptr_t gate_up,
+              uintptr_t down, const std::string& dtype)
+      : kernel_(kernel),
+        op_(kt::ExpertWeights{num_experts, hidden, intermediate, pointer<const void>(gate_up, "gate_up_proj"),
+                              pointer<const void>(down, "down_proj"), parse_dtype(dtype, "expert weights")},
+            kt::find_kernels(kernel)) {}
+
+  void forward(kt::ThreadPool& pool, int T, int K, uintptr_t x, const std::string& dtype, uintptr_t ids, uintptr_t w,
+               uintptr_t y, uintptr_t cache, const std::optional<LoraTuple>& lora) {
+    const kt::Activations a = parse_activations(T, K, dtype, x, ids, w);
+    const kt::LoraFactors f = parse_lora(lora);
+    if (T == 0) return;
+    void* out = pointer<void>(y, "output");
+    py::gil_scoped_release release;
+    op_.forward(pool, a, f, out, reinterpret_cast<float*>(cache));
+  }
+
+  void backward(kt::ThreadPool& pool, int T, int K, uintptr_t x, const std::string& dtype, uintptr_t ids,
+                uintptr_t w, uintptr_t dy, uintptr_t dx, uintptr_t dw, uintptr_t cache,
+                const std::optional<LoraTuple>& lora, const std::optional<LoraGradTuple>& grads) {
+    const kt::Activations a = parse_activations(T, K, dtype, x, ids, w);
+    const kt::LoraFactors f = parse_lora(lora);
+    kt::LoraGrads g;
+    if (f.rank > 0) {
+      if (!grads) throw std::invalid_argument("experts: LoRA factors given without gradient buffers");
+      g.gate_up_a = pointer<float>(std::get<0>(*grads), "grad gate_up_A");
+      g.gate_up_b = pointer<float>(std::get<1>(*grads), "grad gate_up_B");
+      g.down_a = pointer<float>(std::get<2>(*grads), "grad down_A");
+      g.down_b = pointer<float>(std::get<3>(*grads), "grad down_B");
+    }
+    if (T == 0 && f.rank == 0) return;
+    const void* dy_p = T > 0 ? pointer<const void>(dy, "grad_output") : nullptr;
+    void* dx_p = T > 0 ? pointer<void>(dx, "grad_input") : nullptr;
+    float* dw_p = T > 0 ? pointer<float>(dw, "grad_weights") : nullptr;
+    py::gil_scoped_release release;
+    op_.backward(pool, a, f, dy_p, dx_p, dw_p, reinterpret_cast<const float*>(cache), g);
+  }
+
+  const std::string& kernel() const { return kernel_; }
+
+ private:
+  std::string kernel_;
+  kt::ExpertsOp op_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "kt-plugins CPU kernels (private: use kt_core.kernels)";
+
+  m.def("cpu_features", [] {
+    const kt::CpuFeatures& f = kt::cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2;
+    d["fma"] = f.fma;
+    d["avx512f"] = f.avx512f;
+    d["avx512bw"] = f.avx512bw;
+    d["avx512vl"] = f.avx512vl;
+    d["avx512_bf16"] = f.avx512_bf16;
+    d["avx512_vnni"] = f.avx512_vnni;
+    d["amx_tile"] = f.amx_tile;
+    d["amx_bf16"] = f.amx_bf16;
+    d["amx_int8"] = f.amx_int8;
+    d["os_amx"] = f.os_amx;
+    return d;
+  });
+
+  m.def("kernel_variants", [] {
+    py::list out;
+    for (const auto& k : kt::kernel_variants()) out.append(py::make_tuple(k.name, k.runnable, k.missing));
+    return out;
+  });
+
+  py::class_<kt::ThreadPool>(m, "ThreadPool")
+      .def(py::init([](int n) {
+             if (n < 1) throw std::invalid_argument("ThreadPool: num_threads must be >= 1");
+             return new kt::ThreadPool(n);
+           }),
+           py::arg("num_threads"))
+      .def_property_readonly("num_threads", &kt::ThreadPool::num_threads);
+
+  py::class_<PyExpertsOp>(m, "ExpertsOp")
+      .def(py::init<const std::string&, int, int, int, uintptr_t, uintptr_t, const std::string&>(), py::arg("kernel"),
+           py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("gate_up_ptr"),
+           py::arg("down_ptr"), py::arg("dtype"))
+      .def("forward", &PyExpertsOp::forward, py::arg("pool"), py::arg("T"), py::arg("K"), py::arg("x_ptr"),
+           py::arg("dtype"), py::arg("ids_ptr"), py::arg("w_ptr"), py::arg("y_ptr"), py::arg("cache_ptr"),
+           py::arg("lora"))
+      .def("backward", &PyExpertsOp::backward, py::arg("pool"), py::arg("T"), py::arg("K"), py::arg("x_ptr"),
+           py::arg("dtype"), py::arg("ids_ptr"), py::arg("w_ptr"), py::arg("dy_ptr"), py::arg("dx_ptr"),
+           py::arg("dw_ptr"), py::arg("cache_ptr"), py::arg("lora"), py::arg("lora_grads"))
+      .def_property_readonly("kernel", &PyExpertsOp::kernel);
+}

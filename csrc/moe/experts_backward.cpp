@@ -1,0 +1,152 @@
+// ExpertsOp::backward: dx, the routing-weight gradient dw and the expert-LoRA gradients, base frozen.
+//
+// Per routed row (token t, slot k, expert e, weight w), with dy the output gradient of token t:
+//   dh_raw = dy @ W_d + (scaling * dy @ B_d) @ A_d        [I]   (no transposed weight copy: nn GEMM)
+//   dw     = dh_raw . h                                   since y = sum_k w * (W_d h + s B_d A_d h)
+//   dh     = w * dh_raw ; dgate = dh * up * silu'(gate) ; dup = dh * silu(gate)
+//   dx_row = dgu @ W_gu + (scaling * dgu @ B_gu) @ A_gu   [H],  dx[t] = sum_k dx_row
+// LoRA (per expert, sums over its rows): dB_d = (w dy)^T ha, dA_d = (w s dy B_d)^T h,
+//   dB_gu = dgu^T xa, dA_gu = (s dgu B_gu)^T x, with xa / ha the scaled LoRA inputs of the forward.
+#include <algorithm>
+#include <cmath>
+
+#include "experts_op.h"
+
+namespace kt {
+namespace {
+
+constexpr int64_t kRowsPerTask = 32;
+
+// out[n, m] = in[m, n] for an [M, N] matrix.
+void transpose_into(int M, int N, const float* in, float* out) {
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) out[static_cast<int64_t>(n) * M + m] = in[static_cast<int64_t>(m) * N + n];
+}
+
+}  // namespace
+
+void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFactors& lora, const void* dy,
+                         void* dx, float* dw, const float* cache, const LoraGrads& grads) {
+  std::lock_guard<std::mutex> lock(call_mutex_);
+  const Routing r = route(act.T, act.K, w_.num_experts, act.ids);
+  const int H = w_.hidden, I = w_.intermediate, I2 = 2 * I, R = lora.rank, K = act.K;
+  const int64_t S = r.num_rows();
+
+  float* xg = scratch(0, S * H);
+  float* h = scratch(2, S * I);
+  float* dyg = scratch(3, S * H);
+  float* xa = R > 0 ? scratch(4, S * R) : nullptr;
+  float* ha = R > 0 ? scratch(5, S * R) : nullptr;
+  float* dh = scratch(6, S * I);
+  float* dgu = scratch(7, S * I2);
+  float* dxg = scratch(8, S * H);
+  float* dyb = R > 0 ? scratch(9, S * R) : nullptr;   // scaling * dy @ B_d, then times w
+  float* dgb = R > 0 ? scratch(10, S * R) : nullptr;  // scaling * dgu @ B_gu
+
+  gather_rows(pool, r, act.x, act.dtype, xg);
+  gather_rows(pool, r, dy, act.dtype, dyg);
+  const float* gu = cache;
+  if (!gu || R > 0) {  // the LoRA gradients need xa, which only a recompute gives
+    float* fresh = scratch(1, S * I2);
+    gate_up(pool, r, act.dtype, xg, lora, xa, fresh);
+    gu = fresh;
+  }
+  activate(pool, r, gu, h);
+  if (R > 0) {  // ha = scaling * h @ A_d^T and dyb = scaling * dy @ B_d, per expert
+    for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
+      if (rows == 0) return;
+      k_->nt(rows, R, I, h + row0 * I, I, lora.down_a + static_cast<int64_t>(e) * R * I, DType::kF32, I,
+             ha + row0 * R, R, false);
+      k_->nn(rows, R, H, dyg + row0 * H, H, lora.down_b + static_cast<int64_t>(e) * H * R, DType::kF32, R,
+             dyb + row0 * R, R, false);
+      for (int64_t i = row0 * R; i < (row0 + rows) * R; ++i) {
+        ha[i] *= lora.scaling;
+        dyb[i] *= lora.scaling;
+      }
+    });
+  }
+
+  // dh_raw [S, I] = dy @ W_d (+ dyb @ A_d)
+  for_each_block(pool, r, I, [&](int e, int64_t row0, int rows, int col0, int ncols) {
+    float* c = dh + row0 * I + col0;
+    // W_d[e] is [H, I]: its columns col0.. start col0 elements into the expert's block.
+    const void* w_cols = weight_element(w_.down, static_cast<int64_t>(e) * H * I + col0);
+    k_->nn(rows, ncols, H, dyg + row0 * H, H, w_cols, w_.dtype, I, c, I, false);
+    if (R > 0)
+      k_->nn(rows, ncols, R, dyb + row0 * R, R, lora.down_a + static_cast<int64_t>(e) * R * I + col0, DType::kF32,
+             I, c, I, true);
+  });
+  // dw, dh = w * dh_raw, dgu; and dyb *= w for dA_d.
+  std::fill(dw, dw + static_cast<int64_t>(act.T) * K, 0.f);
+  pool.parallel_for((S + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+    const int64_t end = std::min(S, (task + 1) * kRowsPerTask);
+    for (int64_t row = task * kRowsPerTask; row < end; ++row) {
+      const int64_t slot = r.row_slot[row];
+      const float wk = act.w[slot];
+      float* d = dh + row * I;
+      const float* hr = h + row * I;
+      float dot = 0.f;
+      for (int i = 0; i < I; ++i) dot += d[i] * hr[i];
+      dw[slot] = dot;
+      const float* g = gu + row * I2;
+      const float* u = g + I;
+      float* dg = dgu + row * I2;
+      float* du = dg + I;
+      for (int i = 0; i < I; ++i) {
+        const float sig = 1.f / (1.f + std::exp(-g[i]));
+        const float dhi = wk * d[i];
+        dg[i] = dhi * u[i] * sig * (1.f + g[i] * (1.f - sig));
+        du[i] = dhi * g[i] * sig;
+      }
+      if (R > 0)
+        for (int j = 0; j < R; ++j) {
+          dyb[row * R + j] *= wk;
+          ha[row * R + j] *= wk;  // now w * ha, for dB_d = dy^T (w ha)
+        }
+    }
+  });
+
+  // dx rows [S, H] = dgu @ W_gu (+ dgb @ A_gu)
+  if (R > 0) {
+    for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
+      if (rows == 0) return;
+      k_->nn(rows, R, I2, dgu + row0 * I2, I2, lora.gate_up_b + static_cast<int64_t>(e) * I2 * R, DType::kF32, R,
+             dgb + row0 * R, R, false);
+      for (int64_t i = row0 * R; i < (row0 + rows) * R; ++i) dgb[i] *= lora.scaling;
+    });
+  }
+  for_each_block(pool, r, H, [&](int e, int64_t row0, int rows, int col0, int ncols) {
+    float* c = dxg + row0 * H + col0;
+    const void* w_cols = weight_element(w_.gate_up, static_cast<int64_t>(e) * I2 * H + col0);  // W_gu[e] [2I, H]
+    k_->nn(rows, ncols, I2, dgu + row0 * I2, I2, w_cols, w_.dtype, H, c, H, false);
+    if (R > 0)
+      k_->nn(rows, ncols, R, dgb + row0 * R, R, lora.gate_up_a + static_cast<int64_t>(e) * R * H + col0, DType::kF32,
+             H, c, H, true);
+  });
+  combine(pool, r, dxg, nullptr, act.dtype, dx);
+
+  if (R > 0) {  // LoRA factor gradients, one expert per task
+    for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
+      float* g_da = grads.down_a + static_cast<int64_t>(e) * R * I;
+      float* g_db = grads.down_b + static_cast<int64_t>(e) * H * R;
+      float* g_ga = grads.gate_up_a + static_cast<int64_t>(e) * R * H;
+      float* g_gb = grads.gate_up_b + static_cast<int64_t>(e) * I2 * R;
+      if (rows == 0) {
+        std::fill(g_da, g_da + static_cast<int64_t>(R) * I, 0.f);
+        std::fill(g_db, g_db + static_cast<int64_t>(H) * R, 0.f);
+        std::fill(g_ga, g_ga + static_cast<int64_t>(R) * H, 0.f);
+        std::fill(g_gb, g_gb + static_cast<int64_t>(I2) * R, 0.f);
+        return;
+      }
+      std::vector<float> tmp(static_cast<size_t>(R) * std::max(H, I2));
+      k_->tn(R, I, rows, dyb + row0 * R, R, h + row0 * I, I, g_da, I, false);        // [r, I]
+      k_->tn(R, H, rows, ha + row0 * R, R, dyg + row0 * H, H, tmp.data(), H, false); // [r, H]
+      transpose_into(R, H, tmp.data(), g_db);                                          // [H, r]
+      k_->tn(R, H, rows, dgb + row0 * R, R, xg + row0 * H, H, g_ga, H, false);       // [r, H]
+      k_->tn(R, I2, rows, xa + row0 * R, R, dgu + row0 * I2, I2, tmp.data(), I2, false);  // [r, 2I]
+      transpose_into(R, I2, tmp.data(), g_gb);                                          // [2I, r]
+    });
+  }
+}
+
+}  // namespace kt

@@ -1,0 +1,224 @@
+// ExpertsOp: shared pieces (gather, gate_up, activation, down, combine, work split) and the forward.
+#include "experts_op.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+namespace kt {
+namespace {
+
+// Columns per task: small enough to spread one expert over many threads, large enough that the
+// weight block (64 rows x H) is reused from cache across all of the expert's rows.
+constexpr int kColumnBlock = 64;
+constexpr int64_t kRowsPerTask = 32;
+
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+}  // namespace
+
+ExpertsOp::ExpertsOp(const ExpertWeights& weights, const GemmKernels* kernels) : w_(weights), k_(kernels) {
+  if (w_.num_experts <= 0 || w_.hidden <= 0 || w_.intermediate <= 0)
+    throw std::invalid_argument("experts: num_experts, hidden and intermediate must be positive");
+  if (!w_.gate_up || !w_.down) throw std::invalid_argument("experts: null weight pointer");
+}
+
+float* ExpertsOp::scratch(int slot, int64_t n) {
+  auto& v = scratch_[slot];
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+bf16* ExpertsOp::scratch_bf16(int64_t n) {
+  if (static_cast<int64_t>(scratch_bf16_.size()) < n) scratch_bf16_.resize(n);
+  return scratch_bf16_.data();
+}
+
+const void* ExpertsOp::weight_element(const void* base, int64_t i) const {
+  return w_.dtype == DType::kF32 ? static_cast<const void*>(static_cast<const float*>(base) + i)
+                                 : static_cast<const void*>(static_cast<const bf16*>(base) + i);
+}
+
+const void* ExpertsOp::gate_up_weights(int e, int row) const {
+  return weight_element(w_.gate_up, (static_cast<int64_t>(e) * 2 * w_.intermediate + row) * w_.hidden);
+}
+
+const void* ExpertsOp::down_weights(int e, int row) const {
+  return weight_element(w_.down, (static_cast<int64_t>(e) * w_.hidden + row) * w_.intermediate);
+}
+
+bool ExpertsOp::use_bf16_dot(DType act) const {
+  // Only when the activations are bf16 already: rounding fp32 activations would cost accuracy.
+  return k_->nt_bf16 != nullptr && w_.dtype == DType::kBF16 && act == DType::kBF16;
+}
+
+void ExpertsOp::project(bool bf16_dot, int rows, int cols, int in, const float* a, const bf16* a_bf16,
+                        const void* w, float* c, int ldc) const {
+  if (bf16_dot)
+    k_->nt_bf16(rows, cols, in, a_bf16, in, static_cast<const bf16*>(w), in, c, ldc, false);
+  else
+    k_->nt(rows, cols, in, a, in, w, w_.dtype, in, c, ldc, false);
+}
+
+void ExpertsOp::for_each_block(ThreadPool& pool, const Routing& r, int cols,
+                               const std::function<void(int, int64_t, int, int, int)>& fn) const {
+  struct Block {
+    int e, col0;
+  };
+  std::vector<Block> blocks;
+  for (int e = 0; e < w_.num_experts; ++e)
+    if (r.rows(e) > 0)
+      for (int c = 0; c < cols; c += kColumnBlock) blocks.push_back({e, c});
+  pool.parallel_for(static_cast<int64_t>(blocks.size()), [&](int64_t i) {
+    const Block b = blocks[i];
+    fn(b.e, r.offsets[b.e], static_cast<int>(r.rows(b.e)), b.col0, std::min(kColumnBlock, cols - b.col0));
+  });
+}
+
+void ExpertsOp::for_each_expert(ThreadPool& pool, const Routing& r,
+                                const std::function<void(int, int64_t, int)>& fn) const {
+  pool.parallel_for(w_.num_experts, [&](int64_t e) {
+    fn(static_cast<int>(e), r.offsets[e], static_cast<int>(r.rows(static_cast<int>(e))));
+  });
+}
+
+void ExpertsOp::gather_rows(ThreadPool& pool, const Routing& r, const void* src, DType t, float* dst) const {
+  const int H = w_.hidden;
+  const int64_t S = r.num_rows();
+  pool.parallel_for((S + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+    const int64_t end = std::min(S, (task + 1) * kRowsPerTask);
+    for (int64_t row = task * kRowsPerTask; row < end; ++row) {
+      const int64_t offset = static_cast<int64_t>(r.row_token[row]) * H;
+      float* d = dst + row * H;
+      if (t == DType::kF32) {
+        const float* s = static_cast<const float*>(src) + offset;
+        std::copy(s, s + H, d);
+      } else {
+        const bf16* s = static_cast<const bf16*>(src) + offset;
+        for (int h = 0; h < H; ++h) d[h] = bf16_to_f32(s[h]);
+      }
+    }
+  });
+}
+
+// gu [S, 2I] = xg @ W_gu[e]^T + xa @ B_gu[e]^T, with xa [S, r] = scaling * xg @ A_gu[e]^T (kept for backward).
+void ExpertsOp::gate_up(ThreadPool& pool, const Routing& r, DType act, const float* xg, const LoraFactors& lora,
+                        float* xa, float* gu) {
+  const int H = w_.hidden, I2 = 2 * w_.intermediate, R = lora.rank;
+  const int64_t S = r.num_rows();
+  if (R > 0) {
+    for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
+      if (rows == 0) return;
+      float* xa_e = xa + row0 * R;
+      k_->nt(rows, R, H, xg + row0 * H, H, lora.gate_up_a + static_cast<int64_t>(e) * R * H, DType::kF32, H, xa_e,
+             R, false);
+      for (int64_t i = 0; i < static_cast<int64_t>(rows) * R; ++i) xa_e[i] *= lora.scaling;
+    });
+  }
+  const bool bf16_dot = use_bf16_dot(act);
+  bf16* xb = nullptr;
+  if (bf16_dot) {  // exact: the rows came from bf16 activations
+    xb = scratch_bf16(S * H);
+    for (int64_t i = 0; i < S * H; ++i) xb[i] = f32_to_bf16(xg[i]);
+  }
+  for_each_block(pool, r, I2, [&](int e, int64_t row0, int rows, int col0, int ncols) {
+    float* c = gu + row0 * I2 + col0;
+    project(bf16_dot, rows, ncols, H, xg + row0 * H, xb ? xb + row0 * H : nullptr, gate_up_weights(e, col0), c, I2);
+    if (R > 0)
+      k_->nt(rows, ncols, R, xa + row0 * R, R, lora.gate_up_b + (static_cast<int64_t>(e) * I2 + col0) * R,
+             DType::kF32, R, c, I2, true);
+  });
+}
+
+// h [S, I] = silu(gate) * up.
+void ExpertsOp::activate(ThreadPool& pool, const Routing& r, const float* gu, float* h) const {
+  const int I = w_.intermediate;
+  const int64_t S = r.num_rows();
+  pool.parallel_for((S + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+    const int64_t end = std::min(S, (task + 1) * kRowsPerTask);
+    for (int64_t row = task * kRowsPerTask; row < end; ++row) {
+      const float* g = gu + row * 2 * I;
+      const float* u = g + I;
+      float* out = h + row * I;
+      for (int i = 0; i < I; ++i) out[i] = silu(g[i]) * u[i];
+    }
+  });
+}
+
+// out [S, H] = h @ W_d[e]^T + ha @ B_d[e]^T, with ha [S, r] = scaling * h @ A_d[e]^T (kept for backward).
+void ExpertsOp::down(ThreadPool& pool, const Routing& r, DType act, const float* h, const LoraFactors& lora,
+                     float* ha, float* out) {
+  const int H = w_.hidden, I = w_.intermediate, R = lora.rank;
+  const int64_t S = r.num_rows();
+  if (R > 0) {
+    for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
+      if (rows == 0) return;
+      float* ha_e = ha + row0 * R;
+      k_->nt(rows, R, I, h + row0 * I, I, lora.down_a + static_cast<int64_t>(e) * R * I, DType::kF32, I, ha_e, R,
+             false);
+      for (int64_t i = 0; i < static_cast<int64_t>(rows) * R; ++i) ha_e[i] *= lora.scaling;
+    });
+  }
+  const bool bf16_dot = use_bf16_dot(act);
+  bf16* hb = nullptr;
+  if (bf16_dot) {  // rounds h to bf16, as the bf16 reference does between its two matmuls
+    hb = scratch_bf16(S * I);
+    for (int64_t i = 0; i < S * I; ++i) hb[i] = f32_to_bf16(h[i]);
+  }
+  for_each_block(pool, r, H, [&](int e, int64_t row0, int rows, int col0, int ncols) {
+    float* c = out + row0 * H + col0;
+    project(bf16_dot, rows, ncols, I, h + row0 * I, hb ? hb + row0 * I : nullptr, down_weights(e, col0), c, H);
+    if (R > 0)
+      k_->nt(rows, ncols, R, ha + row0 * R, R, lora.down_b + (static_cast<int64_t>(e) * H + col0) * R, DType::kF32,
+             R, c, H, true);
+  });
+}
+
+// out[t] = sum_k scale[t,k] * rows[slot_row(t,k)] in slot order (deterministic), stored as `t`.
+// scale == nullptr means 1.
+void ExpertsOp::combine(ThreadPool& pool, const Routing& r, const float* rows, const float* scale, DType t,
+                        void* out) const {
+  const int H = w_.hidden, K = r.top_k;
+  const int64_t T = r.num_tokens;
+  pool.parallel_for((T + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+    std::vector<float> acc(H);
+    const int64_t end = std::min(T, (task + 1) * kRowsPerTask);
+    for (int64_t tok = task * kRowsPerTask; tok < end; ++tok) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int k = 0; k < K; ++k) {
+        const int64_t slot = tok * K + k;
+        const int64_t row = r.slot_row[slot];
+        if (row < 0) continue;
+        const float s = scale ? scale[slot] : 1.f;
+        const float* src = rows + row * H;
+        for (int h = 0; h < H; ++h) acc[h] += s * src[h];
+      }
+      if (t == DType::kF32) {
+        std::copy(acc.begin(), acc.end(), static_cast<float*>(out) + tok * H);
+      } else {
+        bf16* o = static_cast<bf16*>(out) + tok * H;
+        for (int h = 0; h < H; ++h) o[h] = f32_to_bf16(acc[h]);
+      }
+    }
+  });
+}
+
+void ExpertsOp::forward(ThreadPool& pool, const Activations& act, const LoraFactors& lora, void* y, float* cache) {
+  std::lock_guard<std::mutex> lock(call_mutex_);
+  const Routing r = route(act.T, act.K, w_.num_experts, act.ids);
+  const int H = w_.hidden, I = w_.intermediate, R = lora.rank;
+  const int64_t S = r.num_rows();
+  float* xg = scratch(0, S * H);
+  float* gu = cache ? cache : scratch(1, S * 2 * I);
+  float* h = scratch(2, S * I);
+  float* out = scratch(3, S * H);
+  float* xa = R > 0 ? scratch(4, S * R) : nullptr;
+  float* ha = R > 0 ? scratch(5, S * R) : nullptr;
+  gather_rows(pool, r, act.x, act.dtype, xg);
+  gate_up(pool, r, act.dtype, xg, lora, xa, gu);
+  activate(pool, r, gu, h);
+  down(pool, r, act.dtype, h, lora, ha, out);
+  combine(pool, r, out, act.w, act.dtype, y);
+}
+
+}  // namespace kt

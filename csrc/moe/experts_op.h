@@ -1,0 +1,102 @@
+// The routed-experts operator of one MoE layer: y = sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)).
+//
+// Legend: T = tokens, K = experts per token, E = experts, H = hidden, I = expert intermediate,
+// S = routed (token, slot) rows, r = LoRA rank. Weights use transformers' fused layout:
+// gate_up [E, 2I, H] (gate rows first), down [E, H, I]. Activations are fp32 or bf16, routing weights
+// fp32, accumulation fp32. The weights are borrowed (the Python side owns and keeps them alive).
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+#include "../runtime/thread_pool.h"
+#include "gemm.h"
+#include "routing.h"
+
+namespace kt {
+
+struct ExpertWeights {
+  int num_experts = 0;   // E
+  int hidden = 0;        // H
+  int intermediate = 0;  // I
+  const void* gate_up = nullptr;  // [E, 2I, H]
+  const void* down = nullptr;     // [E, H, I]
+  DType dtype = DType::kBF16;
+};
+
+// Per-expert LoRA: each projection W [out, in] gains scaling * B @ A. fp32, borrowed.
+struct LoraFactors {
+  int rank = 0;  // 0: no LoRA
+  float scaling = 0.f;
+  const float* gate_up_a = nullptr;  // [E, r, H]
+  const float* gate_up_b = nullptr;  // [E, 2I, r]
+  const float* down_a = nullptr;     // [E, r, I]
+  const float* down_b = nullptr;     // [E, H, r]
+};
+
+// Gradients of the factors above, same shapes; overwritten (zero for experts without tokens).
+struct LoraGrads {
+  float* gate_up_a = nullptr;
+  float* gate_up_b = nullptr;
+  float* down_a = nullptr;
+  float* down_b = nullptr;
+};
+
+struct Activations {
+  int T = 0;
+  int K = 0;
+  DType dtype = DType::kF32;   // of x, y, dy, dx
+  const void* x = nullptr;     // [T, H]
+  const int64_t* ids = nullptr;  // [T, K]
+  const float* w = nullptr;    // [T, K]
+};
+
+class ExpertsOp {
+ public:
+  ExpertsOp(const ExpertWeights& weights, const GemmKernels* kernels);
+
+  // y [T, H] in act.dtype. cache, when given, receives the gate_up pre-activations [T * K, 2I] (fp32)
+  // that backward can reuse instead of recomputing them.
+  void forward(ThreadPool& pool, const Activations& act, const LoraFactors& lora, void* y, float* cache);
+
+  // dx [T, H] in act.dtype, dw [T, K] fp32 (zero for slots of -1), and the LoRA gradients when
+  // lora.rank > 0. cache: what forward stored, or nullptr to recompute.
+  void backward(ThreadPool& pool, const Activations& act, const LoraFactors& lora, const void* dy, void* dx,
+                float* dw, const float* cache, const LoraGrads& grads);
+
+  const ExpertWeights& weights() const { return w_; }
+  const GemmKernels& kernels() const { return *k_; }
+
+ private:
+  void gather_rows(ThreadPool& pool, const Routing& r, const void* src, DType t, float* dst) const;
+  void gate_up(ThreadPool& pool, const Routing& r, DType act, const float* xg, const LoraFactors& lora, float* xa,
+               float* gu);
+  void activate(ThreadPool& pool, const Routing& r, const float* gu, float* h) const;
+  void down(ThreadPool& pool, const Routing& r, DType act, const float* h, const LoraFactors& lora, float* ha,
+            float* out);
+  // C[rows, cols] (+)= A[rows, in] @ W[cols, in]^T, through the bf16 dot kernel when `bf16_dot`.
+  void project(bool bf16_dot, int rows, int cols, int in, const float* a, const bf16* a_bf16, const void* w, float* c,
+               int ldc) const;
+  void combine(ThreadPool& pool, const Routing& r, const float* rows, const float* scale, DType t, void* out) const;
+  void for_each_block(ThreadPool& pool, const Routing& r, int cols,
+                      const std::function<void(int e, int64_t row0, int rows, int col0, int ncols)>& fn) const;
+  void for_each_expert(ThreadPool& pool, const Routing& r,
+                       const std::function<void(int e, int64_t row0, int rows)>& fn) const;
+
+  // Element i of a weight tensor, W_gu[e] row `row`, W_d[e] row `row` (either dtype).
+  const void* weight_element(const void* base, int64_t i) const;
+  const void* gate_up_weights(int e, int row) const;
+  const void* down_weights(int e, int row) const;
+  bool use_bf16_dot(DType act) const;
+
+  ExpertWeights w_;
+  const GemmKernels* k_;
+  std::mutex call_mutex_;  // scratch buffers below serve one call at a time
+  std::vector<float> scratch_[12];
+  std::vector<bf16> scratch_bf16_;
+  float* scratch(int slot, int64_t n);
+  bf16* scratch_bf16(int64_t n);
+};
+
+}  // namespace kt

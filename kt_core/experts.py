@@ -1,0 +1,226 @@
+"""KTExperts: a drop-in replacement for the `*Experts` modules of transformers >= 5 that runs on the CPU.
+
+Same call as Hugging Face's experts modules: `experts(hidden_states [T, H], top_k_index [T, K],
+top_k_weights [T, K]) -> [T, H]`. The routed-expert weights stay in host memory whatever `model.to()` is
+asked for; activations may live on a GPU, in which case they travel through pinned host buffers and the
+result comes back on the input's device.
+
+Legend: T = tokens, K = experts per token, E = experts, H = hidden, I = expert intermediate, r = LoRA rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kt_core import kernels
+from kt_core.lora import ExpertLoRA
+from kt_core.runtime.staging import to_device, to_host
+
+__all__ = ["KTExperts"]
+
+_SUPPORTED_ACTIVATIONS = ("silu", "swish")
+
+
+class KTExperts(nn.Module):
+    """One MoE layer's routed experts, computed by the CPU operator.
+
+    Args:
+        num_experts: E.
+        hidden_size: H.
+        intermediate_size: I (per expert).
+        dtype: weight dtype in host memory, torch.bfloat16 or torch.float32.
+        kernel: "auto" (best this CPU runs, or the KT_KERNEL environment variable), or a name from
+            `kt_core.kernels.available_kernels()`, or "torch" for the plain-torch reference.
+        cpu_infer: CPU threads of the shared pool; None keeps the pool's current size.
+        lora_rank: when > 0, per-expert LoRA on gate_up and down with this rank.
+        lora_alpha: LoRA alpha (defaults to 2 * lora_rank).
+        hidden_act: the experts' activation; only SwiGLU ("silu") is implemented.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        kernel: str = "auto",
+        cpu_infer: int | None = None,
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        hidden_act: str = "silu",
+    ):
+        super().__init__()
+        if dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"KTExperts: weight dtype must be torch.bfloat16 or torch.float32, got {dtype}")
+        if hidden_act not in _SUPPORTED_ACTIVATIONS:
+            raise ValueError(
+                f"KTExperts: activation {hidden_act!r} is not supported (expected one of {_SUPPORTED_ACTIVATIONS})"
+            )
+        self.num_experts = num_experts
+        self.hidden_dim = hidden_size
+        self.intermediate_dim = intermediate_size
+        self.kernel = kernels.resolve_kernel(kernel)
+        self.cpu_infer = cpu_infer
+        E, H, I = num_experts, hidden_size, intermediate_size
+        # Frozen base weights, named as in transformers so that state dicts line up.
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, dtype=dtype), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(E, H, I, dtype=dtype), requires_grad=False)
+        self.lora: ExpertLoRA | None = None
+        if lora_rank:
+            self.add_lora(lora_rank, lora_alpha if lora_alpha is not None else 2 * lora_rank)
+
+    # ---- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_tensors(cls, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, **kwargs) -> KTExperts:
+        """Builds the module around existing weights (shared, not copied, when already CPU-contiguous).
+
+        Args:
+            gate_up_proj: [E, 2I, H], gate rows first.
+            down_proj: [E, H, I].
+            **kwargs: as for the constructor (kernel, cpu_infer, lora_rank, ...).
+        """
+        if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
+            raise ValueError(
+                "KTExperts.from_tensors: expected gate_up_proj [E, 2I, H] and down_proj [E, H, I], got "
+                f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}"
+            )
+        E, two_I, H = gate_up_proj.shape
+        if two_I % 2 or tuple(down_proj.shape) != (E, H, two_I // 2):
+            raise ValueError(
+                f"KTExperts.from_tensors: down_proj must be [E, H, I] = [{E}, {H}, {two_I // 2}] to match "
+                f"gate_up_proj {tuple(gate_up_proj.shape)}, got {tuple(down_proj.shape)}"
+            )
+        kwargs.setdefault("dtype", gate_up_proj.dtype)
+        module = cls.__new__(cls)
+        cls.__init__(module, E, H, two_I // 2, **kwargs)
+        dtype = module.gate_up_proj.dtype
+        module.gate_up_proj = nn.Parameter(_host_contiguous(gate_up_proj, dtype), requires_grad=False)
+        module.down_proj = nn.Parameter(_host_contiguous(down_proj, dtype), requires_grad=False)
+        return module
+
+    @classmethod
+    def from_module(cls, experts: nn.Module, **kwargs) -> KTExperts:
+        """Converts a transformers `*Experts` module (fused gate_up_proj / down_proj parameters).
+
+        Args:
+            experts: e.g. Qwen3MoeExperts, DeepseekV3NaiveMoe, MixtralExperts.
+            **kwargs: as for the constructor.
+        """
+        for name in ("gate_up_proj", "down_proj"):
+            if not isinstance(getattr(experts, name, None), torch.Tensor):
+                raise TypeError(
+                    f"KTExperts.from_module: {type(experts).__name__} has no fused `{name}` parameter; "
+                    "expected a transformers >= 5 experts module (gate_up_proj [E, 2I, H], down_proj [E, H, I])"
+                )
+        if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
+            raise ValueError(
+                f"KTExperts.from_module: {type(experts).__name__} uses biases or transposed weights, "
+                "which the CPU operator does not implement"
+            )
+        act = getattr(getattr(experts, "config", None), "hidden_act", None)
+        if act is not None:
+            kwargs.setdefault("hidden_act", act)
+        return cls.from_tensors(experts.gate_up_proj.detach(), experts.down_proj.detach(), **kwargs)
+
+    def add_lora(self, rank: int, alpha: float) -> ExpertLoRA:
+        """Attaches fresh expert LoRA factors (B = 0, so the output is unchanged until trained)."""
+        self.lora = ExpertLoRA(
+            self.num_experts, self.hidden_dim, self.intermediate_dim, rank=rank, alpha=alpha
+        )
+        return self.lora
+
+    def load_expert_(
+        self,
+        expert: int,
+        *,
+        gate: torch.Tensor | None = None,
+        up: torch.Tensor | None = None,
+        down: torch.Tensor | None = None,
+    ) -> None:
+        """Copies one expert's weights in (checkpoint layout: gate / up [I, H], down [H, I])."""
+        I = self.intermediate_dim
+        with torch.no_grad():
+            if gate is not None:
+                self.gate_up_proj[expert, :I].copy_(gate)
+            if up is not None:
+                self.gate_up_proj[expert, I:].copy_(up)
+            if down is not None:
+                self.down_proj[expert].copy_(down)
+
+    # ---- compute -------------------------------------------------------------------------------------
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Routed-experts output.
+
+        Args:
+            hidden_states: [T, H] on any device, bf16 or fp32.
+            top_k_index: [T, K] expert ids in [0, E), or -1 for slots computed elsewhere.
+            top_k_weights: [T, K] routing weights (receive a gradient when they require one).
+
+        Returns:
+            [T, H] on hidden_states' device and dtype.
+        """
+        lora = self.lora.factors() if self.lora is not None else ()
+        return _ExpertsFunction.apply(self, hidden_states, top_k_index, top_k_weights, *lora)
+
+    def _apply(self, fn, recurse=True):
+        # The routed experts live in host memory: `model.to("cuda")` / `.half()` move everything else.
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
+            f"dtype={self.gate_up_proj.dtype}, kernel={self.kernel}"
+        )
+
+
+class _ExpertsFunction(torch.autograd.Function):
+    """Bridges autograd to the C++ operator; the LoRA factors are inputs so that they receive gradients."""
+
+    @staticmethod
+    def forward(ctx, module: KTExperts, x, ids, w, *lora):
+        device = x.device
+        x_host = to_host(x)  # [T, H]
+        ids_host = to_host(ids).to(torch.int64)  # [T, K]
+        w_host = to_host(w).to(torch.float32)  # [T, K]
+        needs_grad = any(ctx.needs_input_grad[1:])
+        y, cache = kernels.experts_forward(
+            module,
+            x_host,
+            ids_host,
+            w_host,
+            lora=lora or None,
+            save_for_backward=needs_grad,
+            pin_output=device.type != "cpu",
+        )
+        if needs_grad:
+            ctx.module = module
+            ctx.w_dtype = w.dtype
+            ctx.save_for_backward(x_host, ids_host, w_host, cache, *lora)
+        return to_device(y, device)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_host, ids_host, w_host, cache, *lora = ctx.saved_tensors
+        dy_host = to_host(dy.contiguous()).to(x_host.dtype)
+        dx, dw, lora_grads = kernels.experts_backward(
+            ctx.module, x_host, ids_host, w_host, dy_host, cache=cache, lora=lora or None
+        )
+        device = dy.device
+        grads = [
+            None,
+            to_device(dx, device) if ctx.needs_input_grad[1] else None,
+            None,
+            to_device(dw.to(ctx.w_dtype), device) if ctx.needs_input_grad[3] else None,
+        ]
+        return (*grads, *(lora_grads or ()))
+
+
+def _host_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Zero-copy when the tensor already is a CPU-contiguous tensor of the right dtype.
+    return t.detach().to(device="cpu", dtype=dtype).contiguous()

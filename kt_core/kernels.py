@@ -1,0 +1,237 @@
+"""Typed wrappers over the compiled operator (kt_core._C): kernel choice, input checks, calls.
+
+The C++ side takes raw pointers; this module is where tensors are checked (device, dtype, contiguity,
+shape) so that a bad input raises a clear Python error instead of reaching the kernel.
+
+Legend: T = tokens, K = experts per token, E = experts, H = hidden, I = expert intermediate, r = LoRA rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from kt_core.reference import experts_reference
+from kt_core.runtime.pool import get_thread_pool
+
+if TYPE_CHECKING:
+    from kt_core.experts import KTExperts
+
+__all__ = [
+    "KERNEL_ENV",
+    "available_kernels",
+    "cpu_features",
+    "experts_backward",
+    "experts_forward",
+    "resolve_kernel",
+]
+
+logger = logging.getLogger(__name__)
+
+KERNEL_ENV = "KT_KERNEL"
+TORCH_KERNEL = "torch"  # the plain-torch reference, always available
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+try:
+    from kt_core import _C
+except ImportError as exc:  # a source checkout that was never built
+    _C = None
+    _IMPORT_ERROR = exc
+else:
+    _IMPORT_ERROR = None
+
+
+def cpu_features() -> dict[str, bool]:
+    """The instruction-set extensions this CPU and OS allow (empty without the compiled module)."""
+    return dict(_C.cpu_features()) if _C is not None else {}
+
+
+def available_kernels() -> list[str]:
+    """Kernel variants this CPU runs, best first; "torch" (the reference) is always last."""
+    names = [name for name, runnable, _ in _C.kernel_variants() if runnable] if _C is not None else []
+    return [*names, TORCH_KERNEL]
+
+
+def resolve_kernel(kernel: str = "auto") -> str:
+    """Maps "auto" (or the KT_KERNEL environment variable) to a concrete variant and checks it runs here."""
+    requested = os.environ.get(KERNEL_ENV) or kernel
+    available = available_kernels()
+    if requested == "auto":
+        if _C is None:
+            logger.warning("kt_core._C is not built (%s); using the plain-torch experts", _IMPORT_ERROR)
+        return available[0]
+    if requested in available:
+        return requested
+    known = {name: missing for name, _, missing in _C.kernel_variants()} if _C is not None else {}
+    source = f"{KERNEL_ENV}={requested}" if os.environ.get(KERNEL_ENV) else f"kernel={requested!r}"
+    why = f" ({known[requested]})" if requested in known else ""
+    raise ValueError(f"{source}: this kernel cannot run here{why}; available: {', '.join(available)}")
+
+
+def _check(name: str, t: torch.Tensor, shape: Sequence[int], dtypes: tuple[torch.dtype, ...]) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"experts: {name} must be in host memory, got device {t.device}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"experts: {name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"experts: {name} must have shape {list(shape)}, got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"experts: {name} must be contiguous")
+
+
+def _check_inputs(module: KTExperts, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> tuple[int, int]:
+    if x.dim() != 2 or ids.dim() != 2:
+        raise ValueError(
+            f"experts: expected hidden_states [T, H] and top_k_index [T, K], got {list(x.shape)} and {list(ids.shape)}"
+        )
+    T, K = ids.shape
+    _check("hidden_states", x, (T, module.hidden_dim), tuple(_DTYPE_NAMES))
+    _check("top_k_index", ids, (T, K), (torch.int64,))
+    _check("top_k_weights", w, (T, K), (torch.float32,))
+    return T, K
+
+
+def _lora_args(lora: Sequence[torch.Tensor] | None, module: KTExperts):
+    if not lora:
+        return None
+    for t in lora:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError("experts: LoRA factors must be contiguous fp32 tensors in host memory")
+    return (module.lora.rank, module.lora.scaling, *(t.data_ptr() for t in lora))
+
+
+def _op(module: KTExperts):
+    # The C++ op borrows the weight pointers; rebuild it if the parameters were replaced.
+    key = (module.kernel, module.gate_up_proj.data_ptr(), module.down_proj.data_ptr())
+    if getattr(module, "_op_key", None) != key:
+        for name, t, shape in (
+            (
+                "gate_up_proj",
+                module.gate_up_proj,
+                (module.num_experts, 2 * module.intermediate_dim, module.hidden_dim),
+            ),
+            ("down_proj", module.down_proj, (module.num_experts, module.hidden_dim, module.intermediate_dim)),
+        ):
+            _check(name, t, shape, tuple(_DTYPE_NAMES))
+        module._op = _C.ExpertsOp(
+            module.kernel,
+            module.num_experts,
+            module.hidden_dim,
+            module.intermediate_dim,
+            module.gate_up_proj.data_ptr(),
+            module.down_proj.data_ptr(),
+            _DTYPE_NAMES[module.gate_up_proj.dtype],
+        )
+        module._op_key = key
+    return module._op
+
+
+def experts_forward(
+    module: KTExperts,
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    lora: Sequence[torch.Tensor] | None = None,
+    save_for_backward: bool = False,
+    pin_output: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Routed-experts forward on the CPU.
+
+    Args:
+        module: the layer (weights, kernel choice, LoRA scaling).
+        x: [T, H] fp32 or bf16, host memory. ids: [T, K] int64 (-1 = skip). w: [T, K] fp32.
+        lora: (gate_up_A, gate_up_B, down_A, down_B) fp32 factors, or None.
+        save_for_backward: also return the gate_up pre-activations [T*K, 2I] fp32 for backward.
+        pin_output: allocate y in pinned memory (it is going to a GPU).
+
+    Returns:
+        y [T, H] in x.dtype, and the cache (or None).
+    """
+    T, K = _check_inputs(module, x, ids, w)
+    if module.kernel == TORCH_KERNEL:
+        with torch.no_grad():
+            y = experts_reference(x, ids, w, module.gate_up_proj, module.down_proj, lora, _scaling(module))
+        return y, None
+    y = torch.empty((T, module.hidden_dim), dtype=x.dtype, pin_memory=pin_output)
+    cache = (
+        torch.empty((T * K, 2 * module.intermediate_dim), dtype=torch.float32) if save_for_backward else None
+    )
+    _op(module).forward(
+        get_thread_pool(module.cpu_infer),
+        T,
+        K,
+        x.data_ptr(),
+        _DTYPE_NAMES[x.dtype],
+        ids.data_ptr(),
+        w.data_ptr(),
+        y.data_ptr(),
+        cache.data_ptr() if cache is not None else 0,
+        _lora_args(lora, module),
+    )
+    return y, cache
+
+
+def experts_backward(
+    module: KTExperts,
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    w: torch.Tensor,
+    dy: torch.Tensor,
+    *,
+    cache: torch.Tensor | None = None,
+    lora: Sequence[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Routed-experts backward on the CPU (base weights frozen).
+
+    Args:
+        module, x, ids, w, lora: as for experts_forward.
+        dy: [T, H] gradient of the output, x.dtype.
+        cache: what experts_forward returned with save_for_backward, or None to recompute.
+
+    Returns:
+        dx [T, H] (x.dtype), dw [T, K] fp32, and the LoRA factor gradients (or None).
+    """
+    T, K = _check_inputs(module, x, ids, w)
+    _check("grad_output", dy, (T, module.hidden_dim), (x.dtype,))
+    if module.kernel == TORCH_KERNEL:
+        return _reference_backward(module, x, ids, w, dy, lora)
+    dx = torch.empty_like(x)
+    dw = torch.empty((T, K), dtype=torch.float32)
+    lora_grads = tuple(torch.empty_like(t) for t in lora) if lora else None
+    _op(module).backward(
+        get_thread_pool(module.cpu_infer),
+        T,
+        K,
+        x.data_ptr(),
+        _DTYPE_NAMES[x.dtype],
+        ids.data_ptr(),
+        w.data_ptr(),
+        dy.data_ptr(),
+        dx.data_ptr(),
+        dw.data_ptr(),
+        cache.data_ptr() if cache is not None else 0,
+        _lora_args(lora, module),
+        tuple(g.data_ptr() for g in lora_grads) if lora_grads else None,
+    )
+    return dx, dw, lora_grads
+
+
+def _scaling(module: KTExperts) -> float:
+    return module.lora.scaling if module.lora is not None else 1.0
+
+
+def _reference_backward(module, x, ids, w, dy, lora):
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_()
+        wr = w.detach().requires_grad_()
+        factors = [t.detach().requires_grad_() for t in lora] if lora else None
+        y = experts_reference(xr, ids, wr, module.gate_up_proj, module.down_proj, factors, _scaling(module))
+        inputs = [xr, wr, *(factors or [])]
+        grads = torch.autograd.grad(y, inputs, dy, allow_unused=True)
+    grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, inputs, strict=True)]
+    return grads[0], grads[1], tuple(grads[2:]) if lora else None
