@@ -127,9 +127,7 @@ class KTExperts(nn.Module):
 
     def add_lora(self, rank: int, alpha: float) -> ExpertLoRA:
         """Attaches fresh expert LoRA factors (B = 0, so the output is unchanged until trained)."""
-        self.lora = ExpertLoRA(
-            self.num_experts, self.hidden_dim, self.intermediate_dim, rank=rank, alpha=alpha
-        )
+        self.lora = ExpertLoRA(self.num_experts, self.hidden_dim, self.intermediate_dim, rank=rank, alpha=alpha)
         return self.lora
 
     def load_expert_(

@@ -158,9 +158,7 @@ def experts_forward(
             y = experts_reference(x, ids, w, module.gate_up_proj, module.down_proj, lora, _scaling(module))
         return y, None
     y = torch.empty((T, module.hidden_dim), dtype=x.dtype, pin_memory=pin_output)
-    cache = (
-        torch.empty((T * K, 2 * module.intermediate_dim), dtype=torch.float32) if save_for_backward else None
-    )
+    cache = torch.empty((T * K, 2 * module.intermediate_dim), dtype=torch.float32) if save_for_backward else None
     _op(module).forward(
         get_thread_pool(module.cpu_infer),
         T,

@@ -29,9 +29,7 @@ class ExpertLoRA(nn.Module):
         alpha: LoRA alpha; the update is scaled by alpha / r.
     """
 
-    def __init__(
-        self, num_experts: int, hidden_size: int, intermediate_size: int, *, rank: int, alpha: float
-    ):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, rank: int, alpha: float):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"ExpertLoRA: rank must be a positive integer, got {rank}")

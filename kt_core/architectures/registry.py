@@ -90,8 +90,7 @@ def get_architecture(model_type_or_config) -> Architecture:
         if name is not None:
             return _by_name[name]
         supported = "\n".join(
-            f"  - {a.name}: model_type {', '.join(a.model_types)}"
-            + (f" ({a.description})" if a.description else "")
+            f"  - {a.name}: model_type {', '.join(a.model_types)}" + (f" ({a.description})" if a.description else "")
             for a in sorted(_by_name.values(), key=lambda a: a.name)
         )
     shown = f"{model_type!r}" + (f" ({', '.join(hf_architectures)})" if hf_architectures else "")

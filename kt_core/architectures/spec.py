@@ -57,13 +57,9 @@ class Architecture:
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
-            raise ValueError(
-                f"Architecture name {self.name!r} must be lowercase: letters, digits, underscores"
-            )
+            raise ValueError(f"Architecture name {self.name!r} must be lowercase: letters, digits, underscores")
         if not self.model_types:
-            raise ValueError(
-                f"Architecture {self.name!r}: model_types must name at least one config model_type"
-            )
+            raise ValueError(f"Architecture {self.name!r}: model_types must name at least one config model_type")
         try:
             re.compile(self.experts_pattern)
             for pattern, _ in self.checkpoint_renames:

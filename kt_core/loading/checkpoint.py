@@ -124,9 +124,7 @@ def _read_header(file: Path) -> list[TensorInfo]:
             raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes)")
         (header_len,) = struct.unpack("<Q", raw)
         if header_len > min(_MAX_HEADER, size - 8):
-            raise CheckpointError(
-                f"{file}: corrupt safetensors header (length {header_len}, file {size} bytes)"
-            )
+            raise CheckpointError(f"{file}: corrupt safetensors header (length {header_len}, file {size} bytes)")
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -44,12 +44,8 @@ def resolve_devices(device: str | torch.device | Sequence[str] | None) -> list[s
         raise ValueError("device: give at least one device")
     for d in devices:
         dev = torch.device(d)
-        if dev.type == "cuda" and (
-            not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
-        ):
-            raise ValueError(
-                f"device {d!r}: CUDA is not available here ({torch.cuda.device_count()} GPUs visible)"
-            )
+        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+            raise ValueError(f"device {d!r}: CUDA is not available here ({torch.cuda.device_count()} GPUs visible)")
     return devices
 
 
@@ -204,9 +200,7 @@ def _read(checkpoint: Checkpoint, key: str, scale_key: str | None, block, device
     return tensor
 
 
-def _stream_experts(
-    model, module_name, tensors: list[ExpertTensor], checkpoint, plan, fp8_block, dtype, config
-):
+def _stream_experts(model, module_name, tensors: list[ExpertTensor], checkpoint, plan, fp8_block, dtype, config):
     """Reads one layer's expert tensors into its store (a backend module, or HF's module kept on a GPU)."""
     hf_experts = model.get_submodule(module_name)
     E, two_I, H = hf_experts.gate_up_proj.shape
@@ -299,8 +293,7 @@ def _finish(model: nn.Module, plan: PlacementPlan, path: str) -> None:
     missing = still_on_meta(model)
     if missing:
         raise CheckpointError(
-            f"{path}: {len(missing)} tensors of the model are not in the checkpoint, "
-            f"e.g. {', '.join(missing[:5])}"
+            f"{path}: {len(missing)} tensors of the model are not in the checkpoint, e.g. {', '.join(missing[:5])}"
         )
     backend_types = tuple({p.cls for p in plan.experts.values()})
     model.kt_device_hooks = apply_devices(model, plan, skip=backend_types)

@@ -51,16 +51,12 @@ def split_layers(
     return out
 
 
-def layer_devices_from_transfer_map(
-    num_layers: int, transfer_map: Mapping[int, str], first_device: str
-) -> list[str]:
+def layer_devices_from_transfer_map(num_layers: int, transfer_map: Mapping[int, str], first_device: str) -> list[str]:
     """Expands KTransformers' `transfer_map` ({first layer index: device}) into [L] per-layer devices."""
     steps = sorted((int(k), str(v)) for k, v in transfer_map.items())
     for index, _ in steps:
         if not 0 <= index < num_layers:
-            raise ValueError(
-                f"transfer_map: layer {index} is out of range (the model has {num_layers} layers)"
-            )
+            raise ValueError(f"transfer_map: layer {index} is out of range (the model has {num_layers} layers)")
     devices, current, pending = [], first_device, list(steps)
     for layer in range(num_layers):
         while pending and pending[0][0] == layer:

@@ -125,7 +125,5 @@ def resolve_legacy_rule_name(path: str | Path) -> str | None:
             if multi is None:
                 return f"{family}/single-gpu.yaml"
             count = multi.group(1)
-            return (
-                f"{family}/multi-gpu-{count}.yaml" if count and count != "2" else f"{family}/multi-gpu.yaml"
-            )
+            return f"{family}/multi-gpu-{count}.yaml" if count and count != "2" else f"{family}/multi-gpu.yaml"
     return None

@@ -80,9 +80,7 @@ def match_rules(
     if warn_unmatched:
         for rule, count in zip(rules, hits, strict=True):
             if count == 0:
-                message = (
-                    f"{rule.where} ({rule.match.describe()}) matched no module of {type(model).__name__}"
-                )
+                message = f"{rule.where} ({rule.match.describe()}) matched no module of {type(model).__name__}"
                 logger.warning(message)
                 warnings.warn(message, UnmatchedRuleWarning, stacklevel=2)
     return matches

@@ -25,9 +25,7 @@ logger = logging.getLogger(__name__)
 KEEP = "default"  # replace.class that keeps Hugging Face's module
 _KEEP_KWARGS = frozenset({"device", "devices", "transfer_map"})
 # Constructor arguments the loader fills in itself (from the checkpoint), not a rule.
-_BACKEND_FIXED_ARGS = frozenset(
-    {"self", "num_experts", "hidden_size", "intermediate_size", "dtype", "hidden_act"}
-)
+_BACKEND_FIXED_ARGS = frozenset({"self", "num_experts", "hidden_size", "intermediate_size", "dtype", "hidden_act"})
 
 
 @dataclass(frozen=True)
@@ -113,9 +111,7 @@ def resolve_placement(
     for name, rule in match_rules(model, rules, warn_unmatched=warn_unmatched).items():
         kind, kwargs = _action(rule)
         if kind == "experts":
-            plan.experts[name] = _experts_placement(
-                name, model.get_submodule(name), rule, kwargs, expert_options
-            )
+            plan.experts[name] = _experts_placement(name, model.get_submodule(name), rule, kwargs, expert_options)
             continue
         if kwargs.get("device"):
             explicit[name] = str(kwargs["device"])
@@ -142,16 +138,13 @@ def _action(rule: PlacementRule) -> tuple[str, dict[str, Any]]:
         keep = {"device": legacy.legacy_device(kwargs)}
         if "transfer_map" in kwargs:
             keep["transfer_map"] = kwargs["transfer_map"]
-        logger.debug(
-            "%s: %s kept as Hugging Face's module on %s", rule.where, cls, keep["device"] or "default"
-        )
+        logger.debug("%s: %s kept as Hugging Face's module on %s", rule.where, cls, keep["device"] or "default")
         return "keep", keep
     if cls == KEEP:
         unknown = set(kwargs) - _KEEP_KWARGS - legacy.LEGACY_IGNORED_KWARGS
         if unknown:
             raise RuleError(
-                f"{rule.where}: unknown kwargs {sorted(unknown)} for class 'default' "
-                f"(expected {sorted(_KEEP_KWARGS)})"
+                f"{rule.where}: unknown kwargs {sorted(unknown)} for class 'default' (expected {sorted(_KEEP_KWARGS)})"
             )
         if "device" not in kwargs and legacy.legacy_device(kwargs):
             kwargs["device"] = legacy.legacy_device(kwargs)
@@ -166,9 +159,7 @@ def _action(rule: PlacementRule) -> tuple[str, dict[str, Any]]:
     allowed = _backend_kwargs(backend_cls)
     unknown = set(kwargs) - allowed if allowed is not None else set()
     if unknown:
-        raise RuleError(
-            f"{rule.where}: unknown kwargs {sorted(unknown)} for {cls} (expected {sorted(allowed)})"
-        )
+        raise RuleError(f"{rule.where}: unknown kwargs {sorted(unknown)} for {cls} (expected {sorted(allowed)})")
     return "experts", {"backend": backend, **kwargs}
 
 
@@ -218,9 +209,7 @@ def _apply_layer_split(
     where = rule.where if rule is not None else "devices"
     if kwargs.get("transfer_map"):
         try:
-            plan.layer_devices = layer_devices_from_transfer_map(
-                num_layers, kwargs["transfer_map"], first_device
-            )
+            plan.layer_devices = layer_devices_from_transfer_map(num_layers, kwargs["transfer_map"], first_device)
         except (ValueError, TypeError) as exc:
             raise RuleError(f"{where}: {exc}") from exc
     else:

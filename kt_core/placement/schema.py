@@ -103,9 +103,7 @@ def _parse_rule(entry: Any, source: str, index: int) -> PlacementRule:
         raise RuleError(f"{where}: unknown keys {sorted(unknown)} (expected match, replace, recursive)")
     match = entry.get("match")
     if not isinstance(match, dict) or not ({"name", "class"} & set(match)):
-        raise RuleError(
-            f"{where}: 'match' must be a mapping with 'name' (regex) and/or 'class' (dotted path)"
-        )
+        raise RuleError(f"{where}: 'match' must be a mapping with 'name' (regex) and/or 'class' (dotted path)")
     unknown = set(match) - {"name", "class"}
     if unknown:
         raise RuleError(f"{where}: unknown match keys {sorted(unknown)} (expected name, class)")
