@@ -27,7 +27,7 @@ def test_wrong_dtype(experts, batch):
 
 
 def test_non_contiguous_is_refused_at_the_kernel_boundary(experts, batch):
-    x, ids, w = batch
+    _, ids, w = batch
     wide = torch.randn(5, 2 * HIDDEN)[:, ::2]
     with pytest.raises(ValueError, match="hidden_states must be contiguous"):
         kernels.experts_forward(experts, wide, ids, w)
@@ -56,7 +56,7 @@ def test_shape_mismatch(experts, batch):
 
 def test_unknown_or_unavailable_kernel():
     hf = make_hf_experts("qwen3_moe", torch.float32)
-    with pytest.raises(ValueError, match="available: .*torch"):
+    with pytest.raises(ValueError, match=r"available: .*torch"):
         KTExperts.from_module(hf, kernel="sparc")
     if "amx" not in kernels.available_kernels():
         with pytest.raises(ValueError, match="kernel='amx'"):
