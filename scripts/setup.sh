@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Builds the development environment in .venv/ at the repository root and compiles the C++ extension.
+# torch is pinned (constraints.txt) to the CPU build this machine class installs; any other request
+# would pull several GB of CUDA wheels. Re-running is cheap: pip skips what is already satisfied.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "==> creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+echo "==> torch (CPU build, pinned)"
+$PIP install -q "$(grep '^torch==' constraints.txt)"
+echo "==> build tools"
+$PIP install -q -c constraints.txt "scikit-build-core>=0.10" "pybind11>=2.12"
+echo "==> kt-plugins (compiles csrc/ with the system C++ compiler)"
+$PIP install -q -c constraints.txt --no-build-isolation -e ".[dev]"
+$VENV/bin/python -c "import kt_core; print('kt_core ready; kernels:', ', '.join(kt_core.available_kernels()))"
