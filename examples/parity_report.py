@@ -79,8 +79,10 @@ def report(config_path: Path, dtype: torch.dtype, tokens: int, kernel: str, seed
 
     tol = TOLERANCE[dtype]
     kernel_used = ours_model.model.layers[0].mlp.experts.kernel
-    print(f"\n{config.model_type} from {config_path.relative_to(HERE.parent)}  dtype={str(dtype)[6:]}  "
-          f"tokens={tokens}  experts layers on CPU={swapped}  kernel={kernel_used}")
+    print(
+        f"\n{config.model_type} from {config_path.relative_to(HERE.parent)}  dtype={str(dtype)[6:]}  "
+        f"tokens={tokens}  experts layers on CPU={swapped}  kernel={kernel_used}"
+    )
     ok = True
     if dtype == torch.float32:
         print(f"  {'quantity':30s} {'ours vs HF':>12s}  (tolerance {tol:g})")
@@ -93,8 +95,10 @@ def report(config_path: Path, dtype: torch.dtype, tokens: int, kernel: str, seed
             good = err < max(tol, 1.5 * hf_err)
             ok &= good
             print(f"  {name:30s} {err:12.2e} {hf_err:16.2e}  {'ok' if good else 'MISMATCH'}")
-    print(f"  loss {ours[0].item():.5f} (HF {hf[0].item():.5f}); forward+backward {ours[3] * 1e3:.0f} ms "
-          f"(HF eager experts {hf[3] * 1e3:.0f} ms)")
+    print(
+        f"  loss {ours[0].item():.5f} (HF {hf[0].item():.5f}); forward+backward {ours[3] * 1e3:.0f} ms "
+        f"(HF eager experts {hf[3] * 1e3:.0f} ms)"
+    )
     return ok
 
 
@@ -106,8 +110,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(f"kt_core kernels on this CPU: {', '.join(kt_core.available_kernels())}")
-    results = [report(args.config.resolve(), dt, args.tokens, args.kernel, args.seed)
-               for dt in (torch.float32, torch.bfloat16)]
+    results = [
+        report(args.config.resolve(), dt, args.tokens, args.kernel, args.seed) for dt in (torch.float32, torch.bfloat16)
+    ]
     print("\nparity: " + ("PASS" if all(results) else "FAIL"))
     raise SystemExit(0 if all(results) else 1)
 
