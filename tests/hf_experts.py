@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from transformers import DeepseekV3Config, MixtralConfig, Qwen3MoeConfig
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3NaiveMoe
-from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 # Odd sizes on purpose: no dimension is a multiple of any SIMD width.
 NUM_EXPERTS, HIDDEN, INTERMEDIATE = 7, 37, 19
 
+
+def experts_class(family: str, prefix: str) -> type[torch.nn.Module]:
+    """The family's fused experts class; its name changed across transformers 5.x releases."""
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    for name in (f"{prefix}Experts", f"{prefix}NaiveMoe"):
+        if hasattr(modeling, name):
+            return getattr(modeling, name)
+    raise ImportError(f"no fused experts class in {modeling.__name__}")
+
+
 FAMILIES = {
     "qwen3_moe": (
-        Qwen3MoeExperts,
+        experts_class("qwen3_moe", "Qwen3Moe"),
         lambda: Qwen3MoeConfig(hidden_size=HIDDEN, moe_intermediate_size=INTERMEDIATE, num_experts=NUM_EXPERTS),
     ),
     "deepseek_v3": (
-        DeepseekV3NaiveMoe,
+        experts_class("deepseek_v3", "DeepseekV3"),
         lambda: DeepseekV3Config(hidden_size=HIDDEN, moe_intermediate_size=INTERMEDIATE, n_routed_experts=NUM_EXPERTS),
     ),
     "mixtral": (
-        MixtralExperts,
+        experts_class("mixtral", "Mixtral"),
         lambda: MixtralConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_local_experts=NUM_EXPERTS),
     ),
 }
