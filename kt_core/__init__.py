@@ -10,21 +10,77 @@ Operator
 Kernels
     available_kernels    variants this CPU runs, best first (KT_KERNEL forces one)
     cpu_features         instruction-set extensions seen at run time
+Models
+    load_model           checkpoint dir -> model with experts on the CPU, rest on the GPU(s), memory-planned
+    convert_model        swap the experts of an already-loaded transformers model
+    MemoryPlan           GPU / host bytes a load needs, checked before anything is read
+Placement
+    load_rules           YAML placement rules (ours or KTransformers' kt_optimize_rule files)
+    default_rules        built-in rules per family
+Plugins
+    hookimpl             marker for `kt` plugin hooks (see kt_core.hookspecs)
+    register_architecture, get_architecture, list_architectures, register_expert_backend
 Runtime
     get_thread_pool      the process-wide pool of `cpu_infer` threads
 """
 
+from kt_core.architectures import (
+    Architecture,
+    ExpertProjections,
+    UnknownArchitectureError,
+    get_architecture,
+    list_architectures,
+    register_architecture,
+)
 from kt_core.experts import KTExperts
+from kt_core.hookspecs import hookimpl
 from kt_core.kernels import available_kernels, cpu_features
+from kt_core.loading import CheckpointError, MemoryPlan, MemoryPlanError, convert_model, load_model
 from kt_core.lora import ExpertLoRA
+from kt_core.placement import (
+    PlacementPlan,
+    PlacementRule,
+    RuleError,
+    RuleMatch,
+    RuleReplace,
+    UnmatchedRuleWarning,
+    default_rules,
+    load_rules,
+    register_expert_backend,
+    resolve_rule_file,
+)
+from kt_core.plugins import get_plugin_manager
 from kt_core.reference import experts_reference
 from kt_core.runtime.pool import get_thread_pool
 
 __all__ = [
+    "Architecture",
+    "CheckpointError",
     "ExpertLoRA",
+    "ExpertProjections",
     "KTExperts",
+    "MemoryPlan",
+    "MemoryPlanError",
+    "PlacementPlan",
+    "PlacementRule",
+    "RuleError",
+    "RuleMatch",
+    "RuleReplace",
+    "UnknownArchitectureError",
+    "UnmatchedRuleWarning",
     "available_kernels",
+    "convert_model",
     "cpu_features",
+    "default_rules",
     "experts_reference",
+    "get_architecture",
+    "get_plugin_manager",
     "get_thread_pool",
+    "hookimpl",
+    "list_architectures",
+    "load_model",
+    "load_rules",
+    "register_architecture",
+    "register_expert_backend",
+    "resolve_rule_file",
 ]

@@ -1,0 +1,301 @@
+"""`load_model`: a Hugging Face MoE checkpoint with its routed experts in host RAM on the CPU operator.
+
+Steps, none of which holds more than one experts layer beyond the expert stores:
+1. read config.json and the shard headers; find the family;
+2. build the model on the meta device and resolve the placement (rules or built-in defaults);
+3. compute the memory plan and refuse, before loading anything, when it cannot fit;
+4. load the non-expert tensors to their devices;
+5. stream the expert tensors layer by layer into the expert stores (`KTExperts`), dequantizing FP8;
+6. tie weights, check that nothing is missing, hook activations across devices.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kt_core.architectures import Architecture, get_architecture
+from kt_core.loading.checkpoint import Checkpoint, CheckpointError
+from kt_core.loading.fp8 import dequantize_fp8_blockwise, fp8_block_size
+from kt_core.loading.keys import CheckpointMap, ExpertTensor, map_checkpoint
+from kt_core.loading.memory import MemoryPlan
+from kt_core.loading.meta import build_meta_model, set_tensor, still_on_meta
+from kt_core.loading.multi_gpu import device_boundaries, install_device_hooks
+from kt_core.placement import PlacementPlan, PlacementRule, default_rules, load_rules, resolve_placement
+
+__all__ = ["apply_devices", "load_model", "plan_memory", "resolve_devices", "resolve_rules"]
+
+logger = logging.getLogger(__name__)
+
+_STORE_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def resolve_devices(device: str | torch.device | Sequence[str] | None) -> list[str]:
+    """Normalizes `device` into a list; None means cuda:0 when there is a GPU, else cpu."""
+    if device is None:
+        return ["cuda:0" if torch.cuda.is_available() else "cpu"]
+    devices = [str(device)] if isinstance(device, (str, torch.device)) else [str(d) for d in device]
+    if not devices:
+        raise ValueError("device: give at least one device")
+    for d in devices:
+        dev = torch.device(d)
+        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+            raise ValueError(f"device {d!r}: CUDA is not available here ({torch.cuda.device_count()} GPUs visible)")
+    return devices
+
+
+def resolve_rules(rules, arch: Architecture, devices: Sequence[str]) -> list[PlacementRule]:
+    """Rules from None (the family's defaults), a YAML path / shipped or legacy name, or a list."""
+    if rules is None:
+        return default_rules(arch, devices)
+    if isinstance(rules, (str, Path)):
+        return load_rules(rules)
+    return list(rules)
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, config, checkpoint: Checkpoint, fp8: bool) -> torch.dtype:
+    """The caller's dtype, else the config's, else the checkpoint's floating dtype; bf16 for FP8."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is not None:
+        return dtype
+    if fp8:
+        return torch.bfloat16
+    configured = getattr(config, "dtype", None)
+    if isinstance(configured, str):
+        configured = getattr(torch, configured, None)
+    if configured in _SAFETENSORS_DTYPES.values():
+        return configured
+    for info in checkpoint.tensors.values():
+        if info.dtype in _SAFETENSORS_DTYPES:
+            return _SAFETENSORS_DTYPES[info.dtype]
+    return torch.bfloat16
+
+
+def plan_memory(
+    checkpoint: Checkpoint,
+    model: nn.Module,
+    plan: PlacementPlan,
+    mapping: CheckpointMap,
+    store_dtype: torch.dtype,
+) -> MemoryPlan:
+    """Bytes per device and in host RAM that loading will use (from shapes only)."""
+    memory = MemoryPlan()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if plan.expert_module_of(name) is not None:
+            continue
+        device = plan.device_of(name)
+        memory.device_bytes[device] = memory.device_bytes.get(device, 0) + t.numel() * t.element_size()
+    item = torch.empty((), dtype=store_dtype).element_size()
+    for name in plan.experts:
+        experts = model.get_submodule(name)
+        memory.expert_bytes += (experts.gate_up_proj.numel() + experts.down_proj.numel()) * item
+    for tensors in mapping.experts.values():
+        layer = sum(checkpoint.tensors[t.key].nbytes for t in tensors)
+        memory.staging_bytes = max(memory.staging_bytes, layer)
+    return memory
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device | Sequence[str] | None = None,
+    rules: str | Path | Sequence[PlacementRule] | None = None,
+    kernel: str = "auto",
+    cpu_infer: int | None = None,
+    gpu_memory_limit: int | str | Mapping[str, int | str] | None = None,
+    host_memory_limit: int | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Loads a local MoE checkpoint with its routed experts on the CPU operator.
+
+    Args:
+        path: checkpoint folder (config.json, safetensors shards, index).
+        device: target of the non-expert tensors: "cuda:0", "cpu", or a list of devices to split the
+            decoder layers over. None: cuda:0 when there is a GPU, else cpu.
+        rules: placement rules: None for the family's defaults, a YAML file (ours, a KTransformers one,
+            or a legacy name such as "DeepSeek-V3-Chat-sft-amx-multi-gpu.yaml"), or a list of rules.
+        kernel: CPU kernel of the experts ("auto", "avx512_bf16", ..., "torch").
+        cpu_infer: CPU threads of the experts operator; None keeps the pool's default.
+        gpu_memory_limit: bytes usable per GPU ("70GiB", or {device: size}); None: CUDA's free memory.
+        host_memory_limit: bytes of host RAM usable; None: MemAvailable.
+        dtype: weight dtype; None: the checkpoint's (bf16 for FP8 checkpoints). Expert stores are
+            bf16 unless this is fp32.
+        progress: show a progress bar.
+
+    Returns:
+        The transformers model (eval mode) whose experts modules are expert-backend modules.
+
+    Raises:
+        UnknownArchitectureError, CheckpointError, RuleError, MemoryPlanError: with what to fix.
+    """
+    devices = resolve_devices(device)
+    with Checkpoint(path) as checkpoint:
+        arch = get_architecture(checkpoint.config_dict)
+        fp8_block = fp8_block_size(checkpoint.config_dict)
+        config_dict = {
+            k: v for k, v in checkpoint.config_dict.items() if not (fp8_block and k == "quantization_config")
+        }
+        config = arch.build_config(config_dict)
+        dtype = _resolve_dtype(dtype, config, checkpoint, fp8_block is not None)
+        store_dtype = dtype if dtype in _STORE_DTYPES else torch.bfloat16
+        model = build_meta_model(config, dtype)
+        plan = resolve_placement(
+            model,
+            resolve_rules(rules, arch, devices),
+            arch=arch,
+            default_device=devices[0],
+            devices=devices,
+            expert_options={"kernel": kernel, "cpu_infer": cpu_infer},
+        )
+        mapping = map_checkpoint(checkpoint, model, arch)
+        memory = plan_memory(checkpoint, model, plan, mapping, store_dtype)
+        memory.check(gpu_memory_limit=gpu_memory_limit, host_memory_limit=host_memory_limit)
+        logger.info("%s: %s", checkpoint.path.name, memory)
+
+        total = sum(checkpoint.tensors[k].nbytes for k in mapping.tensors.values())
+        total += sum(checkpoint.tensors[t.key].nbytes for ts in mapping.experts.values() for t in ts)
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=f"Loading {checkpoint.path.name}",
+            disable=not progress,
+        ) as bar:
+            for name, key in mapping.tensors.items():
+                target = _meta_tensor(model, name)
+                tensor = _read(checkpoint, key, mapping.scales.get(key), fp8_block, plan.device_of(name))
+                set_tensor(model, name, tensor.to(plan.device_of(name), target.dtype))
+                bar.update(checkpoint.tensors[key].nbytes)
+            for module_name, tensors in mapping.experts.items():  # layer by layer
+                _stream_experts(model, module_name, tensors, checkpoint, plan, fp8_block, store_dtype, config)
+                bar.update(sum(checkpoint.tensors[t.key].nbytes for t in tensors))
+    _finish(model, plan, str(path))
+    return model
+
+
+def _meta_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    return module._parameters.get(attr) if attr in module._parameters else module._buffers[attr]
+
+
+def _read(checkpoint: Checkpoint, key: str, scale_key: str | None, block, device: str) -> torch.Tensor:
+    tensor = checkpoint.get(key)
+    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if scale_key is None:
+            raise CheckpointError(f"{checkpoint.tensors[key].file}: FP8 tensor {key} has no {key}_scale_inv")
+        scale = checkpoint.get(scale_key)
+        compute = device if torch.device(device).type == "cuda" else "cpu"
+        tensor = dequantize_fp8_blockwise(tensor.to(compute), scale, block or (128, 128))
+    return tensor
+
+
+def _stream_experts(model, module_name, tensors: list[ExpertTensor], checkpoint, plan, fp8_block, dtype, config):
+    """Reads one layer's expert tensors into its store (a backend module, or HF's module kept on a GPU)."""
+    hf_experts = model.get_submodule(module_name)
+    E, two_I, H = hf_experts.gate_up_proj.shape
+    I = two_I // 2
+    placement = plan.experts.get(module_name)
+    if placement is not None:
+        options = {"hidden_act": getattr(config, "hidden_act", "silu"), **placement.options}
+        store = placement.cls(E, H, I, dtype=dtype, **options)
+    else:  # experts kept as Hugging Face's module: materialize its fused parameters on their device
+        device = plan.device_of(module_name)
+        for attr in ("gate_up_proj", "down_proj"):
+            old = getattr(hf_experts, attr)
+            set_tensor(model, f"{module_name}.{attr}", torch.empty(old.shape, dtype=old.dtype, device=device))
+        store = hf_experts
+    seen: set[tuple[int | None, str]] = set()
+    for t in tensors:
+        where = f"{checkpoint.tensors[t.key].file.name}: {t.key}"
+        value = _read(checkpoint, t.key, t.scale_key, fp8_block, "cpu")
+        _write_expert(store, t, value, I, where)
+        seen.add((t.expert, t.proj))
+    _check_complete(module_name, seen, E, checkpoint.path)
+    if placement is not None:
+        parent_name, _, attr = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, store)
+
+
+def _write_expert(store: nn.Module, t: ExpertTensor, value: torch.Tensor, I: int, where: str) -> None:
+    with torch.no_grad():
+        if t.expert is None:
+            target = store.gate_up_proj if t.proj == "gate_up" else store.down_proj
+            if tuple(value.shape) != tuple(target.shape) and value.dim() == 3:
+                value = value.transpose(1, 2)  # fused and transposed ([E, H, 2I]), as some exports store it
+            if tuple(value.shape) != tuple(target.shape):
+                raise CheckpointError(f"{where}: shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+            target.copy_(value)
+            return
+        expected = (I, store.gate_up_proj.shape[-1]) if t.proj != "down" else tuple(store.down_proj.shape[1:])
+        if tuple(value.shape) != expected:
+            raise CheckpointError(f"{where}: shape {tuple(value.shape)}, expected {expected}")
+        if hasattr(store, "load_expert_"):
+            store.load_expert_(t.expert, **{t.proj: value})
+        elif t.proj == "down":
+            store.down_proj[t.expert].copy_(value)
+        else:
+            rows = slice(0, I) if t.proj == "gate" else slice(I, 2 * I)
+            store.gate_up_proj[t.expert, rows].copy_(value)
+
+
+def _check_complete(module_name: str, seen: set, num_experts: int, path: Path) -> None:
+    if {(None, "gate_up"), (None, "down")} <= seen:
+        return
+    missing = [
+        f"{module_name}.{e}.{proj}"
+        for e in range(num_experts)
+        for proj in ("gate", "up", "down")
+        if (e, proj) not in seen and (None, "gate_up" if proj != "down" else "down") not in seen
+    ]
+    if missing:
+        raise CheckpointError(
+            f"{path}: {len(missing)} expert weights missing, e.g. {', '.join(missing[:3])} "
+            "(an incomplete download, or a checkpoint of another model?)"
+        )
+
+
+def apply_devices(model: nn.Module, plan: PlacementPlan, *, skip: tuple[type, ...] = ()) -> list:
+    """Moves each non-expert tensor to its planned device and hooks activations across devices.
+
+    Returns:
+        The hook handles (empty on a single device).
+    """
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if plan.expert_module_of(name) is not None or t.device.type == "meta":
+            continue
+        device = torch.device(plan.device_of(name))
+        if t.device != device:
+            moved = t.data.to(device) if isinstance(t, nn.Parameter) else t.to(device)
+            set_tensor(model, name, moved)
+    if len(plan.used_devices()) <= 1 and not plan.layer_devices:  # a split is hooked even on one device
+        return []
+    boundaries, return_outputs = device_boundaries(
+        model, layers_path=plan.layers_path, placed=plan.devices, experts=list(plan.experts)
+    )
+    return install_device_hooks(model, boundaries, return_outputs=return_outputs, skip=skip)
+
+
+def _finish(model: nn.Module, plan: PlacementPlan, path: str) -> None:
+    missing = set(still_on_meta(model))
+    if missing:
+        model.tie_weights(missing_keys=missing, recompute_mapping=True)
+    missing = still_on_meta(model)
+    if missing:
+        raise CheckpointError(
+            f"{path}: {len(missing)} tensors of the model are not in the checkpoint, e.g. {', '.join(missing[:5])}"
+        )
+    backend_types = tuple({p.cls for p in plan.experts.values()})
+    model.kt_device_hooks = apply_devices(model, plan, skip=backend_types)
+    model.kt_placement = plan
+    model.eval()
