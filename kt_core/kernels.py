@@ -27,6 +27,8 @@ __all__ = [
     "cpu_features",
     "experts_backward",
     "experts_forward",
+    "quantization_error",
+    "quantized_kernels",
     "resolve_kernel",
 ]
 
@@ -51,9 +53,16 @@ def cpu_features() -> dict[str, bool]:
 
 
 def available_kernels() -> list[str]:
-    """Kernel variants this CPU runs, best first; "torch" (the reference) is always last."""
-    names = [name for name, runnable, _ in _C.kernel_variants() if runnable] if _C is not None else []
+    """Exact kernel variants this CPU runs, best first; "torch" (the reference) is always last."""
+    variants = _C.kernel_variants() if _C is not None else []
+    names = [name for name, runnable, _, quantized in variants if runnable and not quantized]
     return [*names, TORCH_KERNEL]
+
+
+def quantized_kernels() -> list[str]:
+    """Variants this CPU runs that quantize the weights at load (int8): chosen only by name."""
+    variants = _C.kernel_variants() if _C is not None else []
+    return [name for name, runnable, _, quantized in variants if runnable and quantized]
 
 
 def resolve_kernel(kernel: str = "auto") -> str:
@@ -64,9 +73,10 @@ def resolve_kernel(kernel: str = "auto") -> str:
         if _C is None:
             logger.warning("kt_core._C is not built (%s); using the plain-torch experts", _IMPORT_ERROR)
         return available[0]
-    if requested in available:
+    if requested in available or requested in quantized_kernels():
         return requested
-    known = {name: missing for name, _, missing in _C.kernel_variants()} if _C is not None else {}
+    available = available + quantized_kernels()
+    known = {name: missing for name, _, missing, _ in _C.kernel_variants()} if _C is not None else {}
     source = f"{KERNEL_ENV}={requested}" if os.environ.get(KERNEL_ENV) else f"kernel={requested!r}"
     why = f" ({known[requested]})" if requested in known else ""
     raise ValueError(f"{source}: this kernel cannot run here{why}; available: {', '.join(available)}")
@@ -135,8 +145,36 @@ def _op(module: KTExperts):
             module.down_proj.data_ptr(),
             _DTYPE_NAMES[module.gate_up_proj.dtype],
         )
+        # Packed variants copy (and int8 ones quantize) the weights once, here.
+        module._op.pack(get_thread_pool(module.cpu_infer))
         module._op_key = key
+        gate_up_err, down_err = module._op.quantization_error
+        if gate_up_err or down_err:
+            logger.info(
+                "experts (%s): weights quantized, relative error gate_up %.2e, down %.2e",
+                module.kernel,
+                gate_up_err,
+                down_err,
+            )
     return module._op
+
+
+def quantization_error(module: KTExperts) -> tuple[float, float]:
+    """Relative Frobenius error (gate_up, down) of the layer's quantized weights; (0, 0) when not quantized."""
+    if module.kernel == TORCH_KERNEL:
+        return 0.0, 0.0
+    return tuple(_op(module).quantization_error)
+
+
+def _chunks(module: KTExperts, T: int) -> list[tuple[int, int]]:
+    # Large batches run in chunks of `chunk_size` tokens: bounded scratch memory, same result.
+    size = getattr(module, "chunk_size", None) or max(T, 1)
+    return [(t0, min(T, t0 + size)) for t0 in range(0, T, size)] or [(0, 0)]
+
+
+def _cache_row_floats(module: KTExperts, lora) -> int:
+    # Per routed row: gate_up pre-activations [2I], then the scaled LoRA input [r].
+    return 2 * module.intermediate_dim + (module.lora.rank if lora else 0)
 
 
 def experts_forward(
@@ -168,19 +206,22 @@ def experts_forward(
             y = experts_reference(x, ids, w, module.gate_up_proj, module.down_proj, lora, _scaling(module))
         return y, None
     y = torch.empty((T, module.hidden_dim), dtype=x.dtype, pin_memory=pin_output)
-    cache = torch.empty((T * K, 2 * module.intermediate_dim), dtype=torch.float32) if save_for_backward else None
-    _op(module).forward(
-        get_thread_pool(module.cpu_infer),
-        T,
-        K,
-        x.data_ptr(),
-        _DTYPE_NAMES[x.dtype],
-        ids.data_ptr(),
-        w.data_ptr(),
-        y.data_ptr(),
-        cache.data_ptr() if cache is not None else 0,
-        _lora_args(lora, module),
-    )
+    row_floats = _cache_row_floats(module, lora)
+    cache = torch.empty(T * K * row_floats, dtype=torch.float32) if save_for_backward else None
+    op, pool, lora_args = _op(module), get_thread_pool(module.cpu_infer), _lora_args(lora, module)
+    for t0, t1 in _chunks(module, T):
+        op.forward(
+            pool,
+            t1 - t0,
+            K,
+            x[t0:t1].data_ptr(),
+            _DTYPE_NAMES[x.dtype],
+            ids[t0:t1].data_ptr(),
+            w[t0:t1].data_ptr(),
+            y[t0:t1].data_ptr(),
+            cache[t0 * K * row_floats :].data_ptr() if cache is not None else 0,
+            lora_args,
+        )
     return y, cache
 
 
@@ -211,21 +252,30 @@ def experts_backward(
     dx = torch.empty_like(x)
     dw = torch.empty((T, K), dtype=torch.float32)
     lora_grads = tuple(torch.empty_like(t) for t in lora) if lora else None
-    _op(module).backward(
-        get_thread_pool(module.cpu_infer),
-        T,
-        K,
-        x.data_ptr(),
-        _DTYPE_NAMES[x.dtype],
-        ids.data_ptr(),
-        w.data_ptr(),
-        dy.data_ptr(),
-        dx.data_ptr(),
-        dw.data_ptr(),
-        cache.data_ptr() if cache is not None else 0,
-        _lora_args(lora, module),
-        tuple(g.data_ptr() for g in lora_grads) if lora_grads else None,
-    )
+    chunks = _chunks(module, T)
+    # The C++ side overwrites the factor gradients: with several chunks each one gets its own and they add up.
+    chunk_grads = tuple(torch.empty_like(t) for t in lora) if lora and len(chunks) > 1 else lora_grads
+    row_floats = _cache_row_floats(module, lora)
+    op, pool, lora_args = _op(module), get_thread_pool(module.cpu_infer), _lora_args(lora, module)
+    for i, (t0, t1) in enumerate(chunks):
+        op.backward(
+            pool,
+            t1 - t0,
+            K,
+            x[t0:t1].data_ptr(),
+            _DTYPE_NAMES[x.dtype],
+            ids[t0:t1].data_ptr(),
+            w[t0:t1].data_ptr(),
+            dy[t0:t1].data_ptr(),
+            dx[t0:t1].data_ptr(),
+            dw[t0:t1].data_ptr(),
+            cache[t0 * K * row_floats :].data_ptr() if cache is not None else 0,
+            lora_args,
+            tuple(g.data_ptr() for g in chunk_grads) if chunk_grads else None,
+        )
+        if chunk_grads is not lora_grads:
+            for total, part in zip(lora_grads, chunk_grads, strict=True):
+                total.copy_(part) if i == 0 else total.add_(part)
     return dx, dw, lora_grads
 
 

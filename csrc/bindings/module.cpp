@@ -13,6 +13,7 @@
 #include "../moe/experts_op.h"
 #include "../moe/kernel_registry.h"
 #include "../runtime/cpu_features.h"
+#include "../runtime/numa.h"
 #include "../runtime/thread_pool.h"
 
 namespace py = pybind11;
@@ -67,9 +68,15 @@ class PyExpertsOp {
   PyExpertsOp(const std::string& kernel, int num_experts, int hidden, int intermediate, uintptr_t gate_up,
               uintptr_t down, const std::string& dtype)
       : kernel_(kernel),
+        variant_(kt::find_variant(kernel)),
         op_(kt::ExpertWeights{num_experts, hidden, intermediate, pointer<const void>(gate_up, "gate_up_proj"),
                               pointer<const void>(down, "down_proj"), parse_dtype(dtype, "expert weights")},
-            kt::find_kernels(kernel)) {}
+            variant_.kernels, variant_.packed) {}
+
+  void pack(kt::ThreadPool& pool) {
+    py::gil_scoped_release release;
+    op_.pack(pool);
+  }
 
   void forward(kt::ThreadPool& pool, int T, int K, uintptr_t x, const std::string& dtype, uintptr_t ids, uintptr_t w,
                uintptr_t y, uintptr_t cache, const std::optional<LoraTuple>& lora) {
@@ -103,9 +110,11 @@ class PyExpertsOp {
   }
 
   const std::string& kernel() const { return kernel_; }
+  const kt::ExpertsOp& op() const { return op_; }
 
  private:
   std::string kernel_;
+  kt::KernelVariant variant_;
   kt::ExpertsOp op_;
 };
 
@@ -133,17 +142,36 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("kernel_variants", [] {
     py::list out;
-    for (const auto& k : kt::kernel_variants()) out.append(py::make_tuple(k.name, k.runnable, k.missing));
+    for (const auto& k : kt::kernel_variants())
+      out.append(py::make_tuple(k.name, k.runnable, k.missing, k.quantized));
     return out;
   });
 
+  m.def("numa_topology", [] {
+    const kt::NumaTopology& t = kt::numa_topology();
+    py::dict d;
+    d["libnuma"] = t.libnuma;
+    d["nodes"] = t.nodes;
+    d["cpus"] = t.cpus;
+    d["cpu_node"] = t.cpu_node;
+    return d;
+  });
+
   py::class_<kt::ThreadPool>(m, "ThreadPool")
-      .def(py::init([](int n) {
+      .def(py::init([](int n, bool pin) {
              if (n < 1) throw std::invalid_argument("ThreadPool: num_threads must be >= 1");
-             return new kt::ThreadPool(n);
+             return new kt::ThreadPool(n, pin);
            }),
-           py::arg("num_threads"))
-      .def_property_readonly("num_threads", &kt::ThreadPool::num_threads);
+           py::arg("num_threads"), py::arg("pin") = true)
+      .def_property_readonly("num_threads", &kt::ThreadPool::num_threads)
+      .def_property_readonly("pinned_cpus", &kt::ThreadPool::pinned_cpus)
+      .def(
+          "run_empty",
+          [](kt::ThreadPool& pool, int64_t tasks) {
+            py::gil_scoped_release release;
+            pool.parallel_for(tasks, [](int64_t) {});
+          },
+          py::arg("tasks"), "One job of empty tasks: the pool's own overhead, for tests and benchmarks.");
 
   py::class_<PyExpertsOp>(m, "ExpertsOp")
       .def(py::init<const std::string&, int, int, int, uintptr_t, uintptr_t, const std::string&>(), py::arg("kernel"),
@@ -155,5 +183,11 @@ PYBIND11_MODULE(_C, m) {
       .def("backward", &PyExpertsOp::backward, py::arg("pool"), py::arg("T"), py::arg("K"), py::arg("x_ptr"),
            py::arg("dtype"), py::arg("ids_ptr"), py::arg("w_ptr"), py::arg("dy_ptr"), py::arg("dx_ptr"),
            py::arg("dw_ptr"), py::arg("cache_ptr"), py::arg("lora"), py::arg("lora_grads"))
-      .def_property_readonly("kernel", &PyExpertsOp::kernel);
+      .def("pack", &PyExpertsOp::pack, py::arg("pool"))
+      .def_property_readonly("kernel", &PyExpertsOp::kernel)
+      .def_property_readonly("quantization_error",
+                             [](const PyExpertsOp& o) {
+                               return py::make_tuple(o.op().gate_up_error(), o.op().down_error());
+                             })
+      .def_property_readonly("packed_bytes", [](const PyExpertsOp& o) { return o.op().packed_bytes(); });
 }

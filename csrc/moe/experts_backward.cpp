@@ -35,7 +35,6 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
   float* xg = scratch(0, S * H);
   float* h = scratch(2, S * I);
   float* dyg = scratch(3, S * H);
-  float* xa = R > 0 ? scratch(4, S * R) : nullptr;
   float* ha = R > 0 ? scratch(5, S * R) : nullptr;
   float* dh = scratch(6, S * I);
   float* dgu = scratch(7, S * I2);
@@ -45,12 +44,22 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
 
   gather_rows(pool, r, act.x, act.dtype, xg);
   gather_rows(pool, r, dy, act.dtype, dyg);
+  // The forward's cache holds gu and the LoRA inputs xa; without it, recompute both.
   const float* gu = cache;
-  if (!gu || R > 0) {  // the LoRA gradients need xa, which only a recompute gives
+  const float* xa = cache && R > 0 ? cache + S * I2 : nullptr;
+  if (!cache) {
     float* fresh = scratch(1, S * I2);
-    gate_up(pool, r, act.dtype, xg, lora, xa, fresh);
+    float* fresh_xa = R > 0 ? scratch(4, S * R) : nullptr;
+    gate_up(pool, r, act.dtype, xg, lora, fresh_xa, fresh);
     gu = fresh;
+    xa = fresh_xa;
   }
+  // The matrix units take bf16 operands: dy rows exactly, dgu rounded (as a bf16 autograd graph does).
+  const bool packed = packed_backward(act.dtype);
+  const int Hp = (H + 31) / 32 * 32, I2p = (I2 + 31) / 32 * 32;
+  bf16* dy16 = packed ? reinterpret_cast<bf16*>(scratch_bytes(2, (S + 32) * Hp * 2)) : nullptr;
+  bf16* dgu16 = packed ? reinterpret_cast<bf16*>(scratch_bytes(3, (S + 32) * I2p * 2)) : nullptr;
+  if (packed) gather_packed(pool, r, dy, act.dtype, H, Hp, reinterpret_cast<uint8_t*>(dy16), nullptr);
   activate(pool, r, gu, h);
   if (R > 0) {  // ha = scaling * h @ A_d^T and dyb = scaling * dy @ B_d, per expert
     for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
@@ -67,11 +76,12 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
   }
 
   // dh_raw [S, I] = dy @ W_d (+ dyb @ A_d)
+  if (packed) project_columns_packed(pool, r, dy16, Hp, static_cast<const bf16*>(w_.down), H, I, dh);
   for_each_block(pool, r, I, [&](int e, int64_t row0, int rows, int col0, int ncols) {
     float* c = dh + row0 * I + col0;
     // W_d[e] is [H, I]: its columns col0.. start col0 elements into the expert's block.
     const void* w_cols = weight_element(w_.down, static_cast<int64_t>(e) * H * I + col0);
-    k_->nn(rows, ncols, H, dyg + row0 * H, H, w_cols, w_.dtype, I, c, I, false);
+    if (!packed) k_->nn(rows, ncols, H, dyg + row0 * H, H, w_cols, w_.dtype, I, c, I, false);
     if (R > 0)
       k_->nn(rows, ncols, R, dyb + row0 * R, R, lora.down_a + static_cast<int64_t>(e) * R * I + col0, DType::kF32,
              I, c, I, true);
@@ -98,6 +108,11 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
         dg[i] = dhi * u[i] * sig * (1.f + g[i] * (1.f - sig));
         du[i] = dhi * g[i] * sig;
       }
+      if (packed) {
+        bf16* d16 = dgu16 + row * I2p;
+        for (int i = 0; i < I2; ++i) d16[i] = f32_to_bf16(dg[i]);
+        for (int i = I2; i < I2p; ++i) d16[i] = 0;
+      }
       if (R > 0)
         for (int j = 0; j < R; ++j) {
           dyb[row * R + j] *= wk;
@@ -115,10 +130,11 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
       for (int64_t i = row0 * R; i < (row0 + rows) * R; ++i) dgb[i] *= lora.scaling;
     });
   }
+  if (packed) project_columns_packed(pool, r, dgu16, I2p, static_cast<const bf16*>(w_.gate_up), I2, H, dxg);
   for_each_block(pool, r, H, [&](int e, int64_t row0, int rows, int col0, int ncols) {
     float* c = dxg + row0 * H + col0;
     const void* w_cols = weight_element(w_.gate_up, static_cast<int64_t>(e) * I2 * H + col0);  // W_gu[e] [2I, H]
-    k_->nn(rows, ncols, I2, dgu + row0 * I2, I2, w_cols, w_.dtype, H, c, H, false);
+    if (!packed) k_->nn(rows, ncols, I2, dgu + row0 * I2, I2, w_cols, w_.dtype, H, c, H, false);
     if (R > 0)
       k_->nn(rows, ncols, R, dgb + row0 * R, R, lora.gate_up_a + static_cast<int64_t>(e) * R * H + col0, DType::kF32,
              H, c, H, true);

@@ -17,7 +17,8 @@ inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 
 }  // namespace
 
-ExpertsOp::ExpertsOp(const ExpertWeights& weights, const GemmKernels* kernels) : w_(weights), k_(kernels) {
+ExpertsOp::ExpertsOp(const ExpertWeights& weights, const GemmKernels* kernels, const PackedKernels* packed)
+    : w_(weights), k_(kernels), pk_(packed) {
   if (w_.num_experts <= 0 || w_.hidden <= 0 || w_.intermediate <= 0)
     throw std::invalid_argument("experts: num_experts, hidden and intermediate must be positive");
   if (!w_.gate_up || !w_.down) throw std::invalid_argument("experts: null weight pointer");
@@ -25,6 +26,18 @@ ExpertsOp::ExpertsOp(const ExpertWeights& weights, const GemmKernels* kernels) :
 
 float* ExpertsOp::scratch(int slot, int64_t n) {
   auto& v = scratch_[slot];
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+uint8_t* ExpertsOp::scratch_bytes(int slot, int64_t n) {
+  auto& v = scratch_bytes_[slot];
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+float* ExpertsOp::scratch_scales(int slot, int64_t n) {
+  auto& v = scratch_scales_[slot];
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
   return v.data();
 }
@@ -206,13 +219,14 @@ void ExpertsOp::combine(ThreadPool& pool, const Routing& r, const float* rows, c
 void ExpertsOp::forward(ThreadPool& pool, const Activations& act, const LoraFactors& lora, void* y, float* cache) {
   std::lock_guard<std::mutex> lock(call_mutex_);
   const Routing r = route(act.T, act.K, w_.num_experts, act.ids);
+  if (packed_forward(act.dtype)) return forward_packed(pool, r, act, lora, y, cache);
   const int H = w_.hidden, I = w_.intermediate, R = lora.rank;
   const int64_t S = r.num_rows();
   float* xg = scratch(0, S * H);
   float* gu = cache ? cache : scratch(1, S * 2 * I);
   float* h = scratch(2, S * I);
   float* out = scratch(3, S * H);
-  float* xa = R > 0 ? scratch(4, S * R) : nullptr;
+  float* xa = R > 0 ? (cache ? cache + S * 2 * I : scratch(4, S * R)) : nullptr;
   float* ha = R > 0 ? scratch(5, S * R) : nullptr;
   gather_rows(pool, r, act.x, act.dtype, xg);
   gate_up(pool, r, act.dtype, xg, lora, xa, gu);

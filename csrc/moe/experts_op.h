@@ -12,6 +12,7 @@
 
 #include "../runtime/thread_pool.h"
 #include "gemm.h"
+#include "packed.h"
 #include "routing.h"
 
 namespace kt {
@@ -54,10 +55,15 @@ struct Activations {
 
 class ExpertsOp {
  public:
-  ExpertsOp(const ExpertWeights& weights, const GemmKernels* kernels);
+  // `packed`, when given, computes the projections on weights packed by pack(); `kernels` serves the rest
+  // (LoRA factors, and every call the packed format does not cover: fp32 weights or activations for bf16).
+  ExpertsOp(const ExpertWeights& weights, const GemmKernels* kernels, const PackedKernels* packed = nullptr);
 
-  // y [T, H] in act.dtype. cache, when given, receives the gate_up pre-activations [T * K, 2I] (fp32)
-  // that backward can reuse instead of recomputing them.
+  // Packs (and for int8 quantizes) the weights for the packed kernels; once, at load.
+  void pack(ThreadPool& pool);
+
+  // y [T, H] in act.dtype. cache, when given, receives what backward would otherwise recompute: the
+  // gate_up pre-activations [S, 2I] followed by the scaled LoRA inputs [S, r] (fp32; S <= T * K rows).
   void forward(ThreadPool& pool, const Activations& act, const LoraFactors& lora, void* y, float* cache);
 
   // dx [T, H] in act.dtype, dw [T, K] fp32 (zero for slots of -1), and the LoRA gradients when
@@ -67,8 +73,24 @@ class ExpertsOp {
 
   const ExpertWeights& weights() const { return w_; }
   const GemmKernels& kernels() const { return *k_; }
+  // Relative Frobenius error of the quantized weights, gate_up and down (0 when not quantized).
+  double gate_up_error() const { return packed_gate_up_.rel_error; }
+  double down_error() const { return packed_down_.rel_error; }
+  int64_t packed_bytes() const { return packed_gate_up_.data.size() + packed_down_.data.size(); }
+  // Whether a call with these activations runs on the packed weights (forward; backward for bf16 only).
+  bool packed_forward(DType act) const;
+  bool packed_backward(DType act) const;
 
  private:
+  void forward_packed(ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora, void* y,
+                      float* cache);
+  // Activation rows for the packed kernels: bf16 or int8 (+ per-row scale), padded to `width` and 32 extra rows.
+  void gather_packed(ThreadPool& pool, const Routing& r, const void* src, DType t, int cols, int width,
+                     uint8_t* dst, float* scales) const;
+  // c [rows, cols] (=|+=) a . W[:, cols], W a row-major bf16 [K, N] matrix of expert weights, through the
+  // packed panels on column blocks repacked per task (no transposed copy kept).
+  void project_columns_packed(ThreadPool& pool, const Routing& r, const bf16* a, int lda, const bf16* w, int K,
+                              int N, float* c);
   void gather_rows(ThreadPool& pool, const Routing& r, const void* src, DType t, float* dst) const;
   void gate_up(ThreadPool& pool, const Routing& r, DType act, const float* xg, const LoraFactors& lora, float* xa,
                float* gu);
@@ -92,11 +114,17 @@ class ExpertsOp {
 
   ExpertWeights w_;
   const GemmKernels* k_;
+  const PackedKernels* pk_ = nullptr;
+  PackedTensor packed_gate_up_, packed_down_;
   std::mutex call_mutex_;  // scratch buffers below serve one call at a time
   std::vector<float> scratch_[12];
   std::vector<bf16> scratch_bf16_;
+  std::vector<uint8_t> scratch_bytes_[4];
+  std::vector<float> scratch_scales_[2];
   float* scratch(int slot, int64_t n);
   bf16* scratch_bf16(int64_t n);
+  uint8_t* scratch_bytes(int slot, int64_t n);
+  float* scratch_scales(int slot, int64_t n);
 };
 
 }  // namespace kt

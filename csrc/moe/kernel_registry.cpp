@@ -1,38 +1,71 @@
 #include "kernel_registry.h"
 
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 
 #include "../runtime/cpu_features.h"
 
 namespace kt {
+namespace {
+
+// KT_AMX_EMULATE=1 offers the AMX variants on CPUs without AMX, with a scalar model of the tile
+// instructions (gemm_amx_emulated.cpp): for testing the tile code path, never for speed.
+bool amx_emulation_requested() {
+  const char* v = std::getenv("KT_AMX_EMULATE");
+  return v && std::strcmp(v, "1") == 0;
+}
+
+}  // namespace
 
 std::vector<KernelVariant> kernel_variants() {
   const CpuFeatures& f = cpu_features();
   const bool avx512 = f.avx512f && f.avx512bw && f.avx512vl;
+  const bool packed_avx512 = avx512 && f.avx512_bf16 && f.avx512_vnni;  // what gemm_packed_avx512.cpp uses
+  const bool emulate = !f.os_amx && packed_avx512 && amx_emulation_requested();
+  const char* amx_missing = "needs AMX-TILE/BF16/INT8 granted by the OS, with AVX512-BF16 and AVX512-VNNI";
+#ifdef KT_HAVE_AMX
+  const bool amx = packed_avx512 && f.os_amx && f.amx_bf16 && f.amx_int8;
+  const PackedKernels* amx_bf16 = emulate ? &kAmxBf16Emulated : &kAmxBf16Packed;
+  const PackedKernels* amx_int8 = emulate ? &kAmxInt8Emulated : &kAmxInt8Packed;
+#else
+  const bool amx = false;
+  const PackedKernels* amx_bf16 = emulate ? &kAmxBf16Emulated : nullptr;
+  const PackedKernels* amx_int8 = emulate ? &kAmxInt8Emulated : nullptr;
+  amx_missing = "not built: the compiler has no AMX support";
+#endif
   std::vector<KernelVariant> v;
-  // The AMX tile kernels arrive with the packed-weight store; the slot is here so that dispatch,
-  // the KT_KERNEL override and the error messages already know the name.
-  v.push_back({"amx", false, "not built in this version", nullptr});
-  v.push_back({"avx512_bf16", avx512 && f.avx512_bf16, "needs AVX-512 F/BW/VL and AVX512-BF16", &kAvx512Bf16Kernels});
-  v.push_back({"avx512", avx512, "needs AVX-512 F/BW/VL", &kAvx512Kernels});
-  v.push_back({"avx2", f.avx2 && f.fma, "needs AVX2 and FMA", &kAvx2Kernels});
-  v.push_back({"portable", true, "", &kPortableKernels});
+  v.push_back({"amx_bf16", amx || emulate, amx_missing, &kAvx512Bf16Kernels, amx_bf16, false});
+  v.push_back({"avx512_bf16", avx512 && f.avx512_bf16, "needs AVX-512 F/BW/VL and AVX512-BF16", &kAvx512Bf16Kernels,
+               nullptr, false});
+  // The decode path without AMX (Zen 4, Cooper Lake): packed weights streamed by vdpbf16ps.
+  v.push_back({"avx512_bf16_packed", packed_avx512, "needs AVX-512 F/BW/VL, AVX512-BF16 and AVX512-VNNI",
+               &kAvx512Bf16Kernels, &kAvx512Bf16Packed, false});
+  v.push_back({"avx512", avx512, "needs AVX-512 F/BW/VL", &kAvx512Kernels, nullptr, false});
+  v.push_back({"avx2", f.avx2 && f.fma, "needs AVX2 and FMA", &kAvx2Kernels, nullptr, false});
+  v.push_back({"portable", true, "", &kPortableKernels, nullptr, false});
+  v.push_back({"amx_int8", amx || emulate, amx_missing, &kAvx512Bf16Kernels, amx_int8, true});
+  v.push_back({"avx512_vnni_int8", packed_avx512, "needs AVX-512 F/BW/VL, AVX512-BF16 and AVX512-VNNI",
+               &kAvx512Bf16Kernels, &kAvx512VnniInt8Packed, true});
   return v;
 }
 
-const GemmKernels* find_kernels(const std::string& name) {
+KernelVariant find_variant(const std::string& name) {
+  const std::vector<KernelVariant> variants = kernel_variants();
   std::string runnable;
-  for (const auto& k : kernel_variants()) {
+  for (const auto& k : variants) {
     if (k.runnable) runnable += (runnable.empty() ? "" : ", ") + k.name;
   }
-  for (const auto& k : kernel_variants()) {
+  for (const auto& k : variants) {
     if (k.name != name) continue;
     if (!k.runnable)
       throw std::invalid_argument("kernel '" + name + "' cannot run here (" + k.missing +
                                   "); this CPU runs: " + runnable);
-    return k.kernels;
+    return k;
   }
   throw std::invalid_argument("unknown kernel '" + name + "'; this CPU runs: " + runnable);
 }
+
+const GemmKernels* find_kernels(const std::string& name) { return find_variant(name).kernels; }
 
 }  // namespace kt

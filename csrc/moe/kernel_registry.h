@@ -1,11 +1,14 @@
-// Run-time choice of the kernel variant: AMX -> AVX512-BF16 -> AVX-512 -> AVX2-FMA -> portable.
-// Only variants whose instructions this CPU (and OS) supports are ever handed out.
+// Run-time choice of the kernel variant. Exact variants, best first: AMX (bf16 tiles on packed weights) ->
+// AVX512-BF16 -> AVX512-BF16 on packed weights -> AVX-512 -> AVX2-FMA -> portable. Quantized variants
+// (int8 weights, chosen only by name) follow. Only variants whose instructions this CPU (and OS) supports
+// are ever handed out.
 #pragma once
 
 #include <string>
 #include <vector>
 
 #include "gemm.h"
+#include "packed.h"
 
 namespace kt {
 
@@ -14,12 +17,15 @@ struct KernelVariant {
   bool runnable;  // this CPU has the instructions and the variant is built
   std::string missing;  // why not, when !runnable
   const GemmKernels* kernels;
+  const PackedKernels* packed;  // projections on packed weights, or nullptr
+  bool quantized;  // the weights are quantized at load: outside the operator's exactness contract
 };
 
-// Every variant this build knows, best first.
+// Every variant this build knows, best first (exact ones, then quantized ones).
 std::vector<KernelVariant> kernel_variants();
 
 // The named variant; throws std::invalid_argument saying what is available when it cannot run here.
+KernelVariant find_variant(const std::string& name);
 const GemmKernels* find_kernels(const std::string& name);
 
 }  // namespace kt

@@ -1,6 +1,10 @@
 #include "thread_pool.h"
 
 #include <immintrin.h>
+#include <pthread.h>
+#include <sched.h>
+
+#include "numa.h"
 
 namespace kt {
 namespace {
@@ -12,10 +16,18 @@ thread_local bool t_inside_pool_task = false;
 
 }  // namespace
 
-ThreadPool::ThreadPool(int num_threads) {
+ThreadPool::ThreadPool(int num_threads, bool pin) {
   if (num_threads < 1) num_threads = 1;
+  const std::vector<int>& cpus = numa_topology().cpus;
+  const bool fits = static_cast<size_t>(num_threads) <= cpus.size();
+  spin_iterations_ = fits ? kSpinIterations : 0;
+  if (pin && fits)
+    cpus_.assign(cpus.end() - (num_threads - 1), cpus.end());
   workers_.reserve(num_threads - 1);
-  for (int i = 0; i < num_threads - 1; ++i) workers_.emplace_back([this] { worker_loop(); });
+  for (int i = 0; i < num_threads - 1; ++i) {
+    const int cpu = cpus_.empty() ? -1 : cpus_[i];
+    workers_.emplace_back([this, cpu] { worker_loop(cpu); });
+  }
 }
 
 ThreadPool::~ThreadPool() {
@@ -45,11 +57,17 @@ void ThreadPool::run_tasks() {
   t_inside_pool_task = was_inside;
 }
 
-void ThreadPool::worker_loop() {
+void ThreadPool::worker_loop(int cpu) {
+  if (cpu >= 0) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    pthread_setaffinity_np(pthread_self(), sizeof(set), &set);  // best effort: a refusal leaves it unpinned
+  }
   uint64_t seen = 0;  // the generation at construction: a job may be published before this thread starts
   for (;;) {
     int spins = 0;
-    while (generation_.load(std::memory_order_acquire) == seen && spins < kSpinIterations) {
+    while (generation_.load(std::memory_order_acquire) == seen && spins < spin_iterations_) {
       _mm_pause();
       ++spins;
     }
@@ -90,7 +108,7 @@ void ThreadPool::parallel_for(int64_t num_tasks, const std::function<void(int64_
   // Only the tail of the other threads' last tasks is left: spin, then yield.
   int spins = 0;
   while (busy_workers_.load(std::memory_order_acquire) > 0) {
-    if (++spins < kSpinIterations) {
+    if (++spins < spin_iterations_) {
       _mm_pause();
     } else {
       std::this_thread::yield();

@@ -1,0 +1,119 @@
+// AMX panels on packed weights, written once over a tile backend: gemm_amx.cpp instantiates them with the
+// tile instructions, gemm_amx_emulated.cpp with a scalar model of the same instructions, which lets CI check
+// the tile code path (strides, operand order, padding) on CPUs without AMX.
+//
+// Tiles 0-3 accumulate a 32 x 32 block of C, tiles 4-5 hold 32 activation rows, 6-7 two packed weight
+// tiles: each loaded tile feeds two dot products. With few rows the AVX-512 panel streams the weights instead.
+#pragma once
+
+#include <cstdint>
+
+#include "packed.h"
+
+namespace kt {
+namespace {
+
+constexpr int kSmallRows = 4;  // up to here a 16-row tile would be mostly padding
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile is 16 rows x 64 bytes. Loaded on each panel call: the caller's thread may have run other tile
+// code (oneDNN inside torch) since, which reconfigures or releases the tiles.
+inline TileConfig tile_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  return cfg;
+}
+
+template <class Tiles>
+void amx_bf16_panel(int rows, int k_blocks, const bf16* a, int lda, const bf16* b0, const bf16* b1, float* c) {
+  if (rows <= kSmallRows) return packed_avx512::bf16_panel(rows, k_blocks, a, lda, b0, b1, c);
+  const TileConfig cfg = tile_config();
+  Tiles::configure(&cfg);
+  const int64_t stride = static_cast<int64_t>(lda) * sizeof(bf16);
+  for (int m = 0; m < rows; m += 32) {
+    const bf16* am = a + static_cast<int64_t>(m) * lda;
+    const bf16* am16 = am + static_cast<int64_t>(16) * lda;
+    float* cm = c + static_cast<int64_t>(m) * 32;
+    const bool two = rows - m > 16;
+    Tiles::template zero<0>();
+    Tiles::template zero<1>();
+    Tiles::template zero<2>();
+    Tiles::template zero<3>();
+    for (int kb = 0; kb < k_blocks; ++kb) {
+      Tiles::template load<6>(b0 + static_cast<int64_t>(kb) * 512, 64);
+      Tiles::template load<7>(b1 + static_cast<int64_t>(kb) * 512, 64);
+      Tiles::template load<4>(am + kb * 32, stride);
+      Tiles::template dp_bf16<0, 4, 6>();
+      Tiles::template dp_bf16<1, 4, 7>();
+      if (two) {
+        Tiles::template load<5>(am16 + kb * 32, stride);
+        Tiles::template dp_bf16<2, 5, 6>();
+        Tiles::template dp_bf16<3, 5, 7>();
+      }
+    }
+    Tiles::template store<0>(cm, 128);
+    Tiles::template store<1>(cm + 16, 128);
+    if (two) {
+      Tiles::template store<2>(cm + 16 * 32, 128);
+      Tiles::template store<3>(cm + 16 * 32 + 16, 128);
+    }
+  }
+  Tiles::release();
+}
+
+template <class Tiles>
+void amx_int8_panel(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const int8_t* b0,
+                    const int8_t* b1, const float* b_scale, const int32_t* b_colsum, float* c) {
+  if (rows <= kSmallRows)
+    return packed_avx512::int8_panel(rows, k_blocks, a, lda, a_scale, b0, b1, b_scale, b_colsum, c);
+  const TileConfig cfg = tile_config();
+  Tiles::configure(&cfg);
+  alignas(64) int32_t acc[32 * 32];
+  for (int m = 0; m < rows; m += 32) {
+    const int8_t* am = a + static_cast<int64_t>(m) * lda;
+    const int8_t* am16 = am + static_cast<int64_t>(16) * lda;
+    const bool two = rows - m > 16;
+    Tiles::template zero<0>();
+    Tiles::template zero<1>();
+    Tiles::template zero<2>();
+    Tiles::template zero<3>();
+    for (int kb = 0; kb < k_blocks; ++kb) {
+      Tiles::template load<6>(b0 + static_cast<int64_t>(kb) * kTileBytes, 64);
+      Tiles::template load<7>(b1 + static_cast<int64_t>(kb) * kTileBytes, 64);
+      Tiles::template load<4>(am + kb * 64, lda);
+      Tiles::template dp_int8<0, 4, 6>();
+      Tiles::template dp_int8<1, 4, 7>();
+      if (two) {
+        Tiles::template load<5>(am16 + kb * 64, lda);
+        Tiles::template dp_int8<2, 5, 6>();
+        Tiles::template dp_int8<3, 5, 7>();
+      }
+    }
+    Tiles::template store<0>(acc, 128);
+    Tiles::template store<1>(acc + 16, 128);
+    if (two) {
+      Tiles::template store<2>(acc + 16 * 32, 128);
+      Tiles::template store<3>(acc + 16 * 32 + 16, 128);
+    }
+    const int valid = rows - m < 32 ? rows - m : 32;
+    for (int r = 0; r < valid; ++r) {
+      const float sa = a_scale[m + r];
+      float* cr = c + static_cast<int64_t>(m + r) * 32;
+      for (int n = 0; n < 32; ++n) cr[n] = sa * b_scale[n] * static_cast<float>(acc[r * 32 + n]);
+    }
+  }
+  Tiles::release();
+}
+
+}  // namespace
+}  // namespace kt

@@ -1,0 +1,121 @@
+// Packing and quantization of expert weights at load (portable C++: it runs once per layer, spread over the
+// pool, and its cost is reading the checkpoint bytes once).
+#include "packed.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <new>
+
+namespace kt {
+namespace {
+
+inline float element(const void* w, DType t, int64_t i) {
+  return t == DType::kF32 ? static_cast<const float*>(w)[i] : bf16_to_f32(static_cast<const bf16*>(w)[i]);
+}
+
+// Source row (within one expert) of packed output n, or -1 for padding.
+int64_t source_row(int n, int N, bool interleave_halves) {
+  if (!interleave_halves) return n < N ? n : -1;
+  const int half = N / 2;
+  const int tile = n / kTileRows, within = n % kTileRows;
+  const int row = (tile / 2) * kTileRows + within;  // tile 2p: gate rows of pair p; tile 2p + 1: up rows
+  if (row >= half) return -1;
+  return (tile % 2) * half + row;
+}
+
+struct TileStats {
+  double err2 = 0.0, ref2 = 0.0;
+};
+
+// One n-tile (16 outputs, all k-blocks) of one expert.
+void pack_bf16_tile(const void* w, DType t, const int64_t* rows, int K, int k_blocks, bf16* dst) {
+  for (int kb = 0; kb < k_blocks; ++kb)
+    for (int kp = 0; kp < 16; ++kp)
+      for (int n = 0; n < kTileRows; ++n)
+        for (int j = 0; j < 2; ++j) {
+          const int k = kb * 32 + 2 * kp + j;
+          const float v = rows[n] >= 0 && k < K ? element(w, t, rows[n] * K + k) : 0.f;
+          dst[(static_cast<int64_t>(kb) * 16 + kp) * 32 + n * 2 + j] = f32_to_bf16(v);
+        }
+}
+
+// Symmetric per-output int8: q = round(W / s), s = max |W[n, :]| / 127, so dequant(q) = s * q.
+void pack_int8_tile(const void* w, DType t, const int64_t* rows, int K, int k_blocks, int8_t* dst, float* scale,
+                    int32_t* colsum, TileStats& stats) {
+  for (int n = 0; n < kTileRows; ++n) {
+    float amax = 0.f;
+    if (rows[n] >= 0)
+      for (int k = 0; k < K; ++k) amax = std::max(amax, std::fabs(element(w, t, rows[n] * K + k)));
+    scale[n] = amax > 0.f ? amax / 127.f : 0.f;
+    colsum[n] = 0;
+  }
+  for (int kb = 0; kb < k_blocks; ++kb)
+    for (int kq = 0; kq < 16; ++kq)
+      for (int n = 0; n < kTileRows; ++n)
+        for (int j = 0; j < 4; ++j) {
+          const int k = kb * 64 + 4 * kq + j;
+          int8_t q = 0;
+          if (rows[n] >= 0 && k < K) {
+            const float v = element(w, t, rows[n] * K + k);
+            if (scale[n] > 0.f) q = static_cast<int8_t>(std::clamp(std::nearbyint(v / scale[n]), -127.f, 127.f));
+            const double err = static_cast<double>(v) - static_cast<double>(q) * scale[n];
+            stats.err2 += err * err;
+            stats.ref2 += static_cast<double>(v) * v;
+          }
+          colsum[n] += q;
+          dst[(static_cast<int64_t>(kb) * 16 + kq) * 64 + n * 4 + j] = q;
+        }
+}
+
+}  // namespace
+
+AlignedBuffer::AlignedBuffer(size_t bytes) : size_(bytes) {
+  const size_t rounded = (bytes + 63) / 64 * 64;
+  void* p = rounded ? std::aligned_alloc(64, rounded) : nullptr;
+  if (rounded && !p) throw std::bad_alloc();
+  if (p) std::memset(p, 0, rounded);
+  data_.reset(static_cast<uint8_t*>(p));
+}
+
+PackedTensor pack_tensor(ThreadPool& pool, const void* w, DType dtype, int E, int N, int K, PackedFormat format,
+                         bool interleave_halves) {
+  PackedTensor p;
+  p.format = format;
+  p.experts = E;
+  p.outputs = N;
+  p.inputs = K;
+  const int tiles = interleave_halves ? 2 * ((N / 2 + kTileRows - 1) / kTileRows) : (N + kTileRows - 1) / kTileRows;
+  p.n_tiles = (tiles + 1) / 2 * 2;
+  p.k_blocks = (K + k_step(format) - 1) / k_step(format);
+  const int64_t num_tiles = static_cast<int64_t>(E) * p.n_tiles;
+  p.data = AlignedBuffer(static_cast<size_t>(num_tiles) * p.k_blocks * kTileBytes);
+  if (format == PackedFormat::kInt8) {
+    p.scale.assign(num_tiles * kTileRows, 0.f);
+    p.colsum.assign(num_tiles * kTileRows, 0);
+  }
+  std::vector<TileStats> stats(num_tiles);
+  pool.parallel_for(num_tiles, [&](int64_t task) {
+    const int e = static_cast<int>(task / p.n_tiles), nt = static_cast<int>(task % p.n_tiles);
+    int64_t rows[kTileRows];
+    for (int n = 0; n < kTileRows; ++n) {
+      const int64_t r = source_row(nt * kTileRows + n, N, interleave_halves);
+      rows[n] = r < 0 ? -1 : static_cast<int64_t>(e) * N + r;
+    }
+    uint8_t* dst = p.data.data() + task * p.k_blocks * kTileBytes;
+    if (format == PackedFormat::kBF16)
+      pack_bf16_tile(w, dtype, rows, K, p.k_blocks, reinterpret_cast<bf16*>(dst));
+    else
+      pack_int8_tile(w, dtype, rows, K, p.k_blocks, reinterpret_cast<int8_t*>(dst), p.scale.data() + task * 16,
+                     p.colsum.data() + task * 16, stats[task]);
+  });
+  double err2 = 0.0, ref2 = 0.0;
+  for (const auto& s : stats) {
+    err2 += s.err2;
+    ref2 += s.ref2;
+  }
+  p.rel_error = ref2 > 0.0 ? std::sqrt(err2 / ref2) : 0.0;
+  return p;
+}
+
+}  // namespace kt
