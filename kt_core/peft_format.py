@@ -1,0 +1,278 @@
+"""Expert LoRA in PEFT's own format: LoRA on fused expert parameters (`LoraConfig(target_parameters=...)`).
+
+PEFT (`peft.tuners.lora.layer.ParamWrapper`, checked in 0.18.1) wraps a 3-D parameter P [E, d1, d2] with
+    lora_A.weight [r*E, d1]  (viewed [E, r, d1])      lora_B.weight [d2, r*E]  (viewed [d2, r, E])
+    delta[e] = scaling * lora_A[e].T @ lora_B[:, :, e].T        # [d1, d2], added to P[e]
+Ours (`kt_core.lora.ExpertLoRA`) holds, for W [E, out, in] used as y = W[e] @ x,
+    A [E, r, in] (applied first), B [E, out, r]: delta[e] = scaling * B[e] @ A[e]
+Transformers' experts use P = W (gate_up_proj [E, 2I, H], down_proj [E, H, I]), so d1 = out, d2 = in and
+    B[e] = lora_A[e].T,  A[e] = lora_B[:, :, e].T
+Targeting both parameters of one experts module nests two wrappers; the one created first is the inner
+one, so its state-dict keys carry one more `base_layer.`. PEFT 0.18.1 wraps gate_up_proj first whatever
+the order of `target_parameters`, and `take_over_peft_experts` records the nesting it finds:
+    ...mlp.experts.base_layer.lora_A.<adapter>.weight   (first target, e.g. gate_up_proj)
+    ...mlp.experts.lora_A.<adapter>.weight              (second target, e.g. down_proj)
+
+kt_core does not import peft: wrappers are recognized by their attributes.
+
+Legend: E = experts, H = hidden, I = expert intermediate, r = rank.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kt_core.experts import KTExperts
+from kt_core.lora import ExpertLoRA
+
+__all__ = [
+    "EXPERT_PARAMETERS",
+    "PeftExpertLoRA",
+    "expert_factors_from_peft",
+    "expert_factors_to_peft",
+    "expert_lora_to_peft_state_dict",
+    "install_peft_state_dict_hooks",
+    "is_peft_param_wrapper",
+    "load_expert_lora_",
+    "peft_scaling",
+    "take_over_peft_experts",
+]
+
+# Fused parameter of a transformers experts module -> the ExpertLoRA factors that carry its update.
+EXPERT_PARAMETERS = {"gate_up_proj": ("gate_up_A", "gate_up_B"), "down_proj": ("down_A", "down_B")}
+
+
+def peft_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """Returns PEFT's LoRA scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def expert_factors_from_peft(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Converts PEFT's ParamWrapper weights of one fused parameter into our factors.
+
+    Args:
+        lora_A: PEFT `lora_A.weight` [r*E, d1] (d1 = our out).
+        lora_B: PEFT `lora_B.weight` [d2, r*E] (d2 = our in).
+        num_experts: E.
+
+    Returns:
+        (A [E, r, d2], B [E, d1, r]), contiguous fp32 copies on the CPU.
+    """
+    E = num_experts
+    rE, d1 = lora_A.shape
+    d2 = lora_B.shape[0]
+    if rE % E or tuple(lora_B.shape) != (d2, rE):
+        raise ValueError(
+            f"PEFT expert LoRA: expected lora_A [r*E, d1] and lora_B [d2, r*E] with E = {E}, "
+            f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}"
+        )
+    r = rE // E
+    cpu32 = {"device": "cpu", "dtype": torch.float32}
+    A = lora_B.detach().reshape(d2, r, E).permute(2, 1, 0).to(**cpu32).contiguous()  # [E, r, d2]
+    B = lora_A.detach().reshape(E, r, d1).transpose(1, 2).to(**cpu32).contiguous()  # [E, d1, r]
+    return A, B
+
+
+def expert_factors_to_peft(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Converts our factors of one fused parameter into PEFT's ParamWrapper weights.
+
+    Args:
+        A: [E, r, in].
+        B: [E, out, r].
+
+    Returns:
+        (lora_A.weight [r*E, out], lora_B.weight [in, r*E]), new contiguous tensors.
+    """
+    E, r, d_in = A.shape
+    d_out = B.shape[1]
+    lora_A = B.detach().transpose(1, 2).reshape(E * r, d_out).clone()  # [r*E, out]
+    lora_B = A.detach().permute(2, 1, 0).reshape(d_in, r * E).clone()  # [in, r*E]
+    return lora_A, lora_B
+
+
+def is_peft_param_wrapper(module: nn.Module) -> bool:
+    """Returns whether `module` is PEFT's LoRA wrapper of a parameter (`lora.ParamWrapper`)."""
+    return (
+        isinstance(getattr(module, "parameter_name", None), str)
+        and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+        and isinstance(getattr(module, "base_layer", None), nn.Module)
+    )
+
+
+@dataclass
+class PeftExpertLoRA:
+    """The LoRA that PEFT put on one experts module, in our layout.
+
+    Attributes:
+        chain: the wrapped parameter names, outermost wrapper first (the state-dict nesting).
+        factors: {"gate_up_A": [E, r, H], ...} for the targeted parameters only.
+        rank: r.
+        scaling: the LoRA scaling (alpha / r, or alpha / sqrt(r) with rsLoRA).
+    """
+
+    chain: list[str]
+    factors: dict[str, torch.Tensor]
+    rank: int
+    scaling: float
+
+
+def take_over_peft_experts(wrapper: nn.Module, adapter_name: str = "default") -> tuple[nn.Module, PeftExpertLoRA]:
+    """Unwraps PEFT's ParamWrappers around an experts module and converts their LoRA.
+
+    Args:
+        wrapper: the outermost ParamWrapper (what sits at `...mlp.experts` after `get_peft_model`).
+        adapter_name: the adapter to take.
+
+    Returns:
+        (the transformers experts module, its LoRA in our layout).
+    """
+    chain: list[str] = []
+    factors: dict[str, torch.Tensor] = {}
+    ranks, scalings = set(), set()
+    module = wrapper
+    while is_peft_param_wrapper(module):
+        name = module.parameter_name
+        if name not in EXPERT_PARAMETERS:
+            raise ValueError(
+                f"PEFT expert LoRA: target parameter {name!r} of {type(module.get_base_layer()).__name__} is not "
+                f"one of {sorted(EXPERT_PARAMETERS)}"
+            )
+        if adapter_name not in module.lora_A:
+            raise ValueError(f"PEFT expert LoRA: no adapter {adapter_name!r} on {name} (has {list(module.lora_A)})")
+        if getattr(module, "merged_adapters", None):
+            raise ValueError(f"PEFT expert LoRA: adapter merged into {name}; unmerge it first")
+        chain.append(name)
+        r = module.r[adapter_name]
+        ranks.add(r)
+        scalings.add(module.scaling[adapter_name])
+        a_name, b_name = EXPERT_PARAMETERS[name]
+        factors[a_name], factors[b_name] = expert_factors_from_peft(
+            module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight, module.num_experts
+        )
+        module = module.base_layer
+    if not chain:
+        raise TypeError(f"PEFT expert LoRA: {type(wrapper).__name__} is not a PEFT ParamWrapper")
+    if len(ranks) > 1 or len(scalings) > 1:
+        raise ValueError(
+            "PEFT expert LoRA: gate_up_proj and down_proj of one experts module must share rank and alpha "
+            f"(got ranks {sorted(ranks)}, scalings {sorted(scalings)}); drop them from rank_pattern / alpha_pattern"
+        )
+    return module, PeftExpertLoRA(chain=chain, factors=factors, rank=ranks.pop(), scaling=scalings.pop())
+
+
+def load_expert_lora_(experts: KTExperts, peft_lora: PeftExpertLoRA) -> ExpertLoRA:
+    """Attaches LoRA factors to `experts`; factors of untargeted parameters stay zero and frozen.
+
+    Args:
+        experts: the CPU operator module.
+        peft_lora: from `take_over_peft_experts`.
+
+    Returns:
+        The new ExpertLoRA.
+    """
+    # ExpertLoRA scales by alpha / rank: carry PEFT's scaling (rsLoRA included) through alpha.
+    lora = experts.add_lora(peft_lora.rank, peft_lora.scaling * peft_lora.rank)
+    with torch.no_grad():
+        for param_name, (a_name, b_name) in EXPERT_PARAMETERS.items():
+            A, B = getattr(lora, a_name), getattr(lora, b_name)
+            if param_name in peft_lora.chain:
+                A.copy_(peft_lora.factors[a_name])
+                B.copy_(peft_lora.factors[b_name])
+            else:
+                A.zero_()
+                B.zero_()
+                A.requires_grad_(False)
+                B.requires_grad_(False)
+    return lora
+
+
+def _peft_key(chain: Sequence[str], param_name: str, which: str, adapter_name: str | None) -> str:
+    depth = list(chain).index(param_name)  # the outermost wrapper has no `base_layer.`
+    adapter = f".{adapter_name}" if adapter_name else ""
+    return f"{'base_layer.' * depth}lora_{which}{adapter}.weight"
+
+
+def expert_lora_to_peft_state_dict(
+    lora: ExpertLoRA, chain: Sequence[str], *, prefix: str = "", adapter_name: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Our factors as the state-dict entries PEFT has for the same LoRA.
+
+    Args:
+        lora: the factors.
+        chain: targeted parameter names, outermost wrapper first (`PeftExpertLoRA.chain`; for both
+            parameters PEFT 0.18.1 nests ["down_proj", "gate_up_proj"]).
+        prefix: the experts module's name plus ".", e.g. "base_model.model.model.layers.1.mlp.experts.".
+        adapter_name: None for the saved-adapter keys (`...lora_A.weight`), else the in-memory ones
+            (`...lora_A.default.weight`).
+
+    Returns:
+        {key: tensor}, lora_A [r*E, out] and lora_B [in, r*E] per targeted parameter.
+    """
+    state = {}
+    for param_name in chain:
+        a_name, b_name = EXPERT_PARAMETERS[param_name]
+        lora_A, lora_B = expert_factors_to_peft(getattr(lora, a_name), getattr(lora, b_name))
+        state[prefix + _peft_key(chain, param_name, "A", adapter_name)] = lora_A
+        state[prefix + _peft_key(chain, param_name, "B", adapter_name)] = lora_B
+    return state
+
+
+_PEFT_LORA_KEY = re.compile(r"^((?:base_layer\.)*)lora_([AB])\.(?:([^.]+)\.)?weight$")
+
+
+def install_peft_state_dict_hooks(experts: KTExperts, chain: Sequence[str], adapter_name: str = "default") -> None:
+    """Makes `experts` save and load its LoRA under PEFT's keys, as the ParamWrappers it replaced did.
+
+    `state_dict()` then holds `...experts.[base_layer.]lora_{A,B}.<adapter>.weight` instead of
+    `...experts.lora.*`, so PEFT's `get_peft_model_state_dict` / `save_pretrained` write a stock adapter,
+    and `load_state_dict` (PEFT's `load_adapter`, a Trainer resume) reads one back into our factors.
+
+    Args:
+        experts: a KTExperts with LoRA attached.
+        chain: targeted parameter names, outermost wrapper first.
+        adapter_name: the adapter the keys carry.
+    """
+    chain = list(chain)
+    experts.kt_peft_chain = chain
+    experts.kt_peft_adapter = adapter_name
+
+    def save_hook(module, state_dict, prefix, local_metadata):
+        if module.lora is None:
+            return
+        for name in ("gate_up_A", "gate_up_B", "down_A", "down_B"):
+            state_dict.pop(f"{prefix}lora.{name}", None)
+        state_dict.update(expert_lora_to_peft_state_dict(module.lora, chain, prefix=prefix, adapter_name=adapter_name))
+
+    def load_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if module.lora is None:
+            return
+        found: dict[tuple[str, str], torch.Tensor] = {}
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            match = _PEFT_LORA_KEY.match(key[len(prefix) :])
+            if match is None or (match.group(3) or adapter_name) != adapter_name:
+                continue
+            depth = len(match.group(1)) // len("base_layer.")
+            if depth >= len(chain):
+                continue
+            found[(chain[depth], match.group(2))] = state_dict.pop(key)
+        for param_name in chain:
+            a_name, b_name = EXPERT_PARAMETERS[param_name]
+            if (param_name, "A") in found and (param_name, "B") in found:
+                A, B = expert_factors_from_peft(found[(param_name, "A")], found[(param_name, "B")], module.num_experts)
+                state_dict[f"{prefix}lora.{a_name}"] = A
+                state_dict[f"{prefix}lora.{b_name}"] = B
+        for param_name, (a_name, b_name) in EXPERT_PARAMETERS.items():
+            if param_name not in chain:  # untargeted factors are not saved: keep the zeros
+                for name in (a_name, b_name):
+                    state_dict.setdefault(f"{prefix}lora.{name}", getattr(module.lora, name).detach().clone())
+
+    experts.register_state_dict_post_hook(save_hook)
+    experts.register_load_state_dict_pre_hook(load_hook)

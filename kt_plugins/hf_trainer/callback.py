@@ -1,0 +1,147 @@
+"""KTCallback: the Hugging Face Trainer with routed experts (and their LoRA) on the CPU.
+
+    trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[KTCallback()])
+
+`on_init_end` runs at the end of `Trainer.__init__`, before `train()` builds the optimizer, so the
+optimizer sees the host-side expert-LoRA factors instead of the PEFT wrappers they replace. The Trainer
+has already moved the model to its device by then: for a model larger than the GPU, call `kt_prepare`
+on it before building the Trainer (the callback then finds it prepared).
+
+Logged with every `logs` entry: `kt_tokens_per_s` (input tokens per second of training-step wall time)
+and `kt_cpu_expert_share` (fraction of that time spent inside the experts operator, forward and backward).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from kt_core.experts import KTExperts
+from kt_core.placement import PlacementRule
+from kt_plugins.hf_trainer.convert import expert_lora_parameters, kt_prepare
+
+__all__ = ["KTCallback"]
+
+
+class _ExpertTimer:
+    """Wall time spent inside the KTExperts modules of a model, and input tokens seen in training."""
+
+    def __init__(self, model: nn.Module):
+        self.expert_s = 0.0
+        self.tokens = 0
+        self._handles = []
+        for module in model.modules():
+            if isinstance(module, KTExperts):
+                self._handles.append(module.register_forward_pre_hook(self._forward_start))
+                self._handles.append(module.register_forward_hook(self._forward_end))
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if embeddings is not None:
+            self._handles.append(embeddings.register_forward_pre_hook(self._count_tokens))
+        self._start: dict[int, float] = {}
+
+    def _forward_start(self, module, args):
+        self._start[id(module)] = time.perf_counter()
+
+    def _forward_end(self, module, args, output):
+        self.expert_s += time.perf_counter() - self._start.pop(id(module), time.perf_counter())
+        node = output.grad_fn if isinstance(output, torch.Tensor) else None
+        if node is not None:  # the experts' own backward node: time it as well
+            started = []
+            node.register_prehook(lambda grad_outputs: started.append(time.perf_counter()))
+            node.register_hook(lambda grad_inputs, grad_outputs: self._backward_end(started))
+
+    def _backward_end(self, started: list[float]) -> None:
+        if started:
+            self.expert_s += time.perf_counter() - started.pop()
+
+    def _count_tokens(self, module, args):
+        if module.training and args and isinstance(args[0], torch.Tensor):
+            self.tokens += args[0].numel()
+
+    def take(self) -> tuple[float, int]:
+        """Returns (expert seconds, tokens) since the last call and starts counting again."""
+        out = (self.expert_s, self.tokens)
+        self.expert_s, self.tokens = 0.0, 0
+        return out
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class KTCallback(TrainerCallback):
+    """Runs the routed experts of the Trainer's model, with their LoRA, on the CPU operator.
+
+    Args:
+        rules: placement rules (None: the family's defaults).
+        kernel: CPU kernel of the experts ("auto": the best this CPU runs).
+        cpu_infer: CPU threads of the experts operator.
+        device: where the non-expert tensors go when the callback converts the model; None leaves them
+            where the Trainer put them.
+        log_speed: add `kt_tokens_per_s` and `kt_cpu_expert_share` to the Trainer's logs.
+    """
+
+    def __init__(
+        self,
+        *,
+        rules: str | Path | Sequence[PlacementRule] | None = None,
+        kernel: str = "auto",
+        cpu_infer: int | None = None,
+        device: str | torch.device | None = None,
+        log_speed: bool = True,
+    ):
+        self.options = {"rules": rules, "kernel": kernel, "cpu_infer": cpu_infer, "device": device}
+        self.log_speed = log_speed
+        self._timer: _ExpertTimer | None = None
+        self._step_s = 0.0
+        self._last = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("KTCallback: the Trainer passed no model to on_init_end")
+        kt_prepare(model, **self.options)
+        if self.log_speed and self._timer is None:
+            self._timer = _ExpertTimer(model)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if optimizer is not None and model is not None:
+            in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            missing = [p for p in expert_lora_parameters(model) if id(p) not in in_optimizer]
+            if missing:
+                raise ValueError(
+                    f"KTCallback: the optimizer does not hold {len(missing)} expert-LoRA factors; it was built "
+                    "before the experts moved to the CPU operator. Call kt_prepare(model) before creating it."
+                )
+        if self._timer is not None:
+            self._timer.take()
+        self._step_s, self._last = 0.0, time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self._last is not None:
+            self._step_s += now - self._last
+        self._last = now
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._timer is None or logs is None or self._step_s <= 0.0:
+            return
+        expert_s, tokens = self._timer.take()
+        speed = {
+            "kt_tokens_per_s": round(tokens / self._step_s, 2),
+            "kt_cpu_expert_share": round(min(expert_s / self._step_s, 1.0), 4),
+        }
+        self._step_s = 0.0
+        # Callbacks after this one (the progress printer) see `logs`; the Trainer has already copied it
+        # into the history, so update that entry too.
+        logs.update(speed)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(speed)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._last = None

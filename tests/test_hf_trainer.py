@@ -1,0 +1,137 @@
+"""KTCallback against the stock Trainer + PEFT on the plain model: same loss curve, a stock PEFT adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kt_core.experts import KTExperts
+from tests.tiny_models import build_tiny_model
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from kt_plugins.hf_trainer import KTCallback  # noqa: E402  (needs transformers)
+
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:Unsupported layer type")]
+
+STEPS = 30
+ATTENTION_TARGETS = {
+    "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
+}
+
+
+def _peft_model(family):
+    model = build_tiny_model(family, num_layers=3).train()
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,  # PEFT's ParamWrapper refuses dropout
+        target_modules=ATTENTION_TARGETS[family],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    torch.manual_seed(1)
+    return peft.get_peft_model(model, config)
+
+
+def _dataset(n=64, seq=16, vocab=64):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, vocab, (n, seq), generator=g)
+    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+def _train(family, tmp_path, *, callbacks):
+    model = _peft_model(family)
+    losses = []
+    model.register_forward_hook(lambda m, a, out: losses.append(out.loss.item()) if m.training else None)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=STEPS,
+        learning_rate=5e-3,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=callbacks)
+    trainer.train()
+    return model, trainer, losses
+
+
+def _logits(model, seed=5):
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(seed))
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_kt_callback_matches_stock_trainer(family, tmp_path):
+    ref_model, _, ref_losses = _train(family, tmp_path / "ref", callbacks=[])
+    kt_model, kt_trainer, kt_losses = _train(family, tmp_path / "kt", callbacks=[KTCallback(kernel="auto")])
+
+    experts = [m for m in kt_model.modules() if isinstance(m, KTExperts)]
+    assert experts and all(m.lora is not None for m in experts)
+    assert len(kt_losses) == len(ref_losses) == STEPS
+    assert ref_losses[-1] < ref_losses[0]  # the curve moves: the comparison means something
+    torch.testing.assert_close(torch.tensor(kt_losses), torch.tensor(ref_losses), rtol=1e-4, atol=0)
+
+    speed = [entry for entry in kt_trainer.state.log_history if "kt_tokens_per_s" in entry]
+    assert len(speed) == STEPS // 10
+    assert all(e["kt_tokens_per_s"] > 0 and 0 < e["kt_cpu_expert_share"] <= 1 for e in speed)
+
+    # The adapter is a stock PEFT adapter: same keys and values as PEFT's own, and it loads onto the
+    # plain transformers model with stock PEFT.
+    kt_model.save_pretrained(tmp_path / "kt_adapter")
+    ref_model.save_pretrained(tmp_path / "ref_adapter")
+    from safetensors.torch import load_file
+
+    kt_state = load_file(tmp_path / "kt_adapter" / "adapter_model.safetensors")
+    ref_state = load_file(tmp_path / "ref_adapter" / "adapter_model.safetensors")
+    assert set(kt_state) == set(ref_state)
+    assert any("experts.base_layer.lora_A" in k for k in kt_state)
+    for key, value in ref_state.items():
+        torch.testing.assert_close(kt_state[key], value, rtol=2e-3, atol=1e-5, msg=key)
+    config = json.loads((tmp_path / "kt_adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+
+    plain = build_tiny_model(family, num_layers=3)
+    loaded = peft.PeftModel.from_pretrained(plain, tmp_path / "kt_adapter")
+    kt_logits = _logits(kt_model)
+    torch.testing.assert_close(_logits(loaded), kt_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_logits(ref_model), kt_logits, rtol=1e-3, atol=1e-4)
+
+
+def test_adapter_loads_back_into_converted_model(tmp_path):
+    model = _peft_model("qwen3_moe")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    expected = _logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+
+    from kt_plugins.hf_trainer import kt_prepare
+
+    fresh = kt_prepare(_peft_model("qwen3_moe"))  # other LoRA values than the saved ones
+    fresh.load_adapter(tmp_path / "adapter", adapter_name="default")
+    torch.testing.assert_close(_logits(fresh), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_optimizer_built_before_conversion_is_refused(tmp_path):
+    model = _peft_model("qwen3_moe")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True, disable_tqdm=True
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_dataset(8), callbacks=[KTCallback()], optimizers=(optimizer, None)
+    )
+    with pytest.raises(ValueError, match="kt_prepare"):
+        trainer.train()
