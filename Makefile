@@ -1,25 +1,41 @@
 # kt-plugins developer targets. `make demo` and `make test` set the environment up on first use.
-VENV   := .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.kt-installed
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h') CMakeLists.txt pyproject.toml constraints.txt
+VENV      := .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.kt-installed
+SGL_VENV  := .venv-sglang
+SGL_STAMP := $(SGL_VENV)/.kt-installed
+SOURCES   := $(shell find csrc -name '*.cpp' -o -name '*.h') CMakeLists.txt pyproject.toml constraints.txt
 
-.PHONY: setup demo test test-all lint style bench clean
+.PHONY: setup setup-sglang demo parity test test-unit test-integration test-sglang lint style bench clean
 
 setup: $(STAMP)
 
-$(STAMP): $(SOURCES) scripts/setup.sh
+$(STAMP): $(SOURCES) scripts/setup.sh requirements/llamafactory.txt
 	scripts/setup.sh
 	touch $(STAMP)
 
-demo: $(STAMP)  ## the main job on the bundled tiny MoE
+setup-sglang: $(SGL_STAMP)
+
+$(SGL_STAMP): $(SOURCES) scripts/setup_sglang.sh constraints-sglang.txt
+	scripts/setup_sglang.sh
+	touch $(SGL_STAMP)
+
+demo: $(STAMP)  ## the main job: fine-tune the bundled tiny MoE with LLaMA-Factory + use_kt, then chat with it
+	scripts/demo.sh
+
+parity: $(STAMP)  ## forward + backward of the tiny MoE with CPU experts against plain transformers
 	$(PY) examples/parity_report.py
 
-test: $(STAMP)  ## fast CPU tests (what CI runs)
+test: test-unit test-integration  ## what CI runs (plus test-sglang)
+
+test-unit: $(STAMP)  ## fast CPU unit tests
 	$(PY) -m pytest tests -q
 
-test-all: $(STAMP)  ## plus integration tests with the real host frameworks
-	$(PY) -m pytest tests integration_tests -q -m "not gpu"
+test-integration: $(STAMP)  ## stock LLaMA-Factory CLI runs, plugin discovery
+	$(PY) -m pytest integration_tests -q -m integration
+
+test-sglang: $(SGL_STAMP)  ## SGLang FusedMoE / CLI / spawn tests on the CPU (stock sglang 0.5.21, torch 2.13.0 CPU)
+	$(SGL_VENV)/bin/python -m pytest integration_tests/test_sglang.py -q -m integration
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -33,4 +49,4 @@ bench: $(STAMP)  ## kernel benchmarks (meaningful on the AMX GPU machine; see be
 	$(PY) benchmarks/bench_experts.py
 
 clean:
-	rm -rf build $(VENV) *.egg-info
+	rm -rf build out $(VENV) $(SGL_VENV) *.egg-info

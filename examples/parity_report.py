@@ -104,7 +104,7 @@ def report(config_path: Path, dtype: torch.dtype, tokens: int, kernel: str, seed
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=HERE / "tiny_moe" / "config.json")
+    parser.add_argument("--config", type=Path, default=HERE / "tiny_moe" / "qwen3_moe" / "config.json")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--kernel", default="auto", help=f"one of: auto, {', '.join(kt_core.available_kernels())}")
     parser.add_argument("--seed", type=int, default=0)

@@ -19,4 +19,14 @@ echo "==> build tools"
 $PIP install -q -c constraints.txt "scikit-build-core>=0.10" "pybind11>=2.12"
 echo "==> kt-plugins (compiles csrc/ with the system C++ compiler)"
 $PIP install -q -c constraints.txt --no-build-isolation -e ".[dev]"
+echo "==> LLaMA-Factory (stock, from PyPI) and its requirements, minus torch / torchvision / torchaudio"
+$PIP install -q -c constraints.txt --no-deps "$(grep '^llamafactory==' constraints.txt)"
+$PIP install -q -c constraints.txt -r requirements/llamafactory.txt
+# PyPI's torchaudio is a CUDA build; LLaMA-Factory imports it at module level. The CPU test environment
+# gets a stand-in (scripts/shims/), never shipped in the package.
+SITE=$($VENV/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+if ! $VENV/bin/python -c "import torchaudio" 2>/dev/null; then
+  $PIP uninstall -q -y torchaudio 2>/dev/null || true
+  cp -r scripts/shims/torchaudio "$SITE/"
+fi
 $VENV/bin/python -c "import kt_core; print('kt_core ready; kernels:', ', '.join(kt_core.available_kernels()))"

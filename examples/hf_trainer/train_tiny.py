@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArgu
 from kt_plugins.hf_trainer import KTCallback
 
 HERE = Path(__file__).resolve().parent
-TINY_CONFIG = HERE.parent / "tiny_moe" / "config.json"
+TINY_CONFIG = HERE.parent / "tiny_moe" / "qwen3_moe" / "config.json"
 
 
 def build_model(config_path: Path, seed: int) -> torch.nn.Module:

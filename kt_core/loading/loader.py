@@ -115,6 +115,7 @@ def load_model(
     host_memory_limit: int | str | None = None,
     dtype: torch.dtype | str | None = None,
     progress: bool = True,
+    config=None,
 ) -> nn.Module:
     """Loads a local MoE checkpoint with its routed experts on the CPU operator.
 
@@ -131,6 +132,8 @@ def load_model(
         dtype: weight dtype; None: the checkpoint's (bf16 for FP8 checkpoints). Expert stores are
             bf16 unless this is fp32.
         progress: show a progress bar.
+        config: a transformers config to build the model from instead of the checkpoint's config.json
+            (a host framework that patched it, e.g. attention implementation or use_cache).
 
     Returns:
         The transformers model (eval mode) whose experts modules are expert-backend modules.
@@ -145,7 +148,7 @@ def load_model(
         config_dict = {
             k: v for k, v in checkpoint.config_dict.items() if not (fp8_block and k == "quantization_config")
         }
-        config = arch.build_config(config_dict)
+        config = arch.build_config(config_dict) if config is None else config
         dtype = _resolve_dtype(dtype, config, checkpoint, fp8_block is not None)
         store_dtype = dtype if dtype in _STORE_DTYPES else torch.bfloat16
         model = build_meta_model(config, dtype)

@@ -1,0 +1,84 @@
+"""Building LLaMA-Factory's model through kt_core while LLaMA-Factory's own load_model runs.
+
+LLaMA-Factory's loader keeps doing everything it always does (config patches, tokenizer hooks, PEFT,
+value head, parameter counts); only two of its late-bound names are swapped for the duration of one
+`load_model` call: the Auto class that instantiates the base model (-> kt_core.load_model) and
+`init_adapter` (-> LLaMA-Factory's adapter setup, then expert LoRA on the CPU operator).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from kt_plugins.llamafactory.config import KTSettings
+
+__all__ = ["kt_model_building"]
+
+logger = logging.getLogger("llamafactory.kt_plugins")  # under LLaMA-Factory's own log handlers
+
+
+def _devices(settings: KTSettings):
+    if settings.kt_device and "," in settings.kt_device:
+        return [d.strip() for d in settings.kt_device.split(",")]
+    return settings.kt_device
+
+
+class _KTAutoModel:
+    """Stands in for AutoModelForCausalLM inside LLaMA-Factory's loader."""
+
+    def __init__(self, settings: KTSettings, compute_dtype):
+        self.settings = settings
+        self.compute_dtype = compute_dtype
+
+    def from_pretrained(self, pretrained_model_name_or_path, config=None, **kwargs):
+        import kt_core
+
+        if self.compute_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"use_kt: the CPU experts run in bf16 or fp32, not {self.compute_dtype}; set `bf16: true` "
+                "(or neither fp16 nor bf16 for fp32) in the YAML"
+            )
+        s = self.settings
+        return kt_core.load_model(
+            pretrained_model_name_or_path,
+            device=_devices(s),
+            rules=s.resolve_rule(),
+            kernel=s.kt_kernel,
+            cpu_infer=s.cpu_infer,
+            gpu_memory_limit=s.kt_gpu_memory_limit,
+            host_memory_limit=s.kt_host_memory_limit,
+            dtype=self.compute_dtype,
+            config=config,
+        )
+
+    def from_config(self, config, **kwargs):
+        raise ValueError("use_kt: train_from_scratch is not supported; point model_name_or_path at a checkpoint")
+
+
+@contextlib.contextmanager
+def kt_model_building(loader_module, settings: KTSettings, model_args, finetuning_args, is_trainable: bool):
+    """Swaps the loader's Auto class and init_adapter for one load_model call."""
+    import llamafactory.model.adapter as adapter_module
+
+    from kt_plugins.llamafactory.adapter import check_adapter_matches, expert_lora_setup, take_over
+
+    saved = {name: getattr(loader_module, name) for name in ("AutoModelForCausalLM", "init_adapter")}
+    original_init_adapter = saved["init_adapter"]
+
+    def init_adapter(config, model, model_args_, finetuning_args_, is_trainable_):
+        for adapter in model_args_.adapter_name_or_path or []:
+            check_adapter_matches(model, adapter)
+        with expert_lora_setup(adapter_module, settings, finetuning_args_, is_trainable_):
+            model = original_init_adapter(config, model, model_args_, finetuning_args_, is_trainable_)
+        return take_over(model, settings)
+
+    loader_module.AutoModelForCausalLM = _KTAutoModel(settings, getattr(model_args, "compute_dtype", None))
+    loader_module.init_adapter = init_adapter
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(loader_module, name, value)

@@ -1,0 +1,118 @@
+"""Patches applied to stock LLaMA-Factory right after its modules are imported (see boot.py).
+
+- `llamafactory.hparams.parser`: `_parse_train_args / _parse_infer_args / _parse_eval_args` drop our keys
+  (config.py) before LLaMA-Factory's own parser sees them and remember the settings on `model_args`.
+  LLaMA-Factory therefore never sees `use_kt: true` and runs its plain Hugging Face path: its trainer,
+  stock PEFT, chat / api / webchat engine and export all stay LLaMA-Factory's.
+- `llamafactory.model.loader`: `load_model` builds the model through kt_core when the settings ask for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import os
+import sys
+from pathlib import Path
+
+from kt_plugins.llamafactory.config import split_kt_args
+
+__all__ = ["TESTED_VERSIONS", "check_version", "patch_loader", "patch_parser"]
+
+logger = logging.getLogger("llamafactory.kt_plugins")  # under LLaMA-Factory's own log handlers
+
+TESTED_VERSIONS = ("0.9.5",)
+SKIP_VERSION_CHECK_ENV = "KT_LLAMAFACTORY_SKIP_VERSION_CHECK"
+SETTINGS_ATTR = "kt_settings"
+_PARSE_FUNCTIONS = ("_parse_train_args", "_parse_infer_args", "_parse_eval_args")
+
+
+def check_version() -> str:
+    """Returns LLaMA-Factory's version; raises when it is outside the tested range (opt-out by env var)."""
+    try:
+        version = importlib.metadata.version("llamafactory")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown (not installed as the `llamafactory` distribution)"
+    if version not in TESTED_VERSIONS and not os.environ.get(SKIP_VERSION_CHECK_ENV):
+        raise RuntimeError(
+            f"use_kt: kt-plugins is tested with LLaMA-Factory {', '.join(TESTED_VERSIONS)}, found {version}. "
+            f"Install a tested version (pip install llamafactory=={TESTED_VERSIONS[-1]}) or set "
+            f"{SKIP_VERSION_CHECK_ENV}=1 to try anyway."
+        )
+    return version
+
+
+def _config_dir(args) -> Path | None:
+    """The folder of the YAML / JSON file LLaMA-Factory reads when called as `llamafactory-cli <cmd> x.yaml`."""
+    if args is None and len(sys.argv) > 1 and sys.argv[1].endswith((".yaml", ".yml", ".json")):
+        return Path(sys.argv[1]).resolve().parent
+    return None
+
+
+def patch_parser(parser_module) -> None:
+    """Wraps the three argument-parsing entry points of llamafactory.hparams.parser (idempotent)."""
+    if getattr(parser_module, "_kt_patched", False):
+        return
+    for name in _PARSE_FUNCTIONS:
+        original = getattr(parser_module, name, None)
+        if original is not None:
+            setattr(parser_module, name, _wrap_parse(parser_module, original))
+    parser_module._kt_patched = True
+
+
+def _wrap_parse(parser_module, original):
+    @functools.wraps(original)
+    def parse(args=None):
+        config_dir = _config_dir(args)
+        cleaned, settings = split_kt_args(parser_module.read_args(args), config_dir)
+        parsed = original(cleaned)
+        if settings is not None:
+            version = check_version()
+            _check_local_checkpoint(parsed[0].model_name_or_path)
+            logger.info("kt-plugins takes over use_kt (LLaMA-Factory %s): %s", version, settings)
+            setattr(parsed[0], SETTINGS_ATTR, settings)  # parsed[0] is ModelArguments
+            _apply_generation_settings(parsed, settings)
+        return parsed
+
+    return parse
+
+
+def _check_local_checkpoint(path: str) -> None:
+    """use_kt streams weights from a local folder: say so before LLaMA-Factory tries the model hub."""
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        what = "does not exist" if not folder.exists() else "has no config.json"
+        raise ValueError(
+            f"use_kt: model_name_or_path {path!r} {what}; expected a local checkpoint folder "
+            "(config.json, *.safetensors and the tokenizer files)"
+        )
+
+
+def _apply_generation_settings(parsed, settings) -> None:
+    """kt_maxlen / kt_force_think of the inference YAMLs, on LLaMA-Factory's own generation knobs."""
+    for args in parsed:
+        if "kt_maxlen" in settings.given and hasattr(args, "max_new_tokens"):
+            args.max_new_tokens = settings.kt_maxlen
+        if settings.kt_force_think and hasattr(args, "enable_thinking"):
+            args.enable_thinking = True
+
+
+def patch_loader(loader_module) -> None:
+    """Wraps llamafactory.model.loader.load_model (idempotent)."""
+    if getattr(loader_module, "_kt_patched", False):
+        return
+    original = loader_module.load_model
+
+    @functools.wraps(original)
+    def load_model(tokenizer, model_args, finetuning_args, is_trainable=False, add_valuehead=False):
+        settings = getattr(model_args, SETTINGS_ATTR, None)
+        if settings is None:
+            return original(tokenizer, model_args, finetuning_args, is_trainable, add_valuehead)
+        from kt_plugins.llamafactory.model import kt_model_building
+
+        with kt_model_building(loader_module, settings, model_args, finetuning_args, is_trainable):
+            return original(tokenizer, model_args, finetuning_args, is_trainable, add_valuehead)
+
+    loader_module.load_model = load_model
+    loader_module._kt_patched = True

@@ -1,0 +1,324 @@
+"""KTExpertsMethod: SGLang's FusedMoE method with the routed experts on the CPU (kt_core.KTExperts).
+
+One layer's experts are split by id: the GPU ones (the first N, or a chosen set) keep SGLang's own method
+(`gpu_method`, over a compact [N_gpu, ...] weight tensor); the rest live in host memory in a KTExperts of
+[E_cpu, ...]. Both halves read the same routing: each sees the other's slots as -1 (our operator and
+SGLang's CUDA kernels skip them), and their outputs are summed.
+
+Weights come from the checkpoint SGLang loads (--model-path), with no conversion: the weight_loader that
+FusedMoE hands to `create_weights` is wrapped; GPU experts go on to SGLang's loader under their compact
+index, CPU experts are copied into the KTExperts store (full intermediate size, as only TP rank 0 computes
+them; other ranks contribute zeros to the all-reduce, as with SGLang's KTransformers backend).
+
+Legend: T = tokens, K = experts per token, E = experts of the layer, H = hidden, I = expert intermediate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+from sglang.srt.layers.moe.kt_ep_wrapper import KTEPWrapperMethod
+from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
+
+from kt_core import KTExperts
+from kt_core.runtime.staging import to_device
+from kt_plugins.sglang.options import KTExpertsOptions
+
+__all__ = ["CUDA_GRAPH_MESSAGE", "KTExpertsLayerConfig", "KTExpertsMethod"]
+
+logger = logging.getLogger(__name__)
+
+CUDA_GRAPH_MESSAGE = (
+    "kt-plugins --kt-experts: the CPU experts cannot run inside a CUDA graph capture yet (decode graphs need "
+    "stream-ordered host work). Relaunch with --disable-cuda-graph (in sglang >= 0.5.20 also spelled "
+    "--cuda-graph-backend-decode disabled --cuda-graph-backend-prefill disabled)."
+)
+
+_SHARDS = {"w1": "gate", "w3": "up", "w2": "down"}  # SGLang's shard ids -> KTExperts.load_expert_ keywords
+
+
+@dataclass(frozen=True)
+class KTExpertsLayerConfig:
+    """What `create_kt_config_from_server_args` returns for one layer when --kt-experts is on."""
+
+    layer_idx: int
+    options: KTExpertsOptions
+
+
+class KTExpertsMethod(KTEPWrapperMethod):
+    """FusedMoE method: GPU experts through `gpu_method`, the others through kt_core on the CPU.
+
+    A subclass of SGLang's KTEPWrapperMethod (whose name it replaces while --kt-experts is on), so that
+    SGLang's `isinstance` special cases for that backend hold for this one; its constructor is not called,
+    as it requires the kt_kernel package.
+
+    Args:
+        gpu_method: the method FusedMoE would have used (only the unquantized one is supported).
+        kt_config: KTExpertsLayerConfig.
+    """
+
+    def __init__(self, gpu_method, kt_config):
+        if not isinstance(kt_config, KTExpertsLayerConfig):
+            raise TypeError(
+                "kt-plugins replaces SGLang's KTransformers method while --kt-experts is on; got a "
+                f"{type(kt_config).__name__} (from --kt-weight-path?). Use one CPU experts backend."
+            )
+        self.gpu_method = gpu_method
+        self.kt_config = kt_config
+        self.wrapper = None  # KTEPWrapperMethod's kt_kernel object; ours is `cpu_experts`
+        self.options = kt_config.options
+        self.num_gpu_experts = -1  # set in create_weights, when E is known
+        self.override_num_local_experts = True
+        self.tp_rank = _tp_rank()
+        self.cpu_experts: KTExperts | None = None
+        self.gpu_ids: list[int] = []
+        self.cpu_ids: list[int] = []
+        self._index_cache: dict = {}
+        self._pending: set | None = None
+
+    # ---- weights -------------------------------------------------------------------------------------
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ):
+        """Creates the GPU experts' weights through `gpu_method` and the CPU experts' store."""
+        where = f"--kt-experts (layer {self.kt_config.layer_idx})"
+        if not isinstance(self.gpu_method, UnquantizedFusedMoEMethod):
+            raise NotImplementedError(
+                f"{where}: only unquantized (bf16 / fp16 / fp32) checkpoints are supported, this model uses "
+                f"{type(self.gpu_method).__name__}"
+            )
+        if getattr(layer, "moe_ep_size", 1) > 1:
+            raise NotImplementedError(f"{where}: expert parallelism (--ep-size > 1) is not supported; use --tp-size")
+        if extra_weight_attrs.get("with_bias"):
+            raise NotImplementedError(f"{where}: expert biases are not supported by the CPU operator")
+        runner = layer.moe_runner_config
+        activation = getattr(runner, "activation", "silu")
+        if activation != "silu" or not runner.is_gated or runner.gemm1_alpha is not None or runner.swiglu_limit:
+            raise NotImplementedError(
+                f"{where}: only SwiGLU experts (activation 'silu') are supported, got {activation!r}"
+            )
+
+        E = num_experts
+        self.gpu_ids = self.options.gpu_expert_list(self.kt_config.layer_idx, E)
+        gpu_set = set(self.gpu_ids)
+        self.cpu_ids = [e for e in range(E) if e not in gpu_set]
+        gpu_index = torch.full((E,), -1, dtype=torch.int64)  # [E] logical id -> row of the GPU weights
+        cpu_index = torch.full((E,), -1, dtype=torch.int64)  # [E] logical id -> row of the CPU store
+        gpu_index[self.gpu_ids] = torch.arange(len(self.gpu_ids))
+        cpu_index[self.cpu_ids] = torch.arange(len(self.cpu_ids))
+        self._gpu_index, self._cpu_index = gpu_index, cpu_index
+        self.global_num_experts = E
+        self.num_gpu_experts = len(self.gpu_ids)
+        self.gpu_method.num_gpu_experts = self.num_gpu_experts
+
+        sglang_loader = extra_weight_attrs["weight_loader"]
+        extra_weight_attrs["weight_loader"] = self._wrap_weight_loader(sglang_loader, E)
+        self.gpu_method.create_weights(
+            layer=layer,
+            num_experts=self.num_gpu_experts,
+            hidden_size=hidden_size,
+            intermediate_size_per_partition=intermediate_size_per_partition,
+            params_dtype=params_dtype,
+            **extra_weight_attrs,
+        )
+        if self.tp_rank != 0 or not self.cpu_ids:
+            return
+        intermediate_full = intermediate_size_per_partition * getattr(layer, "moe_tp_size", 1)
+        dtype = params_dtype if params_dtype in (torch.float32, torch.bfloat16) else torch.bfloat16
+        self.cpu_experts = KTExperts(
+            len(self.cpu_ids),
+            hidden_size,
+            intermediate_full,
+            dtype=dtype,
+            kernel=self.options.kernel,
+            cpu_infer=self.options.cpu_threads,
+        )
+        self.cpu_experts.chunk_size = self.options.chunk_size
+        self._pending = {(e, s) for e in self.cpu_ids for s in _SHARDS}
+
+    def _wrap_weight_loader(self, sglang_loader, num_experts: int):
+        def weight_loader(param, loaded_weight, weight_name, shard_id=None, expert_id=None, *args, **kwargs):
+            if expert_id is None or not 0 <= int(expert_id) < num_experts:
+                # Fused all-expert tensors, fused shared experts: not a routed expert of ours.
+                return sglang_loader(param, loaded_weight, weight_name, shard_id, expert_id, *args, **kwargs)
+            expert = int(expert_id)
+            row = int(self._gpu_index[expert])
+            if row >= 0:
+                return sglang_loader(param, loaded_weight, weight_name, shard_id, row, *args, **kwargs)
+            self._load_cpu_expert(loaded_weight, weight_name, shard_id, expert)
+            return True if kwargs.get("return_success") else None
+
+        return weight_loader
+
+    def _load_cpu_expert(self, loaded_weight: torch.Tensor, weight_name: str, shard_id: str, expert: int) -> None:
+        if shard_id not in _SHARDS or not str(weight_name).endswith("weight"):
+            raise ValueError(
+                f"--kt-experts (layer {self.kt_config.layer_idx}): cannot place checkpoint tensor {weight_name!r} "
+                f"(shard {shard_id!r}) of expert {expert} on the CPU; expected plain gate / up / down weights"
+            )
+        if self.cpu_experts is None:
+            return  # TP rank > 0: rank 0 computes the CPU experts
+        self.cpu_experts.load_expert_(int(self._cpu_index[expert]), **{_SHARDS[shard_id]: loaded_weight})
+        self._pending.discard((expert, shard_id))
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Checks that every CPU expert was loaded, applies expert LoRA, then SGLang's GPU post-processing."""
+        if self._pending:
+            missing = sorted(self._pending)
+            shown = ", ".join(f"expert {e} {_SHARDS[s]}_proj" for e, s in missing[:6])
+            raise ValueError(
+                f"--kt-experts (layer {self.kt_config.layer_idx}): the checkpoint did not provide {len(missing)} CPU "
+                f"expert tensors ({shown}{', ...' if len(missing) > 6 else ''})"
+            )
+        if self.options.lora_path:
+            from kt_plugins.sglang.lora import apply_expert_lora
+
+            apply_expert_lora(self, layer, self.options.lora_path)
+        if self.num_gpu_experts > 0 and hasattr(self.gpu_method, "process_weights_after_loading"):
+            self.gpu_method.process_weights_after_loading(layer)
+
+    # ---- compute -------------------------------------------------------------------------------------
+
+    def create_moe_runner(self, layer: torch.nn.Module, moe_runner_config):
+        """Gives `gpu_method` a runner over the GPU experts only, without routed scaling.
+
+        DeepSeek / GLM models multiply the experts' output by routed_scaling_factor themselves when the
+        method is a KTEPWrapperMethod; a GPU runner that also applied it would scale its half twice.
+        """
+        self.moe_runner_config = moe_runner_config
+        moe_runner_config.num_local_experts = self.num_gpu_experts  # as KTEPWrapperMethod does
+        gpu_config = dataclasses.replace(moe_runner_config, routed_scaling_factor=None)
+        if self.num_gpu_experts > 0:
+            self.gpu_method.create_moe_runner(layer, gpu_config)
+        else:
+            self.gpu_method.moe_runner_config = gpu_config
+
+    def apply(self, layer: torch.nn.Module, dispatch_output):
+        """Both halves of the layer's routed experts.
+
+        Args:
+            layer: the FusedMoE layer.
+            dispatch_output: StandardDispatchOutput; hidden_states [T, H], topk_output.topk_ids /
+                topk_weights [T, K].
+
+        Returns:
+            StandardCombineInput with hidden_states [T, H].
+        """
+        from sglang.srt.layers.moe.token_dispatcher import StandardCombineInput
+
+        x = dispatch_output.hidden_states  # [T, H]
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(CUDA_GRAPH_MESSAGE)
+        topk_output = dispatch_output.topk_output
+        if not hasattr(topk_output, "topk_ids"):
+            raise NotImplementedError(
+                f"--kt-experts: routing output {type(topk_output).__name__} is not supported; use the default "
+                "--moe-runner-backend"
+            )
+        ids, weights = topk_output.topk_ids, topk_output.topk_weights  # [T, K], [T, K]
+
+        # Stage the CPU half's inputs first (non-blocking copies, ordered before the GPU half's kernels),
+        # so that the CPU computes while the GPU runs its experts.
+        staged = self._stage_cpu_inputs(x, ids, weights) if self.cpu_experts is not None else None
+        out = None
+        if self.num_gpu_experts > 0:
+            gpu_ids, gpu_weights = self._gpu_routing(ids, weights)
+            masked = dispatch_output._replace(
+                topk_output=topk_output._replace(topk_ids=gpu_ids, topk_weights=gpu_weights)
+            )
+            out = self.gpu_method.apply(layer, masked).hidden_states  # [T, H]
+        if staged is not None:
+            ready, x_host, ids_host, w_host = staged
+            if ready is not None:
+                ready.synchronize()
+            y = self.cpu_experts(x_host, ids_host, w_host)  # [T, H] in host memory
+            y = to_device(y.to(x.dtype), x.device)
+            out = y if out is None else out + y
+        if out is None:
+            out = torch.zeros_like(x)
+        return StandardCombineInput(hidden_states=out)
+
+    def _index(self, which: str, device: torch.device) -> torch.Tensor:
+        key = (which, device)
+        if key not in self._index_cache:
+            self._index_cache[key] = getattr(self, f"_{which}_index").to(device)
+        return self._index_cache[key]
+
+    def _gpu_routing(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = ids >= 0
+        rows = self._index("gpu", ids.device)[ids.long().clamp(min=0)]  # [T, K], -1 for CPU experts
+        rows = torch.where(valid, rows, -1)
+        if ids.is_cuda:
+            return rows.to(ids.dtype), weights
+        return _fill_skipped_slots(rows, weights, self.num_gpu_experts, ids.dtype)
+
+    def _stage_cpu_inputs(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        rows = self._index("cpu", ids.device)[ids.long().clamp(min=0)]  # [T, K], -1 for GPU experts
+        rows = torch.where(ids >= 0, rows, -1)
+        w = weights.float()
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            x = x.to(self.cpu_experts.gate_up_proj.dtype)
+        if x.device.type == "cpu":
+            return None, x.contiguous(), rows.contiguous(), w.contiguous()
+        host = []
+        for t in (x, rows, w):
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            buf.copy_(t, non_blocking=True)
+            host.append(buf)
+        ready = torch.cuda.Event()
+        ready.record()
+        return ready, *host
+
+    def __repr__(self) -> str:
+        return (
+            f"KTExpertsMethod(layer={self.kt_config.layer_idx}, gpu_experts={self.num_gpu_experts}, "
+            f"cpu_experts={len(self.cpu_ids)}, kernel={getattr(self.cpu_experts, 'kernel', None)})"
+        )
+
+
+def _tp_rank() -> int:
+    try:  # sglang >= 0.5.16
+        from sglang.srt.runtime_context import get_parallel
+    except ImportError:
+        from sglang.srt.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+    return get_parallel().tp_rank
+
+
+def _fill_skipped_slots(rows: torch.Tensor, weights: torch.Tensor, num_rows: int, dtype: torch.dtype):
+    """Routing for SGLang's torch-native experts (no CUDA), which cannot skip -1 slots.
+
+    Each skipped slot is pointed at a GPU row that its token does not use otherwise, with weight 0
+    (the native code counts tokens per expert with `scatter_`, so a row repeated within a token is lost).
+
+    Args:
+        rows: [T, K] GPU rows, -1 for slots computed elsewhere.
+        weights: [T, K].
+        num_rows: GPU experts of the layer.
+
+    Returns:
+        ([T, K] rows without -1, [T, K] weights with 0 on the filled slots).
+    """
+    T, K = rows.shape
+    if num_rows < K:
+        raise NotImplementedError(
+            f"--kt-experts without CUDA: SGLang's torch-native experts need at least top-k = {K} GPU experts "
+            f"(or none), got {num_rows}"
+        )
+    on_gpu = rows >= 0  # [T, K]
+    used = torch.zeros(T, num_rows, dtype=torch.long).scatter_add_(1, rows.clamp(min=0), on_gpu.long()) > 0
+    free = torch.argsort(used.to(torch.int8), dim=1, stable=True)  # [T, num_rows], unused rows first
+    nth_skipped = (torch.cumsum((~on_gpu).long(), dim=1) - 1).clamp(min=0)  # [T, K]
+    filler = free.gather(1, nth_skipped)
+    return torch.where(on_gpu, rows, filler).to(dtype), torch.where(on_gpu, weights, torch.zeros_like(weights))

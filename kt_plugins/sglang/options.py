@@ -1,0 +1,221 @@
+"""The `--kt-experts` command-line options and their trip to SGLang's scheduler processes.
+
+SGLang keeps only its own fields when it turns the parsed arguments into `ServerArgs` (a sealed record),
+and it starts its schedulers with the `spawn` method. So the options travel as one JSON environment
+variable, `KT_SGLANG_EXPERTS`, set in the launching process before any scheduler starts; every scheduler
+inherits it and reads it back when it builds the model. Setting the variable by hand does the same for
+`sglang.Engine(...)`, which has no command line.
+
+This module imports neither torch nor sglang: it runs in every SGLang process, for `--help` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+__all__ = ["ENV_VAR", "KTExpertsOptions", "add_cli_args", "options_from_args", "options_from_env"]
+
+ENV_VAR = "KT_SGLANG_EXPERTS"
+
+# --flag -> (field, argparse kwargs). The flags all start with --kt-experts so that `--help` groups them.
+_FLAGS = {
+    "--kt-experts-cpu-threads": (
+        "cpu_threads",
+        {
+            "type": int,
+            "metavar": "N",
+            "help": "CPU threads computing the routed experts, the calling thread included "
+            "(default: the CPUs this process may use, or KT_CPU_INFER).",
+        },
+    ),
+    "--kt-experts-gpu-experts": (
+        "gpu_experts",
+        {
+            "type": str,
+            "metavar": "N|RATIO",
+            "help": "Routed experts of each layer kept on the GPU: a count (experts 0..N-1, as SGLang's "
+            "--kt-num-gpu-experts) or a ratio in [0, 1) of the layer's experts (default: 0, all on the CPU).",
+        },
+    ),
+    "--kt-experts-gpu-expert-ids": (
+        "gpu_expert_ids",
+        {
+            "type": str,
+            "metavar": "IDS|FILE",
+            "help": "Which experts stay on the GPU, instead of the first N: comma-separated ids for every "
+            "layer ('0,5,17'), or a JSON file mapping layer index to a list of ids (e.g. the hottest experts "
+            "measured per layer).",
+        },
+    ),
+    "--kt-experts-kernel": (
+        "kernel",
+        {
+            "type": str,
+            "metavar": "NAME",
+            "help": "CPU kernel: 'auto' (best this CPU runs) or a variant of kt_core.available_kernels() "
+            "(default: auto).",
+        },
+    ),
+    "--kt-experts-chunk-size": (
+        "chunk_size",
+        {
+            "type": int,
+            "metavar": "TOKENS",
+            "help": "Tokens per CPU kernel call in long prefills; bounds scratch memory (default: whole batch).",
+        },
+    ),
+    "--kt-experts-lora": (
+        "lora_path",
+        {
+            "type": str,
+            "metavar": "DIR",
+            "help": "PEFT adapter trained with kt-plugins: its expert LoRA (target_parameters on "
+            "mlp.experts.gate_up_proj / down_proj) is applied by the CPU experts. Serve the rest of the "
+            "adapter with SGLang's own --lora-paths.",
+        },
+    ),
+}
+
+
+@dataclass(frozen=True)
+class KTExpertsOptions:
+    """What `--kt-experts` and its options asked for.
+
+    Attributes:
+        cpu_threads: threads of kt_core's pool; None keeps its default.
+        gpu_experts: "N" (experts 0..N-1 on the GPU) or "RATIO" in [0, 1); "0" puts every expert on the CPU.
+        gpu_expert_ids: comma-separated ids, or a JSON file {layer: [ids]}; overrides gpu_experts.
+        kernel: kt_core kernel name or "auto".
+        chunk_size: tokens per kernel call; None = whole batch.
+        lora_path: PEFT adapter directory whose expert LoRA the CPU experts apply.
+    """
+
+    cpu_threads: int | None = None
+    gpu_experts: str = "0"
+    gpu_expert_ids: str | None = None
+    kernel: str = "auto"
+    chunk_size: int | None = None
+    lora_path: str | None = None
+
+    def __post_init__(self):
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"--kt-experts-cpu-threads must be >= 1, got {self.cpu_threads}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"--kt-experts-chunk-size must be >= 1, got {self.chunk_size}")
+        _parse_count_or_ratio(self.gpu_experts)
+        if self.gpu_expert_ids is not None and not Path(self.gpu_expert_ids).is_file():
+            _parse_ids(self.gpu_expert_ids, "--kt-experts-gpu-expert-ids")
+        if self.lora_path is not None and not Path(self.lora_path).is_dir():
+            raise ValueError(f"--kt-experts-lora: {self.lora_path!r} is not a directory (expected a PEFT adapter)")
+
+    def gpu_expert_list(self, layer_idx: int, num_experts: int) -> list[int]:
+        """Returns the sorted ids of the layer's experts that stay on the GPU.
+
+        Args:
+            layer_idx: the model layer (keys a JSON id file).
+            num_experts: E of that layer.
+        """
+        if self.gpu_expert_ids is not None:
+            if Path(self.gpu_expert_ids).is_file():
+                with open(self.gpu_expert_ids) as f:
+                    per_layer = json.load(f)
+                ids = per_layer.get(str(layer_idx), [])
+                where = f"{self.gpu_expert_ids} (layer {layer_idx})"
+            else:
+                ids, where = (
+                    _parse_ids(self.gpu_expert_ids, "--kt-experts-gpu-expert-ids"),
+                    "--kt-experts-gpu-expert-ids",
+                )
+            bad = [e for e in ids if not 0 <= int(e) < num_experts]
+            if bad:
+                raise ValueError(f"{where}: expert ids {bad} are out of range [0, {num_experts})")
+            return sorted({int(e) for e in ids})
+        count, ratio = _parse_count_or_ratio(self.gpu_experts)
+        n = count if count is not None else round(ratio * num_experts)
+        if n > num_experts:
+            raise ValueError(f"--kt-experts-gpu-experts {n}: the layer has only {num_experts} experts")
+        return list(range(n))
+
+    def to_env(self) -> str:
+        """Serializes the options for ENV_VAR."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_env_value(cls, value: str) -> KTExpertsOptions:
+        """Parses what `to_env` wrote; an unknown key raises (a launcher newer than this package)."""
+        try:
+            data = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{ENV_VAR}: not valid JSON ({exc}): {value!r}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{ENV_VAR}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        return cls(**data)
+
+
+def _parse_count_or_ratio(spec: str) -> tuple[int | None, float | None]:
+    """ "8" -> (8, None); "0.25" -> (None, 0.25)."""
+    text = str(spec).strip()
+    try:
+        count = int(text)
+    except ValueError:
+        pass
+    else:
+        if count < 0:
+            raise ValueError(f"--kt-experts-gpu-experts must be >= 0, got {count}")
+        return count, None
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise ValueError(f"--kt-experts-gpu-experts: expected a count or a ratio in [0, 1), got {spec!r}") from None
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"--kt-experts-gpu-experts: a ratio must lie in [0, 1), got {spec!r}")
+    return None, ratio
+
+
+def _parse_ids(text: str, flag: str) -> list[int]:
+    try:
+        return [int(tok) for tok in text.split(",") if tok.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated expert ids or a JSON file, got {text!r}") from None
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Adds `--kt-experts` and its options to SGLang's parser (skipping any that SGLang itself defines)."""
+    taken = getattr(parser, "_option_string_actions", {})
+    if "--kt-experts" in taken:
+        return  # registered already (the hook ran twice) or SGLang grew a flag of that name
+    group = parser.add_argument_group(
+        "kt-plugins CPU experts",
+        "Compute each MoE layer's routed experts on the CPU with kt-plugins' operator, weights read from "
+        "--model-path as they are (no conversion step).",
+    )
+    group.add_argument(
+        "--kt-experts",
+        action="store_true",
+        help="Turn the CPU experts backend on (needs --disable-cuda-graph for now).",
+    )
+    defaults = KTExpertsOptions()
+    for flag, (field, kwargs) in _FLAGS.items():
+        if flag not in taken:
+            group.add_argument(flag, dest=f"kt_experts_{field}", default=getattr(defaults, field), **kwargs)
+
+
+def options_from_args(args: argparse.Namespace) -> KTExpertsOptions | None:
+    """Returns the options when `--kt-experts` was given, else None."""
+    if not getattr(args, "kt_experts", False):
+        return None
+    defaults = KTExpertsOptions()
+    values = {field: getattr(args, f"kt_experts_{field}", getattr(defaults, field)) for field, _ in _FLAGS.values()}
+    return KTExpertsOptions(**values)
+
+
+def options_from_env(environ: dict | None = None) -> KTExpertsOptions | None:
+    """Returns the options the launching process exported, or None when `--kt-experts` is off."""
+    value = (environ if environ is not None else os.environ).get(ENV_VAR)
+    return KTExpertsOptions.from_env_value(value) if value else None
