@@ -224,3 +224,26 @@ def test_adapter_of_another_model_is_refused(trained_adapter, checkpoints, tmp_p
     proc = run_cli("export", config, tmp_path, check=False)
     assert proc.returncode != 0
     assert "this adapter was trained for another model" in proc.stderr
+
+
+def test_rule_file_relative_to_the_yaml(checkpoints, tmp_path):
+    """kt_optimize_rule resolves against the YAML's folder (here: a copy of our CPU-only rules)."""
+    rules = tmp_path / "my_rules.yaml"
+    rules.write_text((REPO / "rules" / "qwen3_moe" / "cpu-only.yaml").read_text())
+    elsewhere = tmp_path / "run"
+    elsewhere.mkdir()
+    config = train_config(
+        checkpoints["qwen3_moe"], tmp_path / "o", use_kt=True, kt_optimize_rule="my_rules.yaml", max_steps=1
+    )
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.run(
+        [CLI, "train", str(path)],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "USE_KT": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"placement rules: {rules}" in proc.stdout + proc.stderr

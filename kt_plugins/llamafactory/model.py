@@ -42,10 +42,14 @@ class _KTAutoModel:
                 "(or neither fp16 nor bf16 for fp32) in the YAML"
             )
         s = self.settings
+        rules = s.resolve_rule()
+        logger.info(
+            "building %s with kt_core (placement rules: %s)", pretrained_model_name_or_path, rules or "defaults"
+        )
         return kt_core.load_model(
             pretrained_model_name_or_path,
             device=_devices(s),
-            rules=s.resolve_rule(),
+            rules=rules,
             kernel=s.kt_kernel,
             cpu_infer=s.cpu_infer,
             gpu_memory_limit=s.kt_gpu_memory_limit,

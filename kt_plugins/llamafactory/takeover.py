@@ -43,9 +43,10 @@ def check_version() -> str:
     return version
 
 
-def _config_dir(args) -> Path | None:
-    """The folder of the YAML / JSON file LLaMA-Factory reads when called as `llamafactory-cli <cmd> x.yaml`."""
-    if args is None and len(sys.argv) > 1 and sys.argv[1].endswith((".yaml", ".yml", ".json")):
+def _config_dir() -> Path | None:
+    """The folder of the YAML / JSON file of `llamafactory-cli <cmd> x.yaml` (LLaMA-Factory reads it from
+    sys.argv[1], possibly before calling the parser with the resulting dict)."""
+    if len(sys.argv) > 1 and sys.argv[1].endswith((".yaml", ".yml", ".json")):
         return Path(sys.argv[1]).resolve().parent
     return None
 
@@ -64,8 +65,7 @@ def patch_parser(parser_module) -> None:
 def _wrap_parse(parser_module, original):
     @functools.wraps(original)
     def parse(args=None):
-        config_dir = _config_dir(args)
-        cleaned, settings = split_kt_args(parser_module.read_args(args), config_dir)
+        cleaned, settings = split_kt_args(parser_module.read_args(args), _config_dir())
         parsed = original(cleaned)
         if settings is not None:
             version = check_version()
