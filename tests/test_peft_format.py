@@ -12,6 +12,7 @@ from kt_core.peft_format import (
     expert_lora_to_peft_state_dict,
     install_peft_state_dict_hooks,
     load_expert_lora_,
+    peft_layout_swapped,
     take_over_peft_experts,
 )
 from tests.tiny_models import build_tiny_model
@@ -43,12 +44,14 @@ def test_factor_layout_matches_peft_delta():
     peft_model = _peft_model()
     wrapper = peft_model.get_submodule(_experts_name(peft_model))
     for layer in (wrapper, wrapper.base_layer):  # down_proj (outer), gate_up_proj (inner)
-        E = layer.num_experts
-        A, B = expert_factors_from_peft(layer.lora_A["default"].weight, layer.lora_B["default"].weight, E)
+        E, swapped = layer.num_experts, peft_layout_swapped(layer)  # swapped: PEFT >= 0.19
+        A, B = expert_factors_from_peft(
+            layer.lora_A["default"].weight, layer.lora_B["default"].weight, E, swapped=swapped
+        )
         ours = layer.scaling["default"] * torch.bmm(B, A)  # [E, out, in]
         torch.testing.assert_close(ours, layer.get_delta_weight("default"), rtol=1e-5, atol=1e-6)
         assert ours.shape == layer.get_param().shape
-        back_A, back_B = expert_factors_to_peft(A, B)
+        back_A, back_B = expert_factors_to_peft(A, B, swapped=swapped)
         torch.testing.assert_close(back_A, layer.lora_A["default"].weight.detach(), rtol=0, atol=0)
         torch.testing.assert_close(back_B, layer.lora_B["default"].weight.detach(), rtol=0, atol=0)
 
@@ -81,7 +84,7 @@ def test_state_dict_uses_peft_keys_and_loads_back():
     experts, peft_lora = take_over_peft_experts(wrapper)
     kt = KTExperts.from_module(experts, dtype=torch.float32)
     load_expert_lora_(kt, peft_lora)
-    install_peft_state_dict_hooks(kt, peft_lora.chain)
+    install_peft_state_dict_hooks(kt, peft_lora.chain, swapped=peft_lora.swapped)
 
     state = kt.state_dict()
     assert {k for k in state if "lora" in k} == set(peft_keys)
@@ -89,7 +92,7 @@ def test_state_dict_uses_peft_keys_and_loads_back():
         torch.testing.assert_close(state[k], v.detach(), rtol=0, atol=0)
 
     fresh = KTExperts.from_module(experts, dtype=torch.float32, lora_rank=4, lora_alpha=8)
-    install_peft_state_dict_hooks(fresh, peft_lora.chain)
+    install_peft_state_dict_hooks(fresh, peft_lora.chain, swapped=peft_lora.swapped)
     fresh.load_state_dict(state)
     for a, b in zip(fresh.lora.factors(), kt.lora.factors(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -118,3 +121,52 @@ def test_take_over_rejects_mismatched_ranks():
     peft_model = peft.get_peft_model(model, config)
     with pytest.raises(ValueError, match="share rank and alpha"):
         take_over_peft_experts(peft_model.get_submodule(_experts_name(peft_model)))
+
+
+def test_swapped_layout_of_peft_019(monkeypatch):
+    """PEFT >= 0.19 swaps in/out features of `gate_up_proj` / `down_proj` wrappers and marks them.
+
+    Emulated on the installed PEFT by swapping before `update_layer`, as PEFT >= 0.19 does; the reference
+    delta is the >= 0.19 formula delta[e] = scaling * lora_B[:, :, e] @ lora_A[e].
+    """
+    ParamWrapper = peft.tuners.lora.layer.ParamWrapper
+    update_layer = ParamWrapper.update_layer
+
+    def swapped_update_layer(layer, *args, **kwargs):
+        if not getattr(layer, "_did_swap_in_out_features", False):
+            layer.in_features, layer.out_features = layer.out_features, layer.in_features
+            layer._did_swap_in_out_features = True
+        return update_layer(layer, *args, **kwargs)
+
+    monkeypatch.setattr(ParamWrapper, "update_layer", swapped_update_layer)
+    peft_model = _peft_model()
+    wrapper = peft_model.get_submodule(_experts_name(peft_model))
+    for layer in (wrapper, wrapper.base_layer):
+        E, d1, d2 = layer.get_param().shape
+        lora_A, lora_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        r = lora_A.shape[0] // E
+        assert tuple(lora_A.shape) == (r * E, d2) and tuple(lora_B.shape) == (d1, r * E)
+        expected = layer.scaling["default"] * torch.bmm(
+            lora_B.detach().reshape(d1, r, E).permute(2, 0, 1), lora_A.detach().reshape(E, r, d2)
+        )
+        A, B = expert_factors_from_peft(lora_A, lora_B, E, swapped=True)
+        torch.testing.assert_close(layer.scaling["default"] * torch.bmm(B, A), expected, rtol=1e-5, atol=1e-6)
+        back_A, back_B = expert_factors_to_peft(A, B, swapped=True)
+        torch.testing.assert_close(back_A, lora_A.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(back_B, lora_B.detach(), rtol=0, atol=0)
+
+    # The layout travels with the converted module: its state dict holds PEFT's tensors as they were.
+    peft_keys = {k: v.detach() for k, v in wrapper.state_dict().items() if "lora_" in k}
+    experts, peft_lora = take_over_peft_experts(wrapper)
+    assert peft_lora.swapped
+    kt = KTExperts.from_module(experts, dtype=torch.float32)
+    load_expert_lora_(kt, peft_lora)
+    install_peft_state_dict_hooks(kt, peft_lora.chain, swapped=peft_lora.swapped)
+    state = kt.state_dict()
+    for k, v in peft_keys.items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+    fresh = KTExperts.from_module(experts, dtype=torch.float32, lora_rank=4, lora_alpha=8)
+    install_peft_state_dict_hooks(fresh, peft_lora.chain, swapped=True)
+    fresh.load_state_dict(state)
+    for a, b in zip(fresh.lora.factors(), kt.lora.factors(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

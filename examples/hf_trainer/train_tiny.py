@@ -5,7 +5,12 @@ declared the PEFT way (`target_parameters` on the fused experts), attention LoRA
 the adapter it saves is a normal PEFT adapter, which the script reloads onto the plain model with stock
 PEFT to show that the logits agree.
 
+With `--from-checkpoint` the model comes from a checkpoint folder through `kt_core.load_model` (the way
+for models larger than the GPU: the experts stream straight into host RAM); with `--merge` the adapter is
+also merged (`merge_and_unload`) and written as a plain transformers checkpoint.
+
     .venv/bin/python examples/hf_trainer/train_tiny.py
+    .venv/bin/python examples/hf_trainer/train_tiny.py --from-checkpoint --merge --out /tmp/tiny_lora
     .venv/bin/python examples/hf_trainer/train_tiny.py --steps 100 --kernel portable --out /tmp/tiny_lora
 """
 
@@ -19,6 +24,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
 
+import kt_core
 from kt_plugins.hf_trainer import KTCallback
 
 HERE = Path(__file__).resolve().parent
@@ -49,10 +55,17 @@ def main() -> None:
     parser.add_argument("--cpu-infer", type=int, default=None, help="CPU threads of the experts operator")
     parser.add_argument("--out", type=Path, default=None, help="output dir (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from-checkpoint", action="store_true", help="load the model with kt_core.load_model")
+    parser.add_argument("--merge", action="store_true", help="also write the merged model (merge_and_unload)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="kt_hf_trainer_"))
 
-    model = build_model(args.config, args.seed)
+    if args.from_checkpoint:
+        # A real run starts from a downloaded checkpoint; here the tiny model is written to one first.
+        build_model(args.config, args.seed).save_pretrained(out / "base")
+        model = kt_core.load_model(out / "base", device="cpu", dtype=torch.float32, kernel=args.kernel, progress=False)
+    else:
+        model = build_model(args.config, args.seed)
     lora = LoraConfig(
         r=args.rank,
         lora_alpha=2 * args.rank,
@@ -93,6 +106,16 @@ def main() -> None:
         ours, stock = model(input_ids=ids).logits, plain(input_ids=ids).logits
     diff = ((ours - stock).abs().max() / stock.abs().max()).item()
     print(f"max |logits - stock PEFT logits| / max |logits| = {diff:.2e}")
+
+    if args.merge:
+        # The expert LoRA is merged into the CPU experts' weights, the rest by PEFT: a plain transformers model.
+        merged = model.merge_and_unload()
+        merged.save_pretrained(out / "merged")
+        reloaded = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+        with torch.no_grad():
+            merged_logits = reloaded(input_ids=ids).logits
+        diff = ((merged_logits - stock).abs().max() / stock.abs().max()).item()
+        print(f"merged model written to {out / 'merged'}; max |logits - stock PEFT logits| / max |logits| = {diff:.2e}")
 
 
 if __name__ == "__main__":
