@@ -22,6 +22,7 @@ Plugins
     register_architecture, get_architecture, list_architectures, register_expert_backend
 Runtime
     get_thread_pool      the process-wide pool of `cpu_infer` threads
+    enable_streaming     split MoE layers between CPU compute and GPU compute on PCIe-streamed weights
 """
 
 from kt_core.architectures import (
@@ -52,6 +53,7 @@ from kt_core.placement import (
 from kt_core.plugins import get_plugin_manager
 from kt_core.reference import experts_reference
 from kt_core.runtime.pool import get_thread_pool
+from kt_core.streaming import enable_streaming
 
 __all__ = [
     "Architecture",
@@ -72,6 +74,7 @@ __all__ = [
     "convert_model",
     "cpu_features",
     "default_rules",
+    "enable_streaming",
     "experts_reference",
     "get_architecture",
     "get_plugin_manager",

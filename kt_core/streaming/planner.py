@@ -1,0 +1,149 @@
+"""Which experts of a MoE layer the CPU computes and which the GPU computes on streamed weights.
+
+Per layer and step, the cost of an expert set is modeled as
+
+    CPU   cpu_passes  * (2 * 3 * H * I * slots_on_cpu) / cpu_flops + cpu_expert_s * experts_on_cpu
+    PCIe  pcie_passes * streamed_experts * expert_bytes / pcie_bytes_per_s
+    GPU   gpu_passes  * (2 * 3 * H * I * slots_on_gpu) / gpu_flops
+
+and the three run at the same time (CPU thread, side-stream copies, compute stream), so a layer costs
+their maximum. Streaming an expert costs the same bytes whatever its token count while its CPU cost grows
+with it, so the best split streams the experts with the most routed slots: the planner sorts them and
+picks how many to stream (within the slot capacity the GPU memory budget allows). Experts resident on
+the GPU cost no PCIe time and are always computed there.
+
+Passes per training step with gradient checkpointing: the CPU runs forward, recomputed forward and
+backward (~2x a forward): 4; a streamed layer crosses PCIe twice (forward; backward, shared with the
+recomputation); the GPU runs forward, recomputed forward and a backward that also recomputes: 5.
+
+The measured speeds replace the defaults as steps run (exponential moving averages of what the
+streaming runtime times), so the split follows the machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+__all__ = ["CostModel", "LayerPlan", "plan_layer"]
+
+MODES = ("auto", "cpu", "gpu")
+
+
+@dataclass
+class CostModel:
+    """Speeds the planner trades off; `observe_*` folds measurements in."""
+
+    pcie_bytes_per_s: float = 25e9
+    cpu_flops: float = 1.5e12
+    gpu_flops: float = 300e12
+    cpu_expert_s: float = 20e-6  # fixed CPU cost per expert that has slots (scheduling, small GEMM tails)
+    cpu_passes: float = 4.0
+    pcie_passes: float = 2.0
+    gpu_passes: float = 5.0
+    smoothing: float = 0.5  # weight of a new measurement
+
+    def _mix(self, old: float, new: float) -> float:
+        return (1 - self.smoothing) * old + self.smoothing * new
+
+    def observe_pcie(self, nbytes: float, seconds: float) -> None:
+        if nbytes > 0 and seconds > 0:
+            self.pcie_bytes_per_s = self._mix(self.pcie_bytes_per_s, nbytes / seconds)
+
+    def observe_cpu(self, flops: float, seconds: float) -> None:
+        if flops > 0 and seconds > 0:
+            self.cpu_flops = self._mix(self.cpu_flops, flops / seconds)
+
+    def observe_gpu(self, flops: float, seconds: float) -> None:
+        if flops > 0 and seconds > 0:
+            self.gpu_flops = self._mix(self.gpu_flops, flops / seconds)
+
+
+@dataclass
+class LayerPlan:
+    """The experts one layer streams, and the modeled per-step seconds of each side."""
+
+    stream: list[int] = field(default_factory=list)  # expert ids to copy into a slot, hottest first
+    resident: list[int] = field(default_factory=list)  # expert ids already on the GPU
+    cpu_s: float = 0.0
+    pcie_s: float = 0.0
+    gpu_s: float = 0.0
+
+    @property
+    def step_s(self) -> float:
+        return max(self.cpu_s, self.pcie_s, self.gpu_s)
+
+
+def plan_layer(
+    counts: Sequence[float],
+    *,
+    hidden: int,
+    intermediate: int,
+    expert_bytes: int,
+    capacity: int,
+    cost: CostModel,
+    resident: Sequence[int] = (),
+    mode: str = "auto",
+) -> LayerPlan:
+    """Chooses the streamed experts of one layer.
+
+    Args:
+        counts: [E] routed slots per expert (measured, or expected for the coming call).
+        hidden, intermediate: H, I.
+        expert_bytes: bytes one expert's weights take on PCIe (gate_up + down, as streamed).
+        capacity: experts one streaming slot holds (from the GPU memory budget).
+        cost: the speeds.
+        resident: experts kept on the GPU (computed there, never streamed).
+        mode: "auto" (cost model), "cpu" (stream nothing), "gpu" (stream every routed expert that fits).
+    """
+    if mode not in MODES:
+        raise ValueError(f"streaming mode must be one of {MODES}, got {mode!r}")
+    flops_per_slot = 2 * 3 * hidden * intermediate
+    resident_set = set(resident)
+    on_gpu = sum(counts[e] for e in resident_set)
+    order = sorted((e for e, c in enumerate(counts) if c > 0 and e not in resident_set), key=lambda e: -counts[e])
+    limit = min(capacity, len(order))
+    total_rest = sum(counts[e] for e in order)
+
+    def costs(k: int) -> tuple[float, float, float]:
+        streamed = sum(counts[e] for e in order[:k])
+        rest = total_rest - streamed
+        cpu = cost.cpu_passes * (rest * flops_per_slot / cost.cpu_flops + cost.cpu_expert_s * (len(order) - k))
+        pcie = cost.pcie_passes * k * expert_bytes / cost.pcie_bytes_per_s
+        gpu = cost.gpu_passes * (streamed + on_gpu) * flops_per_slot / cost.gpu_flops
+        return cpu, pcie, gpu
+
+    if mode == "cpu":
+        best = 0
+    elif mode == "gpu":
+        best = limit
+    else:
+        best, best_s = 0, max(costs(0))
+        for k in range(1, limit + 1):
+            s = max(costs(k))
+            if s < best_s:
+                best, best_s = k, s
+    cpu_s, pcie_s, gpu_s = costs(best)
+    return LayerPlan(stream=order[:best], resident=sorted(resident_set), cpu_s=cpu_s, pcie_s=pcie_s, gpu_s=gpu_s)
+
+
+def slot_capacity(budget_bytes: int, num_experts: int, expert_gpu_bytes: int, slots: int = 2) -> int:
+    """Experts per streaming slot that `slots` slots fit in `budget_bytes` (at most E)."""
+    return max(0, min(num_experts, budget_bytes // max(1, slots * expert_gpu_bytes)))
+
+
+def parse_bytes(value: int | float | str | None) -> int | None:
+    """'10GiB', '512MiB', '8GB', 1e9 -> bytes; None stays None."""
+    if value is None or isinstance(value, int | float):
+        return None if value is None else int(value)
+    text = value.strip().replace(" ", "")
+    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 1e12, "GB": 1e9, "MB": 1e6, "KB": 1e3}
+    for unit, scale in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    try:
+        return int(float(text))
+    except ValueError:
+        raise ValueError(
+            f"gpu_memory_budget: cannot read {value!r} (expected e.g. '10GiB', '512MiB' or bytes)"
+        ) from None
