@@ -66,7 +66,7 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def weight_bytes_read(s: dict, T: int, ids: torch.Tensor, kernel: str) -> float:
     """Bytes of expert weights a forward over these ids must read once (decode bandwidth)."""
-    per_weight = 1 if "int8" in kernel else 2
+    per_weight = 1 if "int8" in kernel else 0.5 + 8 / 128 if "int4" in kernel else 2  # int4: + fp32 scale, zero / 128
     return ids.unique().numel() * 3 * s["H"] * s["I"] * per_weight
 
 

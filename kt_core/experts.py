@@ -50,6 +50,7 @@ class KTExperts(nn.Module):
         lora_rank: int = 0,
         lora_alpha: float | None = None,
         hidden_act: str = "silu",
+        chunk_size: int | None = None,
     ):
         super().__init__()
         if dtype not in (torch.bfloat16, torch.float32):
@@ -63,6 +64,8 @@ class KTExperts(nn.Module):
         self.intermediate_dim = intermediate_size
         self.kernel = kernels.resolve_kernel(kernel)
         self.cpu_infer = cpu_infer
+        # Tokens per call into the C++ operator (None: the whole batch at once); bounds scratch memory.
+        self.chunk_size = chunk_size
         E, H, I = num_experts, hidden_size, intermediate_size
         # Frozen base weights, named as in transformers so that state dicts line up.
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, dtype=dtype), requires_grad=False)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kt_core.reference import experts_reference
+from kt_core.runtime.buffers import host_buffers
 from kt_core.runtime.pool import get_thread_pool
 
 if TYPE_CHECKING:
@@ -207,7 +208,8 @@ def experts_forward(
         return y, None
     y = torch.empty((T, module.hidden_dim), dtype=x.dtype, pin_memory=pin_output)
     row_floats = _cache_row_floats(module, lora)
-    cache = torch.empty(T * K * row_floats, dtype=torch.float32) if save_for_backward else None
+    # Recycled: a fresh buffer this size costs a page fault per 4 KB on first touch (see runtime/buffers.py).
+    cache = host_buffers.empty(T * K * row_floats) if save_for_backward else None
     op, pool, lora_args = _op(module), get_thread_pool(module.cpu_infer), _lora_args(lora, module)
     for t0, t1 in _chunks(module, T):
         op.forward(

@@ -68,3 +68,28 @@ def test_lora_trains_in_place():
     assert ours.lora.gate_up_B.abs().sum() > 0
     assert ours.lora.gate_up_B.data_ptr() == before
     assert torch.equal(ours.gate_up_proj, base) and ours.gate_up_proj.grad is None
+
+
+def test_recycled_caches_of_live_graphs_stay_apart(monkeypatch):
+    """Two forwards whose graphs are both alive get distinct cache buffers; a freed one is reused."""
+    from kt_core.runtime.buffers import host_buffers
+
+    if not host_buffers._enabled:
+        pytest.skip("this torch lacks the storage use count the pool relies on")
+    monkeypatch.setattr(host_buffers, "_min_bytes", 0)  # pool even these tiny caches
+    hf = make_hf_experts("qwen3_moe", torch.bfloat16, seed=3)
+    ours = KTExperts.from_module(hf, lora_rank=3, lora_alpha=7)
+    randomize_lora(ours, seed=3)
+    T = 17
+    ids, w = random_routing(T, 2, seed=3)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    xs = [torch.randn(T, HIDDEN, generator=g).bfloat16().requires_grad_() for g in gens]
+    ys = [ours(x, ids, w) for x in xs]  # both caches saved for backward at once
+    for y in reversed(ys):
+        y.float().sum().backward()
+    grads = [x.grad.clone() for x in xs]
+    for x in xs:  # the same again, one graph at a time: buffers are now recycled
+        x.grad = None
+        ours(x, ids, w).float().sum().backward()
+    for x, g in zip(xs, grads, strict=True):
+        torch.testing.assert_close(x.grad, g, rtol=0, atol=0)

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "packed.h"
 
@@ -110,6 +111,69 @@ void amx_int8_panel(int rows, int k_blocks, const int8_t* a, int lda, const floa
       const float sa = a_scale[m + r];
       float* cr = c + static_cast<int64_t>(m + r) * 32;
       for (int n = 0; n < 32; ++n) cr[n] = sa * b_scale[n] * static_cast<float>(acc[r * 32 + n]);
+    }
+  }
+  Tiles::release();
+}
+
+// W4A8 on tiles: each pair's nibble tiles unpacked once per call to unsigned int8 tiles (tdpbsud: signed
+// activations x unsigned weights), one group (two k-blocks) accumulated in the tiles at a time and folded into
+// fp32 C with the group's scales, zero points and activation sums.
+template <class Tiles>
+void amx_int4_panel(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const uint8_t* b0,
+                    const uint8_t* b1, const float* scale, const float* scale_zero, float* c) {
+  if (rows <= kSmallRows)
+    return packed_avx512::int4_panel(rows, k_blocks, a, lda, a_scale, b0, b1, scale, scale_zero, c);
+  const int groups = k_blocks / 2;
+  thread_local std::vector<uint8_t> t_unpacked, t_xsum_bytes;
+  const size_t tile_bytes_u8 = static_cast<size_t>(k_blocks) * kTileBytes;
+  if (t_unpacked.size() < 2 * tile_bytes_u8 + 64) t_unpacked.resize(2 * tile_bytes_u8 + 64);
+  uint8_t* w0 = t_unpacked.data() + (64 - reinterpret_cast<uintptr_t>(t_unpacked.data()) % 64) % 64;
+  uint8_t* w1 = w0 + tile_bytes_u8;
+  for (int kb = 0; kb < k_blocks; ++kb) {
+    packed_avx512::unpack_int4_tile(b0 + static_cast<int64_t>(kb) * (kTileBytes / 2), w0 + static_cast<int64_t>(kb) * kTileBytes);
+    packed_avx512::unpack_int4_tile(b1 + static_cast<int64_t>(kb) * (kTileBytes / 2), w1 + static_cast<int64_t>(kb) * kTileBytes);
+  }
+  const size_t xsum_bytes = static_cast<size_t>(rows) * groups * sizeof(int32_t);
+  if (t_xsum_bytes.size() < xsum_bytes) t_xsum_bytes.resize(xsum_bytes);
+  int32_t* xsum = reinterpret_cast<int32_t*>(t_xsum_bytes.data());
+  packed_avx512::group_sums(rows, groups, a, lda, xsum);
+  const TileConfig cfg = tile_config();
+  Tiles::configure(&cfg);
+  alignas(64) int32_t acc[32 * 32];
+  for (int m = 0; m < rows; m += 32) {
+    const int8_t* am = a + static_cast<int64_t>(m) * lda;
+    const int8_t* am16 = am + static_cast<int64_t>(16) * lda;
+    const bool two = rows - m > 16;
+    const int valid = rows - m < 32 ? rows - m : 32;
+    float* cm = c + static_cast<int64_t>(m) * 32;
+    for (int i = 0; i < valid * 32; ++i) cm[i] = 0.f;
+    for (int g = 0; g < groups; ++g) {
+      Tiles::template zero<0>();
+      Tiles::template zero<1>();
+      Tiles::template zero<2>();
+      Tiles::template zero<3>();
+      for (int kb = 2 * g; kb < 2 * g + 2; ++kb) {
+        Tiles::template load<6>(w0 + static_cast<int64_t>(kb) * kTileBytes, 64);
+        Tiles::template load<7>(w1 + static_cast<int64_t>(kb) * kTileBytes, 64);
+        Tiles::template load<4>(am + kb * 64, lda);
+        Tiles::template dp_int8_su<0, 4, 6>();
+        Tiles::template dp_int8_su<1, 4, 7>();
+        if (two) {
+          Tiles::template load<5>(am16 + kb * 64, lda);
+          Tiles::template dp_int8_su<2, 5, 6>();
+          Tiles::template dp_int8_su<3, 5, 7>();
+        }
+      }
+      Tiles::template store<0>(acc, 128);
+      Tiles::template store<1>(acc + 16, 128);
+      if (two) {
+        Tiles::template store<2>(acc + 16 * 32, 128);
+        Tiles::template store<3>(acc + 16 * 32 + 16, 128);
+      }
+      packed_avx512::fold_int4_group(valid, acc, xsum + static_cast<int64_t>(m) * groups + g, groups, a_scale + m,
+                                     scale + g * 16, scale_zero + g * 16, scale + (groups + g) * 16,
+                                     scale_zero + (groups + g) * 16, cm);
     }
   }
   Tiles::release();

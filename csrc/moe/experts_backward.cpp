@@ -60,14 +60,22 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
   bf16* dy16 = packed ? reinterpret_cast<bf16*>(scratch_bytes(2, (S + 32) * Hp * 2)) : nullptr;
   bf16* dgu16 = packed ? reinterpret_cast<bf16*>(scratch_bytes(3, (S + 32) * I2p * 2)) : nullptr;
   if (packed) gather_packed(pool, r, dy, act.dtype, H, Hp, reinterpret_cast<uint8_t*>(dy16), nullptr);
-  activate(pool, r, gu, h);
+  if (packed)
+    pool.parallel_for((S + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+      for (int64_t row = task * kRowsPerTask; row < std::min(S, (task + 1) * kRowsPerTask); ++row)
+        packed_avx512::silu_mul_row(I, gu + row * I2, gu + row * I2 + I, h + row * I);
+    });
+  else
+    activate(pool, r, gu, h);
   if (R > 0) {  // ha = scaling * h @ A_d^T and dyb = scaling * dy @ B_d, per expert
     for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
       if (rows == 0) return;
       k_->nt(rows, R, I, h + row0 * I, I, lora.down_a + static_cast<int64_t>(e) * R * I, DType::kF32, I,
              ha + row0 * R, R, false);
-      k_->nn(rows, R, H, dyg + row0 * H, H, lora.down_b + static_cast<int64_t>(e) * H * R, DType::kF32, R,
-             dyb + row0 * R, R, false);
+      // dy @ B_d with B_d [H, r]: as dot products against B_d^T [r, H], vectorized along H.
+      std::vector<float> bt(static_cast<size_t>(R) * H);
+      transpose_into(H, R, lora.down_b + static_cast<int64_t>(e) * H * R, bt.data());
+      k_->nt(rows, R, H, dyg + row0 * H, H, bt.data(), DType::kF32, H, dyb + row0 * R, R, false);
       for (int64_t i = row0 * R; i < (row0 + rows) * R; ++i) {
         ha[i] *= lora.scaling;
         dyb[i] *= lora.scaling;
@@ -76,7 +84,8 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
   }
 
   // dh_raw [S, I] = dy @ W_d (+ dyb @ A_d)
-  if (packed) project_columns_packed(pool, r, dy16, Hp, static_cast<const bf16*>(w_.down), H, I, dh);
+  if (packed) project_columns_packed(pool, r, dy16, Hp, static_cast<const bf16*>(w_.down), H, I, dh,
+                                     down_columns_);
   for_each_block(pool, r, I, [&](int e, int64_t row0, int rows, int col0, int ncols) {
     float* c = dh + row0 * I + col0;
     // W_d[e] is [H, I]: its columns col0.. start col0 elements into the expert's block.
@@ -95,6 +104,18 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
       const float wk = act.w[slot];
       float* d = dh + row * I;
       const float* hr = h + row * I;
+      if (packed) {  // the packed kernels imply AVX-512: the vectorized form of the loop below
+        const float* g = gu + row * I2;
+        float* dg = dgu + row * I2;
+        dw[slot] = packed_avx512::silu_backward_row(I, g, g + I, d, hr, wk, dg, dg + I, dgu16 + row * I2p);
+        std::fill(dgu16 + row * I2p + I2, dgu16 + row * I2p + I2p, bf16(0));
+        if (R > 0)
+          for (int j = 0; j < R; ++j) {
+            dyb[row * R + j] *= wk;
+            ha[row * R + j] *= wk;
+          }
+        continue;
+      }
       float dot = 0.f;
       for (int i = 0; i < I; ++i) dot += d[i] * hr[i];
       dw[slot] = dot;
@@ -125,12 +146,14 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
   if (R > 0) {
     for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
       if (rows == 0) return;
-      k_->nn(rows, R, I2, dgu + row0 * I2, I2, lora.gate_up_b + static_cast<int64_t>(e) * I2 * R, DType::kF32, R,
-             dgb + row0 * R, R, false);
+      std::vector<float> bt(static_cast<size_t>(R) * I2);  // B_gu^T [r, 2I], as for dyb
+      transpose_into(I2, R, lora.gate_up_b + static_cast<int64_t>(e) * I2 * R, bt.data());
+      k_->nt(rows, R, I2, dgu + row0 * I2, I2, bt.data(), DType::kF32, I2, dgb + row0 * R, R, false);
       for (int64_t i = row0 * R; i < (row0 + rows) * R; ++i) dgb[i] *= lora.scaling;
     });
   }
-  if (packed) project_columns_packed(pool, r, dgu16, I2p, static_cast<const bf16*>(w_.gate_up), I2, H, dxg);
+  if (packed) project_columns_packed(pool, r, dgu16, I2p, static_cast<const bf16*>(w_.gate_up), I2, H, dxg,
+                                     gate_up_columns_);
   for_each_block(pool, r, H, [&](int e, int64_t row0, int rows, int col0, int ncols) {
     float* c = dxg + row0 * H + col0;
     const void* w_cols = weight_element(w_.gate_up, static_cast<int64_t>(e) * I2 * H + col0);  // W_gu[e] [2I, H]

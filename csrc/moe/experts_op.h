@@ -89,8 +89,11 @@ class ExpertsOp {
                      uint8_t* dst, float* scales) const;
   // c [rows, cols] (=|+=) a . W[:, cols], W a row-major bf16 [K, N] matrix of expert weights, through the
   // packed panels on column blocks repacked per task (no transposed copy kept).
+  // `columns` keeps those column blocks of every expert once made (the weights are frozen): a second copy of
+  // the weights in exchange for not re-reading them column-wise on every backward. Kept when it takes under a
+  // quarter of the free memory at the first backward; KT_BACKWARD_WEIGHT_CACHE=1 always, =0 never.
   void project_columns_packed(ThreadPool& pool, const Routing& r, const bf16* a, int lda, const bf16* w, int K,
-                              int N, float* c);
+                              int N, float* c, AlignedBuffer& columns);
   void gather_rows(ThreadPool& pool, const Routing& r, const void* src, DType t, float* dst) const;
   void gate_up(ThreadPool& pool, const Routing& r, DType act, const float* xg, const LoraFactors& lora, float* xa,
                float* gu);
@@ -116,6 +119,7 @@ class ExpertsOp {
   const GemmKernels* k_;
   const PackedKernels* pk_ = nullptr;
   PackedTensor packed_gate_up_, packed_down_;
+  AlignedBuffer down_columns_, gate_up_columns_;  // the backward's column blocks of W_d and W_gu
   std::mutex call_mutex_;  // scratch buffers below serve one call at a time
   std::vector<float> scratch_[12];
   std::vector<bf16> scratch_bf16_;

@@ -6,6 +6,10 @@
 // pass is one pool job however the tokens are routed.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include <unistd.h>
 
 #include "experts_op.h"
 
@@ -15,20 +19,23 @@ namespace {
 constexpr int kRowChunk = 128;  // activation rows kept in L2 while a task walks its weight pairs
 constexpr int64_t kRowsPerTask = 32;
 
-inline float silu(float g) { return g / (1.f + std::exp(-g)); }
-
-inline float dot(const float* a, const float* b, int n) {
-  float s = 0.f;
-  for (int i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 // Tile pairs per task: few rows stream weights (small tasks spread them over all threads); many rows want
 // the activation chunk reused across several pairs.
 inline int pairs_per_task(int64_t rows_per_expert) { return rows_per_expert >= 64 ? 4 : 1; }
 
 thread_local std::vector<float> t_panel;
 thread_local std::vector<bf16> t_columns;
+thread_local std::vector<float> t_row;
+thread_local std::vector<float> t_lora_b;  // [r][32]: a LoRA B slice transposed for one tile pair
+
+// bt[j][n] = B[rows[n]][j] for the 32 rows of a tile pair (rows[n] < 0: padding, zero), B [*, R] row-major.
+float* lora_slice(const float* B, int R, const int64_t* rows) {
+  if (t_lora_b.size() < static_cast<size_t>(R) * 32) t_lora_b.resize(static_cast<size_t>(R) * 32);
+  float* bt = t_lora_b.data();
+  for (int n = 0; n < 32; ++n)
+    for (int j = 0; j < R; ++j) bt[j * 32 + n] = rows[n] >= 0 ? B[rows[n] * R + j] : 0.f;
+  return bt;
+}
 
 float* panel_buffer(int rows) {
   const size_t n = static_cast<size_t>((rows + 31) / 32 * 32) * 32;
@@ -40,7 +47,7 @@ float* panel_buffer(int rows) {
 
 bool ExpertsOp::packed_forward(DType act) const {
   if (!pk_ || packed_gate_up_.data.size() == 0) return false;
-  return pk_->format == PackedFormat::kInt8 || act == DType::kBF16;
+  return int_activations(pk_->format) || act == DType::kBF16;
 }
 
 bool ExpertsOp::packed_backward(DType act) const {
@@ -61,28 +68,27 @@ void ExpertsOp::gather_packed(ThreadPool& pool, const Routing& r, const void* sr
   const int64_t S = r.num_rows();
   const bool int8 = scales != nullptr;
   pool.parallel_for((S + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
-    std::vector<float> row_f32(cols);
     const int64_t end = std::min(S, (task + 1) * kRowsPerTask);
     for (int64_t row = task * kRowsPerTask; row < end; ++row) {
       const int64_t offset = static_cast<int64_t>(r.row_token[row]) * cols;
-      for (int i = 0; i < cols; ++i)
-        row_f32[i] = t == DType::kF32 ? static_cast<const float*>(src)[offset + i]
-                                      : bf16_to_f32(static_cast<const bf16*>(src)[offset + i]);
-      if (!int8) {
+      const float* f32_row = t == DType::kF32 ? static_cast<const float*>(src) + offset : nullptr;
+      const bf16* bf16_row = t == DType::kBF16 ? static_cast<const bf16*>(src) + offset : nullptr;
+      if (!int8) {  // bf16 rows are copied as they are
         bf16* d = reinterpret_cast<bf16*>(dst) + row * width;
-        for (int i = 0; i < cols; ++i) d[i] = f32_to_bf16(row_f32[i]);
+        if (bf16_row)
+          std::copy(bf16_row, bf16_row + cols, d);
+        else
+          packed_avx512::f32_to_bf16_row(f32_row, cols, d);
         std::fill(d + cols, d + width, bf16(0));
         continue;
       }
+      if (bf16_row) {
+        if (t_row.size() < static_cast<size_t>(cols)) t_row.resize(cols);
+        packed_avx512::bf16_to_f32_row(bf16_row, cols, t_row.data());
+        f32_row = t_row.data();
+      }
       // Symmetric per-row int8: the row's largest magnitude maps to 127.
-      float amax = 0.f;
-      for (int i = 0; i < cols; ++i) amax = std::max(amax, std::fabs(row_f32[i]));
-      const float scale = amax > 0.f ? amax / 127.f : 1.f;
-      int8_t* d = reinterpret_cast<int8_t*>(dst) + row * width;
-      for (int i = 0; i < cols; ++i)
-        d[i] = static_cast<int8_t>(std::clamp(std::nearbyint(row_f32[i] / scale), -127.f, 127.f));
-      std::fill(d + cols, d + width, int8_t(0));
-      scales[row] = scale;
+      scales[row] = packed_avx512::quantize_row_int8(f32_row, cols, width, reinterpret_cast<int8_t*>(dst) + row * width);
     }
   });
 }
@@ -91,7 +97,8 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
                                void* y, float* cache) {
   const int H = w_.hidden, I = w_.intermediate, I2 = 2 * I, R = lora.rank;
   const int64_t S = r.num_rows();
-  const bool int8 = pk_->format == PackedFormat::kInt8;
+  const bool int8 = int_activations(pk_->format);  // int8 activation rows (int8 or int4 weights)
+  const bool int4 = pk_->format == PackedFormat::kInt4;
   const int elem = int8 ? 1 : 2;
   const PackedTensor& gu_w = packed_gate_up_;
   const PackedTensor& d_w = packed_down_;
@@ -122,7 +129,10 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
                    int rows, float* c) {
     const uint8_t* b0 = w.tile(e, 2 * pair);
     const uint8_t* b1 = w.tile(e, 2 * pair + 1);
-    if (int8)
+    if (int4)
+      pk_->int4_panel(rows, w.k_blocks, reinterpret_cast<const int8_t*>(a), lda, a_scale, b0, b1,
+                      w.group_scales(e, 2 * pair), w.group_scale_zeros(e, 2 * pair), c);
+    else if (int8)
       pk_->int8_panel(rows, w.k_blocks, reinterpret_cast<const int8_t*>(a), lda, a_scale,
                       reinterpret_cast<const int8_t*>(b0), reinterpret_cast<const int8_t*>(b1), w.scales(e, 2 * pair),
                       w.colsums(e, 2 * pair), c);
@@ -158,28 +168,22 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
         const int64_t first = row0 + m0;
         panel(gu_w, xq + first * Hp * elem, Hp, xs ? xs + first : nullptr, e, p, mrows, c);
         const int col0 = p * 16, ncols = std::min(16, I - col0);
-        for (int m = 0; m < mrows; ++m) {
-          const int64_t row = first + m;
-          const float* cm = c + m * 32;
-          for (int n = 0; n < ncols; ++n) {
-            const int col = col0 + n;
-            float g = cm[n], u = cm[16 + n];
-            if (R > 0) {
-              const float* b = lora.gate_up_b + (static_cast<int64_t>(e) * I2 + col) * R;
-              g += dot(xa + row * R, b, R);
-              u += dot(xa + row * R, b + static_cast<int64_t>(I) * R, R);
-            }
-            if (cache) {
-              cache[row * I2 + col] = g;
-              cache[row * I2 + I + col] = u;
-            }
-            const float h = silu(g) * u;
-            if (hb) hb[row * Ip + col] = f32_to_bf16(h);
-            if (hf) hf[row * I + col] = h;
+        const float* bt = nullptr;
+        if (R > 0) {  // LoRA B rows of this pair's gate and up columns, transposed (r x 32, reused by mrows rows)
+          int64_t rows_of[32];
+          for (int n = 0; n < 16; ++n) {
+            const bool valid = col0 + n < I;
+            rows_of[n] = valid ? static_cast<int64_t>(e) * I2 + col0 + n : -1;
+            rows_of[16 + n] = valid ? static_cast<int64_t>(e) * I2 + I + col0 + n : -1;
           }
-          if (hb && p == gu_pairs - 1)  // the padding columns the down panels read as zero
-            std::fill(hb + row * Ip + col0 + ncols, hb + row * Ip + Ip, bf16(0));
+          bt = lora_slice(lora.gate_up_b, R, rows_of);
         }
+        packed_avx512::gate_up_epilogue(mrows, ncols, c, R > 0 ? xa + first * R : nullptr, R, bt,
+                                        cache ? cache + first * I2 + col0 : nullptr, I2, I,
+                                        hb ? hb + first * Ip + col0 : nullptr, Ip, hf ? hf + first * I + col0 : nullptr,
+                                        I);
+        if (hb && p == gu_pairs - 1)  // the padding columns the down panels read as zero
+          for (int m = 0; m < mrows; ++m) std::fill(hb + (first + m) * Ip + col0 + ncols, hb + (first + m) * Ip + Ip, bf16(0));
       }
     }
   });
@@ -215,14 +219,13 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
         const int64_t first = row0 + m0;
         panel(d_w, ha_rows + first * Ip * elem, Ip, hs ? hs + first : nullptr, e, p, mrows, c);
         const int col0 = p * 32, ncols = std::min(32, H - col0);
-        for (int m = 0; m < mrows; ++m) {
-          const int64_t row = first + m;
-          float* o = out + row * H + col0;
-          std::copy(c + m * 32, c + m * 32 + ncols, o);
-          if (R > 0)
-            for (int n = 0; n < ncols; ++n)
-              o[n] += dot(ha + row * R, lora.down_b + (static_cast<int64_t>(e) * H + col0 + n) * R, R);
+        const float* bt = nullptr;
+        if (R > 0) {
+          int64_t rows_of[32];
+          for (int n = 0; n < 32; ++n) rows_of[n] = n < ncols ? static_cast<int64_t>(e) * H + col0 + n : -1;
+          bt = lora_slice(lora.down_b, R, rows_of);
         }
+        packed_avx512::down_epilogue(mrows, ncols, c, R > 0 ? ha + first * R : nullptr, R, bt, out + first * H + col0, H);
       }
     }
   });
@@ -230,9 +233,29 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
 }
 
 void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const bf16* a, int lda, const bf16* w,
-                                       int K, int N, float* c) {
+                                       int K, int N, float* c, AlignedBuffer& columns) {
   const int k_blocks = (K + 31) / 32;
   const int col_blocks = (N + 31) / 32;
+  const int64_t block_elems = static_cast<int64_t>(k_blocks) * 1024;  // two n-tiles of one column block
+  const int64_t blocks = static_cast<int64_t>(w_.num_experts) * col_blocks;
+  const size_t copy_bytes = static_cast<size_t>(blocks * block_elems) * sizeof(bf16);
+  bool keep = columns.size() != 0;
+  if (!keep) {  // "0": never; "1": always; unset: when the copy takes under a quarter of the free memory
+    const char* env = std::getenv("KT_BACKWARD_WEIGHT_CACHE");
+    const long pages = sysconf(_SC_AVPHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    const double free_bytes = pages > 0 && page > 0 ? static_cast<double>(pages) * page : 0.0;
+    keep = env && *env ? std::strcmp(env, "1") == 0 : static_cast<double>(copy_bytes) * 4 < free_bytes;
+  }
+  if (keep && columns.size() == 0) {  // once: every expert's column blocks, in parallel
+    AlignedBuffer made(copy_bytes);
+    bf16* dst = reinterpret_cast<bf16*>(made.data());
+    pool.parallel_for(blocks, [&](int64_t i) {
+      const int e = static_cast<int>(i / col_blocks), b = static_cast<int>(i % col_blocks);
+      pk_->pack_columns_bf16(w + static_cast<int64_t>(e) * K * N, N, K, N, b * 32, k_blocks, dst + i * block_elems);
+    });
+    columns = std::move(made);
+  }
+  const bf16* kept = keep ? reinterpret_cast<const bf16*>(columns.data()) : nullptr;
   struct Task {
     int e, block;
   };
@@ -245,9 +268,14 @@ void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const
     const int64_t row0 = r.offsets[t.e];
     const int rows = static_cast<int>(r.rows(t.e));
     const int col0 = t.block * 32, ncols = std::min(32, N - col0);
-    if (t_columns.size() < static_cast<size_t>(k_blocks) * 1024) t_columns.resize(static_cast<size_t>(k_blocks) * 1024);
-    bf16* tiles = t_columns.data();
-    pk_->pack_columns_bf16(w + static_cast<int64_t>(t.e) * K * N, N, K, N, col0, k_blocks, tiles);
+    const bf16* tiles;
+    if (kept) {
+      tiles = kept + (static_cast<int64_t>(t.e) * col_blocks + t.block) * block_elems;
+    } else {
+      if (t_columns.size() < static_cast<size_t>(block_elems)) t_columns.resize(static_cast<size_t>(block_elems));
+      pk_->pack_columns_bf16(w + static_cast<int64_t>(t.e) * K * N, N, K, N, col0, k_blocks, t_columns.data());
+      tiles = t_columns.data();
+    }
     for (int m0 = 0; m0 < rows; m0 += kRowChunk) {
       const int mrows = std::min(kRowChunk, rows - m0);
       float* panel = panel_buffer(mrows);

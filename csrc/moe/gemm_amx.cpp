@@ -53,12 +53,24 @@ struct AmxTiles {
     if constexpr (C == 2) _tile_dpbssd(2, 5, 6);
     if constexpr (C == 3) _tile_dpbssd(3, 5, 7);
   }
+  // Signed activations (A) by unsigned weights (B): the int4 panel's unpacked nibbles.
+  template <int C, int A, int B>
+  static void dp_int8_su() {
+    static_assert(C >= 0 && C < 4 && A == 4 + C / 2 && B == 6 + C % 2, "unexpected tile pairing");
+    if constexpr (C == 0) _tile_dpbsud(0, 4, 6);
+    if constexpr (C == 1) _tile_dpbsud(1, 4, 7);
+    if constexpr (C == 2) _tile_dpbsud(2, 5, 6);
+    if constexpr (C == 3) _tile_dpbsud(3, 5, 7);
+  }
 };
 
 }  // namespace
 
 const PackedKernels kAmxBf16Packed = {"amx_bf16", PackedFormat::kBF16, amx_bf16_panel<AmxTiles>, nullptr,
-                                      packed_avx512::pack_columns_bf16};
-const PackedKernels kAmxInt8Packed = {"amx_int8", PackedFormat::kInt8, nullptr, amx_int8_panel<AmxTiles>, nullptr};
+                                      packed_avx512::pack_columns_bf16, nullptr};
+const PackedKernels kAmxInt8Packed = {"amx_int8", PackedFormat::kInt8, nullptr, amx_int8_panel<AmxTiles>, nullptr,
+                                      nullptr};
+const PackedKernels kAmxInt4Packed = {"amx_int4", PackedFormat::kInt4, nullptr, nullptr, nullptr,
+                                      amx_int4_panel<AmxTiles>};
 
 }  // namespace kt

@@ -47,13 +47,26 @@ struct EmulatedTiles {
         for (int k = 0; k < 16; ++k)
           for (int j = 0; j < 4; ++j) c[m * 16 + n] += a[m * 64 + 4 * k + j] * b[k * 64 + 4 * n + j];
   }
+  // C[m][n] += sum_k A[m][4k + j] (signed) * B[k][4n + j] (unsigned)
+  template <int C, int A, int B>
+  static void dp_int8_su() {
+    int32_t* c = reinterpret_cast<int32_t*>(t_tiles[C]);
+    const int8_t* a = reinterpret_cast<const int8_t*>(t_tiles[A]);
+    const uint8_t* b = t_tiles[B];
+    for (int m = 0; m < 16; ++m)
+      for (int n = 0; n < 16; ++n)
+        for (int k = 0; k < 16; ++k)
+          for (int j = 0; j < 4; ++j) c[m * 16 + n] += a[m * 64 + 4 * k + j] * b[k * 64 + 4 * n + j];
+  }
 };
 
 }  // namespace
 
 const PackedKernels kAmxBf16Emulated = {"amx_bf16", PackedFormat::kBF16, amx_bf16_panel<EmulatedTiles>, nullptr,
-                                        packed_avx512::pack_columns_bf16};
+                                        packed_avx512::pack_columns_bf16, nullptr};
 const PackedKernels kAmxInt8Emulated = {"amx_int8", PackedFormat::kInt8, nullptr, amx_int8_panel<EmulatedTiles>,
-                                        nullptr};
+                                        nullptr, nullptr};
+const PackedKernels kAmxInt4Emulated = {"amx_int4", PackedFormat::kInt4, nullptr, nullptr, nullptr,
+                                        amx_int4_panel<EmulatedTiles>};
 
 }  // namespace kt

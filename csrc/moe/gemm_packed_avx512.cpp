@@ -76,9 +76,112 @@ void int8_rows(int k_blocks, const int8_t* a, int lda, const float* a_scale, con
   }
 }
 
+// W4A8: unsigned nibbles (0..15) against signed int8 activations with vpdpbusd, one int32 sum per group of
+// kInt4Group inputs, folded into fp32 with the group's scale and zero point.
+template <int R>
+void int4_rows(int k_blocks, const int8_t* a, int lda, const float* a_scale, const uint8_t* b0, const uint8_t* b1,
+               const float* scale, const float* scale_zero, float* c) {
+  const int groups = k_blocks / 2;
+  const __m512i nib = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi8(1);
+  __m512 f0[R], f1[R];
+  for (int r = 0; r < R; ++r) f0[r] = f1[r] = _mm512_setzero_ps();
+  for (int g = 0; g < groups; ++g) {
+    __m512i acc0[R], acc1[R];
+    float xs[R];
+    for (int r = 0; r < R; ++r) {
+      acc0[r] = acc1[r] = _mm512_setzero_si512();
+      const int8_t* ar = a + static_cast<int64_t>(r) * lda + g * kInt4Group;
+      __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(ar));
+      s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(ar + 64));
+      xs[r] = static_cast<float>(_mm512_reduce_add_epi32(s));
+    }
+    for (int kb = 2 * g; kb < 2 * g + 2; ++kb) {
+      const uint8_t* t0 = b0 + static_cast<int64_t>(kb) * (kTileBytes / 2);
+      const uint8_t* t1 = b1 + static_cast<int64_t>(kb) * (kTileBytes / 2);
+      for (int i = 0; i < 8; ++i) {
+        const __m512i v0 = _mm512_loadu_si512(t0 + i * 64), v1 = _mm512_loadu_si512(t1 + i * 64);
+        const __m512i w0l = _mm512_and_si512(v0, nib), w0h = _mm512_and_si512(_mm512_srli_epi16(v0, 4), nib);
+        const __m512i w1l = _mm512_and_si512(v1, nib), w1h = _mm512_and_si512(_mm512_srli_epi16(v1, 4), nib);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* q = a + static_cast<int64_t>(r) * lda + kb * 64 + 8 * i;
+          const __m512i xl = _mm512_set1_epi32(static_cast<int>(load_u32(q)));
+          const __m512i xh = _mm512_set1_epi32(static_cast<int>(load_u32(q + 4)));
+          acc0[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc0[r], w0l, xl), w0h, xh);
+          acc1[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc1[r], w1l, xl), w1h, xh);
+        }
+      }
+    }
+    const __m512 s0 = _mm512_loadu_ps(scale + g * 16), z0 = _mm512_loadu_ps(scale_zero + g * 16);
+    const __m512 s1 = _mm512_loadu_ps(scale + (groups + g) * 16), z1 = _mm512_loadu_ps(scale_zero + (groups + g) * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(xs[r]);
+      f0[r] = _mm512_fnmadd_ps(z0, x, _mm512_fmadd_ps(s0, _mm512_cvtepi32_ps(acc0[r]), f0[r]));
+      f1[r] = _mm512_fnmadd_ps(z1, x, _mm512_fmadd_ps(s1, _mm512_cvtepi32_ps(acc1[r]), f1[r]));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 sa = _mm512_set1_ps(a_scale[r]);
+    _mm512_storeu_ps(c + r * 32, _mm512_mul_ps(f0[r], sa));
+    _mm512_storeu_ps(c + r * 32 + 16, _mm512_mul_ps(f1[r], sa));
+  }
+}
+
 }  // namespace
 
 namespace packed_avx512 {
+
+void int4_panel(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const uint8_t* b0,
+                const uint8_t* b1, const float* scale, const float* scale_zero, float* c) {
+  for (int m = 0; m < rows; m += kMaxRows) {
+    const int8_t* am = a + static_cast<int64_t>(m) * lda;
+    float* cm = c + static_cast<int64_t>(m) * 32;
+    const float* sm = a_scale + m;
+    switch (rows - m < kMaxRows ? rows - m : kMaxRows) {
+      case 1: int4_rows<1>(k_blocks, am, lda, sm, b0, b1, scale, scale_zero, cm); break;
+      case 2: int4_rows<2>(k_blocks, am, lda, sm, b0, b1, scale, scale_zero, cm); break;
+      case 3: int4_rows<3>(k_blocks, am, lda, sm, b0, b1, scale, scale_zero, cm); break;
+      default: int4_rows<4>(k_blocks, am, lda, sm, b0, b1, scale, scale_zero, cm); break;
+    }
+  }
+}
+
+void unpack_int4_tile(const uint8_t* src, uint8_t* dst) {
+  const __m512i nib = _mm512_set1_epi8(0x0f);
+  for (int i = 0; i < 8; ++i) {
+    const __m512i v = _mm512_loadu_si512(src + i * 64);
+    _mm512_storeu_si512(dst + (2 * i) * 64, _mm512_and_si512(v, nib));
+    _mm512_storeu_si512(dst + (2 * i + 1) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
+  }
+}
+
+void group_sums(int rows, int groups, const int8_t* a, int lda, int32_t* xsum) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int m = 0; m < rows; ++m)
+    for (int g = 0; g < groups; ++g) {
+      const int8_t* ar = a + static_cast<int64_t>(m) * lda + g * kInt4Group;
+      __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(ar));
+      s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(ar + 64));
+      xsum[static_cast<int64_t>(m) * groups + g] = _mm512_reduce_add_epi32(s);
+    }
+}
+
+void fold_int4_group(int rows, const int32_t* acc, const int32_t* xsum, int xsum_stride, const float* a_scale,
+                     const float* scale0, const float* scale_zero0, const float* scale1, const float* scale_zero1,
+                     float* c) {
+  const __m512 s0 = _mm512_loadu_ps(scale0), z0 = _mm512_loadu_ps(scale_zero0);
+  const __m512 s1 = _mm512_loadu_ps(scale1), z1 = _mm512_loadu_ps(scale_zero1);
+  for (int m = 0; m < rows; ++m) {
+    const __m512 x = _mm512_set1_ps(static_cast<float>(xsum[static_cast<int64_t>(m) * xsum_stride]));
+    const __m512 sa = _mm512_set1_ps(a_scale[m]);
+    const __m512 v0 = _mm512_fnmadd_ps(z0, x, _mm512_mul_ps(s0, _mm512_cvtepi32_ps(_mm512_loadu_si512(acc + m * 32))));
+    const __m512 v1 =
+        _mm512_fnmadd_ps(z1, x, _mm512_mul_ps(s1, _mm512_cvtepi32_ps(_mm512_loadu_si512(acc + m * 32 + 16))));
+    float* cm = c + static_cast<int64_t>(m) * 32;
+    _mm512_storeu_ps(cm, _mm512_fmadd_ps(sa, v0, _mm512_loadu_ps(cm)));
+    _mm512_storeu_ps(cm + 16, _mm512_fmadd_ps(sa, v1, _mm512_loadu_ps(cm + 16)));
+  }
+}
+
 
 void bf16_panel(int rows, int k_blocks, const bf16* a, int lda, const bf16* b0, const bf16* b1, float* c) {
   for (int m = 0; m < rows; m += kMaxRows) {
@@ -133,11 +236,150 @@ void pack_columns_bf16(const bf16* w, int64_t ld, int K, int N, int col0, int k_
     }
 }
 
+namespace {
+
+inline __mmask16 lanes(int n) { return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n > 0 ? n : 0)) - 1); }
+
+inline __m512 exp_ps(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);  // overflow to inf, underflow to 0, NaN stays NaN
+}
+
+inline __m512 sigmoid_ps(__m512 g) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+
+inline void store_bf16(bf16* dst, __mmask16 m, __m512 v) {
+  _mm256_mask_storeu_epi16(dst, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+
+inline __m512 load_bf16(const bf16* src, __mmask16 m) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+}  // namespace
+
+void f32_to_bf16_row(const float* src, int n, bf16* dst) {
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    store_bf16(dst + i, m, _mm512_maskz_loadu_ps(m, src + i));
+  }
+}
+
+void bf16_to_f32_row(const bf16* src, int n, float* dst) {
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    _mm512_mask_storeu_ps(dst + i, m, load_bf16(src + i, m));
+  }
+}
+
+float quantize_row_int8(const float* src, int n, int width, int8_t* dst) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes(n - i), src + i)));
+  const float a = _mm512_reduce_max_ps(amax);
+  const float scale = a > 0.f ? a / 127.f : 1.f;
+  const __m512 s = _mm512_set1_ps(scale);
+  const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, src + i), s),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+    _mm_mask_storeu_epi8(dst + i, m, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)));
+  }
+  for (int i = n; i < width; ++i) dst[i] = 0;
+  return scale;
+}
+
+void gate_up_epilogue(int rows, int ncols, const float* c, const float* xa, int R, const float* bt, float* cache,
+                      int64_t ld_cache, int64_t up_offset, bf16* hb, int64_t ld_hb, float* hf, int64_t ld_hf) {
+  const __mmask16 m = lanes(ncols);
+  for (int row = 0; row < rows; ++row) {
+    __m512 g = _mm512_loadu_ps(c + row * 32), u = _mm512_loadu_ps(c + row * 32 + 16);
+    for (int j = 0; j < R; ++j) {  // rank-r update along the columns
+      const __m512 a = _mm512_set1_ps(xa[static_cast<int64_t>(row) * R + j]);
+      g = _mm512_fmadd_ps(a, _mm512_loadu_ps(bt + j * 32), g);
+      u = _mm512_fmadd_ps(a, _mm512_loadu_ps(bt + j * 32 + 16), u);
+    }
+    if (cache) {
+      float* cr = cache + row * ld_cache;
+      _mm512_mask_storeu_ps(cr, m, g);
+      _mm512_mask_storeu_ps(cr + up_offset, m, u);
+    }
+    const __m512 h = _mm512_mul_ps(_mm512_mul_ps(g, sigmoid_ps(g)), u);
+    if (hb) store_bf16(hb + row * ld_hb, m, h);
+    if (hf) _mm512_mask_storeu_ps(hf + row * ld_hf, m, h);
+  }
+}
+
+void down_epilogue(int rows, int ncols, const float* c, const float* ha, int R, const float* bt, float* out,
+                   int64_t ld_out) {
+  const __mmask16 m0 = lanes(ncols), m1 = lanes(ncols - 16);
+  for (int row = 0; row < rows; ++row) {
+    __m512 o0 = _mm512_loadu_ps(c + row * 32), o1 = _mm512_loadu_ps(c + row * 32 + 16);
+    for (int j = 0; j < R; ++j) {
+      const __m512 a = _mm512_set1_ps(ha[static_cast<int64_t>(row) * R + j]);
+      o0 = _mm512_fmadd_ps(a, _mm512_loadu_ps(bt + j * 32), o0);
+      o1 = _mm512_fmadd_ps(a, _mm512_loadu_ps(bt + j * 32 + 16), o1);
+    }
+    float* o = out + row * ld_out;
+    _mm512_mask_storeu_ps(o, m0, o0);
+    _mm512_mask_storeu_ps(o + 16, m1, o1);
+  }
+}
+
+void silu_mul_row(int n, const float* g, const float* u, float* h) {
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    const __m512 gi = _mm512_maskz_loadu_ps(m, g + i);
+    _mm512_mask_storeu_ps(h + i, m, _mm512_mul_ps(_mm512_mul_ps(gi, sigmoid_ps(gi)), _mm512_maskz_loadu_ps(m, u + i)));
+  }
+}
+
+float silu_backward_row(int I, const float* g, const float* u, const float* d, const float* h, float wk, float* dg,
+                        float* du, bf16* d16) {
+  const __m512 w = _mm512_set1_ps(wk), one = _mm512_set1_ps(1.f);
+  __m512 dot = _mm512_setzero_ps();
+  for (int i = 0; i < I; i += 16) {
+    const __mmask16 m = lanes(I - i);
+    const __m512 gi = _mm512_maskz_loadu_ps(m, g + i), ui = _mm512_maskz_loadu_ps(m, u + i);
+    const __m512 di = _mm512_maskz_loadu_ps(m, d + i);
+    dot = _mm512_fmadd_ps(di, _mm512_maskz_loadu_ps(m, h + i), dot);
+    const __m512 sig = sigmoid_ps(gi);
+    const __m512 dh = _mm512_mul_ps(w, di);
+    // dgate = dh * u * sig * (1 + g (1 - sig)); dup = dh * g * sig
+    const __m512 dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(gi, _mm512_sub_ps(one, sig), one));
+    const __m512 dgi = _mm512_mul_ps(_mm512_mul_ps(dh, ui), dsilu);
+    const __m512 dui = _mm512_mul_ps(dh, _mm512_mul_ps(gi, sig));
+    _mm512_mask_storeu_ps(dg + i, m, dgi);
+    _mm512_mask_storeu_ps(du + i, m, dui);
+    if (d16) {
+      store_bf16(d16 + i, m, dgi);
+      store_bf16(d16 + I + i, m, dui);
+    }
+  }
+  return _mm512_reduce_add_ps(dot);
+}
+
 }  // namespace packed_avx512
 
 const PackedKernels kAvx512Bf16Packed = {"avx512_bf16_packed", PackedFormat::kBF16, packed_avx512::bf16_panel,
-                                         nullptr, packed_avx512::pack_columns_bf16};
+                                         nullptr, packed_avx512::pack_columns_bf16, nullptr};
 const PackedKernels kAvx512VnniInt8Packed = {"avx512_vnni_int8", PackedFormat::kInt8, nullptr,
-                                             packed_avx512::int8_panel, nullptr};
+                                             packed_avx512::int8_panel, nullptr, nullptr};
+const PackedKernels kAvx512VnniInt4Packed = {"avx512_vnni_int4", PackedFormat::kInt4, nullptr, nullptr, nullptr,
+                                             packed_avx512::int4_panel};
 
 }  // namespace kt

@@ -28,10 +28,12 @@ std::vector<KernelVariant> kernel_variants() {
   const bool amx = packed_avx512 && f.os_amx && f.amx_bf16 && f.amx_int8;
   const PackedKernels* amx_bf16 = emulate ? &kAmxBf16Emulated : &kAmxBf16Packed;
   const PackedKernels* amx_int8 = emulate ? &kAmxInt8Emulated : &kAmxInt8Packed;
+  const PackedKernels* amx_int4 = emulate ? &kAmxInt4Emulated : &kAmxInt4Packed;
 #else
   const bool amx = false;
   const PackedKernels* amx_bf16 = emulate ? &kAmxBf16Emulated : nullptr;
   const PackedKernels* amx_int8 = emulate ? &kAmxInt8Emulated : nullptr;
+  const PackedKernels* amx_int4 = emulate ? &kAmxInt4Emulated : nullptr;
   amx_missing = "not built: the compiler has no AMX support";
 #endif
   std::vector<KernelVariant> v;
@@ -47,6 +49,10 @@ std::vector<KernelVariant> kernel_variants() {
   v.push_back({"amx_int8", amx || emulate, amx_missing, &kAvx512Bf16Kernels, amx_int8, true});
   v.push_back({"avx512_vnni_int8", packed_avx512, "needs AVX-512 F/BW/VL, AVX512-BF16 and AVX512-VNNI",
                &kAvx512Bf16Kernels, &kAvx512VnniInt8Packed, true});
+  // int4 weights (groups of 128 inputs, scale and zero point each) against int8 activation rows.
+  v.push_back({"amx_int4", amx || emulate, amx_missing, &kAvx512Bf16Kernels, amx_int4, true});
+  v.push_back({"avx512_vnni_int4", packed_avx512, "needs AVX-512 F/BW/VL, AVX512-BF16 and AVX512-VNNI",
+               &kAvx512Bf16Kernels, &kAvx512VnniInt4Packed, true});
   return v;
 }
 

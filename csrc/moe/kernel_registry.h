@@ -1,6 +1,6 @@
 // Run-time choice of the kernel variant. Exact variants, best first: AMX (bf16 tiles on packed weights) ->
 // AVX512-BF16 -> AVX512-BF16 on packed weights -> AVX-512 -> AVX2-FMA -> portable. Quantized variants
-// (int8 weights, chosen only by name) follow. Only variants whose instructions this CPU (and OS) supports
+// (int8 / int4 weights, chosen only by name) follow. Only variants whose instructions this CPU (and OS) supports
 // are ever handed out.
 #pragma once
 

@@ -68,6 +68,41 @@ void pack_int8_tile(const void* w, DType t, const int64_t* rows, int K, int k_bl
         }
 }
 
+// Asymmetric int4 per (output, group of kInt4Group inputs): the range [min(w, 0), max(w, 0)] maps onto 0..15,
+// scale = range / 15, zero = round(-min / scale), q = clamp(round(w / scale) + zero, 0, 15), so that
+// dequant(q) = scale * (q - zero) and 0 is exact.
+void pack_int4_tile(const void* w, DType t, const int64_t* rows, int K, int k_blocks, uint8_t* dst, float* scale,
+                    float* scale_zero, TileStats& stats) {
+  const int groups = k_blocks * 64 / kInt4Group;
+  std::fill(dst, dst + static_cast<int64_t>(k_blocks) * kTileBytes / 2, uint8_t(0));
+  for (int n = 0; n < kTileRows; ++n)
+    for (int g = 0; g < groups; ++g) {
+      const int k0 = g * kInt4Group, k1 = std::min(K, k0 + kInt4Group);
+      float lo = 0.f, hi = 0.f;
+      if (rows[n] >= 0)
+        for (int k = k0; k < k1; ++k) {
+          const float v = element(w, t, rows[n] * K + k);
+          lo = std::min(lo, v);
+          hi = std::max(hi, v);
+        }
+      const float s = hi > lo ? (hi - lo) / 15.f : 1.f;
+      const float zero = std::clamp(std::nearbyint(-lo / s), 0.f, 15.f);
+      scale[g * 16 + n] = s;
+      scale_zero[g * 16 + n] = s * zero;
+      if (rows[n] < 0) continue;
+      for (int k = k0; k < k1; ++k) {
+        const float v = element(w, t, rows[n] * K + k);
+        const int q = static_cast<int>(std::clamp(std::nearbyint(v / s) + zero, 0.f, 15.f));
+        const double err = static_cast<double>(v) - static_cast<double>(s) * (q - zero);
+        stats.err2 += err * err;
+        stats.ref2 += static_cast<double>(v) * v;
+        const int kb = k / 64, kq = (k % 64) / 4, j = k % 4;
+        uint8_t& byte = dst[static_cast<int64_t>(kb) * (kTileBytes / 2) + (kq / 2) * 64 + n * 4 + j];
+        byte = static_cast<uint8_t>(byte | (kq % 2 ? q << 4 : q));
+      }
+    }
+}
+
 }  // namespace
 
 AlignedBuffer::AlignedBuffer(size_t bytes) : size_(bytes) {
@@ -88,8 +123,14 @@ PackedTensor pack_tensor(ThreadPool& pool, const void* w, DType dtype, int E, in
   const int tiles = interleave_halves ? 2 * ((N / 2 + kTileRows - 1) / kTileRows) : (N + kTileRows - 1) / kTileRows;
   p.n_tiles = (tiles + 1) / 2 * 2;
   p.k_blocks = (K + k_step(format) - 1) / k_step(format);
+  if (format == PackedFormat::kInt4) p.k_blocks = (p.k_blocks + 1) / 2 * 2;  // whole groups
   const int64_t num_tiles = static_cast<int64_t>(E) * p.n_tiles;
-  p.data = AlignedBuffer(static_cast<size_t>(num_tiles) * p.k_blocks * kTileBytes);
+  const int64_t bytes_per_tile_column = static_cast<int64_t>(p.k_blocks) * tile_bytes(format);
+  p.data = AlignedBuffer(static_cast<size_t>(num_tiles * bytes_per_tile_column));
+  if (format == PackedFormat::kInt4) {
+    p.scale.assign(num_tiles * p.groups() * kTileRows, 0.f);
+    p.scale_zero.assign(num_tiles * p.groups() * kTileRows, 0.f);
+  }
   if (format == PackedFormat::kInt8) {
     p.scale.assign(num_tiles * kTileRows, 0.f);
     p.colsum.assign(num_tiles * kTileRows, 0);
@@ -102,9 +143,12 @@ PackedTensor pack_tensor(ThreadPool& pool, const void* w, DType dtype, int E, in
       const int64_t r = source_row(nt * kTileRows + n, N, interleave_halves);
       rows[n] = r < 0 ? -1 : static_cast<int64_t>(e) * N + r;
     }
-    uint8_t* dst = p.data.data() + task * p.k_blocks * kTileBytes;
+    uint8_t* dst = p.data.data() + task * bytes_per_tile_column;
     if (format == PackedFormat::kBF16)
       pack_bf16_tile(w, dtype, rows, K, p.k_blocks, reinterpret_cast<bf16*>(dst));
+    else if (format == PackedFormat::kInt4)
+      pack_int4_tile(w, dtype, rows, K, p.k_blocks, dst, p.scale.data() + task * p.groups() * 16,
+                     p.scale_zero.data() + task * p.groups() * 16, stats[task]);
     else
       pack_int8_tile(w, dtype, rows, K, p.k_blocks, reinterpret_cast<int8_t*>(dst), p.scale.data() + task * 16,
                      p.colsum.data() + task * 16, stats[task]);

@@ -7,6 +7,10 @@
 // vdpbf16ps / vpdpbusd want next to a broadcast activation, so the decode path streams the same bytes.
 // Outputs are read in pairs of tiles (32 columns); padding (N to whole pairs, K to whole blocks) is zero.
 //
+// int4 (asymmetric, groups of kInt4Group inputs with a scale and a zero point each) keeps the int8 tile shape
+// [16][16][4] at half the bytes: byte (q / 2) * 64 + n * 4 + j holds row 2 (q / 2) in its low nibble and row
+// 2 (q / 2) + 1 in its high one, so one 64-byte load and two masks give two unsigned int8 rows.
+//
 // gate_up is packed with its gate and up tiles interleaved: pair p = (gate rows [16p, 16p + 16),
 // up rows [16p, 16p + 16)), so one task computes matching gate and up columns and applies silu * up at once.
 #pragma once
@@ -21,12 +25,16 @@
 
 namespace kt {
 
-enum class PackedFormat { kNone, kBF16, kInt8 };
+enum class PackedFormat { kNone, kBF16, kInt8, kInt4 };
 
 constexpr int kTileBytes = 1024;
 constexpr int kTileRows = 16;  // outputs per tile, and activation rows per AMX A tile
 
-inline int k_step(PackedFormat f) { return f == PackedFormat::kInt8 ? 64 : 32; }
+constexpr int kInt4Group = 128;  // inputs per int4 scale / zero point: two k-blocks
+
+inline int k_step(PackedFormat f) { return f == PackedFormat::kBF16 ? 32 : 64; }
+inline int tile_bytes(PackedFormat f) { return f == PackedFormat::kInt4 ? kTileBytes / 2 : kTileBytes; }
+inline bool int_activations(PackedFormat f) { return f == PackedFormat::kInt8 || f == PackedFormat::kInt4; }
 
 // Kernels over packed weights. A panel computes C [rows, 32] = A [rows, K] . (two packed n-tiles)^T.
 // `a` must stay readable for round_up(rows, 32) rows of `lda` elements (its owner pads): AMX loads whole
@@ -42,6 +50,10 @@ struct PackedKernels {
   // Backward: packs columns [col0, col0 + 32) of a row-major bf16 W [K, N] (row stride ld) as two n-tiles,
   // each k_blocks * 512 elements, the second after the first, so that a panel computes A . W[:, cols].
   void (*pack_columns_bf16)(const bf16* w, int64_t ld, int K, int N, int col0, int k_blocks, bf16* dst);
+  // int4: C[m][n] = a_scale[m] * sum_g (scale[g][n] * sum_{k in g} a[m][k] q[n][k] - scale_zero[g][n] * sum_{k in g}
+  // a[m][k]), i.e. W = scale * (q - zero) per group; scale / scale_zero are [2 tiles][groups][16], k_blocks even.
+  void (*int4_panel)(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const uint8_t* b0,
+                     const uint8_t* b1, const float* scale, const float* scale_zero, float* c);
 };
 
 // AVX-512 panels on packed weights (gemm_packed_avx512.cpp); the AMX panels use them for few rows, where
@@ -51,6 +63,39 @@ void bf16_panel(int rows, int k_blocks, const bf16* a, int lda, const bf16* b0, 
 void int8_panel(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const int8_t* b0,
                 const int8_t* b1, const float* b_scale, const int32_t* b_colsum, float* c);
 void pack_columns_bf16(const bf16* w, int64_t ld, int K, int N, int col0, int k_blocks, bf16* dst);
+void int4_panel(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const uint8_t* b0,
+                const uint8_t* b1, const float* scale, const float* scale_zero, float* c);
+// Pieces of the tile int4 panel that need AVX-512: nibbles of one packed tile to a [16][64] unsigned int8
+// tile; sums of each row's inputs per group (rows x groups int32); and C[m][n] += a_scale[m] * (scale[n] *
+// acc[m][n] - scale_zero[n] * xsum[m]) over a rows x 32 int32 block (acc row stride 32; one group's scales).
+void unpack_int4_tile(const uint8_t* src, uint8_t* dst);
+void group_sums(int rows, int groups, const int8_t* a, int lda, int32_t* xsum);
+void fold_int4_group(int rows, const int32_t* acc, const int32_t* xsum, int xsum_stride, const float* a_scale,
+                     const float* scale0, const float* scale_zero0, const float* scale1, const float* scale_zero1,
+                     float* c);
+
+// Element-wise work of the packed path, vectorized (every packed table implies AVX-512 F/BW/BF16 on this CPU).
+// Rounding to bf16 is to nearest even (vcvtneps2bf16), as f32_to_bf16; exp is a degree-6 polynomial on
+// the reduced argument scaled by 2^n (a few ulp of fp32).
+void f32_to_bf16_row(const float* src, int n, bf16* dst);
+void bf16_to_f32_row(const bf16* src, int n, float* dst);
+// Symmetric int8 of one row: scale = max |x| / 127 (1 for a zero row); dst[n, width) = 0. Returns the scale.
+float quantize_row_int8(const float* src, int n, int width, int8_t* dst);
+// Gate/up panel C [rows][32] (gate in columns 0-15, up in 16-31; the first `ncols` valid) to
+// h = silu(g) * u, with g, u += xa[row] . bt[:, col] when R > 0 (xa [rows][R], bt [R][32] the LoRA B slice
+// transposed). Stores g / u to cache (row stride ld_cache, up at + up_offset), h as bf16 and / or fp32
+// (any of the three may be null).
+void gate_up_epilogue(int rows, int ncols, const float* c, const float* xa, int R, const float* bt, float* cache,
+                      int64_t ld_cache, int64_t up_offset, bf16* hb, int64_t ld_hb, float* hf, int64_t ld_hf);
+// Down panel C [rows][32] to out (row stride ld_out, first `ncols` columns), plus xa[row] . bt[:, col].
+void down_epilogue(int rows, int ncols, const float* c, const float* ha, int R, const float* bt, float* out,
+                   int64_t ld_out);
+// h = silu(g) * u over n elements.
+void silu_mul_row(int n, const float* g, const float* u, float* h);
+// Backward of h = silu(g) * u for one row with dh = wk * d: dg, du (and bf16 copies [dg | du] to d16 when
+// given), returning d . h (the routing-weight gradient).
+float silu_backward_row(int I, const float* g, const float* u, const float* d, const float* h, float wk, float* dg,
+                        float* du, bf16* d16);
 }  // namespace packed_avx512
 
 extern const PackedKernels kAvx512Bf16Packed;
@@ -59,6 +104,9 @@ extern const PackedKernels kAmxBf16Packed;
 extern const PackedKernels kAmxInt8Packed;
 extern const PackedKernels kAmxBf16Emulated;
 extern const PackedKernels kAmxInt8Emulated;
+extern const PackedKernels kAvx512VnniInt4Packed;
+extern const PackedKernels kAmxInt4Packed;
+extern const PackedKernels kAmxInt4Emulated;
 
 // 64-byte aligned, zero-initialized bytes.
 class AlignedBuffer {
@@ -82,13 +130,21 @@ struct PackedTensor {
   int experts = 0, outputs = 0, inputs = 0;  // E, N, K of the source
   int n_tiles = 0, k_blocks = 0;
   AlignedBuffer data;
-  std::vector<float> scale;     // [E][n_tiles * 16], int8
+  std::vector<float> scale;     // [E][n_tiles * 16], int8; [E][n_tiles][groups][16], int4
   std::vector<int32_t> colsum;  // [E][n_tiles * 16], int8
+  std::vector<float> scale_zero;  // [E][n_tiles][groups][16], int4: scale * zero point
   double rel_error = 0.0;       // ||W - dequant(Wq)|| / ||W|| over the layer (0 for bf16)
 
   int padded_inputs() const { return k_blocks * k_step(format); }
+  int groups() const { return format == PackedFormat::kInt4 ? k_blocks * k_step(format) / kInt4Group : 1; }
   const uint8_t* tile(int e, int nt) const {
-    return data.data() + ((static_cast<int64_t>(e) * n_tiles + nt) * k_blocks) * kTileBytes;
+    return data.data() + ((static_cast<int64_t>(e) * n_tiles + nt) * k_blocks) * tile_bytes(format);
+  }
+  const float* group_scales(int e, int nt) const {
+    return scale.data() + (static_cast<int64_t>(e) * n_tiles + nt) * groups() * 16;
+  }
+  const float* group_scale_zeros(int e, int nt) const {
+    return scale_zero.data() + (static_cast<int64_t>(e) * n_tiles + nt) * groups() * 16;
   }
   const float* scales(int e, int nt) const { return scale.data() + (static_cast<int64_t>(e) * n_tiles + nt) * 16; }
   const int32_t* colsums(int e, int nt) const {
