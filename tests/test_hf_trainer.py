@@ -135,3 +135,14 @@ def test_optimizer_built_before_conversion_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="kt_prepare"):
         trainer.train()
+
+
+def test_streaming_budget_keeps_the_loss_curve(tmp_path):
+    """gpu_memory_budget switches on the CPU / GPU split (the CPU stands in for the GPU without CUDA):
+    the loss curve stays the stock one and the logs carry the time split."""
+    _, _, ref_losses = _train("qwen3_moe", tmp_path / "ref", callbacks=[])
+    callback = KTCallback(gpu_memory_budget="64MiB")
+    _, trainer, losses = _train("qwen3_moe", tmp_path / "kt", callbacks=[callback])
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=2e-4, atol=0)
+    split = [e for e in trainer.state.log_history if "kt_stream_pcie_ms" in e]
+    assert split and all(0 <= e["kt_stream_cpu_slot_share"] <= 1 for e in split)

@@ -85,6 +85,10 @@ class KTCallback(TrainerCallback):
         device: where the non-expert tensors go when the callback converts the model; None leaves them
             where the Trainer put them.
         log_speed: add `kt_tokens_per_s` and `kt_cpu_expert_share` to the Trainer's logs.
+        gpu_memory_budget: when set ("10GiB"), split each MoE layer between CPU compute and GPU compute on
+            PCIe-streamed weights within this much GPU memory for expert weights
+            (`kt_core.enable_streaming`); the logs then carry the CPU / PCIe / GPU time split.
+        stream_quantize: None, or "int8" to halve the streamed bytes (see `kt_core.enable_streaming`).
     """
 
     def __init__(
@@ -95,9 +99,17 @@ class KTCallback(TrainerCallback):
         cpu_infer: int | None = None,
         device: str | torch.device | None = None,
         log_speed: bool = True,
+        gpu_memory_budget: int | str | None = None,
+        stream_quantize: str | None = None,
     ):
         self.options = {"rules": rules, "kernel": kernel, "cpu_infer": cpu_infer, "device": device}
         self.log_speed = log_speed
+        self.streaming_options = (
+            {"gpu_memory_budget": gpu_memory_budget, "quantize": stream_quantize}
+            if gpu_memory_budget is not None
+            else None
+        )
+        self._streaming = None
         self._timer: _ExpertTimer | None = None
         self._step_s = 0.0
         self._last = None
@@ -106,6 +118,10 @@ class KTCallback(TrainerCallback):
         if model is None:
             raise ValueError("KTCallback: the Trainer passed no model to on_init_end")
         kt_prepare(model, **self.options)
+        if self.streaming_options is not None and self._streaming is None:
+            from kt_core import enable_streaming
+
+            self._streaming = enable_streaming(model, device=self.options["device"], **self.streaming_options)
         if self.log_speed and self._timer is None:
             self._timer = _ExpertTimer(model)
 
@@ -123,6 +139,8 @@ class KTCallback(TrainerCallback):
         self._step_s, self._last = 0.0, time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self._streaming is not None:
+            self._streaming.end_step()
         now = time.perf_counter()
         if self._last is not None:
             self._step_s += now - self._last
@@ -137,6 +155,14 @@ class KTCallback(TrainerCallback):
             "kt_cpu_expert_share": round(min(expert_s / self._step_s, 1.0), 4),
         }
         self._step_s = 0.0
+        report = self._streaming.last_report if self._streaming is not None else None
+        if report:
+            speed.update(
+                kt_stream_cpu_ms=round(report["cpu_s"] * 1e3, 1),
+                kt_stream_pcie_ms=round(report["pcie_s"] * 1e3, 1),
+                kt_stream_gpu_ms=round(report["gpu_s"] * 1e3, 1),
+                kt_stream_cpu_slot_share=round(report["cpu_slot_share"], 4),
+            )
         # Callbacks after this one (the progress printer) see `logs`; the Trainer has already copied it
         # into the history, so update that entry too.
         logs.update(speed)

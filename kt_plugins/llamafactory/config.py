@@ -44,6 +44,9 @@ class KTSettings:
         kt_expert_lora: put LoRA on the routed experts when lora_target covers them ("all" does).
         kt_device: where the non-expert layers go ("cuda:0", "cpu", or a comma-separated list of GPUs).
         kt_gpu_memory_limit / kt_host_memory_limit: budgets for the memory plan ("70GiB").
+        kt_gpu_memory_budget: when set ("10GiB"), each MoE layer is split between CPU compute and GPU
+            compute on PCIe-streamed expert weights within this much GPU memory (kt_core.enable_streaming).
+        kt_stream_quantize: None, or "int8" to halve the streamed bytes.
     """
 
     use_kt: bool = False
@@ -59,6 +62,8 @@ class KTSettings:
     kt_device: str | None = None
     kt_gpu_memory_limit: str | None = None
     kt_host_memory_limit: str | None = None
+    kt_gpu_memory_budget: str | None = None
+    kt_stream_quantize: str | None = None
     config_dir: Path | None = dataclasses.field(default=None, repr=False)  # the YAML's folder
     given: frozenset[str] = dataclasses.field(default=frozenset(), repr=False)  # keys the user wrote
 

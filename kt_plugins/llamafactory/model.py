@@ -62,6 +62,17 @@ class _KTAutoModel:
         raise ValueError("use_kt: train_from_scratch is not supported; point model_name_or_path at a checkpoint")
 
 
+def _enable_streaming(model, settings: KTSettings) -> None:
+    import kt_core
+
+    device = settings.kt_device.split(",")[0] if settings.kt_device else None
+    runtime = kt_core.enable_streaming(
+        model, gpu_memory_budget=settings.kt_gpu_memory_budget, device=device, quantize=settings.kt_stream_quantize
+    )
+    model.kt_streaming = runtime  # kept alive with the model; per-step reports go to the kt_core.streaming log
+    logger.info("expert streaming on: GPU budget %s for expert weights", settings.kt_gpu_memory_budget)
+
+
 @contextlib.contextmanager
 def kt_model_building(loader_module, settings: KTSettings, model_args, finetuning_args, is_trainable: bool):
     """Swaps the loader's Auto class and init_adapter for one load_model call."""
@@ -77,7 +88,10 @@ def kt_model_building(loader_module, settings: KTSettings, model_args, finetunin
             check_adapter_matches(model, adapter)
         with expert_lora_setup(adapter_module, settings, finetuning_args_, is_trainable_):
             model = original_init_adapter(config, model, model_args_, finetuning_args_, is_trainable_)
-        return take_over(model, settings)
+        model = take_over(model, settings)
+        if settings.kt_gpu_memory_budget is not None:
+            _enable_streaming(model, settings)
+        return model
 
     loader_module.AutoModelForCausalLM = _KTAutoModel(settings, getattr(model_args, "compute_dtype", None))
     loader_module.init_adapter = init_adapter
