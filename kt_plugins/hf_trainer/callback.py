@@ -75,6 +75,15 @@ class _ExpertTimer:
         self._handles.clear()
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    """The device of the model's non-expert weights (the experts are in host memory whatever happens)."""
+    for module in model.modules():
+        if not isinstance(module, KTExperts):
+            for p in module.parameters(recurse=False):
+                return p.device
+    return torch.device("cpu")
+
+
 class KTCallback(TrainerCallback):
     """Runs the routed experts of the Trainer's model, with their LoRA, on the CPU operator.
 
@@ -121,7 +130,8 @@ class KTCallback(TrainerCallback):
         if self.streaming_options is not None and self._streaming is None:
             from kt_core import enable_streaming
 
-            self._streaming = enable_streaming(model, device=self.options["device"], **self.streaming_options)
+            device = self.options["device"] or _model_device(model)  # stream to where the model computes
+            self._streaming = enable_streaming(model, device=device, **self.streaming_options)
         if self.log_speed and self._timer is None:
             self._timer = _ExpertTimer(model)
 
