@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from kt_core.architectures import get_architecture
-from kt_core.loading.loader import apply_devices, resolve_devices, resolve_rules
-from kt_core.placement import PlacementRule, resolve_placement
+from kt_core.loading.loader import apply_devices, plan_placement, resolve_devices
+from kt_core.placement import PlacementRule
 
 __all__ = ["convert_model"]
 
@@ -50,14 +50,7 @@ def convert_model(
     """
     arch = get_architecture(model.config)
     devices = resolve_devices(device) if device is not None else [_first_device(model)]
-    plan = resolve_placement(
-        model,
-        resolve_rules(rules, arch, devices),
-        arch=arch,
-        default_device=devices[0],
-        devices=devices,
-        expert_options={"kernel": kernel, "cpu_infer": cpu_infer},
-    )
+    plan = plan_placement(model, rules, arch, devices, kernel=kernel, cpu_infer=cpu_infer)
     for name, placement in plan.experts.items():
         experts = model.get_submodule(name)
         if isinstance(experts, placement.cls):

@@ -58,6 +58,18 @@ def resolve_rules(rules, arch: Architecture, devices: Sequence[str]) -> list[Pla
     return list(rules)
 
 
+def plan_placement(model: nn.Module, rules, arch: Architecture, devices: Sequence[str], *, kernel, cpu_infer):
+    """The placement plan of `model` (rules resolved as in resolve_rules), experts options attached."""
+    return resolve_placement(
+        model,
+        resolve_rules(rules, arch, devices),
+        arch=arch,
+        default_device=devices[0],
+        devices=devices,
+        expert_options={"kernel": kernel, "cpu_infer": cpu_infer},
+    )
+
+
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
@@ -152,14 +164,7 @@ def load_model(
         dtype = _resolve_dtype(dtype, config, checkpoint, fp8_block is not None)
         store_dtype = dtype if dtype in _STORE_DTYPES else torch.bfloat16
         model = build_meta_model(config, dtype)
-        plan = resolve_placement(
-            model,
-            resolve_rules(rules, arch, devices),
-            arch=arch,
-            default_device=devices[0],
-            devices=devices,
-            expert_options={"kernel": kernel, "cpu_infer": cpu_infer},
-        )
+        plan = plan_placement(model, rules, arch, devices, kernel=kernel, cpu_infer=cpu_infer)
         mapping = map_checkpoint(checkpoint, model, arch)
         memory = plan_memory(checkpoint, model, plan, mapping, store_dtype)
         memory.check(gpu_memory_limit=gpu_memory_limit, host_memory_limit=host_memory_limit)
