@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kt_core.experts import KTExperts
-from tests.tiny_models import build_tiny_model
+from tests.tiny_models import build_tiny_model, eval_logits, token_dataset
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -37,12 +37,6 @@ def _peft_model(family):
     return peft.get_peft_model(model, config)
 
 
-def _dataset(n=64, seq=16, vocab=64):
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(3, vocab, (n, seq), generator=g)
-    return [{"input_ids": row, "labels": row.clone()} for row in ids]
-
-
 def _train(family, tmp_path, *, callbacks):
     model = _peft_model(family)
     losses = []
@@ -59,16 +53,9 @@ def _train(family, tmp_path, *, callbacks):
         disable_tqdm=True,
         seed=0,
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=callbacks)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=token_dataset(), callbacks=callbacks)
     trainer.train()
     return model, trainer, losses
-
-
-def _logits(model, seed=5):
-    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(seed))
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
@@ -103,9 +90,9 @@ def test_kt_callback_matches_stock_trainer(family, tmp_path):
 
     plain = build_tiny_model(family, num_layers=3)
     loaded = peft.PeftModel.from_pretrained(plain, tmp_path / "kt_adapter")
-    kt_logits = _logits(kt_model)
-    torch.testing.assert_close(_logits(loaded), kt_logits, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(_logits(ref_model), kt_logits, rtol=1e-3, atol=1e-4)
+    kt_logits = eval_logits(kt_model)
+    torch.testing.assert_close(eval_logits(loaded), kt_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eval_logits(ref_model), kt_logits, rtol=1e-3, atol=1e-4)
 
 
 def test_adapter_loads_back_into_converted_model(tmp_path):
@@ -114,14 +101,14 @@ def test_adapter_loads_back_into_converted_model(tmp_path):
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.normal_(0, 0.1)
-    expected = _logits(model)
+    expected = eval_logits(model)
     model.save_pretrained(tmp_path / "adapter")
 
     from kt_plugins.hf_trainer import kt_prepare
 
     fresh = kt_prepare(_peft_model("qwen3_moe"))  # other LoRA values than the saved ones
     fresh.load_adapter(tmp_path / "adapter", adapter_name="default")
-    torch.testing.assert_close(_logits(fresh), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eval_logits(fresh), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_optimizer_built_before_conversion_is_refused(tmp_path):
@@ -131,7 +118,7 @@ def test_optimizer_built_before_conversion_is_refused(tmp_path):
         output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True, disable_tqdm=True
     )
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=_dataset(8), callbacks=[KTCallback()], optimizers=(optimizer, None)
+        model=model, args=args, train_dataset=token_dataset(8), callbacks=[KTCallback()], optimizers=(optimizer, None)
     )
     with pytest.raises(ValueError, match="kt_prepare"):
         trainer.train()

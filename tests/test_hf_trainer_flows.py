@@ -13,7 +13,7 @@ import torch
 
 import kt_core
 from kt_core.experts import KTExperts
-from tests.tiny_models import build_tiny_model, save_fused_checkpoint
+from tests.tiny_models import build_tiny_model, eval_logits, save_fused_checkpoint, token_dataset
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -66,12 +66,6 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def _dataset(n=64, seq=16, vocab=64):
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(3, vocab, (n, seq), generator=g)
-    return [{"input_ids": row, "labels": row.clone()} for row in ids]
-
-
 def _args(tmp_path, **overrides):
     kwargs = dict(
         output_dir=str(tmp_path),
@@ -93,16 +87,9 @@ def _train(model, args, *, callbacks, resume=None):
     """Trains; returns the loss of every training forward (micro-batch) and the Trainer."""
     losses = []
     model.register_forward_hook(lambda m, a, out: losses.append(out.loss.item()) if m.training else None)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=callbacks)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=token_dataset(), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return losses, trainer
-
-
-def _logits(model, seed=5):
-    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(seed))
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 def _assert_curves(ours, stock, rtol):
@@ -123,9 +110,9 @@ def test_flow_a_load_model_then_peft_matches_stock(family, checkpoints, tmp_path
     # The adapter is a stock one: PEFT alone loads it onto the plain transformers model.
     model.save_pretrained(tmp_path / "adapter")
     plain = peft.PeftModel.from_pretrained(build_tiny_model(family, num_layers=LAYERS), tmp_path / "adapter")
-    ours_logits = _logits(model)
-    torch.testing.assert_close(_logits(plain), ours_logits, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(_logits(stock_model), ours_logits, rtol=1e-3, atol=1e-4)
+    ours_logits = eval_logits(model)
+    torch.testing.assert_close(eval_logits(plain), ours_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eval_logits(stock_model), ours_logits, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["FAMILIES", "build_tiny_model", "save_fused_checkpoint", "tiny_config"]
+__all__ = ["FAMILIES", "build_tiny_model", "eval_logits", "save_fused_checkpoint", "tiny_config", "token_dataset"]
 
 _COMMON = dict(hidden_size=32, num_attention_heads=4, vocab_size=64, max_position_embeddings=64)
 _DEEPSEEK = dict(
@@ -97,3 +97,18 @@ def save_fused_checkpoint(model, path: Path) -> None:
     if not model.config.tie_word_embeddings:
         tensors["lm_head.weight"] = model.state_dict()["lm_head.weight"].contiguous()
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def token_dataset(n: int = 64, seq: int = 16, vocab: int = 64) -> list[dict[str, torch.Tensor]]:
+    """A fixed language-modelling dataset of random token rows (labels = inputs) for Trainer tests."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, vocab, (n, seq), generator=g)
+    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+def eval_logits(model, seed: int = 5) -> torch.Tensor:
+    """Logits of a fixed [2, 12] batch, in eval mode and without gradients."""
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(seed))
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
