@@ -80,7 +80,7 @@ SPLITS = {
     "all-streamed": dict(mode="gpu"),
     "half-streamed": dict(mode="gpu", gpu_memory_budget=2 * 4 * (2 * I * H + H * I) * 4),
     "resident": dict(mode="gpu", gpu_memory_budget=2 * E * (3 * I * H) * 4 + 3 * 3 * 3 * I * H * 4),
-    "planner": dict(mode="auto", cost=CostModel(pcie_bytes_per_s=2e7, cpu_flops=1e9, cpu_expert_s=0.0)),
+    "planner": dict(mode="auto", cost=CostModel(pcie_bytes_per_s=2e7, cpu_flops=1e9, cpu_expert_s=0.0, cpu_call_s=0.0)),
 }
 
 
@@ -156,6 +156,17 @@ def test_planner_streams_the_hottest_experts():
     slow_pcie = CostModel(pcie_bytes_per_s=1e6, cpu_flops=1e13, gpu_flops=1e14)
     assert len(plan_layer(counts, capacity=8, **{**kw, "cost": fast_pcie}).stream) == 6
     assert plan_layer(counts, capacity=8, **{**kw, "cost": slow_pcie}).stream == []
+    # A CPU share pays a fixed cost per call: with 1 slot left for the CPU, streaming that expert too wins.
+    calls = CostModel(pcie_bytes_per_s=1e11, cpu_flops=1e11, gpu_flops=1e14, cpu_expert_s=0.0, cpu_call_s=15e-3)
+    assert len(plan_layer([100, 1], capacity=2, **{**kw, "cost": calls}).stream) == 2
+    assert (
+        len(
+            plan_layer(
+                [100, 1], capacity=2, **{**kw, "cost": CostModel(**{**calls.__dict__, "cpu_call_s": 0.0})}
+            ).stream
+        )
+        == 1
+    )
 
 
 def test_budget_parsing():
@@ -214,3 +225,43 @@ def test_pinning_already_registered_memory_is_used_as_is(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="kt_core.streaming.store"):
         assert pin_in_place(torch.zeros(1024)) is None  # usable, and not ours to unregister
     assert "refused" not in caplog.text
+
+
+class _Counter:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def test_all_streamed_layers_take_the_device_path(monkeypatch):
+    """Everything streamed: no routing to the host, no CPU hand-off, and the backward of a checkpointed layer
+    reuses its recomputation's intermediates."""
+    from kt_core.streaming import hybrid
+
+    model = ToyMoE(3)
+    rt = enable_streaming(model, device="cpu", mode="gpu")
+    to_host, submit = _Counter(hybrid.to_host), _Counter(rt.submit_cpu)
+    monkeypatch.setattr(hybrid, "to_host", to_host)
+    monkeypatch.setattr(rt, "submit_cpu", submit)
+    take = _Counter(rt.take_kept)
+    reused = []
+    monkeypatch.setattr(rt, "take_kept", lambda *a: reused.append(take(*a)) or reused[-1])
+    train(model, steps=2)
+    assert to_host.calls == 0 and submit.calls == 0
+    assert take.calls == 2 * 3 and all(r is not None for r in reused)  # one per layer-backward, all reused
+    assert rt.history[-1]["streamed_per_layer"] == [E, E, E]
+
+
+def test_plans_are_made_once_per_step(monkeypatch):
+    from kt_core.streaming import runtime
+
+    model = ToyMoE(2)
+    rt = enable_streaming(model, device="cpu", **SPLITS["planner"])
+    plans = _Counter(runtime.plan_layer)
+    monkeypatch.setattr(runtime, "plan_layer", plans)
+    train(model, steps=3)
+    assert plans.calls <= 2 * 3  # once per layer and step, however many calls and prefetches
+    assert len(rt.history) == 2

@@ -1,10 +1,12 @@
 """Device side of a split MoE layer: the experts' SwiGLU MLP over slots grouped by expert, plus expert LoRA.
 
 The weights are borrowed buffers (a streaming slot or the resident experts) that are overwritten once the
-layer is done, so nothing here is recorded by autograd: the forward returns the output only, and the
-backward recomputes the forward's intermediates from the saved inputs (cheap on a GPU, and it keeps no
-[S, 2I] activations alive between the passes) before it computes dx, the routing-weight gradient and the
-LoRA factor gradients by hand.
+layer is done, so nothing here is recorded by autograd. The backward takes the forward's intermediates when
+the caller kept them (the recomputation of a checkpointed layer, which runs just before its backward) or
+recomputes them from the saved inputs, then computes dx, the routing-weight gradient and the LoRA factor
+gradients by hand. The factor gradients of all groups come from one GEMM each (the rank-r side spread over
+G*r columns by group): no loop over experts, no host-side row ranges. The fp32 elementwise work runs in row
+pieces to bound its temporaries.
 
 Grouped GEMMs run through `torch._grouped_mm` (bf16; H100 / H200 on CUDA) or a loop over the groups.
 
@@ -23,26 +25,60 @@ __all__ = ["Groups", "expert_mlp_backward", "expert_mlp_forward", "grouped_mm_av
 
 
 class Groups:
-    """Row ranges of the G groups in the sorted slots, on the host (loop) and as int32 offsets (grouped GEMM)."""
+    """Row ranges of the G groups in the sorted slots.
 
-    def __init__(self, counts: Sequence[int], device: torch.device):
-        self.counts = [int(c) for c in counts]  # [G]
-        ends, total = [], 0
-        for c in self.counts:
-            total += c
-            ends.append(total)
-        self.bounds = [(e - c, e) for e, c in zip(ends, self.counts, strict=True)]
-        self.rows = total
-        self._ends = ends
-        self._offs: torch.Tensor | None = None
+    Held as int32 cumulative ends on the device (grouped GEMM offsets) and a group id per row (weight
+    gradients); the host-side bounds (the loop path) are derived on demand, which synchronises with the
+    device when the groups were built there. Build from host counts (`Groups(counts, device)`) or from device
+    tensors without a synchronisation (`Groups.on_device(offs, gid)`).
+    """
+
+    def __init__(self, counts: Sequence[int] | None, device: torch.device):
         self.device = device
+        self._counts = None if counts is None else [int(c) for c in counts]  # [G]
+        self._offs: torch.Tensor | None = None
+        self._gid: torch.Tensor | None = None
+        self._bounds: list[tuple[int, int]] | None = None
+        self.rows = sum(self._counts) if self._counts is not None else 0
+        self.size = len(self._counts) if self._counts is not None else 0
+
+    @classmethod
+    def on_device(cls, offs: torch.Tensor, gid: torch.Tensor) -> Groups:
+        """offs: [G] int32 cumulative ends (offs[-1] = rows); gid: [S] group of each sorted row."""
+        g = cls(None, offs.device)
+        g._offs, g._gid, g.rows, g.size = offs, gid, gid.shape[0], offs.shape[0]
+        return g
+
+    @property
+    def counts(self) -> list[int]:
+        if self._counts is None:
+            ends = self._offs.tolist()
+            self._counts = [b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+        return self._counts
+
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        if self._bounds is None:
+            ends, total = [], 0
+            for c in self.counts:
+                total += c
+                ends.append(total)
+            self._bounds = [(e - c, e) for e, c in zip(ends, self.counts, strict=True)]
+        return self._bounds
 
     @property
     def offs(self) -> torch.Tensor:
         if self._offs is None:  # [G] int32 cumulative ends
-            host = torch.tensor(self._ends, dtype=torch.int32)
+            host = torch.tensor([b for _, b in self.bounds], dtype=torch.int32)
             self._offs = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
         return self._offs
+
+    @property
+    def gid(self) -> torch.Tensor:
+        if self._gid is None:  # [S] group of each row
+            host = torch.repeat_interleave(torch.arange(self.size), torch.tensor(self.counts, dtype=torch.int64))
+            self._gid = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        return self._gid
 
 
 def grouped_mm_available(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -73,13 +109,42 @@ def _mm_n(x: torch.Tensor, w: torch.Tensor, g: Groups) -> torch.Tensor:
     return out
 
 
-def _wgrad(a: torch.Tensor, b: torch.Tensor, g: Groups) -> torch.Tensor:
-    """[S, p] a, [S, q] b -> [G, p, q] fp32: each group's a^T @ b (factor gradients)."""
-    out = torch.zeros((len(g.counts), a.shape[1], b.shape[1]), dtype=torch.float32, device=a.device)
-    for i, (s, e) in enumerate(g.bounds):
-        if e > s:
-            out[i] = a[s:e].t().float() @ b[s:e].float()
-    return out
+_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=float32) for bf16 on CUDA; cleared if this torch lacks it
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 accumulation and an fp32 result (bf16 inputs stay bf16 on the tensor cores)."""
+    global _MM_OUT_DTYPE
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and _MM_OUT_DTYPE:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    return (a @ b).float()
+
+
+def _spread(z: torch.Tensor, g: Groups) -> torch.Tensor:
+    """[S, r] z -> [S, G*r]: each row's values in its group's r columns, zeros elsewhere."""
+    S, r = z.shape
+    out = z.new_zeros((S, g.size, r))
+    out[torch.arange(S, device=z.device), g.gid] = z
+    return out.view(S, g.size * r)
+
+
+def _wgrad(a: torch.Tensor, b: torch.Tensor, g: Groups, *, small: str) -> torch.Tensor:
+    """[S, p] a, [S, q] b -> [G, p, q] fp32: each group's a^T @ b (the LoRA factor gradients).
+
+    One GEMM for all groups: the rank-r side (`small`, "a" or "b") is spread over G*r columns by group, so
+    no host-side row ranges are needed and no loop over experts runs.
+    """
+    G = g.size
+    if small == "b":
+        p, r = a.shape[1], b.shape[1]
+        return _mm_f32(a.t(), _spread(b, g)).view(p, G, r).transpose(0, 1).contiguous()
+    r, q = a.shape[1], b.shape[1]
+    return _mm_f32(_spread(a, g).t(), b).view(G, r, q)
 
 
 def _lora_in(x, A, g, scaling):
@@ -94,31 +159,45 @@ def expert_mlp_forward(
     w2: torch.Tensor,
     lora: Sequence[torch.Tensor] | None,
     scaling: float,
-) -> torch.Tensor:
+    *,
+    keep: bool = False,
+) -> tuple[torch.Tensor, tuple | None]:
     """out [S, H] = down(silu(gate(xs)) * up(xs)) per group, LoRA included.
 
     Args:
         xs: [S, H] slots sorted by group. w13: [G, 2I, H]. w2: [G, H, I].
         lora: (A1 [G, r, H], B1 [G, 2I, r], A2 [G, r, I], B2 [G, H, r]) in xs.dtype, or None.
+        keep: also return the intermediates the backward needs (pass them as its `saved`), else None.
     """
-    out, _ = _forward(xs, g, w13, w2, lora, scaling, keep=False)
-    return out
-
-
-def _forward(xs, g, w13, w2, lora, scaling, keep):
     gu = _mm_t(xs, w13, g)  # [S, 2I]
     z1 = None
     if lora is not None:
         z1 = _lora_in(xs, lora[0], g, scaling)  # [S, r]
         gu = gu + _mm_t(z1, lora[1], g)
-    gate, up = gu.chunk(2, dim=-1)  # [S, I] each
+    I = gu.shape[1] // 2
+    gate, up = gu[:, :I], gu[:, I:]  # [S, I] each
     h = F.silu(gate) * up  # [S, I]
     out = _mm_t(h, w2, g)  # [S, H]
     z2 = None
     if lora is not None:
         z2 = _lora_in(h, lora[2], g, scaling)  # [S, r]
         out = out + _mm_t(z2, lora[3], g)
-    return out, ((gate, up, h, z1, z2) if keep else None)
+    return out, ((gu, h, z1, z2) if keep else None)
+
+
+ROWS = 8192  # rows per piece of the fp32 elementwise work (bounds its temporaries to ROWS x I floats)
+
+
+def _swiglu_backward(dh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
+    """[S, I] dh, [S, 2I] gu (gate | up) -> [S, 2I] d(gate | up) in gu.dtype; fp32 math, in row pieces."""
+    I = dh.shape[1]
+    dgu = torch.empty_like(gu)
+    for a in range(0, dh.shape[0], ROWS):
+        g, u, d = gu[a : a + ROWS, :I].float(), gu[a : a + ROWS, I:].float(), dh[a : a + ROWS].float()
+        sig = torch.sigmoid(g)
+        dgu[a : a + ROWS, I:] = d * g * sig  # d(up) = dh * silu(gate)
+        dgu[a : a + ROWS, :I] = d * u * sig * (1 + g * (1 - sig))
+    return dgu
 
 
 def expert_mlp_backward(
@@ -129,36 +208,41 @@ def expert_mlp_backward(
     w2: torch.Tensor,
     lora: Sequence[torch.Tensor] | None,
     scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    *,
+    saved: tuple | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """Gradients of expert_mlp_forward (base weights frozen).
 
     Args:
         xs, g, w13, w2, lora, scaling: as for the forward.
         dout: [S, H] gradient of its output.
+        saved: the forward's intermediates (`keep=True`); recomputed when not given.
 
     Returns:
-        out [S, H] (recomputed, for the routing-weight gradient), dxs [S, H], and the factor gradients
-        (dA1 [G, r, H], dB1 [G, 2I, r], dA2 [G, r, I], dB2 [G, H, r], fp32) or None.
+        out [S, H] (recomputed, for the routing-weight gradient; None when `saved` was given), dxs [S, H],
+        and the factor gradients (dA1 [G, r, H], dB1 [G, 2I, r], dA2 [G, r, I], dB2 [G, H, r], fp32) or None.
     """
-    out, (gate, up, h, z1, z2) = _forward(xs, g, w13, w2, lora, scaling, keep=True)
+    out = None
+    if saved is None:
+        out, saved = expert_mlp_forward(xs, g, w13, w2, lora, scaling, keep=True)
+    gu, h, z1, z2 = saved
+    del saved
     dh = _mm_n(dout, w2, g)  # [S, I]
     grads = None
     if lora is not None:
         A1, B1, A2, B2 = lora
-        dB2 = _wgrad(dout, z2, g)  # [G, H, r]
+        dB2 = _wgrad(dout, z2, g, small="b")  # [G, H, r]
         dz2 = _mm_n(dout, B2, g) * scaling  # [S, r]
-        dA2 = _wgrad(dz2, h, g)  # [G, r, I]
+        dA2 = _wgrad(dz2, h, g, small="a")  # [G, r, I]
         dh = dh + _mm_n(dz2, A2, g)
-    sig = torch.sigmoid(gate.float())
-    silu = gate.float() * sig
-    dgate = dh.float() * up.float() * sig * (1 + gate.float() * (1 - sig))  # [S, I]
-    dup = dh.float() * silu
-    dgu = torch.cat([dgate, dup], dim=-1).to(xs.dtype)  # [S, 2I]
+    del h
+    dgu = _swiglu_backward(dh, gu).to(xs.dtype)  # [S, 2I]
+    del gu, dh
     dxs = _mm_n(dgu, w13, g)  # [S, H]
     if lora is not None:
-        dB1 = _wgrad(dgu, z1, g)  # [G, 2I, r]
+        dB1 = _wgrad(dgu, z1, g, small="b")  # [G, 2I, r]
         dz1 = _mm_n(dgu, B1, g) * scaling  # [S, r]
-        dA1 = _wgrad(dz1, xs, g)  # [G, r, H]
+        dA1 = _wgrad(dz1, xs, g, small="a")  # [G, r, H]
         dxs = dxs + _mm_n(dz1, A1, g)
         grads = (dA1, dB1, dA2, dB2)
     return out, dxs, grads

@@ -9,6 +9,16 @@ main thread; dx and the routing-weight gradients add, and each LoRA factor recei
 of both sides' (the GPU side computes with a device copy of the factors, so LoRA stays exact whoever
 computes an expert).
 
+Two paths, chosen per call from what the layer's GPU weights cover (fixed for the step by the planner):
+
+- device path (one GPU weight set holds all E experts: everything streamed, or everything resident): the
+  routing never leaves the device. Slots are sorted by expert and the grouped-GEMM offsets are computed
+  there, so the call queues its kernels without waiting for the GPU; the only synchronisation is the
+  backward's device-to-host copy of the LoRA factor gradients (the factors live on the host). In the
+  recomputation of a checkpointed layer the intermediates are kept for the backward that follows it.
+- host path (mixed splits): the routing ids come to the host, which splits them between the CPU operator
+  and the GPU parts.
+
 Legend: T = tokens, K = experts per token, E = experts, H = hidden, I = expert intermediate, r = LoRA rank,
 S = slots on one GPU part, G = experts of that part.
 """
@@ -96,14 +106,79 @@ def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+@dataclass
+class _Route:
+    """Device-path routing of all T*K slots, sorted by expert (no host synchronisation)."""
+
+    order: torch.Tensor  # [T*K] slot index (into the flattened [T, K]) of each sorted row
+    tok: torch.Tensor  # [T*K] token of each sorted row
+    ws: torch.Tensor  # [T*K] routing weight of each sorted row
+    groups: Groups
+
+
+def _route(rt: StreamingRuntime, ids: torch.Tensor, w: torch.Tensor, experts: list[int]) -> _Route:
+    K = ids.shape[1]
+    local = rt.local_index(experts, ids.device)[ids.reshape(-1).long()]  # [T*K] position in the weights
+    sorted_local, order = torch.sort(local, stable=True)
+    ends = torch.searchsorted(sorted_local, torch.arange(len(experts), device=ids.device), right=True)
+    return _Route(order, order // K, w.reshape(-1)[order], Groups.on_device(ends.to(torch.int32), sorted_local))
+
+
+ROWS = 8192  # rows per piece when fp32 row work is accumulated (bounds the temporaries)
+
+
+def _add_rows(total: torch.Tensor, tok: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor | None = None):
+    """total[tok[i]] += rows[i] (* scale[i]) in fp32, in pieces of ROWS rows."""
+    for a in range(0, rows.shape[0], ROWS):
+        piece = rows[a : a + ROWS].float()
+        if scale is not None:
+            piece = piece * scale[a : a + ROWS, None].float()
+        total.index_add_(0, tok[a : a + ROWS], piece)
+
+
+def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[S, H] a, b -> [S] fp32 row-wise dot products, in pieces."""
+    out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+    for i in range(0, a.shape[0], ROWS):
+        out[i : i + ROWS] = (a[i : i + ROWS].float() * b[i : i + ROWS].float()).sum(-1)
+    return out
+
+
+def _lora_sub(lora_dev, experts: list[int], E: int):
+    if not lora_dev:
+        return None
+    if experts == list(range(E)):
+        return lora_dev
+    return tuple(f[experts] for f in lora_dev)
+
+
+def _empty_cache(module: KTExperts, lora, slots: int) -> torch.Tensor:
+    """A placeholder of the CPU cache's shape (untouched host pages), or an empty tensor."""
+    if module.kernel != kernels.TORCH_KERNEL:
+        return torch.empty(slots * kernels._cache_row_floats(module, lora), dtype=torch.float32)
+    return torch.empty(0)
+
+
+def _grads_to_host(grads: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Device tensors -> host fp32 tensors with one device-to-host copy (one wait on this stream)."""
+    if grads[0].device.type == "cpu":
+        return [g.float() for g in grads]
+    flat = to_host(torch.cat([g.reshape(-1).float() for g in grads]))
+    out, at = [], 0
+    for g in grads:
+        out.append(flat[at : at + g.numel()].view(g.shape))
+        at += g.numel()
+    return out
+
+
 def _gpu_forward(hybrid: HybridExperts, x, w_flat, parts, lora_dev, scaling):
     """Sum over parts of routing weight * expert output, [T, H] fp32 on the device."""
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for p in parts:
         xs = x[p.tok].to(p.w13.dtype)  # [S, H]
         sub = tuple(f[p.experts] for f in lora_dev) if lora_dev else None
-        out = expert_mlp_forward(xs, p.groups, p.w13, p.w2, sub, scaling)  # [S, H]
-        y.index_add_(0, p.tok, out.float() * w_flat[p.flat].float()[:, None])
+        out, _ = expert_mlp_forward(xs, p.groups, p.w13, p.w2, sub, scaling)  # [S, H]
+        _add_rows(y, p.tok, out, w_flat[p.flat])
     return y
 
 
@@ -112,107 +187,36 @@ class _HybridFunction(torch.autograd.Function):
     def forward(ctx, hybrid: HybridExperts, x, ids, w, *lora):
         rt, module = hybrid.runtime, hybrid.experts
         phase = rt.phase(forward=True)
-        ids_host = to_host(ids).to(torch.int64)  # [T, K]
-        w_host = to_host(w).to(torch.float32)  # [T, K]
-        weights = rt.begin(hybrid.layer, ids_host, phase)
-        cpu_ids, parts = hybrid.split(ids_host, weights)
         needs_grad = any(ctx.needs_input_grad[1:])
-        run_cpu = bool((cpu_ids >= 0).any())
-        x_host = to_host(x) if run_cpu else None
-        future = None
-        if run_cpu:
-            future = rt.submit_cpu(
-                hybrid.layer,
-                phase,
-                lambda: kernels.experts_forward(
-                    module,
-                    x_host,
-                    cpu_ids,
-                    w_host,
-                    lora=lora or None,
-                    save_for_backward=needs_grad,
-                    pin_output=x.device.type != "cpu",
-                ),
-                slots=int((cpu_ids >= 0).sum()),
-            )
-        y = None
-        if parts:
-            with rt.gpu_timer(hybrid.layer, phase, sum(p.groups.rows for p in parts)):
-                lora_dev = rt.device_lora(hybrid.layer, lora)
-                y = _gpu_forward(hybrid, x, w.reshape(-1), parts, lora_dev, rt.scaling(module))
-        rt.end(hybrid.layer)
-        cache = None
-        if future is not None:
-            y_cpu, cache = future.result()
-            y_cpu = to_device(y_cpu, x.device)
-            y = y_cpu.float() if y is None else y + y_cpu.float()
-        if y is None:
-            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        weights = rt.begin(hybrid.layer, ids, phase)
+        full = rt.covering(hybrid.layer, weights)
+        if full is not None:
+            y = _device_forward(hybrid, x, ids, w, lora, full, phase, keep=needs_grad and phase == "recompute")
+            cpu_ids = torch.full(ids.shape, -1, dtype=torch.int64)
+            cache = _empty_cache(module, lora, ids.numel()) if needs_grad else None
+        else:
+            y, cpu_ids, cache = _host_forward(hybrid, x, ids, w, lora, weights, phase, needs_grad)
         if needs_grad:
             ctx.hybrid, ctx.w_dtype = hybrid, w.dtype
-            # Gradient checkpointing compares the shapes of what is saved here with the recomputation's,
-            # whose split may differ: the CPU cache always has its full shape (untouched, so unbacked,
-            # host pages when the CPU computed nothing), and cpu_ids tell the backward whose split it is.
-            if cache is None and module.kernel != kernels.TORCH_KERNEL:
-                rows = kernels._cache_row_floats(module, lora)
-                cache = torch.empty(ids_host.numel() * rows, dtype=torch.float32)
-            cache = cache if cache is not None else torch.empty(0)
-            ctx.save_for_backward(x, ids_host, w_host, cpu_ids, cache, *lora)
+            # Gradient checkpointing compares the metadata of what is saved here with the recomputation's,
+            # whose path may differ: both paths save the same tensors (the CPU cache always has its full
+            # shape: untouched, so unbacked, host pages when the CPU computed nothing), and cpu_ids tell the
+            # backward whose split it is.
+            ctx.save_for_backward(x, ids, w, cpu_ids, cache, *lora)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         hybrid = ctx.hybrid
-        rt, module = hybrid.runtime, hybrid.experts
-        x, ids_host, w_host, fwd_cpu_ids, cache, *lora = ctx.saved_tensors
-        phase = "bwd"
-        weights = rt.begin(hybrid.layer, ids_host, phase)
-        cpu_ids, parts = hybrid.split(ids_host, weights)
-        if cache.numel() == 0 or not torch.equal(cpu_ids, fwd_cpu_ids):
-            cache = None  # the split moved since the forward: the CPU recomputes what it needs
+        rt = hybrid.runtime
+        x, ids, w, fwd_cpu_ids, cache, *lora = ctx.saved_tensors
+        weights = rt.begin(hybrid.layer, ids, "bwd")
+        full = rt.covering(hybrid.layer, weights)
         dy = dy.contiguous()
-        cpu_mask = cpu_ids >= 0
-        future = None
-        if bool(cpu_mask.any()):
-            x_host, dy_host = to_host(x), to_host(dy).to(x.dtype)
-            future = rt.submit_cpu(
-                hybrid.layer,
-                phase,
-                lambda: kernels.experts_backward(
-                    module, x_host, cpu_ids, w_host, dy_host, cache=cache, lora=lora or None
-                ),
-                slots=int(cpu_mask.sum()),
-            )
-        dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
-        dw = torch.zeros(ids_host.shape, dtype=torch.float32, device=x.device)  # [T, K]
-        lora_grads = [torch.zeros_like(f) for f in lora] if lora else None  # host fp32, [E, ...]
-        gpu_lora = []
-        if parts:
-            with rt.gpu_timer(hybrid.layer, phase, sum(p.groups.rows for p in parts)):
-                lora_dev = rt.device_lora(hybrid.layer, lora)
-                w_dev = w_host.to(x.device, non_blocking=True).reshape(-1) if x.is_cuda else w_host.reshape(-1)
-                for p in parts:
-                    xs = x[p.tok].to(p.w13.dtype)  # [S, H]
-                    dys = dy[p.tok]  # [S, H]
-                    dout = (dys.float() * w_dev[p.flat][:, None]).to(p.w13.dtype)
-                    sub = tuple(f[p.experts] for f in lora_dev) if lora_dev else None
-                    out, dxs, grads = expert_mlp_backward(xs, dout, p.groups, p.w13, p.w2, sub, rt.scaling(module))
-                    dx.index_add_(0, p.tok, dxs.float())
-                    dw.view(-1).index_copy_(0, p.flat, (dys.float() * out.float()).sum(-1))
-                    if grads is not None:
-                        gpu_lora.append((p.experts, grads))
-        rt.end(hybrid.layer)
-        for experts, grads in gpu_lora:  # device -> host, into the factors' gradients
-            idx = torch.tensor(experts)
-            for total, g in zip(lora_grads, grads, strict=True):
-                total.index_add_(0, idx, g.cpu())
-        if future is not None:
-            dx_cpu, dw_cpu, cpu_lora = future.result()
-            dx += to_device(dx_cpu, x.device).float()
-            dw += to_device(torch.where(cpu_mask, dw_cpu, 0.0), x.device)
-            if cpu_lora is not None:
-                for total, g in zip(lora_grads, cpu_lora, strict=True):
-                    total.add_(g)
+        if full is not None:
+            dx, dw, lora_grads = _device_backward(hybrid, x, ids, w, dy, lora, full)
+        else:
+            dx, dw, lora_grads = _host_backward(hybrid, x, ids, w, dy, lora, weights, fwd_cpu_ids, cache)
         grads = [
             None,
             dx.to(x.dtype) if ctx.needs_input_grad[1] else None,
@@ -220,3 +224,162 @@ class _HybridFunction(torch.autograd.Function):
             dw.to(ctx.w_dtype) if ctx.needs_input_grad[3] else None,
         ]
         return (*grads, *(lora_grads or ()))
+
+
+# ---- device path ---------------------------------------------------------------------------------------
+
+
+def _device_forward(hybrid: HybridExperts, x, ids, w, lora, full, phase: str, *, keep: bool):
+    """[T, H] fp32 output of all slots on the GPU; with `keep`, the backward's intermediates are kept."""
+    rt, module = hybrid.runtime, hybrid.experts
+    experts, w13, w2 = full
+    T, K = ids.shape
+    with rt.gpu_timer(hybrid.layer, phase, T * K):
+        r = _route(rt, ids, w, experts)
+        sub = _lora_sub(rt.device_lora(hybrid.layer, lora), experts, module.num_experts)
+        xs = x[r.tok].to(w13.dtype)  # [T*K, H]
+        out, saved = expert_mlp_forward(xs, r.groups, w13, w2, sub, rt.scaling(module), keep=keep)
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        _add_rows(y, r.tok, out, r.ws)
+    if keep:
+        rt.keep(hybrid.layer, (ids, x, w13), (r, xs, out, saved))
+    rt.end(hybrid.layer)
+    return y
+
+
+def _device_backward(hybrid: HybridExperts, x, ids, w, dy, lora, full):
+    rt, module = hybrid.runtime, hybrid.experts
+    experts, w13, w2 = full
+    E = module.num_experts
+    T, K = ids.shape
+    with rt.gpu_timer(hybrid.layer, "bwd", T * K):
+        sub = _lora_sub(rt.device_lora(hybrid.layer, lora), experts, E)
+        kept = rt.take_kept(hybrid.layer, (ids, x, w13))
+        if kept is not None:
+            r, xs, out, saved = kept
+        else:
+            r = _route(rt, ids, w, experts)
+            xs, out, saved = x[r.tok].to(w13.dtype), None, None
+        dys = dy[r.tok]  # [T*K, H]
+        dout = torch.empty_like(xs)
+        torch.mul(dys, r.ws[:, None].float(), out=dout)  # fp32 product, rounded once
+        dw = torch.empty(T * K, dtype=torch.float32, device=x.device)
+        if out is not None:  # the routing-weight gradient first, so dys and out are freed early
+            dw[r.order] = _row_dots(dys, out)
+            del dys, out
+        kept = None
+        out, dxs, grads = expert_mlp_backward(xs, dout, r.groups, w13, w2, sub, rt.scaling(module), saved=saved)
+        del saved, dout, xs
+        if out is not None:
+            dw[r.order] = _row_dots(dys, out)
+            del dys, out
+        dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
+        _add_rows(dx, r.tok, dxs)
+        del dxs
+    rt.end(hybrid.layer)
+    lora_grads = None
+    if lora:
+        host = _grads_to_host(grads)
+        if experts == list(range(E)):
+            lora_grads = [g.to(f.dtype) for g, f in zip(host, lora, strict=True)]
+        else:
+            idx = torch.tensor(experts)
+            pairs = zip(host, lora, strict=True)
+            lora_grads = [torch.zeros_like(f).index_add_(0, idx, g.to(f.dtype)) for g, f in pairs]
+    return dx, dw.view(T, K), lora_grads
+
+
+# ---- host path -----------------------------------------------------------------------------------------
+
+
+def _host_forward(hybrid: HybridExperts, x, ids, w, lora, weights, phase, needs_grad):
+    rt, module = hybrid.runtime, hybrid.experts
+    ids_host = to_host(ids).to(torch.int64)  # [T, K]
+    w_host = to_host(w).to(torch.float32)  # [T, K]
+    cpu_ids, parts = hybrid.split(ids_host, weights)
+    run_cpu = bool((cpu_ids >= 0).any())
+    future = None
+    if run_cpu:
+        x_host = to_host(x)
+        future = rt.submit_cpu(
+            hybrid.layer,
+            phase,
+            lambda: kernels.experts_forward(
+                module,
+                x_host,
+                cpu_ids,
+                w_host,
+                lora=lora or None,
+                save_for_backward=needs_grad,
+                pin_output=x.device.type != "cpu",
+            ),
+            slots=int((cpu_ids >= 0).sum()),
+        )
+    y = None
+    if parts:
+        with rt.gpu_timer(hybrid.layer, phase, sum(p.groups.rows for p in parts)):
+            lora_dev = rt.device_lora(hybrid.layer, lora)
+            y = _gpu_forward(hybrid, x, w.reshape(-1), parts, lora_dev, rt.scaling(module))
+    rt.end(hybrid.layer)
+    cache = None
+    if future is not None:
+        y_cpu, cache = future.result()
+        y_cpu = to_device(y_cpu, x.device)
+        y = y_cpu.float() if y is None else y + y_cpu.float()
+    if y is None:
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    if needs_grad and cache is None:
+        cache = _empty_cache(module, lora, ids_host.numel())
+    return y, cpu_ids, cache
+
+
+def _host_backward(hybrid: HybridExperts, x, ids, w, dy, lora, weights, fwd_cpu_ids, cache):
+    rt, module = hybrid.runtime, hybrid.experts
+    phase = "bwd"
+    ids_host = to_host(ids).to(torch.int64)  # [T, K]
+    w_host = to_host(w).to(torch.float32)  # [T, K]
+    cpu_ids, parts = hybrid.split(ids_host, weights)
+    if cache.numel() == 0 or not torch.equal(cpu_ids, fwd_cpu_ids):
+        cache = None  # the split moved since the forward: the CPU recomputes what it needs
+    cpu_mask = cpu_ids >= 0
+    future = None
+    if bool(cpu_mask.any()):
+        x_host, dy_host = to_host(x), to_host(dy).to(x.dtype)
+        future = rt.submit_cpu(
+            hybrid.layer,
+            phase,
+            lambda: kernels.experts_backward(module, x_host, cpu_ids, w_host, dy_host, cache=cache, lora=lora or None),
+            slots=int(cpu_mask.sum()),
+        )
+    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
+    dw = torch.zeros(ids_host.shape, dtype=torch.float32, device=x.device)  # [T, K]
+    lora_grads = [torch.zeros_like(f) for f in lora] if lora else None  # host fp32, [E, ...]
+    gpu_lora = []
+    if parts:
+        with rt.gpu_timer(hybrid.layer, phase, sum(p.groups.rows for p in parts)):
+            lora_dev = rt.device_lora(hybrid.layer, lora)
+            w_dev = w.reshape(-1).float()
+            for p in parts:
+                xs = x[p.tok].to(p.w13.dtype)  # [S, H]
+                dys = dy[p.tok]  # [S, H]
+                dout = torch.empty_like(xs)
+                torch.mul(dys, w_dev[p.flat][:, None], out=dout)
+                sub = tuple(f[p.experts] for f in lora_dev) if lora_dev else None
+                out, dxs, grads = expert_mlp_backward(xs, dout, p.groups, p.w13, p.w2, sub, rt.scaling(module))
+                _add_rows(dx, p.tok, dxs)
+                dw.view(-1).index_copy_(0, p.flat, _row_dots(dys, out))
+                if grads is not None:
+                    gpu_lora.append((p.experts, grads))
+    rt.end(hybrid.layer)
+    for experts, grads in gpu_lora:  # device -> host, into the factors' gradients
+        idx = torch.tensor(experts)
+        for total, g in zip(lora_grads, _grads_to_host(grads), strict=True):
+            total.index_add_(0, idx, g.to(total.dtype))
+    if future is not None:
+        dx_cpu, dw_cpu, cpu_lora = future.result()
+        dx += to_device(dx_cpu, x.device).float()
+        dw += to_device(torch.where(cpu_mask, dw_cpu, 0.0), x.device)
+        if cpu_lora is not None:
+            for total, g in zip(lora_grads, cpu_lora, strict=True):
+                total.add_(g)
+    return dx, dw, lora_grads

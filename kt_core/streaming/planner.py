@@ -3,6 +3,7 @@
 Per layer and step, the cost of an expert set is modeled as
 
     CPU   cpu_passes  * (2 * 3 * H * I * slots_on_cpu) / cpu_flops + cpu_expert_s * experts_on_cpu
+          + cpu_calls * cpu_call_s                               (only when the CPU has slots)
     PCIe  pcie_passes * streamed_experts * expert_bytes / pcie_bytes_per_s
     GPU   gpu_passes  * (2 * 3 * H * I * slots_on_gpu) / gpu_flops
 
@@ -11,6 +12,10 @@ their maximum. Streaming an expert costs the same bytes whatever its token count
 with it, so the best split streams the experts with the most routed slots: the planner sorts them and
 picks how many to stream (within the slot capacity the GPU memory budget allows). Experts resident on
 the GPU cost no PCIe time and are always computed there.
+
+A CPU share also costs a fixed amount per call (copying the routing and hidden states to the host, the
+thread hand-off, the small GEMM tails: ~15 ms per call measured on the H200 machine), paid once per pass
+(cpu_calls: forward, recomputation, backward), so a CPU share that cannot pay for it is not given.
 
 Passes per training step with gradient checkpointing: the CPU runs forward, recomputed forward and
 backward (~2x a forward): 4; a streamed layer crosses PCIe twice (forward; backward, shared with the
@@ -34,10 +39,12 @@ MODES = ("auto", "cpu", "gpu")
 class CostModel:
     """Speeds the planner trades off; `observe_*` folds measurements in."""
 
-    pcie_bytes_per_s: float = 25e9
-    cpu_flops: float = 1.5e12
+    pcie_bytes_per_s: float = 50e9  # pinned host -> H200 measured 50-55 GB/s
+    cpu_flops: float = 0.8e12  # the CPU operator's effective speed measured on 16 Xeon cores
     gpu_flops: float = 300e12
     cpu_expert_s: float = 20e-6  # fixed CPU cost per expert that has slots (scheduling, small GEMM tails)
+    cpu_call_s: float = 15e-3  # fixed cost of a call with a CPU share (host copies, synchronisation, hand-off)
+    cpu_calls: float = 3.0  # calls per step with checkpointing: forward, recomputation, backward
     cpu_passes: float = 4.0
     pcie_passes: float = 2.0
     gpu_passes: float = 5.0
@@ -109,6 +116,8 @@ def plan_layer(
         streamed = sum(counts[e] for e in order[:k])
         rest = total_rest - streamed
         cpu = cost.cpu_passes * (rest * flops_per_slot / cost.cpu_flops + cost.cpu_expert_s * (len(order) - k))
+        if k < len(order):
+            cpu += cost.cpu_calls * cost.cpu_call_s
         pcie = cost.pcie_passes * k * expert_bytes / cost.pcie_bytes_per_s
         gpu = cost.gpu_passes * (streamed + on_gpu) * flops_per_slot / cost.gpu_flops
         return cpu, pcie, gpu

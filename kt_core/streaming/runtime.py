@@ -11,6 +11,11 @@ the per-layer routing statistics. A layer's call (`begin`) makes sure its stream
 side stream: the following layer in the forward, the preceding one in the backward and in the recomputation
 of a checkpointed layer (which runs inside the backward and so shares the backward's copy).
 
+Plans are made ahead, once per step and layer, from the routing statistics of the steps before (uniform
+counts on the first step): the routing counts accumulate on the device during a step and come to the host
+once, when the step closes. When a plan leaves the CPU nothing to do, the layer streams all its experts, so
+its calls take the device path of HybridExperts (no host synchronisation, no CPU thread hand-off).
+
 `gpu_memory_budget` bounds the device bytes of expert weights (the two slots, the int8 scratch and the
 resident experts); the rest of the model and the activations come on top.
 """
@@ -51,6 +56,11 @@ class StreamingRuntime:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-cpu-experts")
         self.history: list[dict] = []
         self.last_report: dict | None = None
+        self._fresh: list[bool] = []  # plans[i] made for this step
+        self._step_counts: list[torch.Tensor | None] = []  # [E] routed slots per expert this step (device)
+        self._positions: dict[tuple, torch.Tensor] = {}  # expert list -> [E] position map on the device
+        self._lora_dev: dict[int, tuple] = {}  # layer -> (key, device factors)
+        self._kept: dict[int, tuple] = {}  # layer -> (key, intermediates) from a recomputation, for its backward
         self._saw_backward = False
         self._step_t0 = time.perf_counter()
         self._reset_counters()
@@ -70,24 +80,25 @@ class StreamingRuntime:
             return "bwd"
         return "recompute" if torch._C._current_graph_task_id() != -1 else "fwd"
 
-    def begin(self, layer: int, ids_host: torch.Tensor, phase: str) -> list[tuple]:
-        """Weights of the GPU side of `layer` for this call: [(experts, w13 [G, 2I, H], w2 [G, H, I]), ...]."""
-        E = self.layers[layer].experts.num_experts
-        counts = torch.bincount(ids_host.reshape(-1).clamp(min=-1) + 1, minlength=E + 1)[1:].float()  # [E]
+    def begin(self, layer: int, ids: torch.Tensor, phase: str) -> list[tuple]:
+        """Weights of the GPU side of `layer` for this call: [(experts, w13 [G, 2I, H], w2 [G, H, I]), ...].
+
+        Never waits for the device: the routing counts are accumulated where `ids` lives.
+        """
         if phase == "fwd":
             if layer == 0 and self._saw_backward:
                 self.end_step()
-            old = self.counts[layer]
-            self.counts[layer] = counts if old is None else 0.5 * old + 0.5 * counts
+            self._count(layer, ids)
         else:
             self._saw_backward = True
+        slots = ids.numel()
         if self.store.holds(layer) is None:
-            self.store.load(layer, self.plan(layer, counts).stream)
+            self.store.load(layer, self.plan(layer, slots).stream)
         step = 1 if phase == "fwd" else -1
         nxt = layer + step
         experts, w13, w2 = self.store.acquire(layer)
         if 0 <= nxt < len(self.layers):  # prefetch one layer ahead, in this pass's order
-            self.store.load(nxt, self.plan(nxt, counts).stream, avoid=layer)
+            self.store.load(nxt, self.plan(nxt, slots).stream, avoid=layer)
         if phase == "fwd" and layer < len(self._streamed):
             self._streamed[layer] = len(experts)
         lw = self.store.layers[layer]
@@ -96,23 +107,75 @@ class StreamingRuntime:
             out.append((lw.resident, lw.res_w13, lw.res_w2))
         return out
 
+    def _count(self, layer: int, ids: torch.Tensor) -> None:
+        E = self.layers[layer].experts.num_experts
+        flat = ids.reshape(-1).long()
+        ones = (flat >= 0).float()
+        if self._step_counts[layer] is None:
+            self._step_counts[layer] = torch.zeros(E, dtype=torch.float32, device=ids.device)
+        self._step_counts[layer].index_add_(0, flat.clamp(min=0), ones)
+
+    def covering(self, layer: int, weights: list[tuple]) -> tuple | None:
+        """The one weight set holding every expert of the layer (the device path), or None (host path)."""
+        E = self.layers[layer].experts.num_experts
+        if len(weights) == 1 and len(weights[0][0]) == E:
+            return weights[0]
+        return None
+
+    def local_index(self, experts: list[int], device: torch.device) -> torch.Tensor:
+        """[E] int64 map from expert id to its position in `experts` (-1 where absent), on `device`."""
+        key = (tuple(experts), str(device))
+        pos = self._positions.get(key)
+        if pos is None:
+            E = self.layers[0].experts.num_experts
+            host = torch.full((E,), -1, dtype=torch.int64)
+            host[torch.tensor(experts, dtype=torch.int64)] = torch.arange(len(experts))
+            pos = self._positions[key] = host.to(device)
+        return pos
+
+    def keep(self, layer: int, key: tuple, state: tuple) -> None:
+        """Holds a recomputation's intermediates for the backward of the same layer that follows it."""
+        self._kept[layer] = (tuple(t.data_ptr() for t in key), state)
+
     def end(self, layer: int) -> None:
         self.store.release(layer)
 
-    def plan(self, layer: int, fallback_counts: torch.Tensor) -> LayerPlan:
-        counts = self.counts[layer] if self.counts[layer] is not None else fallback_counts
+    def take_kept(self, layer: int, key: tuple) -> tuple | None:
+        held = self._kept.pop(layer, None)
+        if held is None or held[0] != tuple(t.data_ptr() for t in key):
+            return None
+        return held[1]
+
+    def plan(self, layer: int, slots: int) -> LayerPlan:
+        """This step's plan of `layer` (made once per step, from the steps before; uniform on the first)."""
+        if self._fresh[layer]:
+            return self.plans[layer]
         m = self.layers[layer].experts
+        E = m.num_experts
+        counts = self.counts[layer].tolist() if self.counts[layer] is not None else [slots / E] * E
+        resident = self.store.layers[layer].resident
         p = plan_layer(
-            counts.tolist(),
+            counts,
             hidden=m.hidden_dim,
             intermediate=m.intermediate_dim,
             expert_bytes=self.store.expert_bytes(layer),
             capacity=self.store.capacity,
             cost=self.cost,
-            resident=self.store.layers[layer].resident,
+            resident=resident,
             mode=self.mode,
         )
+        rest = [e for e in range(E) if e not in set(resident)]
+        covered = set(p.stream) | set(resident)
+        if (
+            self.mode != "cpu"
+            and rest
+            and len(rest) <= self.store.capacity
+            and all(e in covered for e, c in enumerate(counts) if c > 0)
+        ):  # the CPU has nothing to do: stream the whole layer (same bytes give or take, no host split)
+            p.stream = rest
+            p.pcie_s = self.cost.pcie_passes * len(rest) * self.store.expert_bytes(layer) / self.cost.pcie_bytes_per_s
         self.plans[layer] = p
+        self._fresh[layer] = True
         return p
 
     def submit_cpu(self, layer: int, phase: str, fn, *, slots: int) -> Future:
@@ -146,14 +209,24 @@ class StreamingRuntime:
             self._gpu.append(time.perf_counter() - t0)
 
     def device_lora(self, layer: int, lora) -> tuple[torch.Tensor, ...] | None:
-        """Device copies of the layer's LoRA factors ([E, ...] each) in the weights' dtype, fresh per call."""
+        """Device copies of the layer's LoRA factors ([E, ...] each) in the weights' dtype.
+
+        Copied again only when a factor changed (the optimizer updates them in place, which bumps their
+        version counters): the forward, the recomputation and the backward of a step share one copy.
+        """
         if not lora:
             return None
+        key = tuple((f.data_ptr(), f._version) for f in lora)
+        held = self._lora_dev.get(layer)
+        if held is not None and held[0] == key:
+            return held[1]
         dtype = self.layers[layer].experts.gate_up_proj.dtype
         if self.device.type != "cuda":
-            return tuple(f.detach().to(dtype) for f in lora)
-        # Through torch's pinned staging buffers (the optimizer rewrites the factors in place between steps).
-        return tuple(to_device(f.detach(), self.device).to(dtype) for f in lora)
+            dev = tuple(f.detach().to(dtype, copy=True) for f in lora)
+        else:  # through torch's pinned staging buffers
+            dev = tuple(to_device(f.detach(), self.device).to(dtype) for f in lora)
+        self._lora_dev[layer] = (key, dev)
+        return dev
 
     @staticmethod
     def scaling(module: KTExperts) -> float:
@@ -164,6 +237,13 @@ class StreamingRuntime:
     def end_step(self) -> dict:
         """Closes a step (called on the first layer's next forward, or by the training loop): logs and re-plans."""
         wall = time.perf_counter() - self._step_t0
+        for i, c in enumerate(self._step_counts):  # this step's routing joins the statistics (one copy per layer)
+            if c is not None:
+                c = c.cpu()
+                old = self.counts[i]
+                self.counts[i] = c if old is None else 0.5 * old + 0.5 * c
+        self._step_counts = [None] * len(self.layers)
+        self._kept.clear()
         pcie_s, pcie_bytes = self.store.take_pcie()
         if self.device.type == "cuda":
             for _, e in self._gpu:
@@ -205,6 +285,11 @@ class StreamingRuntime:
                 if c is not None:
                     self.store.invalidate(i)
                     self.store.set_resident(i, torch.argsort(c, descending=True)[: self.resident_per_layer].tolist())
+        self._fresh = [False] * len(self.layers)
+        for i in range(len(self.layers)):  # a slot holding last step's plan of a layer is refilled if it changed
+            held = self.store.holds(i)
+            if held is not None and list(held) != list(self.plan(i, 0).stream)[: self.store.capacity]:
+                self.store.invalidate(i)
         self._reset_counters()
         self._saw_backward = False
         self._step_t0 = time.perf_counter()
@@ -277,6 +362,8 @@ def enable_streaming(
         rt.layers.append(hybrid)
         rt.counts.append(None)
         rt.plans.append(LayerPlan())
+        rt._fresh.append(False)
+        rt._step_counts.append(None)
         m.__dict__["forward"] = hybrid.forward  # same module, names and state dict; calls go through the split
     rt._reset_counters()
     logger.info(

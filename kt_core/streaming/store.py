@@ -259,11 +259,10 @@ class ExpertStore:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
         if self.quantize is None:
             return experts, slot.bufs[0][:n], slot.bufs[1][:n]
-        if self.scratch_tag != slot.tag:  # dequantize on the compute stream (fp32 scales, per row)
+        if self.scratch_tag != slot.tag:  # dequantize on the compute stream (fp32 scales, per row), one kernel each
             q13, q2, s13, s2 = slot.bufs[0], slot.bufs[1], slot.bufs[2], slot.bufs[3]
-            for j in range(n):
-                self.scratch[0][j].copy_(q13[j].float() * s13[j, :, None])
-                self.scratch[1][j].copy_(q2[j].float() * s2[j, :, None])
+            torch.mul(q13[:n], s13[:n, :, None], out=self.scratch[0][:n])
+            torch.mul(q2[:n], s2[:n, :, None], out=self.scratch[1][:n])
             self.scratch_tag = slot.tag
         return experts, self.scratch[0][:n], self.scratch[1][:n]
 
