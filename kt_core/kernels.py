@@ -174,8 +174,9 @@ def _chunks(module: KTExperts, T: int) -> list[tuple[int, int]]:
 
 
 def _cache_row_floats(module: KTExperts, lora) -> int:
-    # Per routed row: gate_up pre-activations [2I], then the scaled LoRA input [r].
-    return 2 * module.intermediate_dim + (module.lora.rank if lora else 0)
+    # Per routed row: gate_up pre-activations [2I], then the scaled LoRA inputs of gate_up and down [r] each
+    # (each section holds all rows of a chunk before the next starts).
+    return 2 * module.intermediate_dim + (2 * module.lora.rank if lora else 0)
 
 
 def experts_forward(
@@ -194,7 +195,8 @@ def experts_forward(
         module: the layer (weights, kernel choice, LoRA scaling).
         x: [T, H] fp32 or bf16, host memory. ids: [T, K] int64 (-1 = skip). w: [T, K] fp32.
         lora: (gate_up_A, gate_up_B, down_A, down_B) fp32 factors, or None.
-        save_for_backward: also return the gate_up pre-activations [T*K, 2I] fp32 for backward.
+        save_for_backward: also return, for backward, the gate_up pre-activations [T*K, 2I] fp32 (and with LoRA the
+            scaled LoRA inputs of both projections).
         pin_output: allocate y in pinned memory (it is going to a GPU).
 
     Returns:
@@ -206,7 +208,11 @@ def experts_forward(
         with torch.no_grad():
             y = experts_reference(x, ids, w, module.gate_up_proj, module.down_proj, lora, _scaling(module))
         return y, None
-    y = torch.empty((T, module.hidden_dim), dtype=x.dtype, pin_memory=pin_output)
+    # Recycled like the cache below (pinned outputs are not: pinning is the caller's own allocation).
+    if pin_output:
+        y = torch.empty((T, module.hidden_dim), dtype=x.dtype, pin_memory=True)
+    else:
+        y = host_buffers.empty(T * module.hidden_dim, x.dtype).view(T, module.hidden_dim)
     row_floats = _cache_row_floats(module, lora)
     # Recycled: a fresh buffer this size costs a page fault per 4 KB on first touch (see runtime/buffers.py).
     cache = host_buffers.empty(T * K * row_floats) if save_for_backward else None
@@ -251,7 +257,7 @@ def experts_backward(
     _check("grad_output", dy, (T, module.hidden_dim), (x.dtype,))
     if module.kernel == TORCH_KERNEL:
         return _reference_backward(module, x, ids, w, dy, lora)
-    dx = torch.empty_like(x)
+    dx = host_buffers.empty(x.numel(), x.dtype).view(x.shape)  # recycled: no fresh pages per call
     dw = torch.empty((T, K), dtype=torch.float32)
     lora_grads = tuple(torch.empty_like(t) for t in lora) if lora else None
     chunks = _chunks(module, T)

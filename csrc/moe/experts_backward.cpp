@@ -7,8 +7,14 @@
 //   dx_row = dgu @ W_gu + (scaling * dgu @ B_gu) @ A_gu   [H],  dx[t] = sum_k dx_row
 // LoRA (per expert, sums over its rows): dB_d = (w dy)^T ha, dA_d = (w s dy B_d)^T h,
 //   dB_gu = dgu^T xa, dA_gu = (s dgu B_gu)^T x, with xa / ha the scaled LoRA inputs of the forward.
+//
+// The packed path (bf16 weights and activations) makes the two base products dy @ W_d and dgu @ W_gu tile
+// panels on column blocks of the weights, split and blocked as the forward's, with the LoRA terms added in their
+// epilogue; reads dy and x as bf16 rows (no fp32 copies), recomputes h inside the silu backward (one pass over
+// the cache), keeps dgu and h as bf16 only and takes ha from the forward's cache.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "experts_op.h"
 
@@ -16,6 +22,7 @@ namespace kt {
 namespace {
 
 constexpr int64_t kRowsPerTask = 32;
+constexpr int64_t kLoraRowChunk = 64;  // rows per task of the rank-r products against bf16 rows
 
 // out[n, m] = in[m, n] for an [M, N] matrix.
 void transpose_into(int M, int N, const float* in, float* out) {
@@ -31,6 +38,7 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
   const Routing r = route(act.T, act.K, w_.num_experts, act.ids);
   const int H = w_.hidden, I = w_.intermediate, I2 = 2 * I, R = lora.rank, K = act.K;
   const int64_t S = r.num_rows();
+  if (packed_backward(act.dtype)) return backward_packed(pool, r, act, lora, dy, dx, dw, cache, grads);
 
   float* xg = scratch(0, S * H);
   float* h = scratch(2, S * I);
@@ -54,19 +62,7 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
     gu = fresh;
     xa = fresh_xa;
   }
-  // The matrix units take bf16 operands: dy rows exactly, dgu rounded (as a bf16 autograd graph does).
-  const bool packed = packed_backward(act.dtype);
-  const int Hp = (H + 31) / 32 * 32, I2p = (I2 + 31) / 32 * 32;
-  bf16* dy16 = packed ? reinterpret_cast<bf16*>(scratch_bytes(2, (S + 32) * Hp * 2)) : nullptr;
-  bf16* dgu16 = packed ? reinterpret_cast<bf16*>(scratch_bytes(3, (S + 32) * I2p * 2)) : nullptr;
-  if (packed) gather_packed(pool, r, dy, act.dtype, H, Hp, reinterpret_cast<uint8_t*>(dy16), nullptr);
-  if (packed)
-    pool.parallel_for((S + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
-      for (int64_t row = task * kRowsPerTask; row < std::min(S, (task + 1) * kRowsPerTask); ++row)
-        packed_avx512::silu_mul_row(I, gu + row * I2, gu + row * I2 + I, h + row * I);
-    });
-  else
-    activate(pool, r, gu, h);
+  activate(pool, r, gu, h);
   if (R > 0) {  // ha = scaling * h @ A_d^T and dyb = scaling * dy @ B_d, per expert
     for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
       if (rows == 0) return;
@@ -84,13 +80,11 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
   }
 
   // dh_raw [S, I] = dy @ W_d (+ dyb @ A_d)
-  if (packed) project_columns_packed(pool, r, dy16, Hp, static_cast<const bf16*>(w_.down), H, I, dh,
-                                     down_columns_);
   for_each_block(pool, r, I, [&](int e, int64_t row0, int rows, int col0, int ncols) {
     float* c = dh + row0 * I + col0;
     // W_d[e] is [H, I]: its columns col0.. start col0 elements into the expert's block.
     const void* w_cols = weight_element(w_.down, static_cast<int64_t>(e) * H * I + col0);
-    if (!packed) k_->nn(rows, ncols, H, dyg + row0 * H, H, w_cols, w_.dtype, I, c, I, false);
+    k_->nn(rows, ncols, H, dyg + row0 * H, H, w_cols, w_.dtype, I, c, I, false);
     if (R > 0)
       k_->nn(rows, ncols, R, dyb + row0 * R, R, lora.down_a + static_cast<int64_t>(e) * R * I + col0, DType::kF32,
              I, c, I, true);
@@ -104,18 +98,6 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
       const float wk = act.w[slot];
       float* d = dh + row * I;
       const float* hr = h + row * I;
-      if (packed) {  // the packed kernels imply AVX-512: the vectorized form of the loop below
-        const float* g = gu + row * I2;
-        float* dg = dgu + row * I2;
-        dw[slot] = packed_avx512::silu_backward_row(I, g, g + I, d, hr, wk, dg, dg + I, dgu16 + row * I2p);
-        std::fill(dgu16 + row * I2p + I2, dgu16 + row * I2p + I2p, bf16(0));
-        if (R > 0)
-          for (int j = 0; j < R; ++j) {
-            dyb[row * R + j] *= wk;
-            ha[row * R + j] *= wk;
-          }
-        continue;
-      }
       float dot = 0.f;
       for (int i = 0; i < I; ++i) dot += d[i] * hr[i];
       dw[slot] = dot;
@@ -128,11 +110,6 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
         const float dhi = wk * d[i];
         dg[i] = dhi * u[i] * sig * (1.f + g[i] * (1.f - sig));
         du[i] = dhi * g[i] * sig;
-      }
-      if (packed) {
-        bf16* d16 = dgu16 + row * I2p;
-        for (int i = 0; i < I2; ++i) d16[i] = f32_to_bf16(dg[i]);
-        for (int i = I2; i < I2p; ++i) d16[i] = 0;
       }
       if (R > 0)
         for (int j = 0; j < R; ++j) {
@@ -152,12 +129,10 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
       for (int64_t i = row0 * R; i < (row0 + rows) * R; ++i) dgb[i] *= lora.scaling;
     });
   }
-  if (packed) project_columns_packed(pool, r, dgu16, I2p, static_cast<const bf16*>(w_.gate_up), I2, H, dxg,
-                                     gate_up_columns_);
   for_each_block(pool, r, H, [&](int e, int64_t row0, int rows, int col0, int ncols) {
     float* c = dxg + row0 * H + col0;
     const void* w_cols = weight_element(w_.gate_up, static_cast<int64_t>(e) * I2 * H + col0);  // W_gu[e] [2I, H]
-    if (!packed) k_->nn(rows, ncols, I2, dgu + row0 * I2, I2, w_cols, w_.dtype, H, c, H, false);
+    k_->nn(rows, ncols, I2, dgu + row0 * I2, I2, w_cols, w_.dtype, H, c, H, false);
     if (R > 0)
       k_->nn(rows, ncols, R, dgb + row0 * R, R, lora.gate_up_a + static_cast<int64_t>(e) * R * H + col0, DType::kF32,
              H, c, H, true);
@@ -184,6 +159,138 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
       k_->tn(R, H, rows, dgb + row0 * R, R, xg + row0 * H, H, g_ga, H, false);       // [r, H]
       k_->tn(R, I2, rows, xa + row0 * R, R, dgu + row0 * I2, I2, tmp.data(), I2, false);  // [r, 2I]
       transpose_into(R, I2, tmp.data(), g_gb);                                          // [2I, r]
+    });
+  }
+}
+
+void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora,
+                                const void* dy, void* dx, float* dw, const float* cache, const LoraGrads& grads) {
+  const int H = w_.hidden, I = w_.intermediate, I2 = 2 * I, R = lora.rank, K = act.K;
+  const int64_t S = r.num_rows();
+  const int Hp = (H + 31) / 32 * 32, I2p = (I2 + 31) / 32 * 32;
+  if (!cache) {  // what the forward would have kept: gu [S, 2I], xa [S, r], ha [S, r]
+    float* made = scratch(1, S * (I2 + 2 * R));
+    if (packed_forward(act.dtype)) {
+      forward_packed(pool, r, act, lora, scratch_bf16(static_cast<int64_t>(act.T) * H), made);
+    } else {
+      float* xg = scratch(0, S * H);
+      gather_rows(pool, r, act.x, act.dtype, xg);
+      gate_up(pool, r, act.dtype, xg, lora, R > 0 ? made + S * I2 : nullptr, made);
+      if (R > 0) {
+        float* h = scratch(2, S * I);
+        activate(pool, r, made, h);
+        float* ha = made + S * I2 + S * R;
+        for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
+          if (rows == 0) return;
+          k_->nt(rows, R, I, h + row0 * I, I, lora.down_a + static_cast<int64_t>(e) * R * I, DType::kF32, I,
+                 ha + row0 * R, R, false);
+          for (int64_t i = row0 * R; i < (row0 + rows) * R; ++i) ha[i] *= lora.scaling;
+        });
+      }
+    }
+    cache = made;
+  }
+  const float* gu = cache;
+  const float* xa = R > 0 ? cache + S * I2 : nullptr;
+  const float* ha = R > 0 ? cache + S * I2 + S * R : nullptr;
+
+  bf16* dy16 = reinterpret_cast<bf16*>(scratch_bytes(2, (S + 32) * Hp * 2));
+  gather_packed(pool, r, dy, act.dtype, H, Hp, reinterpret_cast<uint8_t*>(dy16), nullptr);
+  float* dyb = R > 0 ? scratch(9, S * R) : nullptr;  // scaling * dy @ B_d
+  // (expert, chunk of rows) tasks: per-expert tasks alone leave threads idle with 64 or 128 experts.
+  struct Chunk {
+    int e;
+    int64_t row0;
+    int rows;
+  };
+  std::vector<Chunk> chunks;
+  for (int e = 0; e < w_.num_experts; ++e)
+    for (int64_t m = r.offsets[e]; m < r.offsets[e + 1]; m += kLoraRowChunk)
+      chunks.push_back({e, m, static_cast<int>(std::min<int64_t>(kLoraRowChunk, r.offsets[e + 1] - m))});
+  if (R > 0)
+    pool.parallel_for(static_cast<int64_t>(chunks.size()), [&](int64_t i) {
+      const Chunk c = chunks[i];
+      std::vector<float> bt(static_cast<size_t>(R) * H);  // B_d^T [r, H]
+      transpose_into(H, R, lora.down_b + static_cast<int64_t>(c.e) * H * R, bt.data());
+      packed_avx512::rows_times_bt_bf16(c.rows, H, dy16 + c.row0 * Hp, Hp, bt.data(), R, lora.scaling,
+                                        dyb + c.row0 * R);
+    });
+
+  // dh_raw [S, I] = dy @ W_d + dyb @ A_d
+  float* dh = scratch(6, S * I);
+  project_columns_packed(pool, r, dy16, Hp, static_cast<const bf16*>(w_.down), H, I, dh, down_columns_, dyb, R,
+                         lora.down_a);
+
+  // One pass per row: dw = dh_raw . h and dgu, as bf16 (the operand of the base product and of the LoRA
+  // products, as in a bf16 autograd graph), with h as bf16 for dA_d.
+  bf16* dgu16 = reinterpret_cast<bf16*>(scratch_bytes(3, (S + 32) * I2p * 2));
+  bf16* h16 = R > 0 ? scratch_bf16(S * I) : nullptr;
+  float* dybw = R > 0 ? scratch(10, S * R) : nullptr;  // w * dyb, for dA_d
+  float* haw = R > 0 ? scratch(11, S * R) : nullptr;   // w * ha, for dB_d
+  std::fill(dw, dw + static_cast<int64_t>(act.T) * K, 0.f);
+  pool.parallel_for((S + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+    const int64_t end = std::min(S, (task + 1) * kRowsPerTask);
+    for (int64_t row = task * kRowsPerTask; row < end; ++row) {
+      const int64_t slot = r.row_slot[row];
+      const float wk = act.w[slot];
+      const float* g = gu + row * I2;
+      dw[slot] = packed_avx512::silu_backward_fused_row(I, g, g + I, dh + row * I, wk, dgu16 + row * I2p,
+                                                        h16 ? h16 + row * I : nullptr);
+      std::fill(dgu16 + row * I2p + I2, dgu16 + row * I2p + I2p, bf16(0));
+      for (int j = 0; j < R; ++j) {
+        dybw[row * R + j] = wk * dyb[row * R + j];
+        haw[row * R + j] = wk * ha[row * R + j];
+      }
+    }
+  });
+
+  // dx rows [S, H] = dgu @ W_gu + dgb @ A_gu, dgb = scaling * dgu @ B_gu
+  float* dgb = R > 0 ? scratch(8, S * R) : nullptr;
+  if (R > 0)
+    pool.parallel_for(static_cast<int64_t>(chunks.size()), [&](int64_t i) {
+      const Chunk c = chunks[i];
+      std::vector<float> bt(static_cast<size_t>(R) * I2);  // B_gu^T [r, 2I]
+      transpose_into(I2, R, lora.gate_up_b + static_cast<int64_t>(c.e) * I2 * R, bt.data());
+      packed_avx512::rows_times_bt_bf16(c.rows, I2, dgu16 + c.row0 * I2p, I2p, bt.data(), R, lora.scaling,
+                                        dgb + c.row0 * R);
+    });
+  float* dxg = scratch(0, S * H);
+  project_columns_packed(pool, r, dgu16, I2p, static_cast<const bf16*>(w_.gate_up), I2, H, dxg, gate_up_columns_,
+                         dgb, R, lora.gate_up_a);
+  combine(pool, r, dxg, nullptr, act.dtype, dx);
+
+  if (R > 0) {  // LoRA factor gradients: (expert, factor) tasks
+    const bf16* x = static_cast<const bf16*>(act.x);
+    pool.parallel_for(static_cast<int64_t>(w_.num_experts) * 4, [&](int64_t task) {
+      const int e = static_cast<int>(task / 4), which = static_cast<int>(task % 4);
+      const int64_t row0 = r.offsets[e];
+      const int rows = static_cast<int>(r.rows(e));
+      float* out = which == 0   ? grads.down_a + static_cast<int64_t>(e) * R * I
+                   : which == 1 ? grads.down_b + static_cast<int64_t>(e) * H * R
+                   : which == 2 ? grads.gate_up_a + static_cast<int64_t>(e) * R * H
+                                : grads.gate_up_b + static_cast<int64_t>(e) * I2 * R;
+      const int64_t n = static_cast<int64_t>(R) * (which == 0 ? I : which == 3 ? I2 : H);
+      if (rows == 0) {
+        std::fill(out, out + n, 0.f);
+        return;
+      }
+      std::vector<float> tmp(which % 2 ? static_cast<size_t>(n) : 0);
+      switch (which) {
+        case 0:  // dA_d [r, I] = (w dyb)^T h
+          packed_avx512::tn_bf16_rows(R, I, rows, dybw + row0 * R, R, h16 + row0 * I, I, nullptr, out);
+          break;
+        case 1:  // dB_d [H, r] = ((w ha)^T dy)^T
+          packed_avx512::tn_bf16_rows(R, H, rows, haw + row0 * R, R, dy16 + row0 * Hp, Hp, nullptr, tmp.data());
+          transpose_into(R, H, tmp.data(), out);
+          break;
+        case 2:  // dA_gu [r, H] = dgb^T x
+          packed_avx512::tn_bf16_rows(R, H, rows, dgb + row0 * R, R, x, H, r.row_token.data() + row0, out);
+          break;
+        default:  // dB_gu [2I, r] = (xa^T dgu)^T
+          packed_avx512::tn_bf16_rows(R, I2, rows, xa + row0 * R, R, dgu16 + row0 * I2p, I2p, nullptr, tmp.data());
+          transpose_into(R, I2, tmp.data(), out);
+          break;
+      }
     });
   }
 }

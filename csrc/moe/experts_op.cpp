@@ -227,7 +227,7 @@ void ExpertsOp::forward(ThreadPool& pool, const Activations& act, const LoraFact
   float* h = scratch(2, S * I);
   float* out = scratch(3, S * H);
   float* xa = R > 0 ? (cache ? cache + S * 2 * I : scratch(4, S * R)) : nullptr;
-  float* ha = R > 0 ? scratch(5, S * R) : nullptr;
+  float* ha = R > 0 ? (cache ? cache + S * 2 * I + S * R : scratch(5, S * R)) : nullptr;  // kept for backward
   gather_rows(pool, r, act.x, act.dtype, xg);
   gate_up(pool, r, act.dtype, xg, lora, xa, gu);
   activate(pool, r, gu, h);

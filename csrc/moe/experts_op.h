@@ -63,7 +63,8 @@ class ExpertsOp {
   void pack(ThreadPool& pool);
 
   // y [T, H] in act.dtype. cache, when given, receives what backward would otherwise recompute: the
-  // gate_up pre-activations [S, 2I] followed by the scaled LoRA inputs [S, r] (fp32; S <= T * K rows).
+  // gate_up pre-activations [S, 2I] followed by the scaled LoRA inputs of gate_up [S, r] and of down [S, r]
+  // (fp32; S <= T * K rows).
   void forward(ThreadPool& pool, const Activations& act, const LoraFactors& lora, void* y, float* cache);
 
   // dx [T, H] in act.dtype, dw [T, K] fp32 (zero for slots of -1), and the LoRA gradients when
@@ -92,8 +93,13 @@ class ExpertsOp {
   // `columns` keeps those column blocks of every expert once made (the weights are frozen): a second copy of
   // the weights in exchange for not re-reading them column-wise on every backward. Kept when it takes under a
   // quarter of the free memory at the first backward; KT_BACKWARD_WEIGHT_CACHE=1 always, =0 never.
+  // With R > 0, also c += p . A[e][:, cols] (p [S, R] by row, A [E, R, N]: a LoRA down-projection's factor).
   void project_columns_packed(ThreadPool& pool, const Routing& r, const bf16* a, int lda, const bf16* w, int K,
-                              int N, float* c, AlignedBuffer& columns);
+                              int N, float* c, AlignedBuffer& columns, const float* p = nullptr, int R = 0,
+                              const float* lora_a = nullptr);
+  // The backward on packed weights (bf16 weights and activations): see experts_backward.cpp.
+  void backward_packed(ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora,
+                       const void* dy, void* dx, float* dw, const float* cache, const LoraGrads& grads);
   void gather_rows(ThreadPool& pool, const Routing& r, const void* src, DType t, float* dst) const;
   void gate_up(ThreadPool& pool, const Routing& r, DType act, const float* xg, const LoraFactors& lora, float* xa,
                float* gu);

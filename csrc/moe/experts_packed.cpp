@@ -108,7 +108,7 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
   float* xs = int8 ? scratch_scales(0, S + 32) : nullptr;
   gather_packed(pool, r, act.x, act.dtype, H, Hp, xq, xs);
   float* xa = nullptr;
-  float* ha = R > 0 ? scratch(5, S * R) : nullptr;
+  float* ha = R > 0 ? (cache ? cache + S * I2 + S * R : scratch(5, S * R)) : nullptr;  // kept for backward
   if (R > 0) {  // xa [S, r] = scaling * x @ A_gu^T on fp32 rows, as the exact path does
     float* xg = scratch(0, S * H);
     gather_rows(pool, r, act.x, act.dtype, xg);
@@ -233,7 +233,8 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
 }
 
 void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const bf16* a, int lda, const bf16* w,
-                                       int K, int N, float* c, AlignedBuffer& columns) {
+                                       int K, int N, float* c, AlignedBuffer& columns, const float* p, int R,
+                                       const float* lora_a) {
   const int k_blocks = (K + 31) / 32;
   const int col_blocks = (N + 31) / 32;
   const int64_t block_elems = static_cast<int64_t>(k_blocks) * 1024;  // two n-tiles of one column block
@@ -256,33 +257,56 @@ void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const
     columns = std::move(made);
   }
   const bf16* kept = keep ? reinterpret_cast<const bf16*>(columns.data()) : nullptr;
+  // Tasks over (expert, group of column blocks), as the forward's: a chunk of activation rows stays in L2
+  // while the task walks its column blocks, instead of being streamed again for every 32 columns.
   struct Task {
-    int e, block;
+    int e, b0;
   };
   std::vector<Task> tasks;
-  for (int e = 0; e < w_.num_experts; ++e)
-    if (r.rows(e) > 0)
-      for (int b = 0; b < col_blocks; ++b) tasks.push_back({e, b});
+  for (int e = 0; e < w_.num_experts; ++e) {
+    const int64_t rows = r.rows(e);
+    if (rows == 0) continue;
+    for (int b = 0; b < col_blocks; b += pairs_per_task(rows)) tasks.push_back({e, b});
+  }
   pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
     const Task t = tasks[i];
     const int64_t row0 = r.offsets[t.e];
     const int rows = static_cast<int>(r.rows(t.e));
-    const int col0 = t.block * 32, ncols = std::min(32, N - col0);
+    const int b1 = std::min(col_blocks, t.b0 + pairs_per_task(rows));
     const bf16* tiles;
     if (kept) {
-      tiles = kept + (static_cast<int64_t>(t.e) * col_blocks + t.block) * block_elems;
+      tiles = kept + (static_cast<int64_t>(t.e) * col_blocks + t.b0) * block_elems;
     } else {
-      if (t_columns.size() < static_cast<size_t>(block_elems)) t_columns.resize(static_cast<size_t>(block_elems));
-      pk_->pack_columns_bf16(w + static_cast<int64_t>(t.e) * K * N, N, K, N, col0, k_blocks, t_columns.data());
+      const size_t need = static_cast<size_t>(block_elems) * (b1 - t.b0);
+      if (t_columns.size() < need) t_columns.resize(need);
+      for (int b = t.b0; b < b1; ++b)
+        pk_->pack_columns_bf16(w + static_cast<int64_t>(t.e) * K * N, N, K, N, b * 32, k_blocks,
+                               t_columns.data() + (b - t.b0) * block_elems);
       tiles = t_columns.data();
+    }
+    // LoRA: c += p[row] . A[e][:, cols], A [E][R][N]; its slices transposed once per task.
+    float* bts = nullptr;
+    if (R > 0) {
+      const size_t need = static_cast<size_t>(R) * 32 * (b1 - t.b0);
+      if (t_lora_b.size() < need) t_lora_b.resize(need);
+      bts = t_lora_b.data();
+      const float* ae = lora_a + static_cast<int64_t>(t.e) * R * N;
+      for (int b = t.b0; b < b1; ++b)
+        for (int j = 0; j < R; ++j)
+          for (int n = 0; n < 32; ++n)
+            bts[((b - t.b0) * R + j) * 32 + n] = b * 32 + n < N ? ae[static_cast<int64_t>(j) * N + b * 32 + n] : 0.f;
     }
     for (int m0 = 0; m0 < rows; m0 += kRowChunk) {
       const int mrows = std::min(kRowChunk, rows - m0);
       float* panel = panel_buffer(mrows);
-      pk_->bf16_panel(mrows, k_blocks, a + (row0 + m0) * lda, lda, tiles, tiles + static_cast<int64_t>(k_blocks) * 512,
-                      panel);
-      for (int m = 0; m < mrows; ++m)
-        std::copy(panel + m * 32, panel + m * 32 + ncols, c + (row0 + m0 + m) * N + col0);
+      const int64_t first = row0 + m0;
+      for (int b = t.b0; b < b1; ++b) {
+        const bf16* bt = tiles + (b - t.b0) * block_elems;
+        pk_->bf16_panel(mrows, k_blocks, a + first * lda, lda, bt, bt + static_cast<int64_t>(k_blocks) * 512, panel);
+        const int col0 = b * 32, ncols = std::min(32, N - col0);
+        packed_avx512::down_epilogue(mrows, ncols, panel, R > 0 ? p + first * R : nullptr, R,
+                                     R > 0 ? bts + (b - t.b0) * R * 32 : nullptr, c + first * N + col0, N);
+      }
     }
   });
 }

@@ -340,37 +340,82 @@ void down_epilogue(int rows, int ncols, const float* c, const float* ha, int R, 
   }
 }
 
-void silu_mul_row(int n, const float* g, const float* u, float* h) {
-  for (int i = 0; i < n; i += 16) {
-    const __mmask16 m = lanes(n - i);
-    const __m512 gi = _mm512_maskz_loadu_ps(m, g + i);
-    _mm512_mask_storeu_ps(h + i, m, _mm512_mul_ps(_mm512_mul_ps(gi, sigmoid_ps(gi)), _mm512_maskz_loadu_ps(m, u + i)));
-  }
-}
-
-float silu_backward_row(int I, const float* g, const float* u, const float* d, const float* h, float wk, float* dg,
-                        float* du, bf16* d16) {
+float silu_backward_fused_row(int I, const float* g, const float* u, const float* d, float wk, bf16* d16, bf16* h16) {
   const __m512 w = _mm512_set1_ps(wk), one = _mm512_set1_ps(1.f);
   __m512 dot = _mm512_setzero_ps();
   for (int i = 0; i < I; i += 16) {
     const __mmask16 m = lanes(I - i);
     const __m512 gi = _mm512_maskz_loadu_ps(m, g + i), ui = _mm512_maskz_loadu_ps(m, u + i);
     const __m512 di = _mm512_maskz_loadu_ps(m, d + i);
-    dot = _mm512_fmadd_ps(di, _mm512_maskz_loadu_ps(m, h + i), dot);
     const __m512 sig = sigmoid_ps(gi);
+    const __m512 silu = _mm512_mul_ps(gi, sig);
+    const __m512 hi = _mm512_mul_ps(silu, ui);  // as silu_mul_row
+    dot = _mm512_fmadd_ps(di, hi, dot);
+    if (h16) store_bf16(h16 + i, m, hi);
     const __m512 dh = _mm512_mul_ps(w, di);
-    // dgate = dh * u * sig * (1 + g (1 - sig)); dup = dh * g * sig
     const __m512 dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(gi, _mm512_sub_ps(one, sig), one));
     const __m512 dgi = _mm512_mul_ps(_mm512_mul_ps(dh, ui), dsilu);
-    const __m512 dui = _mm512_mul_ps(dh, _mm512_mul_ps(gi, sig));
-    _mm512_mask_storeu_ps(dg + i, m, dgi);
-    _mm512_mask_storeu_ps(du + i, m, dui);
-    if (d16) {
-      store_bf16(d16 + i, m, dgi);
-      store_bf16(d16 + I + i, m, dui);
-    }
+    const __m512 dui = _mm512_mul_ps(dh, silu);
+    store_bf16(d16 + i, m, dgi);
+    store_bf16(d16 + I + i, m, dui);
   }
   return _mm512_reduce_add_ps(dot);
+}
+
+void rows_times_bt_bf16(int rows, int K, const bf16* a, int64_t lda, const float* bt, int R, float scale, float* out) {
+  for (int m = 0; m < rows; m += 2) {
+    const bool two = m + 1 < rows;
+    const bf16* a0 = a + static_cast<int64_t>(m) * lda;
+    const bf16* a1 = two ? a0 + lda : a0;
+    for (int j0 = 0; j0 < R; j0 += 8) {
+      const int jn = R - j0 < 8 ? R - j0 : 8;
+      __m512 acc0[8], acc1[8];
+      for (int j = 0; j < 8; ++j) acc0[j] = acc1[j] = _mm512_setzero_ps();
+      for (int k = 0; k < K; k += 16) {
+        const __mmask16 mk = lanes(K - k);
+        const __m512 x0 = load_bf16(a0 + k, mk), x1 = load_bf16(a1 + k, mk);
+        for (int j = 0; j < 8; ++j) {
+          if (j >= jn) break;
+          const __m512 b = _mm512_maskz_loadu_ps(mk, bt + static_cast<int64_t>(j0 + j) * K + k);
+          acc0[j] = _mm512_fmadd_ps(x0, b, acc0[j]);
+          acc1[j] = _mm512_fmadd_ps(x1, b, acc1[j]);
+        }
+      }
+      for (int j = 0; j < jn; ++j) {
+        out[static_cast<int64_t>(m) * R + j0 + j] = scale * _mm512_reduce_add_ps(acc0[j]);
+        if (two) out[static_cast<int64_t>(m + 1) * R + j0 + j] = scale * _mm512_reduce_add_ps(acc1[j]);
+      }
+    }
+  }
+}
+
+void tn_bf16_rows(int R, int N, int rows, const float* p, int ldp, const bf16* a, int64_t lda, const int32_t* index,
+                  float* out) {
+  for (int n0 = 0; n0 < N; n0 += 64) {
+    __mmask16 mk[4];
+    for (int v = 0; v < 4; ++v) mk[v] = lanes(N - n0 - 16 * v);
+    const int groups = (R + 5) / 6, per = (R + groups - 1) / groups;  // balanced groups of <= 6 (8 = 4 + 4)
+    for (int j0 = 0; j0 < R; j0 += per) {
+      const int jn = R - j0 < per ? R - j0 : per;
+      __m512 acc[6][4];
+      for (int j = 0; j < 6; ++j)
+        for (int v = 0; v < 4; ++v) acc[j][v] = _mm512_setzero_ps();
+      for (int m = 0; m < rows; ++m) {
+        const bf16* am = a + (index ? static_cast<int64_t>(index[m]) : m) * lda + n0;
+        __m512 x[4];
+        for (int v = 0; v < 4; ++v) x[v] = load_bf16(am + 16 * v, mk[v]);
+        const float* pm = p + static_cast<int64_t>(m) * ldp + j0;
+        for (int j = 0; j < 6; ++j) {
+          if (j >= jn) break;
+          const __m512 s = _mm512_set1_ps(pm[j]);
+          for (int v = 0; v < 4; ++v) acc[j][v] = _mm512_fmadd_ps(s, x[v], acc[j][v]);
+        }
+      }
+      for (int j = 0; j < jn; ++j)
+        for (int v = 0; v < 4; ++v)
+          _mm512_mask_storeu_ps(out + static_cast<int64_t>(j0 + j) * N + n0 + 16 * v, mk[v], acc[j][v]);
+    }
+  }
 }
 
 }  // namespace packed_avx512

@@ -90,12 +90,15 @@ void gate_up_epilogue(int rows, int ncols, const float* c, const float* xa, int 
 // Down panel C [rows][32] to out (row stride ld_out, first `ncols` columns), plus xa[row] . bt[:, col].
 void down_epilogue(int rows, int ncols, const float* c, const float* ha, int R, const float* bt, float* out,
                    int64_t ld_out);
-// h = silu(g) * u over n elements.
-void silu_mul_row(int n, const float* g, const float* u, float* h);
-// Backward of h = silu(g) * u for one row with dh = wk * d: dg, du (and bf16 copies [dg | du] to d16 when
-// given), returning d . h (the routing-weight gradient).
-float silu_backward_row(int I, const float* g, const float* u, const float* d, const float* h, float wk, float* dg,
-                        float* du, bf16* d16);
+// Backward of h = silu(g) * u for one row with dh = wk * d: [dg | du] as bf16 to d16, h recomputed (stored as
+// bf16 to h16 when given); returns d . h (the routing-weight gradient).
+float silu_backward_fused_row(int I, const float* g, const float* u, const float* d, float wk, bf16* d16, bf16* h16);
+// out[m][j] = scale * sum_k a[m][k] * bt[j][k] for m < rows, j < R: bf16 rows a (stride lda) against fp32 bt [R][K].
+void rows_times_bt_bf16(int rows, int K, const bf16* a, int64_t lda, const float* bt, int R, float scale, float* out);
+// out[j][n] = sum_m p[m][j] * a[row(m)][n] for j < R, n < N (out [R][N] row-major, overwritten), with p [rows][ldp]
+// fp32 and a bf16 rows of stride lda, row(m) = index ? index[m] : m.
+void tn_bf16_rows(int R, int N, int rows, const float* p, int ldp, const bf16* a, int64_t lda, const int32_t* index,
+                  float* out);
 }  // namespace packed_avx512
 
 extern const PackedKernels kAvx512Bf16Packed;

@@ -66,7 +66,9 @@ class HostBufferPool:
                 best = torch.empty(numel, dtype=dtype)
                 if len(self._buffers) < self._max:
                     self._buffers.append(best)
-            return best[:numel]  # the view counts as a reference until its owner drops it
+            # A tensor of its own on the buffer's storage (counted as a reference until its owner drops it), not
+            # a view: an autograd Function may return it as an output that callers modify in place.
+            return torch.empty(0, dtype=dtype).set_(best.untyped_storage(), 0, (numel,))
 
     def clear(self) -> None:
         """Forget every buffer (those still in use stay alive with their users)."""
