@@ -46,7 +46,7 @@ class _KTAutoModel:
         logger.info(
             "building %s with kt_core (placement rules: %s)", pretrained_model_name_or_path, rules or "defaults"
         )
-        return kt_core.load_model(
+        model = kt_core.load_model(
             pretrained_model_name_or_path,
             device=_devices(s),
             rules=rules,
@@ -57,6 +57,11 @@ class _KTAutoModel:
             dtype=self.compute_dtype,
             config=config,
         )
+        if "chunk_size" in s.given:  # tokens per CPU-experts call in long prefills
+            for module in model.modules():
+                if isinstance(module, kt_core.KTExperts):
+                    module.chunk_size = s.chunk_size
+        return model
 
     def from_config(self, config, **kwargs):
         raise ValueError("use_kt: train_from_scratch is not supported; point model_name_or_path at a checkpoint")
