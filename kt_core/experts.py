@@ -10,6 +10,8 @@ Legend: T = tokens, K = experts per token, E = experts, H = hidden, I = expert i
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -36,6 +38,11 @@ class KTExperts(nn.Module):
         lora_rank: when > 0, per-expert LoRA on gate_up and down with this rank.
         lora_alpha: LoRA alpha (defaults to 2 * lora_rank).
         hidden_act: the experts' activation; only SwiGLU ("silu") is implemented.
+        chunk_size: tokens per call into the C++ operator (None: the whole batch at once).
+        pack_cache: folder caching the packed (and quantized) weights of packed kernels across loads;
+            None reads the KT_PACK_CACHE environment variable (unset: no cache).
+        pack_cache_key: label of this layer's cache file (e.g. checkpoint and layer name); the file's key
+            also covers kernel, dtype, shapes and a fingerprint of the weights.
     """
 
     def __init__(
@@ -51,6 +58,8 @@ class KTExperts(nn.Module):
         lora_alpha: float | None = None,
         hidden_act: str = "silu",
         chunk_size: int | None = None,
+        pack_cache: str | os.PathLike | None = None,
+        pack_cache_key: str | None = None,
     ):
         super().__init__()
         if dtype not in (torch.bfloat16, torch.float32):
@@ -66,6 +75,10 @@ class KTExperts(nn.Module):
         self.cpu_infer = cpu_infer
         # Tokens per call into the C++ operator (None: the whole batch at once); bounds scratch memory.
         self.chunk_size = chunk_size
+        # Folder of saved packed weights (None: the KT_PACK_CACHE environment variable, else off), and a label
+        # (checkpoint and layer name) for this layer's file there; see kt_core/runtime/pack_cache.py.
+        self.pack_cache = pack_cache
+        self.pack_cache_key = pack_cache_key
         E, H, I = num_experts, hidden_size, intermediate_size
         # Frozen base weights, named as in transformers so that state dicts line up.
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, dtype=dtype), requires_grad=False)

@@ -17,6 +17,7 @@ import torch
 
 from kt_core.reference import experts_reference
 from kt_core.runtime.buffers import host_buffers
+from kt_core.runtime.pack_cache import load_or_pack
 from kt_core.runtime.pool import get_thread_pool
 
 if TYPE_CHECKING:
@@ -146,8 +147,9 @@ def _op(module: KTExperts):
             module.down_proj.data_ptr(),
             _DTYPE_NAMES[module.gate_up_proj.dtype],
         )
-        # Packed variants copy (and int8 ones quantize) the weights once, here.
-        module._op.pack(get_thread_pool(module.cpu_infer))
+        # Packed variants copy (and int8 / int4 ones quantize) the weights once, here; or load that work
+        # from the pack cache folder (KT_PACK_CACHE or KTExperts(pack_cache=...)), see runtime/pack_cache.py.
+        load_or_pack(module, module._op, get_thread_pool(module.cpu_infer))
         module._op_key = key
         gate_up_err, down_err = module._op.quantization_error
         if gate_up_err or down_err:

@@ -109,8 +109,33 @@ class PyExpertsOp {
     op_.backward(pool, a, f, dy_p, dx_p, dw_p, reinterpret_cast<const float*>(cache), g);
   }
 
+  // (name, address, bytes) of each packed buffer; the addresses live as long as the op and its packing.
+  py::list packed_blobs() {
+    py::list out;
+    for (const auto& b : op_.packed_blobs())
+      out.append(py::make_tuple(b.name, reinterpret_cast<uintptr_t>(b.data), b.bytes));
+    return out;
+  }
+
+  py::list packed_layout() const {
+    py::list out;
+    for (const auto& b : op_.packed_layout()) out.append(py::make_tuple(b.name, b.bytes));
+    return out;
+  }
+
+  void load_packed(const std::string& tag, const std::vector<std::tuple<std::string, uintptr_t, size_t>>& blobs,
+                   double gate_up_error, double down_error) {
+    std::vector<kt::ExpertsOp::PackedBlob> in;
+    in.reserve(blobs.size());
+    for (const auto& [name, address, bytes] : blobs)
+      in.push_back({name, reinterpret_cast<uint8_t*>(address), bytes});
+    py::gil_scoped_release release;
+    op_.load_packed(tag, in, gate_up_error, down_error);
+  }
+
   const std::string& kernel() const { return kernel_; }
   const kt::ExpertsOp& op() const { return op_; }
+  kt::ExpertsOp& op() { return op_; }
 
  private:
   std::string kernel_;
@@ -189,5 +214,18 @@ PYBIND11_MODULE(_C, m) {
                              [](const PyExpertsOp& o) {
                                return py::make_tuple(o.op().gate_up_error(), o.op().down_error());
                              })
-      .def_property_readonly("packed_bytes", [](const PyExpertsOp& o) { return o.op().packed_bytes(); });
+      .def_property_readonly("packed_bytes", [](const PyExpertsOp& o) { return o.op().packed_bytes(); })
+      .def_property_readonly("packs", [](const PyExpertsOp& o) { return o.op().packs(); },
+                             "Whether pack() packs anything for this kernel and weight dtype.")
+      .def_property_readonly("packed_format", [](const PyExpertsOp& o) { return o.op().packed_format_tag(); },
+                             "Layout tag of the packed buffers ('' when nothing is packed).")
+      .def_property_readonly("pack_count", [](const PyExpertsOp& o) { return o.op().pack_count(); },
+                             "Times pack() packed the weights (loading saved buffers does not count).")
+      .def("packed_blobs", &PyExpertsOp::packed_blobs,
+           "[(name, address, nbytes)] of the packed buffers (empty before pack() or load_packed()).")
+      .def("packed_layout", &PyExpertsOp::packed_layout, "[(name, nbytes)] of the buffers pack() would make.")
+      .def("load_packed", &PyExpertsOp::load_packed, py::arg("format"), py::arg("blobs"), py::arg("gate_up_error"),
+           py::arg("down_error"),
+           "Copies saved packed buffers [(name, address, nbytes)] in instead of packing; ValueError when the format "
+           "tag, the names or the sizes do not match.");
 }

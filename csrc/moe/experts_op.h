@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "../runtime/thread_pool.h"
@@ -61,6 +62,29 @@ class ExpertsOp {
 
   // Packs (and for int8 quantizes) the weights for the packed kernels; once, at load.
   void pack(ThreadPool& pool);
+
+  // Saving and reloading what pack() makes, so that a later load skips the packing (an on-disk cache).
+  // A blob is one packed buffer, named "gate_up.data", "gate_up.scale", "down.colsum", ... (empty ones are
+  // not listed). Blob names and sizes follow from the shapes and the tag alone, before anything is packed.
+  struct PackedBlob {
+    std::string name;
+    uint8_t* data;  // null in packed_layout()
+    size_t bytes;
+  };
+  // Whether pack() packs anything here (bf16 formats leave fp32 weights on the exact path).
+  bool packs() const;
+  // The layout tag of the packed buffers (packed.h: packed_format_tag), "" when packs() is false.
+  std::string packed_format_tag() const;
+  // The blobs this op has (after pack() or load_packed()); empty before.
+  std::vector<PackedBlob> packed_blobs();
+  // The blobs pack() would make: names and sizes.
+  std::vector<PackedBlob> packed_layout() const;
+  // Takes saved blobs instead of packing: `tag` must be packed_format_tag() and the blobs exactly
+  // packed_layout() (names and sizes), else std::invalid_argument and the op is left unpacked. Copies.
+  void load_packed(const std::string& tag, const std::vector<PackedBlob>& blobs, double gate_up_error,
+                   double down_error);
+  // Times pack() has packed the weights (load_packed does not count).
+  int pack_count() const { return pack_count_; }
 
   // y [T, H] in act.dtype. cache, when given, receives what backward would otherwise recompute: the
   // gate_up pre-activations [S, 2I] followed by the scaled LoRA inputs of gate_up [S, r] and of down [S, r]
@@ -125,6 +149,7 @@ class ExpertsOp {
   const GemmKernels* k_;
   const PackedKernels* pk_ = nullptr;
   PackedTensor packed_gate_up_, packed_down_;
+  int pack_count_ = 0;
   AlignedBuffer down_columns_, gate_up_columns_;  // the backward's column blocks of W_d and W_gu
   std::mutex call_mutex_;  // scratch buffers below serve one call at a time
   std::vector<float> scratch_[12];

@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #include <unistd.h>
 
@@ -55,12 +57,93 @@ bool ExpertsOp::packed_backward(DType act) const {
          act == DType::kBF16;
 }
 
-void ExpertsOp::pack(ThreadPool& pool) {
+bool ExpertsOp::packs() const {
   // bf16 packing of fp32 weights would round them: fp32 layers keep the exact path.
-  if (!pk_ || (pk_->format == PackedFormat::kBF16 && w_.dtype != DType::kBF16)) return;
+  return pk_ && !(pk_->format == PackedFormat::kBF16 && w_.dtype != DType::kBF16);
+}
+
+void ExpertsOp::pack(ThreadPool& pool) {
+  if (!packs()) return;
   const int E = w_.num_experts, H = w_.hidden, I = w_.intermediate;
   packed_gate_up_ = pack_tensor(pool, w_.gate_up, w_.dtype, E, 2 * I, H, pk_->format, true);
   packed_down_ = pack_tensor(pool, w_.down, w_.dtype, E, H, I, pk_->format, false);
+  ++pack_count_;
+}
+
+namespace {
+
+void append_blobs(const std::string& prefix, PackedTensor& p, bool with_data,
+                  std::vector<ExpertsOp::PackedBlob>& out) {
+  auto add = [&](const char* name, void* data, size_t bytes) {
+    if (bytes > 0) out.push_back({prefix + "." + name, with_data ? static_cast<uint8_t*>(data) : nullptr, bytes});
+  };
+  add("data", p.data.data(), p.data.size());
+  add("scale", p.scale.data(), p.scale.size() * sizeof(float));
+  add("colsum", p.colsum.data(), p.colsum.size() * sizeof(int32_t));
+  add("scale_zero", p.scale_zero.data(), p.scale_zero.size() * sizeof(float));
+}
+
+}  // namespace
+
+std::string ExpertsOp::packed_format_tag() const { return packs() ? kt::packed_format_tag(pk_->format) : ""; }
+
+std::vector<ExpertsOp::PackedBlob> ExpertsOp::packed_blobs() {
+  std::vector<PackedBlob> out;
+  if (packed_gate_up_.data.size() == 0) return out;
+  append_blobs("gate_up", packed_gate_up_, true, out);
+  append_blobs("down", packed_down_, true, out);
+  return out;
+}
+
+std::vector<ExpertsOp::PackedBlob> ExpertsOp::packed_layout() const {
+  std::vector<PackedBlob> out;
+  if (!packs()) return out;
+  const int E = w_.num_experts, H = w_.hidden, I = w_.intermediate;
+  // Sizes only: the layouts are allocated (zeroed) and dropped, a cost of the same order as the load itself.
+  PackedTensor gu = kt::packed_layout(E, 2 * I, H, pk_->format, true);
+  PackedTensor d = kt::packed_layout(E, H, I, pk_->format, false);
+  append_blobs("gate_up", gu, false, out);
+  append_blobs("down", d, false, out);
+  return out;
+}
+
+void ExpertsOp::load_packed(const std::string& tag, const std::vector<PackedBlob>& blobs, double gate_up_error,
+                            double down_error) {
+  if (!packs()) throw std::invalid_argument("experts: this kernel and weight dtype have no packed weights to load");
+  const std::string expected_tag = packed_format_tag();
+  if (tag != expected_tag)
+    throw std::invalid_argument("experts: packed weights have format '" + tag + "', this build expects '" +
+                                expected_tag + "'");
+  const int E = w_.num_experts, H = w_.hidden, I = w_.intermediate;
+  PackedTensor gu = kt::packed_layout(E, 2 * I, H, pk_->format, true);
+  PackedTensor d = kt::packed_layout(E, H, I, pk_->format, false);
+  std::vector<PackedBlob> want;
+  append_blobs("gate_up", gu, true, want);
+  append_blobs("down", d, true, want);
+  if (blobs.size() != want.size()) {
+    std::string names;
+    for (const auto& b : want) names += (names.empty() ? "" : ", ") + b.name;
+    throw std::invalid_argument("experts: expected " + std::to_string(want.size()) + " packed blobs (" + names +
+                                "), got " + std::to_string(blobs.size()));
+  }
+  for (const auto& w : want) {
+    const PackedBlob* src = nullptr;
+    for (const auto& b : blobs)
+      if (b.name == w.name) src = &b;
+    if (!src) throw std::invalid_argument("experts: packed blob '" + w.name + "' is missing");
+    if (src->bytes != w.bytes)
+      throw std::invalid_argument("experts: packed blob '" + w.name + "' has " + std::to_string(src->bytes) +
+                                  " bytes, expected " + std::to_string(w.bytes));
+    if (!src->data) throw std::invalid_argument("experts: null pointer for packed blob '" + w.name + "'");
+  }
+  for (const auto& w : want) {
+    for (const auto& b : blobs)
+      if (b.name == w.name) std::memcpy(w.data, b.data, w.bytes);
+  }
+  gu.rel_error = gate_up_error;
+  d.rel_error = down_error;
+  packed_gate_up_ = std::move(gu);
+  packed_down_ = std::move(d);
 }
 
 void ExpertsOp::gather_packed(ThreadPool& pool, const Routing& r, const void* src, DType t, int cols, int width,

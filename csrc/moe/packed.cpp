@@ -113,8 +113,7 @@ AlignedBuffer::AlignedBuffer(size_t bytes) : size_(bytes) {
   data_.reset(static_cast<uint8_t*>(p));
 }
 
-PackedTensor pack_tensor(ThreadPool& pool, const void* w, DType dtype, int E, int N, int K, PackedFormat format,
-                         bool interleave_halves) {
+PackedTensor packed_layout(int E, int N, int K, PackedFormat format, bool interleave_halves) {
   PackedTensor p;
   p.format = format;
   p.experts = E;
@@ -125,8 +124,7 @@ PackedTensor pack_tensor(ThreadPool& pool, const void* w, DType dtype, int E, in
   p.k_blocks = (K + k_step(format) - 1) / k_step(format);
   if (format == PackedFormat::kInt4) p.k_blocks = (p.k_blocks + 1) / 2 * 2;  // whole groups
   const int64_t num_tiles = static_cast<int64_t>(E) * p.n_tiles;
-  const int64_t bytes_per_tile_column = static_cast<int64_t>(p.k_blocks) * tile_bytes(format);
-  p.data = AlignedBuffer(static_cast<size_t>(num_tiles * bytes_per_tile_column));
+  p.data = AlignedBuffer(static_cast<size_t>(num_tiles * p.k_blocks * tile_bytes(format)));
   if (format == PackedFormat::kInt4) {
     p.scale.assign(num_tiles * p.groups() * kTileRows, 0.f);
     p.scale_zero.assign(num_tiles * p.groups() * kTileRows, 0.f);
@@ -135,6 +133,24 @@ PackedTensor pack_tensor(ThreadPool& pool, const void* w, DType dtype, int E, in
     p.scale.assign(num_tiles * kTileRows, 0.f);
     p.colsum.assign(num_tiles * kTileRows, 0);
   }
+  return p;
+}
+
+std::string packed_format_tag(PackedFormat format) {
+  const char* name = format == PackedFormat::kBF16   ? "bf16"
+                     : format == PackedFormat::kInt8 ? "int8"
+                     : format == PackedFormat::kInt4 ? "int4"
+                                                     : "none";
+  // Bump the version whenever the tile layout, the quantization or the blob set changes.
+  return std::string("kt-packed-v1/") + name + "/tile" + std::to_string(kTileBytes) + "/g" +
+         std::to_string(kInt4Group);
+}
+
+PackedTensor pack_tensor(ThreadPool& pool, const void* w, DType dtype, int E, int N, int K, PackedFormat format,
+                         bool interleave_halves) {
+  PackedTensor p = packed_layout(E, N, K, format, interleave_halves);
+  const int64_t num_tiles = static_cast<int64_t>(E) * p.n_tiles;
+  const int64_t bytes_per_tile_column = static_cast<int64_t>(p.k_blocks) * tile_bytes(format);
   std::vector<TileStats> stats(num_tiles);
   pool.parallel_for(num_tiles, [&](int64_t task) {
     const int e = static_cast<int>(task / p.n_tiles), nt = static_cast<int>(task % p.n_tiles);

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "../runtime/thread_pool.h"
@@ -154,6 +155,13 @@ struct PackedTensor {
     return colsum.data() + (static_cast<int64_t>(e) * n_tiles + nt) * 16;
   }
 };
+
+// The zeroed layout pack_tensor fills (sizes of every buffer), for packing or for loading saved buffers.
+PackedTensor packed_layout(int E, int N, int K, PackedFormat format, bool interleave_halves);
+
+// Names the packed layout and its version ("kt-packed-v1/int8/tile1024/g128"): saved buffers are only
+// reloaded under the same tag.
+std::string packed_format_tag(PackedFormat format);
 
 // Packs W [E, N, K] (`dtype`), its rows taken as gate / up halves when `interleave_halves`.
 PackedTensor pack_tensor(ThreadPool& pool, const void* w, DType dtype, int E, int N, int K, PackedFormat format,

@@ -1,0 +1,148 @@
+"""On-disk cache of packed (and quantized) expert weights: a second load skips the packing.
+
+Packed kernels (amx_*, avx512_vnni_*, avx512_bf16_packed) copy each layer's weights into the tile layout of
+the matrix units, and the int8 / int4 ones quantize them, once when the operator is built. With a cache
+folder (the KT_PACK_CACHE environment variable, or `KTExperts(..., pack_cache=dir)`), the packed buffers are
+saved as one safetensors file per layer and reloaded on the next build instead of packed again.
+
+A file is named by a key over: the label (`KTExperts.pack_cache_key`: checkpoint and layer name, when the
+loader sets one), the kernel, the packed layout tag of the compiled module, the weight dtype and shapes, and
+a fingerprint of the weights. The fingerprint is cheap, not a full hash: it reads a few thousand strided
+samples of each weight tensor (plus its first and last elements), so it follows any re-initialization,
+fine-tuning or different checkpoint, but an edit confined to elements between the samples goes unseen.
+Give such layers a distinct `pack_cache_key` (or clear the folder) when weights are edited in place.
+
+Files are written under a temporary name and moved in place (os.replace), so a reader never sees half a
+file. A file that cannot be read or does not match (format tag, blob names or sizes, key) is ignored with a
+warning and rewritten after packing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from kt_core.experts import KTExperts
+
+__all__ = ["PACK_CACHE_ENV", "cache_dir", "cache_path", "load_or_pack", "weights_fingerprint"]
+
+logger = logging.getLogger(__name__)
+
+PACK_CACHE_ENV = "KT_PACK_CACHE"
+_FILE_VERSION = "1"  # of this file format (metadata keys, blob naming), next to the C++ layout tag
+_SAMPLES = 4096  # strided samples per weight tensor in the fingerprint
+_EDGE = 64  # first and last elements always sampled
+
+
+def cache_dir(module: KTExperts) -> Path | None:
+    """The module's cache folder: its `pack_cache`, else KT_PACK_CACHE; None when neither is set (off)."""
+    folder = getattr(module, "pack_cache", None) or os.environ.get(PACK_CACHE_ENV)
+    return Path(folder) if folder else None
+
+
+def weights_fingerprint(*tensors: torch.Tensor, samples: int = _SAMPLES) -> str:
+    """Cheap fingerprint of weight tensors: shapes, dtypes and a blake2b of strided samples of each.
+
+    Reads about `samples` elements per tensor at an even stride, plus the first and last few, never the
+    whole tensor: the fingerprint changes with any new set of weights, not with every single-element edit.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        h.update(f"{tuple(t.shape)}:{t.dtype}:".encode())
+        step = max(1, flat.numel() // samples)
+        picked = torch.cat([flat[:_EDGE], flat[::step][:samples], flat[-_EDGE:]]).contiguous()
+        h.update(picked.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _key_fields(module: KTExperts, op) -> dict[str, str]:
+    return {
+        "kt_pack_cache": _FILE_VERSION,
+        "label": str(getattr(module, "pack_cache_key", None) or ""),
+        "kernel": module.kernel,
+        "format": op.packed_format,
+        "dtype": str(module.gate_up_proj.dtype),
+        "gate_up_shape": json.dumps(list(module.gate_up_proj.shape)),
+        "down_shape": json.dumps(list(module.down_proj.shape)),
+        "fingerprint": weights_fingerprint(module.gate_up_proj, module.down_proj),
+    }
+
+
+def cache_path(module: KTExperts, op, folder: Path) -> tuple[Path, dict[str, str]]:
+    """The file for this module's packed weights, and the key fields it must carry as metadata."""
+    fields = _key_fields(module, op)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+    label = "".join(c if c.isalnum() or c in "-_." else "_" for c in fields["label"])[-80:]
+    name = f"{label + '-' if label else ''}{module.kernel}-{digest}.safetensors"
+    return folder / name, fields
+
+
+def _load(path: Path, fields: dict[str, str], op) -> bool:
+    """Loads the packed blobs of `path` into `op`; False (and a warning) when the file is unusable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            for k, v in fields.items():
+                if meta.get(k) != v:
+                    raise ValueError(f"metadata {k!r} is {meta.get(k)!r}, expected {v!r}")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        blobs = [(name, t.data_ptr(), t.numel() * t.element_size()) for name, t in tensors.items()]
+        op.load_packed(meta["format"], blobs, float(meta["gate_up_error"]), float(meta["down_error"]))
+    except Exception as exc:  # any unreadable or mismatched file is rebuilt
+        logger.warning("pack cache: ignoring %s (%s); packing again", path, exc)
+        return False
+    return True
+
+
+def _save(path: Path, fields: dict[str, str], op) -> None:
+    from safetensors.torch import save_file
+
+    gate_up_err, down_err = op.quantization_error
+    tensors = {}
+    for name, address, nbytes in op.packed_blobs():
+        # A copy of the op's buffer as uint8 (safetensors needs tensors it can read; the op keeps its own).
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        ctypes.memmove(buf.data_ptr(), address, nbytes)
+        tensors[name] = buf
+    meta = {**fields, "gate_up_error": repr(gate_up_err), "down_error": repr(down_err)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_or_pack(module: KTExperts, op, pool) -> bool:
+    """Packs `op` for `module`, through the cache folder when one is set. Returns True when loaded from it."""
+    folder = cache_dir(module)
+    if folder is None or not op.packs:
+        op.pack(pool)
+        return False
+    path, fields = cache_path(module, op, folder)
+    if path.is_file() and _load(path, fields, op):
+        logger.info("pack cache: loaded %s", path)
+        return True
+    op.pack(pool)
+    try:
+        _save(path, fields, op)
+    except OSError as exc:  # a full or read-only disk costs the next load its packing, nothing more
+        logger.warning("pack cache: could not write %s (%s)", path, exc)
+    else:
+        logger.info("pack cache: wrote %s", path)
+    return False
