@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kt_core.experts import KTExperts
-from tests.tiny_models import build_tiny_model, eval_logits, token_dataset
+from tests.tiny_models import build_tiny_model, eval_logits, token_dataset, trainer_args
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -41,18 +41,7 @@ def _train(family, tmp_path, *, callbacks):
     model = _peft_model(family)
     losses = []
     model.register_forward_hook(lambda m, a, out: losses.append(out.loss.item()) if m.training else None)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=STEPS,
-        learning_rate=5e-3,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = trainer_args(tmp_path, max_steps=STEPS)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=token_dataset(), callbacks=callbacks)
     trainer.train()
     return model, trainer, losses

@@ -13,7 +13,7 @@ import torch
 
 import kt_core
 from kt_core.experts import KTExperts
-from tests.tiny_models import build_tiny_model, eval_logits, save_fused_checkpoint, token_dataset
+from tests.tiny_models import build_tiny_model, eval_logits, save_fused_checkpoint, token_dataset, trainer_args
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -67,20 +67,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=STEPS,
-        learning_rate=5e-3,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return transformers.TrainingArguments(**kwargs)
+    return trainer_args(tmp_path, max_steps=STEPS, **overrides)
 
 
 def _train(model, args, *, callbacks, resume=None):

@@ -11,7 +11,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["FAMILIES", "build_tiny_model", "eval_logits", "save_fused_checkpoint", "tiny_config", "token_dataset"]
+__all__ = [
+    "FAMILIES",
+    "build_tiny_model",
+    "eval_logits",
+    "save_fused_checkpoint",
+    "tiny_config",
+    "token_dataset",
+    "trainer_args",
+]
 
 _COMMON = dict(hidden_size=32, num_attention_heads=4, vocab_size=64, max_position_embeddings=64)
 _DEEPSEEK = dict(
@@ -112,3 +120,23 @@ def eval_logits(model, seed: int = 5) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+def trainer_args(output_dir, *, max_steps: int, **overrides):
+    """TrainingArguments of the Trainer parity tests: CPU, fixed seed, no saving or reporting by default."""
+    from transformers import TrainingArguments
+
+    kwargs = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        max_steps=max_steps,
+        learning_rate=5e-3,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
