@@ -166,7 +166,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def train_steps(model, device, *, batch, seq, vocab, warmup, steps, expert_timer=None):
+def profiled(path: str | None, device: torch.device):
+    """A torch.profiler context that writes its kernel and host-op tables to `path` (a no-op context if None)."""
+    import contextlib
+
+    if not path:
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+    @contextlib.contextmanager
+    def run():
+        with profile(activities=activities) as prof:
+            yield
+        sync(device)
+        events = prof.key_averages()
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        with open(path, "w") as f:
+            f.write(events.table(sort_by=key, row_limit=45, max_name_column_width=70) + "\n")
+            f.write(events.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70) + "\n")
+        print(f"    profile of the last step: {path}", flush=True)
+
+    return run()
+
+
+def train_steps(model, device, *, batch, seq, vocab, warmup, steps, expert_timer=None, profile_path=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
@@ -180,11 +205,12 @@ def train_steps(model, device, *, batch, seq, vocab, warmup, steps, expert_timer
             expert_timer.take()
         sync(device)
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
+        with profiled(profile_path if i == warmup + steps - 1 else None, device):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
         dt = time.perf_counter() - t0
         losses.append(loss.item())
         if i >= warmup:
@@ -232,6 +258,7 @@ def run_mode(mode, config, device, a):
         warmup=a.warmup,
         steps=a.steps,
         expert_timer=timer,
+        profile_path=f"{a.profile}-{mode}.txt" if getattr(a, "profile", None) else None,
     )
     r.update(mode=mode, build_s=build_s, gpu_gib_after_build=gpu_after_build, kernel=kernel)
     r["host_max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

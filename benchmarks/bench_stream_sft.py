@@ -68,7 +68,14 @@ def run_stream(config, device, a, quantize):
     bench_sft.sync(device)
     build_s = time.perf_counter() - t0
     r = bench_sft.train_steps(
-        model, device, batch=a.batch, seq=a.seq, vocab=config.vocab_size, warmup=a.warmup, steps=a.steps
+        model,
+        device,
+        batch=a.batch,
+        seq=a.seq,
+        vocab=config.vocab_size,
+        warmup=a.warmup,
+        steps=a.steps,
+        profile_path=f"{a.profile}-stream{'-int8' if quantize else ''}.txt" if a.profile else None,
     )
     reports = rt.history[a.warmup :]
     r.update(
@@ -109,6 +116,7 @@ def main():
     ap.add_argument("--loss-chunk", type=int, default=1024, help="stream modes: tokens per loss chunk (0: off)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--profile", default=None, help="profile the last step of each mode into PREFIX-<mode>.txt")
     ap.add_argument("--out", default="bench_stream_sft.json")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
