@@ -28,13 +28,17 @@ import traceback
 import torch
 
 ATTENTION_TARGETS = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+QWEN3_ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+SHAPES = ("dsv2-lite", "qwen3-30b-a3b")
 EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def build_config(small: bool, layers: int | None):
-    """DeepSeek-V2-Lite shapes (as in the anchor), or a tiny config of the same structure."""
+def build_config(small: bool, layers: int | None, shape_name: str = "dsv2-lite"):
+    """DeepSeek-V2-Lite shapes (as in the anchor) or Qwen3-30B-A3B's, or a tiny config of the same structure."""
     from transformers import DeepseekV2Config
 
+    if shape_name == "qwen3-30b-a3b":
+        return _qwen3_config(small, layers)
     if small:
         shape = dict(
             vocab_size=1000,
@@ -83,6 +87,44 @@ def build_config(small: bool, layers: int | None):
         tie_word_embeddings=False,
         use_cache=False,
     )
+
+
+def _qwen3_config(small: bool, layers: int | None):
+    from transformers import Qwen3MoeConfig
+
+    shape = dict(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+    )
+    if small:
+        shape.update(
+            vocab_size=1000, hidden_size=256, intermediate_size=512, moe_intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
+        )  # fmt: skip
+    if layers:
+        shape["num_hidden_layers"] = layers
+    return Qwen3MoeConfig(
+        **shape,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+
+
+def attention_targets(config) -> list[str]:
+    return QWEN3_ATTENTION_TARGETS if config.model_type == "qwen3_moe" else ATTENTION_TARGETS
 
 
 def _is_experts(module) -> bool:
@@ -155,7 +197,7 @@ def add_lora(model, rank: int):
         lora_alpha=2 * rank,
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
-        target_modules=ATTENTION_TARGETS,
+        target_modules=attention_targets(model.config),
         target_parameters=EXPERT_TARGETS,
     )
     return get_peft_model(model, config)
@@ -191,9 +233,21 @@ def profiled(path: str | None, device: torch.device):
     return run()
 
 
+def make_optimizer(params):
+    """AdamW as the transformers Trainer builds it by default on torch >= 2.8 (`adamw_torch_fused`).
+
+    Fused matters for host-resident expert LoRA: one multi-threaded pass over the factors instead of a
+    dozen single-threaded ones.
+    """
+    try:
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype the fused kernel does not take
+        return torch.optim.AdamW(params, lr=1e-4)
+
+
 def train_steps(model, device, *, batch, seq, vocab, warmup, steps, expert_timer=None, profile_path=None):
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = make_optimizer(params)
     g = torch.Generator().manual_seed(0)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -277,7 +331,8 @@ def run_mode(mode, config, device, a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default="hf,kt", help="comma list of kt (CPU experts) and hf (all on the GPU)")
-    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 27, the real model)")
+    ap.add_argument("--shape", choices=SHAPES, default="dsv2-lite", help="model shapes")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the real model's)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=8)
@@ -295,7 +350,7 @@ def main():
     import transformers
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = build_config(a.small, a.layers)
+    config = build_config(a.small, a.layers, a.shape)
     seq = min(a.seq, 64) if a.small else a.seq
     a.seq = seq
     info = dict(
@@ -308,7 +363,8 @@ def main():
         seq=seq,
         batch=a.batch,
         rank=a.rank,
-        targets=dict(target_modules=ATTENTION_TARGETS, target_parameters=EXPERT_TARGETS),
+        shape=a.shape,
+        targets=dict(target_modules=attention_targets(config), target_parameters=EXPERT_TARGETS),
         cpu_infer=a.cpu_infer,
         date=time.strftime("%Y-%m-%d"),
     )

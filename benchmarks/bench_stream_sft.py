@@ -62,7 +62,9 @@ def run_stream(config, device, a, quantize):
     t0 = time.perf_counter()
     model = bench_sft.build_kt_model(config, device, kernel=a.kernel, cpu_infer=a.cpu_infer)
     model = kt_prepare(bench_sft.add_lora(model, a.rank))
-    rt = kt_core.enable_streaming(model, gpu_memory_budget=a.gpu_memory_budget, device=device, quantize=quantize)
+    rt = kt_core.enable_streaming(
+        model, gpu_memory_budget=a.gpu_memory_budget, device=device, quantize=quantize, keep_bytes=a.keep_bytes
+    )
     if a.loss_chunk:
         model.forward = chunked_loss_forward(model, a.loss_chunk)
     bench_sft.sync(device)
@@ -103,7 +105,8 @@ def run_stream(config, device, a, quantize):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default="hf,stream,stream-int8,kt")
-    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 27); the same for all modes")
+    ap.add_argument("--shape", choices=bench_sft.SHAPES, default="dsv2-lite")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the real model's)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=8)
@@ -113,6 +116,7 @@ def main():
     ap.add_argument("--cpu-infer", type=int, default=None)
     ap.add_argument("--experts-implementation", default="grouped_mm")
     ap.add_argument("--gpu-memory-budget", default=None, help="expert weights on the GPU, e.g. 4GiB")
+    ap.add_argument("--keep-bytes", default="1GiB", help="recomputed expert intermediates kept for the backward")
     ap.add_argument("--loss-chunk", type=int, default=1024, help="stream modes: tokens per loss chunk (0: off)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--small", action="store_true")
@@ -122,11 +126,12 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = bench_sft.build_config(a.small, a.layers)
+    config = bench_sft.build_config(a.small, a.layers, a.shape)
     a.seq = min(a.seq, 64) if a.small else a.seq
     info = dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         torch=torch.__version__,
+        shape=a.shape,
         layers=config.num_hidden_layers,
         seq=a.seq,
         batch=a.batch,

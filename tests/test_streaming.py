@@ -265,3 +265,34 @@ def test_plans_are_made_once_per_step(monkeypatch):
     train(model, steps=3)
     assert plans.calls <= 2 * 3  # once per layer and step, however many calls and prefetches
     assert len(rt.history) == 2
+
+
+# One piece of 7 sorted slots keeps 7 * (H + 3 * I) fp32 values.
+PIECE_BYTES = 7 * (H + 3 * I) * 4
+
+
+@pytest.mark.parametrize("keep_pieces", [0, 2, 100])
+def test_device_path_in_pieces_matches_cpu_only(monkeypatch, keep_pieces):
+    """Slots processed in pieces, some kept from the recomputation and the rest recomputed in the backward,
+    over two backward passes (LoRA gradients accumulate in `.grad` at the end of each): same gradients."""
+    from kt_core.streaming import hybrid
+
+    ref, ours = ToyMoE(2, seed=11), ToyMoE(2, seed=11)
+    rt = enable_streaming(ours, device="cpu", mode="gpu", keep_bytes=keep_pieces * PIECE_BYTES)
+    rt.piece_rows = 7
+    forwards = _Counter(hybrid.expert_mlp_forward)
+    monkeypatch.setattr(hybrid, "expert_mlp_forward", forwards)
+    gen = torch.Generator().manual_seed(4)
+    xr = torch.randn(40, H, generator=gen).requires_grad_()
+    xo = xr.detach().clone().requires_grad_()
+    for _ in range(2):
+        ref(xr).backward()
+        ours(xo).backward()
+    torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None), name
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    pieces = -(-40 * K // 7)  # 12 pieces of at most 7 slots
+    kept = min(keep_pieces, pieces)
+    assert forwards.calls == 2 * 2 * (pieces + pieces + pieces - kept)  # passes x layers x (fwd, recompute, bwd)

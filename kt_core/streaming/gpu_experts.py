@@ -49,6 +49,13 @@ class Groups:
         g._offs, g._gid, g.rows, g.size = offs, gid, gid.shape[0], offs.shape[0]
         return g
 
+    def piece(self, a: int, b: int) -> Groups:
+        """The groups restricted to rows [a, b) of the sorted slots (empty groups kept: weights still line up)."""
+        if self._counts is not None:
+            return Groups([max(0, min(e, b) - max(s, a)) for s, e in self.bounds], self.device)
+        offs = (self._offs - a).clamp_(0, b - a).to(torch.int32)
+        return Groups.on_device(offs, self._gid[a:b])
+
     @property
     def counts(self) -> list[int]:
         if self._counts is None:

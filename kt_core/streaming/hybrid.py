@@ -130,9 +130,9 @@ ROWS = 8192  # rows per piece when fp32 row work is accumulated (bounds the temp
 def _add_rows(total: torch.Tensor, tok: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor | None = None):
     """total[tok[i]] += rows[i] (* scale[i]) in fp32, in pieces of ROWS rows."""
     for a in range(0, rows.shape[0], ROWS):
-        piece = rows[a : a + ROWS].float()
-        if scale is not None:
-            piece = piece * scale[a : a + ROWS, None].float()
+        piece = rows[a : a + ROWS]
+        # one kernel either way: bf16 rows times fp32 scales promote to fp32
+        piece = piece.float() if scale is None else torch.mul(piece, scale[a : a + ROWS, None].float())
         total.index_add_(0, tok[a : a + ROWS], piece)
 
 
@@ -145,6 +145,7 @@ def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _lora_sub(lora_dev, experts: list[int], E: int):
+    # the device factors of `experts` ([G, ...] each), or all of them
     if not lora_dev:
         return None
     if experts == list(range(E)):
@@ -214,7 +215,10 @@ class _HybridFunction(torch.autograd.Function):
         full = rt.covering(hybrid.layer, weights)
         dy = dy.contiguous()
         if full is not None:
-            dx, dw, lora_grads = _device_backward(hybrid, x, ids, w, dy, lora, full)
+            dx, dw, device_grads = _device_backward(hybrid, x, ids, w, dy, lora, full)
+            lora_grads = None
+            if device_grads is not None:
+                lora_grads = rt.defer_lora_grads(hybrid, device_grads, full[0], ctx.needs_input_grad[4:])
         else:
             dx, dw, lora_grads = _host_backward(hybrid, x, ids, w, dy, lora, weights, fwd_cpu_ids, cache)
         grads = [
@@ -229,64 +233,89 @@ class _HybridFunction(torch.autograd.Function):
 # ---- device path ---------------------------------------------------------------------------------------
 
 
+def _pieces(r: _Route, rows: int):
+    """(start, end, groups) of consecutive ranges of at most `rows` sorted slots (bounds the intermediates)."""
+    total = r.groups.rows
+    if total <= rows:
+        yield 0, total, r.groups
+        return
+    for a in range(0, total, rows):
+        b = min(total, a + rows)
+        yield a, b, r.groups.piece(a, b)
+
+
+def _kept_bytes(rows: int, H: int, I: int, itemsize: int) -> int:
+    """Device bytes of one piece's kept intermediates: out [rows, H], gu [rows, 2I], h [rows, I]."""
+    return rows * (H + 3 * I) * itemsize
+
+
 def _device_forward(hybrid: HybridExperts, x, ids, w, lora, full, phase: str, *, keep: bool):
-    """[T, H] fp32 output of all slots on the GPU; with `keep`, the backward's intermediates are kept."""
+    """[T, H] fp32 output of all slots on the GPU, in pieces of sorted slots.
+
+    With `keep` (the recomputation of a checkpointed layer), the pieces' intermediates are kept for the
+    backward that follows, up to the runtime's `keep_bytes`; the backward recomputes the rest.
+    """
     rt, module = hybrid.runtime, hybrid.experts
     experts, w13, w2 = full
     T, K = ids.shape
     with rt.gpu_timer(hybrid.layer, phase, T * K):
         r = _route(rt, ids, w, experts)
         sub = _lora_sub(rt.device_lora(hybrid.layer, lora), experts, module.num_experts)
-        xs = x[r.tok].to(w13.dtype)  # [T*K, H]
-        out, saved = expert_mlp_forward(xs, r.groups, w13, w2, sub, rt.scaling(module), keep=keep)
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        _add_rows(y, r.tok, out, r.ws)
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
+        kept, kept_bytes = [], 0
+        for a, b, g in _pieces(r, rt.piece_rows):
+            tok = r.tok[a:b]
+            nbytes = _kept_bytes(b - a, module.hidden_dim, module.intermediate_dim, w13.element_size())
+            keep_piece = keep and kept_bytes + nbytes <= rt.keep_bytes
+            xs = x[tok].to(w13.dtype)  # [P, H]
+            out, saved = expert_mlp_forward(xs, g, w13, w2, sub, rt.scaling(module), keep=keep_piece)
+            _add_rows(y, tok, out, r.ws[a:b])
+            kept.append((out, saved) if keep_piece else None)
+            kept_bytes += nbytes if keep_piece else 0
+            del xs, out, saved
     if keep:
-        rt.keep(hybrid.layer, (ids, x, w13), (r, xs, out, saved))
+        rt.keep(hybrid.layer, (ids, x, w13), (r, kept))
     rt.end(hybrid.layer)
     return y
 
 
 def _device_backward(hybrid: HybridExperts, x, ids, w, dy, lora, full):
+    """dx [T, H] fp32, dw [T, K] fp32 and the LoRA factor gradients of the layer's E experts (device, fp32).
+
+    Piece by piece over the sorted slots: the kept intermediates of a piece, or its forward recomputed.
+    """
     rt, module = hybrid.runtime, hybrid.experts
     experts, w13, w2 = full
-    E = module.num_experts
     T, K = ids.shape
+    scaling = rt.scaling(module)
     with rt.gpu_timer(hybrid.layer, "bwd", T * K):
-        sub = _lora_sub(rt.device_lora(hybrid.layer, lora), experts, E)
-        kept = rt.take_kept(hybrid.layer, (ids, x, w13))
-        if kept is not None:
-            r, xs, out, saved = kept
-        else:
-            r = _route(rt, ids, w, experts)
-            xs, out, saved = x[r.tok].to(w13.dtype), None, None
-        dys = dy[r.tok]  # [T*K, H]
-        dout = torch.empty_like(xs)
-        torch.mul(dys, r.ws[:, None].float(), out=dout)  # fp32 product, rounded once
-        dw = torch.empty(T * K, dtype=torch.float32, device=x.device)
-        if out is not None:  # the routing-weight gradient first, so dys and out are freed early
-            dw[r.order] = _row_dots(dys, out)
-            del dys, out
-        kept = None
-        out, dxs, grads = expert_mlp_backward(xs, dout, r.groups, w13, w2, sub, rt.scaling(module), saved=saved)
-        del saved, dout, xs
-        if out is not None:
-            dw[r.order] = _row_dots(dys, out)
-            del dys, out
+        sub = _lora_sub(rt.device_lora(hybrid.layer, lora), experts, module.num_experts)
+        held = rt.take_kept(hybrid.layer, (ids, x, w13))
+        r, kept = held if held is not None else (_route(rt, ids, w, experts), None)
         dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
-        _add_rows(dx, r.tok, dxs)
-        del dxs
+        dw = torch.empty(T * K, dtype=torch.float32, device=x.device)
+        grads = None
+        for i, (a, b, g) in enumerate(_pieces(r, rt.piece_rows)):
+            tok = r.tok[a:b]
+            xs = x[tok].to(w13.dtype)  # [P, H]
+            out, saved = kept[i] if kept is not None and kept[i] is not None else (None, None)
+            if kept is not None:
+                kept[i] = None  # freed as the pieces go
+            if saved is None:
+                out, saved = expert_mlp_forward(xs, g, w13, w2, sub, scaling, keep=True)
+            dys = dy[tok]  # [P, H]
+            dout = torch.empty_like(xs)
+            torch.mul(dys, r.ws[a:b, None].float(), out=dout)  # fp32 product, rounded once
+            dw[r.order[a:b]] = _row_dots(dys, out)  # the routing-weight gradient first: frees dys and out
+            del dys, out
+            _, dxs, piece_grads = expert_mlp_backward(xs, dout, g, w13, w2, sub, scaling, saved=saved)
+            del saved, dout, xs
+            _add_rows(dx, tok, dxs)
+            del dxs
+            if piece_grads is not None:
+                grads = piece_grads if grads is None else [t.add_(p) for t, p in zip(grads, piece_grads, strict=True)]
     rt.end(hybrid.layer)
-    lora_grads = None
-    if lora:
-        host = _grads_to_host(grads)
-        if experts == list(range(E)):
-            lora_grads = [g.to(f.dtype) for g, f in zip(host, lora, strict=True)]
-        else:
-            idx = torch.tensor(experts)
-            pairs = zip(host, lora, strict=True)
-            lora_grads = [torch.zeros_like(f).index_add_(0, idx, g.to(f.dtype)) for g, f in pairs]
-    return dx, dw.view(T, K), lora_grads
+    return dx, dw.view(T, K), grads
 
 
 # ---- host path -----------------------------------------------------------------------------------------

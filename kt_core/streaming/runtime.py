@@ -44,8 +44,20 @@ logger = logging.getLogger("kt_core.streaming")
 class StreamingRuntime:
     """Shared state of the streamed layers of one model (see the module docstring)."""
 
-    def __init__(self, device, store: ExpertStore, *, mode: str, cost: CostModel, resident_per_layer: int):
+    def __init__(
+        self,
+        device,
+        store: ExpertStore,
+        *,
+        mode: str,
+        cost: CostModel,
+        resident_per_layer: int,
+        keep_bytes: int = 2**30,
+        piece_rows: int = 32768,
+    ):
         self.device = torch.device(device)
+        self.keep_bytes = keep_bytes  # a recomputed layer's expert intermediates kept for its backward, at most
+        self.piece_rows = piece_rows  # sorted slots per piece of a device-path call (bounds its intermediates)
         self.store = store
         self.mode = mode
         self.cost = cost
@@ -62,6 +74,9 @@ class StreamingRuntime:
         self._lora_dev: dict[int, tuple] = {}  # layer -> (key, device factors)
         self._kept: dict[int, tuple] = {}  # layer -> (key, intermediates) from a recomputation, for its backward
         self._saw_backward = False
+        self._pending_grads: list[tuple] = []  # LoRA gradients on their way to the host, added when backward ends
+        self._grad_bufs: dict[int, torch.Tensor] = {}  # layer -> host buffer of its LoRA gradients
+        self._flush_queued = False
         self._step_t0 = time.perf_counter()
         self._reset_counters()
 
@@ -228,6 +243,58 @@ class StreamingRuntime:
         self._lora_dev[layer] = (key, dev)
         return dev
 
+    def defer_lora_grads(self, hybrid: HybridExperts, grads, experts: list[int], needs) -> list[None]:
+        """Adds device-side LoRA factor gradients to the factors' `.grad` when the backward pass ends.
+
+        The factors live in host RAM, so their gradients must cross to the host; waiting for that copy in
+        every layer's backward would stall the queue of GPU work each time. Instead the copy is queued on
+        the compute stream into a pinned buffer, and one callback at the end of the backward pass waits
+        once and accumulates into `.grad` (as autograd would). The autograd gradients of the factors are
+        therefore None: `.backward()` works as usual, `torch.autograd.grad` on expert LoRA factors does not.
+
+        Args:
+            grads: [dA1 [G, r, H], dB1 [G, 2I, r], dA2 [G, r, I], dB2 [G, H, r]] fp32 on the device.
+            experts: the G expert ids of the gradients' rows. needs: which factors require a gradient.
+        """
+        flat = torch.cat([g.reshape(-1) for g in grads])  # device fp32
+        layer = hybrid.layer
+        buf = self._grad_bufs.get(layer)
+        if buf is None or buf.numel() != flat.numel() or any(p[1] is buf for p in self._pending_grads):
+            buf = torch.empty(flat.numel(), dtype=torch.float32, pin_memory=self.device.type == "cuda")
+            self._grad_bufs[layer] = buf
+        buf.copy_(flat, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        factors = hybrid.experts.lora.factors()
+        self._pending_grads.append((event, buf, [g.shape for g in grads], factors, list(experts), list(needs)))
+        if not self._flush_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush_lora_grads)
+            self._flush_queued = True
+        return [None] * len(factors)
+
+    def _flush_lora_grads(self) -> None:
+        self._flush_queued = False
+        pending, self._pending_grads = self._pending_grads, []
+        for event, buf, shapes, factors, experts, needs in pending:
+            if event is not None:
+                event.synchronize()
+            at = 0
+            for f, shape, need in zip(factors, shapes, needs, strict=True):
+                g = buf[at : at + shape.numel()].view(shape)
+                at += shape.numel()
+                if not need:
+                    continue
+                if len(experts) == f.shape[0]:  # all experts, in order
+                    g = g.to(f.dtype, copy=True)
+                else:
+                    g = torch.zeros_like(f).index_add_(0, torch.tensor(experts), g.to(f.dtype))
+                if f.grad is None:
+                    f.grad = g
+                else:
+                    f.grad.add_(g)
+
     @staticmethod
     def scaling(module: KTExperts) -> float:
         return module.lora.scaling if module.lora is not None else 1.0
@@ -311,6 +378,7 @@ def enable_streaming(
     mode: str = "auto",
     quantize: str | None = None,
     cost: CostModel | None = None,
+    keep_bytes: int | str = "1GiB",
 ) -> StreamingRuntime:
     """Splits every KTExperts layer of `model` between CPU compute and GPU compute on streamed weights.
 
@@ -323,6 +391,9 @@ def enable_streaming(
         quantize: None (stream the weights as stored) or "int8" (half the PCIe bytes; per-row symmetric int8,
             relative weight error 4e-3 on uniform and 8e-3 on Gaussian random bf16 weights; LoRA stays exact).
         cost: starting speeds for the planner (measured ones replace them as steps run).
+        keep_bytes: device bytes of a checkpointed layer's expert intermediates kept from its recomputation
+            for the backward that follows ("1GiB" default); the backward recomputes whatever did not fit.
+            More is faster, less bounds the activation memory of large batches.
 
     Returns:
         The StreamingRuntime (per-step reports in `.history`; `.disable()` undoes it).
@@ -355,7 +426,14 @@ def enable_streaming(
         if capacity == 0:
             logger.warning("enable_streaming: a budget of %d bytes holds no expert; the CPU computes all", budget)
     store = ExpertStore(device, capacity, quantize=quantize)
-    rt = StreamingRuntime(device, store, mode=mode, cost=cost or CostModel(), resident_per_layer=resident)
+    rt = StreamingRuntime(
+        device,
+        store,
+        mode=mode,
+        cost=cost or CostModel(),
+        resident_per_layer=resident,
+        keep_bytes=parse_bytes(keep_bytes),
+    )
     for i, m in enumerate(layers):
         store.add_layer(m.gate_up_proj.detach(), m.down_proj.detach())
         hybrid = HybridExperts(m, rt, i)
