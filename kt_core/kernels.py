@@ -175,10 +175,16 @@ def _chunks(module: KTExperts, T: int) -> list[tuple[int, int]]:
     return [(t0, min(T, t0 + size)) for t0 in range(0, T, size)] or [(0, 0)]
 
 
-def _cache_row_floats(module: KTExperts, lora) -> int:
-    # Per routed row: gate_up pre-activations [2I], then the scaled LoRA inputs of gate_up and down [r] each
-    # (each section holds all rows of a chunk before the next starts).
-    return 2 * module.intermediate_dim + (2 * module.lora.rank if lora else 0)
+def _cache_row_floats(module: KTExperts, lora, dtype: torch.dtype | None = None) -> int:
+    """fp32 elements per routed row of the forward's cache, for activations of `dtype` (None: the weights' dtype).
+
+    The gate_up pre-activations [2I] (bf16, two to an element, when the activations are bf16; fp32 otherwise), then
+    the scaled LoRA inputs of gate_up and down [r] each, fp32; each section holds all rows of a chunk before the
+    next starts (csrc/moe/experts_op.h: ForwardCache).
+    """
+    dtype = dtype or module.gate_up_proj.dtype
+    pre_activations = module.intermediate_dim if dtype == torch.bfloat16 else 2 * module.intermediate_dim
+    return pre_activations + (2 * module.lora.rank if lora else 0)
 
 
 def experts_forward(
@@ -197,8 +203,8 @@ def experts_forward(
         module: the layer (weights, kernel choice, LoRA scaling).
         x: [T, H] fp32 or bf16, host memory. ids: [T, K] int64 (-1 = skip). w: [T, K] fp32.
         lora: (gate_up_A, gate_up_B, down_A, down_B) fp32 factors, or None.
-        save_for_backward: also return, for backward, the gate_up pre-activations [T*K, 2I] fp32 (and with LoRA the
-            scaled LoRA inputs of both projections).
+        save_for_backward: also return, for backward, the gate_up pre-activations [T*K, 2I] (bf16 for bf16 x, fp32
+            otherwise; packed into a 1-D fp32 tensor) and with LoRA the scaled LoRA inputs of both projections.
         pin_output: allocate y in pinned memory (it is going to a GPU).
 
     Returns:
@@ -215,7 +221,7 @@ def experts_forward(
         y = torch.empty((T, module.hidden_dim), dtype=x.dtype, pin_memory=True)
     else:
         y = host_buffers.empty(T * module.hidden_dim, x.dtype).view(T, module.hidden_dim)
-    row_floats = _cache_row_floats(module, lora)
+    row_floats = _cache_row_floats(module, lora, x.dtype)
     # Recycled: a fresh buffer this size costs a page fault per 4 KB on first touch (see runtime/buffers.py).
     cache = host_buffers.empty(T * K * row_floats) if save_for_backward else None
     op, pool, lora_args = _op(module), get_thread_pool(module.cpu_infer), _lora_args(lora, module)
@@ -265,7 +271,13 @@ def experts_backward(
     chunks = _chunks(module, T)
     # The C++ side overwrites the factor gradients: with several chunks each one gets its own and they add up.
     chunk_grads = tuple(torch.empty_like(t) for t in lora) if lora and len(chunks) > 1 else lora_grads
-    row_floats = _cache_row_floats(module, lora)
+    row_floats = _cache_row_floats(module, lora, x.dtype)
+    bad_cache = cache is not None and (cache.dtype != torch.float32 or not cache.is_contiguous())
+    if bad_cache or (cache is not None and cache.numel() < T * K * row_floats):
+        raise ValueError(
+            f"experts: cache must be the contiguous fp32 tensor experts_forward returned for these inputs "
+            f"(at least {T * K * row_floats} elements), got {cache.dtype} with {cache.numel()}"
+        )
     op, pool, lora_args = _op(module), get_thread_pool(module.cpu_infer), _lora_args(lora, module)
     for i, (t0, t1) in enumerate(chunks):
         op.backward(

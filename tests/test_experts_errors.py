@@ -89,3 +89,12 @@ def test_experts_stay_in_host_memory_when_the_model_moves(experts):
     model.to(torch.float64)
     assert experts.gate_up_proj.dtype == torch.float32  # untouched
     assert model["proj"].weight.dtype == torch.float64
+
+
+def test_cache_of_other_inputs_is_refused(experts, batch):
+    x, ids, w = batch
+    _, cache = kernels.experts_forward(experts, x, ids, w, save_for_backward=True)
+    if cache is None:
+        pytest.skip("the plain-torch kernel keeps no cache")
+    with pytest.raises(ValueError, match="cache must be the contiguous fp32 tensor"):
+        kernels.experts_backward(experts, x, ids, w, torch.randn_like(x), cache=cache[: cache.numel() // 2])

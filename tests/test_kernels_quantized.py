@@ -74,6 +74,35 @@ def test_packed_bf16_forward_backward(amx_mode, T):
             assert rel_error(g, r.grad) < 1e-2, kernel
 
 
+@pytest.mark.parametrize("T", [3, 300])
+def test_bf16_cache_halves_the_pre_activations_and_matches_recomputation(amx_mode, T):
+    """bf16 activations cache the gate_up pre-activations as bf16: [S, 2I] in S * I fp32 elements, then xa, ha."""
+    names = packed_kernels(quantized=False)
+    if not names:
+        pytest.skip("no packed bf16 variant runs here")
+    x, ids, w = batch(T, seed=T + 1)
+    dy = torch.randn(T, H, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    R = 4
+    for kernel in names:
+        layer = make_layer(1, kernel=kernel, lora_rank=R)
+        with torch.no_grad():
+            layer.lora.gate_up_B.normal_(0, 0.05)
+            layer.lora.down_B.normal_(0, 0.05)
+        factors = [t.detach() for t in layer.lora.factors()]
+        _, cache = kernels.experts_forward(layer, x, ids, w, lora=factors, save_for_backward=True)
+        assert cache.dtype == torch.float32 and cache.numel() == T * K * (I + 2 * R)
+        cached = kernels.experts_backward(layer, x, ids, w, dy, cache=cache, lora=factors)
+        recomputed = kernels.experts_backward(layer, x, ids, w, dy, cache=None, lora=factors)
+        # Without a cache the backward runs the same forward into the same layout: the same numbers.
+        for a, b in zip(cached[:2] + cached[2], recomputed[:2] + recomputed[2], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    fp32_layer = make_layer(1, kernel=names[0], lora_rank=R)
+    _, fp32_cache = kernels.experts_forward(
+        fp32_layer, x.float(), ids, w, lora=[t.detach() for t in fp32_layer.lora.factors()], save_for_backward=True
+    )
+    assert fp32_cache.numel() == T * K * (2 * I + 2 * R)  # fp32 activations keep fp32 pre-activations
+
+
 @pytest.mark.parametrize("T", [1, 5, 64])
 def test_int8_error_bounds(amx_mode, T):
     names = packed_kernels(quantized=True)

@@ -11,7 +11,7 @@
 // The packed path (bf16 weights and activations) makes the two base products dy @ W_d and dgu @ W_gu tile
 // panels on column blocks of the weights, split and blocked as the forward's, with the LoRA terms added in their
 // epilogue; reads dy and x as bf16 rows (no fp32 copies), recomputes h inside the silu backward (one pass over
-// the cache), keeps dgu and h as bf16 only and takes ha from the forward's cache.
+// the cache's bf16 pre-activations), keeps dgu and h as bf16 only and takes ha from the forward's cache.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -53,8 +53,14 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
   gather_rows(pool, r, act.x, act.dtype, xg);
   gather_rows(pool, r, dy, act.dtype, dyg);
   // The forward's cache holds gu and the LoRA inputs xa; without it, recompute both.
-  const float* gu = cache;
-  const float* xa = cache && R > 0 ? cache + S * I2 : nullptr;
+  const ForwardCache kept = ForwardCache::at(cache, S, I, R, act.dtype);
+  const float* gu = kept.gu;
+  const float* xa = kept.xa;
+  if (kept.gu16) {  // bf16 pre-activations: widened once for the fp32 loops below
+    float* wide = scratch(1, S * I2);
+    widen_to_f32(pool, S * I2, kept.gu16, wide);
+    gu = wide;
+  }
   if (!cache) {
     float* fresh = scratch(1, S * I2);
     float* fresh_xa = R > 0 ? scratch(4, S * R) : nullptr;
@@ -168,52 +174,43 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
   const int H = w_.hidden, I = w_.intermediate, I2 = 2 * I, R = lora.rank, K = act.K;
   const int64_t S = r.num_rows();
   const int Hp = (H + 31) / 32 * 32, I2p = (I2 + 31) / 32 * 32;
-  if (!cache) {  // what the forward would have kept: gu [S, 2I], xa [S, r], ha [S, r]
-    float* made = scratch(1, S * (I2 + 2 * R));
+  if (!cache) {  // what the forward would have kept (ForwardCache): gu [S, 2I] bf16, xa [S, r], ha [S, r]
+    float* made = scratch(1, S * ForwardCache::row_floats(I, R, act.dtype));
     if (packed_forward(act.dtype)) {
       forward_packed(pool, r, act, lora, scratch_bf16(static_cast<int64_t>(act.T) * H), made);
     } else {
+      const ForwardCache fresh = ForwardCache::at(made, S, I, R, act.dtype);
       float* xg = scratch(0, S * H);
+      float* gu32 = scratch(7, S * I2);
       gather_rows(pool, r, act.x, act.dtype, xg);
-      gate_up(pool, r, act.dtype, xg, lora, R > 0 ? made + S * I2 : nullptr, made);
+      gate_up(pool, r, act.dtype, xg, lora, fresh.xa, gu32);
+      round_to_bf16(pool, S * I2, gu32, fresh.gu16);
       if (R > 0) {
         float* h = scratch(2, S * I);
-        activate(pool, r, made, h);
-        float* ha = made + S * I2 + S * R;
+        activate(pool, r, gu32, h);
         for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
           if (rows == 0) return;
           k_->nt(rows, R, I, h + row0 * I, I, lora.down_a + static_cast<int64_t>(e) * R * I, DType::kF32, I,
-                 ha + row0 * R, R, false);
-          for (int64_t i = row0 * R; i < (row0 + rows) * R; ++i) ha[i] *= lora.scaling;
+                 fresh.ha + row0 * R, R, false);
+          for (int64_t i = row0 * R; i < (row0 + rows) * R; ++i) fresh.ha[i] *= lora.scaling;
         });
       }
     }
     cache = made;
   }
-  const float* gu = cache;
-  const float* xa = R > 0 ? cache + S * I2 : nullptr;
-  const float* ha = R > 0 ? cache + S * I2 + S * R : nullptr;
+  const ForwardCache kept = ForwardCache::at(cache, S, I, R, act.dtype);  // act is bf16: gu16
+  const bf16* gu = kept.gu16;
+  const float* xa = kept.xa;
+  const float* ha = kept.ha;
 
   bf16* dy16 = reinterpret_cast<bf16*>(scratch_bytes(2, (S + 32) * Hp * 2));
   gather_packed(pool, r, dy, act.dtype, H, Hp, reinterpret_cast<uint8_t*>(dy16), nullptr);
   float* dyb = R > 0 ? scratch(9, S * R) : nullptr;  // scaling * dy @ B_d
-  // (expert, chunk of rows) tasks: per-expert tasks alone leave threads idle with 64 or 128 experts.
-  struct Chunk {
-    int e;
-    int64_t row0;
-    int rows;
-  };
-  std::vector<Chunk> chunks;
-  for (int e = 0; e < w_.num_experts; ++e)
-    for (int64_t m = r.offsets[e]; m < r.offsets[e + 1]; m += kLoraRowChunk)
-      chunks.push_back({e, m, static_cast<int>(std::min<int64_t>(kLoraRowChunk, r.offsets[e + 1] - m))});
   if (R > 0)
-    pool.parallel_for(static_cast<int64_t>(chunks.size()), [&](int64_t i) {
-      const Chunk c = chunks[i];
+    for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
       std::vector<float> bt(static_cast<size_t>(R) * H);  // B_d^T [r, H]
-      transpose_into(H, R, lora.down_b + static_cast<int64_t>(c.e) * H * R, bt.data());
-      packed_avx512::rows_times_bt_bf16(c.rows, H, dy16 + c.row0 * Hp, Hp, bt.data(), R, lora.scaling,
-                                        dyb + c.row0 * R);
+      transpose_into(H, R, lora.down_b + static_cast<int64_t>(e) * H * R, bt.data());
+      packed_avx512::rows_times_bt_bf16(rows, H, dy16 + row0 * Hp, Hp, bt.data(), R, lora.scaling, dyb + row0 * R);
     });
 
   // dh_raw [S, I] = dy @ W_d + dyb @ A_d
@@ -233,8 +230,7 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
     for (int64_t row = task * kRowsPerTask; row < end; ++row) {
       const int64_t slot = r.row_slot[row];
       const float wk = act.w[slot];
-      const float* g = gu + row * I2;
-      dw[slot] = packed_avx512::silu_backward_fused_row(I, g, g + I, dh + row * I, wk, dgu16 + row * I2p,
+      dw[slot] = packed_avx512::silu_backward_fused_row(I, gu + row * I2, dh + row * I, wk, dgu16 + row * I2p,
                                                         h16 ? h16 + row * I : nullptr);
       std::fill(dgu16 + row * I2p + I2, dgu16 + row * I2p + I2p, bf16(0));
       for (int j = 0; j < R; ++j) {
@@ -247,12 +243,11 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
   // dx rows [S, H] = dgu @ W_gu + dgb @ A_gu, dgb = scaling * dgu @ B_gu
   float* dgb = R > 0 ? scratch(8, S * R) : nullptr;
   if (R > 0)
-    pool.parallel_for(static_cast<int64_t>(chunks.size()), [&](int64_t i) {
-      const Chunk c = chunks[i];
+    for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
       std::vector<float> bt(static_cast<size_t>(R) * I2);  // B_gu^T [r, 2I]
-      transpose_into(I2, R, lora.gate_up_b + static_cast<int64_t>(c.e) * I2 * R, bt.data());
-      packed_avx512::rows_times_bt_bf16(c.rows, I2, dgu16 + c.row0 * I2p, I2p, bt.data(), R, lora.scaling,
-                                        dgb + c.row0 * R);
+      transpose_into(I2, R, lora.gate_up_b + static_cast<int64_t>(e) * I2 * R, bt.data());
+      packed_avx512::rows_times_bt_bf16(rows, I2, dgu16 + row0 * I2p, I2p, bt.data(), R, lora.scaling,
+                                        dgb + row0 * R);
     });
   float* dxg = scratch(0, S * H);
   project_columns_packed(pool, r, dgu16, I2p, static_cast<const bf16*>(w_.gate_up), I2, H, dxg, gate_up_columns_,

@@ -95,6 +95,41 @@ void ExpertsOp::for_each_expert(ThreadPool& pool, const Routing& r,
   });
 }
 
+void ExpertsOp::for_each_row_chunk(ThreadPool& pool, const Routing& r, int64_t chunk,
+                                   const std::function<void(int, int64_t, int)>& fn) const {
+  struct Chunk {
+    int e;
+    int64_t row0;
+    int rows;
+  };
+  std::vector<Chunk> chunks;
+  for (int e = 0; e < w_.num_experts; ++e)
+    for (int64_t m = r.offsets[e]; m < r.offsets[e + 1]; m += chunk)
+      chunks.push_back({e, m, static_cast<int>(std::min<int64_t>(chunk, r.offsets[e + 1] - m))});
+  pool.parallel_for(static_cast<int64_t>(chunks.size()), [&](int64_t i) {
+    const Chunk c = chunks[i];
+    fn(c.e, c.row0, c.rows);
+  });
+}
+
+namespace {
+constexpr int64_t kElementsPerTask = 1 << 16;
+}  // namespace
+
+void ExpertsOp::round_to_bf16(ThreadPool& pool, int64_t n, const float* src, bf16* dst) const {
+  pool.parallel_for((n + kElementsPerTask - 1) / kElementsPerTask, [&](int64_t task) {
+    const int64_t end = std::min(n, (task + 1) * kElementsPerTask);
+    for (int64_t i = task * kElementsPerTask; i < end; ++i) dst[i] = f32_to_bf16(src[i]);
+  });
+}
+
+void ExpertsOp::widen_to_f32(ThreadPool& pool, int64_t n, const bf16* src, float* dst) const {
+  pool.parallel_for((n + kElementsPerTask - 1) / kElementsPerTask, [&](int64_t task) {
+    const int64_t end = std::min(n, (task + 1) * kElementsPerTask);
+    for (int64_t i = task * kElementsPerTask; i < end; ++i) dst[i] = bf16_to_f32(src[i]);
+  });
+}
+
 void ExpertsOp::gather_rows(ThreadPool& pool, const Routing& r, const void* src, DType t, float* dst) const {
   const int H = w_.hidden;
   const int64_t S = r.num_rows();
@@ -222,14 +257,16 @@ void ExpertsOp::forward(ThreadPool& pool, const Activations& act, const LoraFact
   if (packed_forward(act.dtype)) return forward_packed(pool, r, act, lora, y, cache);
   const int H = w_.hidden, I = w_.intermediate, R = lora.rank;
   const int64_t S = r.num_rows();
+  const ForwardCache kept = ForwardCache::at(cache, S, I, R, act.dtype);
   float* xg = scratch(0, S * H);
-  float* gu = cache ? cache : scratch(1, S * 2 * I);
+  float* gu = kept.gu ? kept.gu : scratch(1, S * 2 * I);
   float* h = scratch(2, S * I);
   float* out = scratch(3, S * H);
-  float* xa = R > 0 ? (cache ? cache + S * 2 * I : scratch(4, S * R)) : nullptr;
-  float* ha = R > 0 ? (cache ? cache + S * 2 * I + S * R : scratch(5, S * R)) : nullptr;  // kept for backward
+  float* xa = R > 0 ? (kept.xa ? kept.xa : scratch(4, S * R)) : nullptr;
+  float* ha = R > 0 ? (kept.ha ? kept.ha : scratch(5, S * R)) : nullptr;  // kept for backward
   gather_rows(pool, r, act.x, act.dtype, xg);
   gate_up(pool, r, act.dtype, xg, lora, xa, gu);
+  if (kept.gu16) round_to_bf16(pool, S * 2 * I, gu, kept.gu16);
   activate(pool, r, gu, h);
   down(pool, r, act.dtype, h, lora, ha, out);
   combine(pool, r, out, act.w, act.dtype, y);

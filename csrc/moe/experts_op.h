@@ -54,6 +54,35 @@ struct Activations {
   const float* w = nullptr;    // [T, K]
 };
 
+// The forward's cache for the backward, over the S routed rows of a call: the gate_up pre-activations [S, 2I],
+// then the scaled LoRA inputs xa [S, r] and ha [S, r] (fp32). The pre-activations are bf16 when the activations
+// are (what a bf16 autograd graph keeps; half the bytes the forward writes and the backward reads: 138 MB instead
+// of 277 for a DeepSeek-V2-Lite layer at T=4096), fp32 otherwise. kt_core/kernels.py (_cache_row_floats) sizes
+// the buffer from row_floats.
+struct ForwardCache {
+  float* gu = nullptr;   // [S, 2I] fp32, or null
+  bf16* gu16 = nullptr;  // [S, 2I] bf16, or null
+  float* xa = nullptr;   // [S, r]
+  float* ha = nullptr;   // [S, r]
+
+  // 4-byte units per routed row.
+  static int64_t row_floats(int I, int R, DType act) { return (act == DType::kBF16 ? I : 2 * I) + 2 * R; }
+  // The sections of a cache at `base` (null: all null).
+  static ForwardCache at(const float* base, int64_t S, int I, int R, DType act) {
+    ForwardCache c;
+    if (!base) return c;
+    float* b = const_cast<float*>(base);  // the backward reads what the forward wrote through the same view
+    if (act == DType::kBF16)
+      c.gu16 = reinterpret_cast<bf16*>(b);
+    else
+      c.gu = b;
+    float* lora = b + S * (act == DType::kBF16 ? I : 2 * I);
+    c.xa = R > 0 ? lora : nullptr;
+    c.ha = R > 0 ? lora + S * R : nullptr;
+    return c;
+  }
+};
+
 class ExpertsOp {
  public:
   // `packed`, when given, computes the projections on weights packed by pack(); `kernels` serves the rest
@@ -88,7 +117,7 @@ class ExpertsOp {
 
   // y [T, H] in act.dtype. cache, when given, receives what backward would otherwise recompute: the
   // gate_up pre-activations [S, 2I] followed by the scaled LoRA inputs of gate_up [S, r] and of down [S, r]
-  // (fp32; S <= T * K rows).
+  // (laid out as ForwardCache; S <= T * K rows).
   void forward(ThreadPool& pool, const Activations& act, const LoraFactors& lora, void* y, float* cache);
 
   // dx [T, H] in act.dtype, dw [T, K] fp32 (zero for slots of -1), and the LoRA gradients when
@@ -138,6 +167,14 @@ class ExpertsOp {
                       const std::function<void(int e, int64_t row0, int rows, int col0, int ncols)>& fn) const;
   void for_each_expert(ThreadPool& pool, const Routing& r,
                        const std::function<void(int e, int64_t row0, int rows)>& fn) const;
+  // Tasks over (expert, chunk of at most `chunk` rows) for experts with rows: per-expert tasks alone leave
+  // threads idle with 64 or 128 experts.
+  void for_each_row_chunk(ThreadPool& pool, const Routing& r, int64_t chunk,
+                          const std::function<void(int e, int64_t row0, int rows)>& fn) const;
+  // dst[i] = bf16(src[i]) / float(src[i]) for i < n, in parallel (the cache's bf16 pre-activations on the
+  // exact path).
+  void round_to_bf16(ThreadPool& pool, int64_t n, const float* src, bf16* dst) const;
+  void widen_to_f32(ThreadPool& pool, int64_t n, const bf16* src, float* dst) const;
 
   // Element i of a weight tensor, W_gu[e] row `row`, W_d[e] row `row` (either dtype).
   const void* weight_element(const void* base, int64_t i) const;

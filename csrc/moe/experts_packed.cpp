@@ -20,6 +20,7 @@ namespace {
 
 constexpr int kRowChunk = 128;  // activation rows kept in L2 while a task walks its weight pairs
 constexpr int64_t kRowsPerTask = 32;
+constexpr int64_t kLoraRowChunk = 64;  // rows per task of the rank-r products against bf16 rows
 
 // Tile pairs per task: few rows stream weights (small tasks spread them over all threads); many rows want
 // the activation chunk reused across several pairs.
@@ -190,12 +191,18 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
   uint8_t* xq = scratch_bytes(0, (S + 32) * Hp * elem);  // [S + 32, Hp] bf16 or int8
   float* xs = int8 ? scratch_scales(0, S + 32) : nullptr;
   gather_packed(pool, r, act.x, act.dtype, H, Hp, xq, xs);
-  float* xa = nullptr;
-  float* ha = R > 0 ? (cache ? cache + S * I2 + S * R : scratch(5, S * R)) : nullptr;  // kept for backward
-  if (R > 0) {  // xa [S, r] = scaling * x @ A_gu^T on fp32 rows, as the exact path does
+  const ForwardCache kept = ForwardCache::at(cache, S, I, R, act.dtype);
+  float* xa = R > 0 ? (kept.xa ? kept.xa : scratch(4, S * R)) : nullptr;
+  float* ha = R > 0 ? (kept.ha ? kept.ha : scratch(5, S * R)) : nullptr;  // kept for backward
+  if (R > 0 && !int8) {  // xa [S, r] = scaling * x @ A_gu^T on the gathered bf16 rows (copies of x)
+    const bf16* xb = reinterpret_cast<const bf16*>(xq);
+    for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
+      packed_avx512::rows_times_bt_bf16(rows, H, xb + row0 * Hp, Hp, lora.gate_up_a + static_cast<int64_t>(e) * R * H,
+                                        R, lora.scaling, xa + row0 * R);
+    });
+  } else if (R > 0) {  // int8 rows: on fp32 rows, as the exact path does
     float* xg = scratch(0, S * H);
     gather_rows(pool, r, act.x, act.dtype, xg);
-    xa = cache ? cache + S * I2 : scratch(4, S * R);
     for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
       if (rows == 0) return;
       k_->nt(rows, R, H, xg + row0 * H, H, lora.gate_up_a + static_cast<int64_t>(e) * R * H, DType::kF32, H,
@@ -203,9 +210,9 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
       for (int64_t i = row0 * R; i < (row0 + rows) * R; ++i) xa[i] *= lora.scaling;
     });
   }
-  // h: bf16 rows for the bf16 down projection; fp32 when int8 re-quantizes it or LoRA reads it.
+  // h: bf16 rows for the bf16 down projection (LoRA's ha reads them too); fp32 when int8 re-quantizes it.
   bf16* hb = int8 ? nullptr : reinterpret_cast<bf16*>(scratch_bytes(1, (S + 32) * Ip * 2));
-  float* hf = int8 || R > 0 ? scratch(2, S * I) : nullptr;
+  float* hf = int8 ? scratch(2, S * I) : nullptr;
 
   // Panel on rows [row0, row0 + rows) of an activation buffer against packed tile pair (b0, b1).
   auto panel = [&](const PackedTensor& w, const uint8_t* a, int lda, const float* a_scale, int e, int pair,
@@ -262,7 +269,8 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
           bt = lora_slice(lora.gate_up_b, R, rows_of);
         }
         packed_avx512::gate_up_epilogue(mrows, ncols, c, R > 0 ? xa + first * R : nullptr, R, bt,
-                                        cache ? cache + first * I2 + col0 : nullptr, I2, I,
+                                        kept.gu ? kept.gu + first * I2 + col0 : nullptr,
+                                        kept.gu16 ? kept.gu16 + first * I2 + col0 : nullptr, I2, I,
                                         hb ? hb + first * Ip + col0 : nullptr, Ip, hf ? hf + first * I + col0 : nullptr,
                                         I);
         if (hb && p == gu_pairs - 1)  // the padding columns the down panels read as zero
@@ -283,7 +291,12 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
     gather_packed(pool, identity, hf, DType::kF32, I, Ip, hq, hs);
     ha_rows = hq;
   }
-  if (R > 0) {  // ha [S, r] = scaling * h @ A_d^T
+  if (R > 0 && hb) {  // ha [S, r] = scaling * h @ A_d^T on the bf16 rows the down projection reads
+    for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
+      packed_avx512::rows_times_bt_bf16(rows, I, hb + row0 * Ip, Ip, lora.down_a + static_cast<int64_t>(e) * R * I,
+                                        R, lora.scaling, ha + row0 * R);
+    });
+  } else if (R > 0) {
     for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
       if (rows == 0) return;
       k_->nt(rows, R, I, hf + row0 * I, I, lora.down_a + static_cast<int64_t>(e) * R * I, DType::kF32, I,

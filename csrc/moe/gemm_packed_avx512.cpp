@@ -304,7 +304,8 @@ float quantize_row_int8(const float* src, int n, int width, int8_t* dst) {
 }
 
 void gate_up_epilogue(int rows, int ncols, const float* c, const float* xa, int R, const float* bt, float* cache,
-                      int64_t ld_cache, int64_t up_offset, bf16* hb, int64_t ld_hb, float* hf, int64_t ld_hf) {
+                      bf16* cache16, int64_t ld_cache, int64_t up_offset, bf16* hb, int64_t ld_hb, float* hf,
+                      int64_t ld_hf) {
   const __mmask16 m = lanes(ncols);
   for (int row = 0; row < rows; ++row) {
     __m512 g = _mm512_loadu_ps(c + row * 32), u = _mm512_loadu_ps(c + row * 32 + 16);
@@ -317,6 +318,11 @@ void gate_up_epilogue(int rows, int ncols, const float* c, const float* xa, int 
       float* cr = cache + row * ld_cache;
       _mm512_mask_storeu_ps(cr, m, g);
       _mm512_mask_storeu_ps(cr + up_offset, m, u);
+    }
+    if (cache16) {
+      bf16* cr = cache16 + row * ld_cache;
+      store_bf16(cr, m, g);
+      store_bf16(cr + up_offset, m, u);
     }
     const __m512 h = _mm512_mul_ps(_mm512_mul_ps(g, sigmoid_ps(g)), u);
     if (hb) store_bf16(hb + row * ld_hb, m, h);
@@ -340,12 +346,12 @@ void down_epilogue(int rows, int ncols, const float* c, const float* ha, int R, 
   }
 }
 
-float silu_backward_fused_row(int I, const float* g, const float* u, const float* d, float wk, bf16* d16, bf16* h16) {
+float silu_backward_fused_row(int I, const bf16* gu, const float* d, float wk, bf16* d16, bf16* h16) {
   const __m512 w = _mm512_set1_ps(wk), one = _mm512_set1_ps(1.f);
   __m512 dot = _mm512_setzero_ps();
   for (int i = 0; i < I; i += 16) {
     const __mmask16 m = lanes(I - i);
-    const __m512 gi = _mm512_maskz_loadu_ps(m, g + i), ui = _mm512_maskz_loadu_ps(m, u + i);
+    const __m512 gi = load_bf16(gu + i, m), ui = load_bf16(gu + I + i, m);
     const __m512 di = _mm512_maskz_loadu_ps(m, d + i);
     const __m512 sig = sigmoid_ps(gi);
     const __m512 silu = _mm512_mul_ps(gi, sig);
