@@ -81,3 +81,47 @@ def test_gradients_bf16_one_pass():
     assert rel < 2e-2
     for a, b in zip(lora_params(ours), lora_params(ref), strict=True):
         assert ((a.grad - b.grad).norm() / b.grad.norm().clamp_min(1e-12)).item() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_steps_match_plain_torch(monkeypatch, dtype):
+    """The Triton kernels of the device path against the plain-torch steps, odd sizes, one-row pieces."""
+    from kt_core.streaming import fused
+
+    if fused.triton is None:
+        pytest.skip("Triton is not installed")
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).cuda()
+
+    def both(fn, *args, **kwargs):
+        monkeypatch.setenv("KT_STREAM_TRITON", "1")
+        fast = fn(*args, **kwargs)
+        monkeypatch.setenv("KT_STREAM_TRITON", "0")
+        return fast, fn(*args, **kwargs)
+
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1.6e-2)
+    for S, I in [(1, 5), (37, 1408), (300, 768)]:
+        gu, dh = rand(S, 2 * I), rand(S, I)
+        torch.testing.assert_close(*both(fused.silu_mul, gu), **tol)
+        torch.testing.assert_close(*both(fused.swiglu_backward, dh, gu), **tol)
+    T, K, H = 33, 6, 2048
+    order = torch.randperm(T * K, generator=gen).cuda()
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(T * K, device="cuda")
+    tok, w = order // K, torch.rand(T * K, generator=gen).cuda()
+    rows, dy = rand(T * K, H), rand(T, H)
+    for a, b in [(0, T * K), (1, 2), (50, 120)]:
+        for weighted in (True, False):
+            weights = dict(w_tok=w, w_sorted=w[order][a:b]) if weighted else {}
+            kw = dict(inv=inv, tok=tok[a:b], **weights)
+            fast, plain = torch.zeros(T, H, device="cuda"), torch.zeros(T, H, device="cuda")
+            monkeypatch.setenv("KT_STREAM_TRITON", "1")
+            fused.combine(fast, rows[a:b], a, **kw)
+            monkeypatch.setenv("KT_STREAM_TRITON", "0")
+            fused.combine(plain, rows[a:b], a, **kw)
+            torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+        (d1, s1), (d2, s2) = both(fused.dout_and_dots, dy, tok[a:b], w[order][a:b], rows[a:b], dtype)
+        torch.testing.assert_close(d1, d2, **tol)
+        torch.testing.assert_close(s1, s2, rtol=1e-4, atol=1e-3)

@@ -5,8 +5,8 @@ layer is done, so nothing here is recorded by autograd. The backward takes the f
 the caller kept them (the recomputation of a checkpointed layer, which runs just before its backward) or
 recomputes them from the saved inputs, then computes dx, the routing-weight gradient and the LoRA factor
 gradients by hand. The factor gradients of all groups come from one GEMM each (the rank-r side spread over
-G*r columns by group): no loop over experts, no host-side row ranges. The fp32 elementwise work runs in row
-pieces to bound its temporaries.
+G*r columns by group): no loop over experts, no host-side row ranges. The SwiGLU and its backward are fused
+element-wise steps (kt_core.streaming.fused).
 
 Grouped GEMMs run through `torch._grouped_mm` (bf16; H100 / H200 on CUDA) or a loop over the groups.
 
@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from kt_core.streaming.fused import silu_mul, swiglu_backward
 
 __all__ = ["Groups", "expert_mlp_backward", "expert_mlp_forward", "grouped_mm_available"]
 
@@ -181,30 +182,13 @@ def expert_mlp_forward(
     if lora is not None:
         z1 = _lora_in(xs, lora[0], g, scaling)  # [S, r]
         gu = gu + _mm_t(z1, lora[1], g)
-    I = gu.shape[1] // 2
-    gate, up = gu[:, :I], gu[:, I:]  # [S, I] each
-    h = F.silu(gate) * up  # [S, I]
+    h = silu_mul(gu)  # [S, I]
     out = _mm_t(h, w2, g)  # [S, H]
     z2 = None
     if lora is not None:
         z2 = _lora_in(h, lora[2], g, scaling)  # [S, r]
         out = out + _mm_t(z2, lora[3], g)
     return out, ((gu, h, z1, z2) if keep else None)
-
-
-ROWS = 8192  # rows per piece of the fp32 elementwise work (bounds its temporaries to ROWS x I floats)
-
-
-def _swiglu_backward(dh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
-    """[S, I] dh, [S, 2I] gu (gate | up) -> [S, 2I] d(gate | up) in gu.dtype; fp32 math, in row pieces."""
-    I = dh.shape[1]
-    dgu = torch.empty_like(gu)
-    for a in range(0, dh.shape[0], ROWS):
-        g, u, d = gu[a : a + ROWS, :I].float(), gu[a : a + ROWS, I:].float(), dh[a : a + ROWS].float()
-        sig = torch.sigmoid(g)
-        dgu[a : a + ROWS, I:] = d * g * sig  # d(up) = dh * silu(gate)
-        dgu[a : a + ROWS, :I] = d * u * sig * (1 + g * (1 - sig))
-    return dgu
 
 
 def expert_mlp_backward(
@@ -243,7 +227,7 @@ def expert_mlp_backward(
         dA2 = _wgrad(dz2, h, g, small="a")  # [G, r, I]
         dh = dh + _mm_n(dz2, A2, g)
     del h
-    dgu = _swiglu_backward(dh, gu).to(xs.dtype)  # [S, 2I]
+    dgu = swiglu_backward(dh, gu).to(xs.dtype)  # [S, 2I]
     del gu, dh
     dxs = _mm_n(dgu, w13, g)  # [S, H]
     if lora is not None:

@@ -34,6 +34,7 @@ from torch import nn
 from kt_core import kernels
 from kt_core.experts import KTExperts
 from kt_core.runtime.staging import to_device, to_host
+from kt_core.streaming.fused import combine, dout_and_dots
 from kt_core.streaming.gpu_experts import Groups, expert_mlp_backward, expert_mlp_forward
 
 if TYPE_CHECKING:
@@ -111,8 +112,10 @@ class _Route:
     """Device-path routing of all T*K slots, sorted by expert (no host synchronisation)."""
 
     order: torch.Tensor  # [T*K] slot index (into the flattened [T, K]) of each sorted row
+    inv: torch.Tensor  # [T*K] sorted row of each slot (the inverse of order)
     tok: torch.Tensor  # [T*K] token of each sorted row
     ws: torch.Tensor  # [T*K] routing weight of each sorted row
+    w_tok: torch.Tensor  # [T*K] fp32 routing weights in slot order
     groups: Groups
 
 
@@ -121,27 +124,11 @@ def _route(rt: StreamingRuntime, ids: torch.Tensor, w: torch.Tensor, experts: li
     local = rt.local_index(experts, ids.device)[ids.reshape(-1).long()]  # [T*K] position in the weights
     sorted_local, order = torch.sort(local, stable=True)
     ends = torch.searchsorted(sorted_local, torch.arange(len(experts), device=ids.device), right=True)
-    return _Route(order, order // K, w.reshape(-1)[order], Groups.on_device(ends.to(torch.int32), sorted_local))
-
-
-ROWS = 8192  # rows per piece when fp32 row work is accumulated (bounds the temporaries)
-
-
-def _add_rows(total: torch.Tensor, tok: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor | None = None):
-    """total[tok[i]] += rows[i] (* scale[i]) in fp32, in pieces of ROWS rows."""
-    for a in range(0, rows.shape[0], ROWS):
-        piece = rows[a : a + ROWS]
-        # one kernel either way: bf16 rows times fp32 scales promote to fp32
-        piece = piece.float() if scale is None else torch.mul(piece, scale[a : a + ROWS, None].float())
-        total.index_add_(0, tok[a : a + ROWS], piece)
-
-
-def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[S, H] a, b -> [S] fp32 row-wise dot products, in pieces."""
-    out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
-    for i in range(0, a.shape[0], ROWS):
-        out[i : i + ROWS] = (a[i : i + ROWS].float() * b[i : i + ROWS].float()).sum(-1)
-    return out
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.shape[0], device=ids.device)
+    w_flat = w.reshape(-1)
+    groups = Groups.on_device(ends.to(torch.int32), sorted_local)
+    return _Route(order, inv, order // K, w_flat[order], w_flat.float(), groups)
 
 
 def _lora_sub(lora_dev, experts: list[int], E: int):
@@ -179,7 +166,7 @@ def _gpu_forward(hybrid: HybridExperts, x, w_flat, parts, lora_dev, scaling):
         xs = x[p.tok].to(p.w13.dtype)  # [S, H]
         sub = tuple(f[p.experts] for f in lora_dev) if lora_dev else None
         out, _ = expert_mlp_forward(xs, p.groups, p.w13, p.w2, sub, scaling)  # [S, H]
-        _add_rows(y, p.tok, out, w_flat[p.flat])
+        combine(y, out, 0, inv=None, tok=p.tok, w_sorted=w_flat[p.flat])
     return y
 
 
@@ -269,7 +256,7 @@ def _device_forward(hybrid: HybridExperts, x, ids, w, lora, full, phase: str, *,
             keep_piece = keep and kept_bytes + nbytes <= rt.keep_bytes
             xs = x[tok].to(w13.dtype)  # [P, H]
             out, saved = expert_mlp_forward(xs, g, w13, w2, sub, rt.scaling(module), keep=keep_piece)
-            _add_rows(y, tok, out, r.ws[a:b])
+            combine(y, out, a, inv=r.inv, tok=tok, w_tok=r.w_tok, w_sorted=r.ws[a:b])
             kept.append((out, saved) if keep_piece else None)
             kept_bytes += nbytes if keep_piece else 0
             del xs, out, saved
@@ -303,14 +290,12 @@ def _device_backward(hybrid: HybridExperts, x, ids, w, dy, lora, full):
                 kept[i] = None  # freed as the pieces go
             if saved is None:
                 out, saved = expert_mlp_forward(xs, g, w13, w2, sub, scaling, keep=True)
-            dys = dy[tok]  # [P, H]
-            dout = torch.empty_like(xs)
-            torch.mul(dys, r.ws[a:b, None].float(), out=dout)  # fp32 product, rounded once
-            dw[r.order[a:b]] = _row_dots(dys, out)  # the routing-weight gradient first: frees dys and out
-            del dys, out
+            dout, dots = dout_and_dots(dy, tok, r.ws[a:b], out, xs.dtype)  # [P, H], [P]
+            dw[r.order[a:b]] = dots
+            del out, dots
             _, dxs, piece_grads = expert_mlp_backward(xs, dout, g, w13, w2, sub, scaling, saved=saved)
             del saved, dout, xs
-            _add_rows(dx, tok, dxs)
+            combine(dx, dxs, a, inv=r.inv, tok=tok)
             del dxs
             if piece_grads is not None:
                 grads = piece_grads if grads is None else [t.add_(p) for t, p in zip(grads, piece_grads, strict=True)]
@@ -390,13 +375,14 @@ def _host_backward(hybrid: HybridExperts, x, ids, w, dy, lora, weights, fwd_cpu_
             w_dev = w.reshape(-1).float()
             for p in parts:
                 xs = x[p.tok].to(p.w13.dtype)  # [S, H]
-                dys = dy[p.tok]  # [S, H]
-                dout = torch.empty_like(xs)
-                torch.mul(dys, w_dev[p.flat][:, None], out=dout)
                 sub = tuple(f[p.experts] for f in lora_dev) if lora_dev else None
-                out, dxs, grads = expert_mlp_backward(xs, dout, p.groups, p.w13, p.w2, sub, rt.scaling(module))
-                _add_rows(dx, p.tok, dxs)
-                dw.view(-1).index_copy_(0, p.flat, _row_dots(dys, out))
+                scaling = rt.scaling(module)
+                out, saved = expert_mlp_forward(xs, p.groups, p.w13, p.w2, sub, scaling, keep=True)
+                dout, dots = dout_and_dots(dy, p.tok, w_dev[p.flat], out, xs.dtype)
+                dw.view(-1).index_copy_(0, p.flat, dots)
+                del out
+                _, dxs, grads = expert_mlp_backward(xs, dout, p.groups, p.w13, p.w2, sub, scaling, saved=saved)
+                combine(dx, dxs, 0, inv=None, tok=p.tok)
                 if grads is not None:
                     gpu_lora.append((p.experts, grads))
     rt.end(hybrid.layer)

@@ -1,0 +1,192 @@
+"""Fused element-wise steps of the device path: one pass over memory each instead of several torch kernels.
+
+On CUDA with Triton (bundled with torch's CUDA wheels) each step is one kernel; elsewhere, or with
+`KT_STREAM_TRITON=0`, the same math runs as plain torch ops (the CPU "fake device" of the tests).
+
+- silu_mul:        h = silu(gate) * up from gu = [gate | up], fp32 math, rounded once
+- swiglu_backward: d(gate | up) from dh and gu, fp32 math, rounded once
+- combine:         total[t] += sum_k w[t, k] * rows[slot(t, k)] over the slots of one piece, token-major
+                   (each token's sum in registers: no atomics, no fp32 copy of the rows)
+- dout_and_dots:   dout = dy[tok] * w (the expert output's gradient) and the routing-weight gradient
+                   <dy[tok], out>, one read of each row
+
+Legend: S = sorted slots of a piece, T = tokens, K = experts per token, H = hidden, I = expert intermediate.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch builds do not ship Triton
+    triton = None
+
+__all__ = ["combine", "dout_and_dots", "silu_mul", "swiglu_backward", "triton_enabled"]
+
+ROWS = 8192  # rows per piece of the plain-torch fp32 work (bounds its temporaries)
+
+
+def triton_enabled(t: torch.Tensor) -> bool:
+    return triton is not None and t.is_cuda and os.environ.get("KT_STREAM_TRITON", "1") != "0"
+
+
+# ---- public steps (dispatch) ----------------------------------------------------------------------------
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """[S, 2I] gu -> [S, I] silu(gate) * up in gu.dtype."""
+    I = gu.shape[1] // 2
+    if triton_enabled(gu) and gu.shape[0]:
+        h = gu.new_empty((gu.shape[0], I))
+        _launch_rows(_silu_mul_kernel, gu.shape[0], I, gu, h, gu.stride(0), h.stride(0))
+        return h
+    return F.silu(gu[:, :I]) * gu[:, I:]
+
+
+def swiglu_backward(dh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
+    """[S, I] dh, [S, 2I] gu (gate | up) -> [S, 2I] d(gate | up) in gu.dtype."""
+    I = dh.shape[1]
+    dgu = torch.empty_like(gu)
+    if triton_enabled(gu) and gu.shape[0]:
+        dh = dh.contiguous()
+        _launch_rows(_swiglu_backward_kernel, gu.shape[0], I, gu, dh, dgu, gu.stride(0), dh.stride(0), dgu.stride(0))
+        return dgu
+    for a in range(0, dh.shape[0], ROWS):
+        g, u, d = gu[a : a + ROWS, :I].float(), gu[a : a + ROWS, I:].float(), dh[a : a + ROWS].float()
+        sig = torch.sigmoid(g)
+        dgu[a : a + ROWS, I:] = d * g * sig  # d(up) = dh * silu(gate)
+        dgu[a : a + ROWS, :I] = d * u * sig * (1 + g * (1 - sig))
+    return dgu
+
+
+def combine(
+    total: torch.Tensor,
+    rows: torch.Tensor,
+    start: int,
+    *,
+    inv: torch.Tensor | None,
+    tok: torch.Tensor,
+    w_tok: torch.Tensor | None = None,
+    w_sorted: torch.Tensor | None = None,
+) -> None:
+    """total[t] += sum_k w[t, k] * rows[inv[t, k] - start] over the slots of rows [start, start + S).
+
+    Args:
+        total: [T, H] fp32 accumulator. rows: [S, H] the piece's rows (sorted order).
+        inv: [T*K] int64 sorted position of each token-major slot (None: no such map, the rows are added
+            one by one). tok: [S] token of each of the piece's rows.
+        w_tok: [T*K] fp32 routing weights in token order (None: weight 1). w_sorted: the piece's [S] weights.
+    """
+    if inv is not None and triton_enabled(rows) and rows.shape[0]:
+        T, H = total.shape
+        K = inv.shape[0] // T
+        rows = rows.contiguous()
+        w = w_tok if w_tok is not None else inv  # unused pointer when there are no weights
+        grid = (T, triton.cdiv(H, _BLOCK))
+        _combine_kernel[grid](total, rows, inv, w, start, rows.shape[0], H, K=K, HAS_W=w_tok is not None, BLOCK=_BLOCK)
+        return
+    for a in range(0, rows.shape[0], ROWS):
+        piece = rows[a : a + ROWS]
+        # one kernel either way: bf16 rows times fp32 weights promote to fp32
+        piece = piece.float() if w_sorted is None else torch.mul(piece, w_sorted[a : a + ROWS, None].float())
+        total.index_add_(0, tok[a : a + ROWS], piece)
+
+
+def dout_and_dots(
+    dy: torch.Tensor, tok: torch.Tensor, w: torch.Tensor, out: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dout [S, H] = dy[tok] * w in `dtype` (fp32 product, rounded once) and [S] fp32 <dy[tok], out>.
+
+    dy: [T, H]. tok: [S] token of each row. w: [S] routing weights. out: [S, H] the experts' outputs.
+    """
+    S, H = out.shape
+    if triton_enabled(dy) and S:
+        dy, out = dy.contiguous(), out.contiguous()
+        dout = torch.empty((S, H), dtype=dtype, device=dy.device)
+        dots = torch.empty(S, dtype=torch.float32, device=dy.device)
+        _dout_dots_kernel[(S,)](dy, tok, w.float(), out, dout, dots, H, BLOCK=_BLOCK)
+        return dout, dots
+    dys = dy[tok]  # [S, H]
+    dout = torch.empty((S, H), dtype=dtype, device=dy.device)
+    torch.mul(dys, w[:, None].float(), out=dout)
+    dots = torch.empty(S, dtype=torch.float32, device=dy.device)
+    for i in range(0, S, ROWS):
+        dots[i : i + ROWS] = (dys[i : i + ROWS].float() * out[i : i + ROWS].float()).sum(-1)
+    return dout, dots
+
+
+# ---- Triton kernels ---------------------------------------------------------------------------------------
+
+_BLOCK = 1024  # columns per program
+
+
+def _launch_rows(kernel, rows: int, cols: int, *args) -> None:
+    kernel[(rows, triton.cdiv(cols, _BLOCK))](*args, cols, BLOCK=_BLOCK)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, h_ptr, stride_gu, stride_h, I, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < I
+        g = tl.load(gu_ptr + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * stride_gu + I + cols, mask=m, other=0.0).to(tl.float32)
+        h = g * tl.sigmoid(g) * u
+        tl.store(h_ptr + row * stride_h + cols, h.to(h_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _swiglu_backward_kernel(gu_ptr, dh_ptr, dgu_ptr, stride_gu, stride_dh, stride_dgu, I, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < I
+        g = tl.load(gu_ptr + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * stride_gu + I + cols, mask=m, other=0.0).to(tl.float32)
+        d = tl.load(dh_ptr + row * stride_dh + cols, mask=m, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        d_gate = d * u * sig * (1.0 + g * (1.0 - sig))
+        d_up = d * g * sig
+        out = dgu_ptr + row * stride_dgu + cols
+        tl.store(out, d_gate.to(dgu_ptr.dtype.element_ty), mask=m)
+        tl.store(out + I, d_up.to(dgu_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _combine_kernel(
+        total_ptr, rows_ptr, inv_ptr, w_ptr, start, n_rows, H, K: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < H
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(K):
+            r = tl.load(inv_ptr + t * K + k) - start
+            inside = (r >= 0) & (r < n_rows)
+            r = tl.where(inside, r, 0)
+            ok = m & ((tl.zeros([BLOCK], dtype=tl.int32) + inside.to(tl.int32)) != 0)  # rows of other pieces: no read
+            v = tl.load(rows_ptr + r * H + cols, mask=ok, other=0.0).to(tl.float32)
+            if HAS_W:
+                v = v * tl.load(w_ptr + t * K + k).to(tl.float32)
+            acc += v
+        dst = total_ptr + t * H + cols
+        tl.store(dst, tl.load(dst, mask=m, other=0.0) + acc, mask=m)
+
+    @triton.jit
+    def _dout_dots_kernel(dy_ptr, tok_ptr, w_ptr, out_ptr, dout_ptr, dots_ptr, H, BLOCK: tl.constexpr):
+        s = tl.program_id(0).to(tl.int64)
+        t = tl.load(tok_ptr + s).to(tl.int64)
+        w = tl.load(w_ptr + s)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for c in range(0, H, BLOCK):
+            cols = c + tl.arange(0, BLOCK)
+            m = cols < H
+            d = tl.load(dy_ptr + t * H + cols, mask=m, other=0.0).to(tl.float32)
+            o = tl.load(out_ptr + s * H + cols, mask=m, other=0.0).to(tl.float32)
+            acc += d * o
+            tl.store(dout_ptr + s * H + cols, (d * w).to(dout_ptr.dtype.element_ty), mask=m)
+        tl.store(dots_ptr + s, tl.sum(acc, axis=0))
