@@ -140,10 +140,10 @@ def _lora_sub(lora_dev, experts: list[int], E: int):
     return tuple(f[experts] for f in lora_dev)
 
 
-def _empty_cache(module: KTExperts, lora, slots: int) -> torch.Tensor:
-    """A placeholder of the CPU cache's shape (untouched host pages), or an empty tensor."""
+def _empty_cache(module: KTExperts, lora, slots: int, dtype: torch.dtype) -> torch.Tensor:
+    """A placeholder of the CPU cache's shape for activations of `dtype` (untouched host pages), or empty."""
     if module.kernel != kernels.TORCH_KERNEL:
-        return torch.empty(slots * kernels._cache_row_floats(module, lora), dtype=torch.float32)
+        return torch.empty(slots * kernels._cache_row_floats(module, lora, dtype), dtype=torch.float32)
     return torch.empty(0)
 
 
@@ -181,7 +181,7 @@ class _HybridFunction(torch.autograd.Function):
         if full is not None:
             y = _device_forward(hybrid, x, ids, w, lora, full, phase, keep=needs_grad and phase == "recompute")
             cpu_ids = torch.full(ids.shape, -1, dtype=torch.int64)
-            cache = _empty_cache(module, lora, ids.numel()) if needs_grad else None
+            cache = _empty_cache(module, lora, ids.numel(), x.dtype) if needs_grad else None
         else:
             y, cpu_ids, cache = _host_forward(hybrid, x, ids, w, lora, weights, phase, needs_grad)
         if needs_grad:
@@ -343,7 +343,7 @@ def _host_forward(hybrid: HybridExperts, x, ids, w, lora, weights, phase, needs_
     if y is None:
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if needs_grad and cache is None:
-        cache = _empty_cache(module, lora, ids_host.numel())
+        cache = _empty_cache(module, lora, ids_host.numel(), x.dtype)
     return y, cpu_ids, cache
 
 
