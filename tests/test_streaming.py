@@ -296,3 +296,15 @@ def test_device_path_in_pieces_matches_cpu_only(monkeypatch, keep_pieces):
     pieces = -(-40 * K // 7)  # 12 pieces of at most 7 slots
     kept = min(keep_pieces, pieces)
     assert forwards.calls == 2 * 2 * (pieces + pieces + pieces - kept)  # passes x layers x (fwd, recompute, bwd)
+
+
+def test_planner_gives_no_small_cpu_share_to_a_gpu_bound_layer():
+    """A GPU-bound layer with two cold experts: handing them to the CPU would save microseconds of GPU time
+    and cost the host path's synchronisation, so every expert is streamed."""
+    cost = CostModel(pcie_bytes_per_s=55e9, cpu_flops=0.8e12, gpu_flops=50e12)
+    counts = [800.0] * 126 + [3.0, 2.0]
+    kw = dict(hidden=2048, intermediate=768, expert_bytes=9_437_184, capacity=128, cost=cost)
+    assert len(plan_layer(counts, **kw).stream) == 128
+    # a slow GPU and PCIe against a fast CPU: a large CPU share still pays
+    fast_cpu = CostModel(pcie_bytes_per_s=1e9, cpu_flops=5e13, gpu_flops=1e12)
+    assert len(plan_layer(counts, **{**kw, "cost": fast_cpu}).stream) < 128

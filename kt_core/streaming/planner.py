@@ -15,7 +15,9 @@ the GPU cost no PCIe time and are always computed there.
 
 A CPU share also costs a fixed amount per call (copying the routing and hidden states to the host, the
 thread hand-off, the small GEMM tails: ~15 ms per call measured on the H200 machine), paid once per pass
-(cpu_calls: forward, recomputation, backward), so a CPU share that cannot pay for it is not given.
+(cpu_calls: forward, recomputation, backward). The GPU side pays it as well: a mixed split takes the host
+path, whose synchronisation drains the GPU's queue. So a CPU share is only given when it takes enough
+work off a PCIe- or GPU-bound layer to pay for both.
 
 Passes per training step with gradient checkpointing: the CPU runs forward, recomputed forward and
 backward (~2x a forward): 4; a streamed layer crosses PCIe twice (forward; backward, shared with the
@@ -116,10 +118,11 @@ def plan_layer(
         streamed = sum(counts[e] for e in order[:k])
         rest = total_rest - streamed
         cpu = cost.cpu_passes * (rest * flops_per_slot / cost.cpu_flops + cost.cpu_expert_s * (len(order) - k))
-        if k < len(order):
-            cpu += cost.cpu_calls * cost.cpu_call_s
         pcie = cost.pcie_passes * k * expert_bytes / cost.pcie_bytes_per_s
         gpu = cost.gpu_passes * (streamed + on_gpu) * flops_per_slot / cost.gpu_flops
+        if k < len(order):  # a CPU share: its fixed cost per call, which the GPU waits out too (host split)
+            cpu += cost.cpu_calls * cost.cpu_call_s
+            gpu += cost.cpu_calls * cost.cpu_call_s
         return cpu, pcie, gpu
 
     if mode == "cpu":
