@@ -178,12 +178,13 @@ def _chunks(module: KTExperts, T: int) -> list[tuple[int, int]]:
 def _cache_row_floats(module: KTExperts, lora, dtype: torch.dtype | None = None) -> int:
     """fp32 elements per routed row of the forward's cache, for activations of `dtype` (None: the weights' dtype).
 
-    The gate_up pre-activations [2I] (bf16, two to an element, when the activations are bf16; fp32 otherwise), then
-    the scaled LoRA inputs of gate_up and down [r] each, fp32; each section holds all rows of a chunk before the
-    next starts (csrc/moe/experts_op.h: ForwardCache).
+    The gate_up pre-activations [2I] (for bf16 activations 24 of their 32 bits, as 2 + 1 bytes each with the
+    1-byte part's row padded to 4-byte units; fp32 otherwise), then the scaled LoRA inputs of gate_up and down [r]
+    each, fp32; each section holds all rows of a chunk before the next starts (csrc/moe/experts_op.h: ForwardCache).
     """
     dtype = dtype or module.gate_up_proj.dtype
-    pre_activations = module.intermediate_dim if dtype == torch.bfloat16 else 2 * module.intermediate_dim
+    I = module.intermediate_dim
+    pre_activations = I + (I + 1) // 2 if dtype == torch.bfloat16 else 2 * I
     return pre_activations + (2 * module.lora.rank if lora else 0)
 
 
@@ -203,8 +204,8 @@ def experts_forward(
         module: the layer (weights, kernel choice, LoRA scaling).
         x: [T, H] fp32 or bf16, host memory. ids: [T, K] int64 (-1 = skip). w: [T, K] fp32.
         lora: (gate_up_A, gate_up_B, down_A, down_B) fp32 factors, or None.
-        save_for_backward: also return, for backward, the gate_up pre-activations [T*K, 2I] (bf16 for bf16 x, fp32
-            otherwise; packed into a 1-D fp32 tensor) and with LoRA the scaled LoRA inputs of both projections.
+        save_for_backward: also return, for backward, the gate_up pre-activations [T*K, 2I] (24 bits for bf16 x,
+            fp32 otherwise; packed into a 1-D fp32 tensor) and with LoRA the scaled LoRA inputs of both projections.
         pin_output: allocate y in pinned memory (it is going to a GPU).
 
     Returns:

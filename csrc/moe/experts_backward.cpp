@@ -11,7 +11,7 @@
 // The packed path (bf16 weights and activations) makes the two base products dy @ W_d and dgu @ W_gu tile
 // panels on column blocks of the weights, split and blocked as the forward's, with the LoRA terms added in their
 // epilogue; reads dy and x as bf16 rows (no fp32 copies), recomputes h inside the silu backward (one pass over
-// the cache's bf16 pre-activations), keeps dgu and h as bf16 only and takes ha from the forward's cache.
+// the cache's 24-bit pre-activations), keeps dgu and h as bf16 only and takes ha from the forward's cache.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -56,9 +56,9 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
   const ForwardCache kept = ForwardCache::at(cache, S, I, R, act.dtype);
   const float* gu = kept.gu;
   const float* xa = kept.xa;
-  if (kept.gu16) {  // bf16 pre-activations: widened once for the fp32 loops below
+  if (kept.gu_hi) {  // 24-bit pre-activations: widened once for the fp32 loops below
     float* wide = scratch(1, S * I2);
-    widen_to_f32(pool, S * I2, kept.gu16, wide);
+    merge_pre_activations(pool, S, kept, wide);
     gu = wide;
   }
   if (!cache) {
@@ -174,7 +174,7 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
   const int H = w_.hidden, I = w_.intermediate, I2 = 2 * I, R = lora.rank, K = act.K;
   const int64_t S = r.num_rows();
   const int Hp = (H + 31) / 32 * 32, I2p = (I2 + 31) / 32 * 32;
-  if (!cache) {  // what the forward would have kept (ForwardCache): gu [S, 2I] bf16, xa [S, r], ha [S, r]
+  if (!cache) {  // what the forward would have kept (ForwardCache): gu [S, 2I] in 24 bits, xa [S, r], ha [S, r]
     float* made = scratch(1, S * ForwardCache::row_floats(I, R, act.dtype));
     if (packed_forward(act.dtype)) {
       forward_packed(pool, r, act, lora, scratch_bf16(static_cast<int64_t>(act.T) * H), made);
@@ -184,7 +184,7 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
       float* gu32 = scratch(7, S * I2);
       gather_rows(pool, r, act.x, act.dtype, xg);
       gate_up(pool, r, act.dtype, xg, lora, fresh.xa, gu32);
-      round_to_bf16(pool, S * I2, gu32, fresh.gu16);
+      split_pre_activations(pool, S, gu32, fresh);
       if (R > 0) {
         float* h = scratch(2, S * I);
         activate(pool, r, gu32, h);
@@ -198,8 +198,8 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
     }
     cache = made;
   }
-  const ForwardCache kept = ForwardCache::at(cache, S, I, R, act.dtype);  // act is bf16: gu16
-  const bf16* gu = kept.gu16;
+  const ForwardCache kept = ForwardCache::at(cache, S, I, R, act.dtype);  // act is bf16: the 24-bit planes
+  const int64_t ld_lo = ForwardCache::lo_stride(I);
   const float* xa = kept.xa;
   const float* ha = kept.ha;
 
@@ -230,7 +230,8 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
     for (int64_t row = task * kRowsPerTask; row < end; ++row) {
       const int64_t slot = r.row_slot[row];
       const float wk = act.w[slot];
-      dw[slot] = packed_avx512::silu_backward_fused_row(I, gu + row * I2, dh + row * I, wk, dgu16 + row * I2p,
+      dw[slot] = packed_avx512::silu_backward_fused_row(I, kept.gu_hi + row * I2, kept.gu_lo + row * ld_lo,
+                                                        dh + row * I, wk, dgu16 + row * I2p,
                                                         h16 ? h16 + row * I : nullptr);
       std::fill(dgu16 + row * I2p + I2, dgu16 + row * I2p + I2p, bf16(0));
       for (int j = 0; j < R; ++j) {

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 
 namespace kt {
@@ -112,21 +113,35 @@ void ExpertsOp::for_each_row_chunk(ThreadPool& pool, const Routing& r, int64_t c
   });
 }
 
-namespace {
-constexpr int64_t kElementsPerTask = 1 << 16;
-}  // namespace
-
-void ExpertsOp::round_to_bf16(ThreadPool& pool, int64_t n, const float* src, bf16* dst) const {
-  pool.parallel_for((n + kElementsPerTask - 1) / kElementsPerTask, [&](int64_t task) {
-    const int64_t end = std::min(n, (task + 1) * kElementsPerTask);
-    for (int64_t i = task * kElementsPerTask; i < end; ++i) dst[i] = f32_to_bf16(src[i]);
+// The same encoding as packed_avx512's store_split / load_split (gemm_packed_avx512.cpp): the bit pattern plus
+// half a unit of bit 8, its bits 16-31 and 8-15.
+void ExpertsOp::split_pre_activations(ThreadPool& pool, int64_t S, const float* gu, const ForwardCache& cache) const {
+  const int I2 = 2 * w_.intermediate;
+  const int64_t ld_lo = ForwardCache::lo_stride(w_.intermediate);
+  pool.parallel_for((S + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+    const int64_t end = std::min(S, (task + 1) * kRowsPerTask);
+    for (int64_t row = task * kRowsPerTask; row < end; ++row)
+      for (int i = 0; i < I2; ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, gu + row * I2 + i, 4);
+        bits += 0x80;
+        cache.gu_hi[row * I2 + i] = static_cast<bf16>(bits >> 16);
+        cache.gu_lo[row * ld_lo + i] = static_cast<uint8_t>(bits >> 8);
+      }
   });
 }
 
-void ExpertsOp::widen_to_f32(ThreadPool& pool, int64_t n, const bf16* src, float* dst) const {
-  pool.parallel_for((n + kElementsPerTask - 1) / kElementsPerTask, [&](int64_t task) {
-    const int64_t end = std::min(n, (task + 1) * kElementsPerTask);
-    for (int64_t i = task * kElementsPerTask; i < end; ++i) dst[i] = bf16_to_f32(src[i]);
+void ExpertsOp::merge_pre_activations(ThreadPool& pool, int64_t S, const ForwardCache& cache, float* gu) const {
+  const int I2 = 2 * w_.intermediate;
+  const int64_t ld_lo = ForwardCache::lo_stride(w_.intermediate);
+  pool.parallel_for((S + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+    const int64_t end = std::min(S, (task + 1) * kRowsPerTask);
+    for (int64_t row = task * kRowsPerTask; row < end; ++row)
+      for (int i = 0; i < I2; ++i) {
+        const uint32_t bits = static_cast<uint32_t>(cache.gu_hi[row * I2 + i]) << 16 |
+                              static_cast<uint32_t>(cache.gu_lo[row * ld_lo + i]) << 8;
+        std::memcpy(gu + row * I2 + i, &bits, 4);
+      }
   });
 }
 
@@ -266,7 +281,7 @@ void ExpertsOp::forward(ThreadPool& pool, const Activations& act, const LoraFact
   float* ha = R > 0 ? (kept.ha ? kept.ha : scratch(5, S * R)) : nullptr;  // kept for backward
   gather_rows(pool, r, act.x, act.dtype, xg);
   gate_up(pool, r, act.dtype, xg, lora, xa, gu);
-  if (kept.gu16) round_to_bf16(pool, S * 2 * I, gu, kept.gu16);
+  if (kept.gu_hi) split_pre_activations(pool, S, gu, kept);
   activate(pool, r, gu, h);
   down(pool, r, act.dtype, h, lora, ha, out);
   combine(pool, r, out, act.w, act.dtype, y);

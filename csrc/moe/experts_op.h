@@ -55,28 +55,36 @@ struct Activations {
 };
 
 // The forward's cache for the backward, over the S routed rows of a call: the gate_up pre-activations [S, 2I],
-// then the scaled LoRA inputs xa [S, r] and ha [S, r] (fp32). The pre-activations are bf16 when the activations
-// are (what a bf16 autograd graph keeps; half the bytes the forward writes and the backward reads: 138 MB instead
-// of 277 for a DeepSeek-V2-Lite layer at T=4096), fp32 otherwise. kt_core/kernels.py (_cache_row_floats) sizes
-// the buffer from row_floats.
+// then the scaled LoRA inputs xa [S, r] and ha [S, r] (fp32). With bf16 activations the pre-activations keep 24
+// of fp32's 32 bits (rounded to nearest at bit 8), split in two planes: the high 16 bits [S, 2I] and the next
+// 8 bits [S, lo_stride] bytes. 3/4 of the fp32 bytes the forward writes and the backward reads (208 MB instead
+// of 277 for a DeepSeek-V2-Lite layer at T=4096) at 2^-16 relative precision: plain bf16 (2^-9) put the
+// routing-weight gradient dw = dh . h, a dot product with cancellation, past 1e-2 on single tokens. fp32
+// otherwise. kt_core/kernels.py (_cache_row_floats) sizes the buffer from row_floats.
 struct ForwardCache {
-  float* gu = nullptr;   // [S, 2I] fp32, or null
-  bf16* gu16 = nullptr;  // [S, 2I] bf16, or null
-  float* xa = nullptr;   // [S, r]
-  float* ha = nullptr;   // [S, r]
+  float* gu = nullptr;       // [S, 2I] fp32, or null
+  bf16* gu_hi = nullptr;     // [S, 2I] high halves, or null
+  uint8_t* gu_lo = nullptr;  // [S, lo_stride] bits 8-15
+  float* xa = nullptr;       // [S, r]
+  float* ha = nullptr;       // [S, r]
 
+  // Bytes per row of the low plane: 2I rounded up to whole 4-byte units.
+  static int64_t lo_stride(int I) { return (2 * static_cast<int64_t>(I) + 3) / 4 * 4; }
+  static int64_t gu_floats(int I, DType act) { return act == DType::kBF16 ? I + lo_stride(I) / 4 : 2 * I; }
   // 4-byte units per routed row.
-  static int64_t row_floats(int I, int R, DType act) { return (act == DType::kBF16 ? I : 2 * I) + 2 * R; }
+  static int64_t row_floats(int I, int R, DType act) { return gu_floats(I, act) + 2 * R; }
   // The sections of a cache at `base` (null: all null).
   static ForwardCache at(const float* base, int64_t S, int I, int R, DType act) {
     ForwardCache c;
     if (!base) return c;
     float* b = const_cast<float*>(base);  // the backward reads what the forward wrote through the same view
-    if (act == DType::kBF16)
-      c.gu16 = reinterpret_cast<bf16*>(b);
-    else
+    if (act == DType::kBF16) {
+      c.gu_hi = reinterpret_cast<bf16*>(b);
+      c.gu_lo = reinterpret_cast<uint8_t*>(b + S * I);
+    } else {
       c.gu = b;
-    float* lora = b + S * (act == DType::kBF16 ? I : 2 * I);
+    }
+    float* lora = b + S * gu_floats(I, act);
     c.xa = R > 0 ? lora : nullptr;
     c.ha = R > 0 ? lora + S * R : nullptr;
     return c;
@@ -163,6 +171,8 @@ class ExpertsOp {
   void project(bool bf16_dot, int rows, int cols, int in, const float* a, const bf16* a_bf16, const void* w, float* c,
                int ldc) const;
   void combine(ThreadPool& pool, const Routing& r, const float* rows, const float* scale, DType t, void* out) const;
+  // combine for bf16 expert rows [S, H] and a bf16 output (the packed forward; AVX-512).
+  void combine_bf16_rows(ThreadPool& pool, const Routing& r, const bf16* rows, const float* scale, bf16* out) const;
   void for_each_block(ThreadPool& pool, const Routing& r, int cols,
                       const std::function<void(int e, int64_t row0, int rows, int col0, int ncols)>& fn) const;
   void for_each_expert(ThreadPool& pool, const Routing& r,
@@ -171,10 +181,10 @@ class ExpertsOp {
   // threads idle with 64 or 128 experts.
   void for_each_row_chunk(ThreadPool& pool, const Routing& r, int64_t chunk,
                           const std::function<void(int e, int64_t row0, int rows)>& fn) const;
-  // dst[i] = bf16(src[i]) / float(src[i]) for i < n, in parallel (the cache's bf16 pre-activations on the
-  // exact path).
-  void round_to_bf16(ThreadPool& pool, int64_t n, const float* src, bf16* dst) const;
-  void widen_to_f32(ThreadPool& pool, int64_t n, const bf16* src, float* dst) const;
+  // fp32 rows [S, 2I] to the cache's 24-bit planes and back, in parallel (the exact path; the packed one
+  // splits in its epilogue).
+  void split_pre_activations(ThreadPool& pool, int64_t S, const float* gu, const ForwardCache& cache) const;
+  void merge_pre_activations(ThreadPool& pool, int64_t S, const ForwardCache& cache, float* gu) const;
 
   // Element i of a weight tensor, W_gu[e] row `row`, W_d[e] row `row` (either dtype).
   const void* weight_element(const void* base, int64_t i) const;

@@ -269,6 +269,19 @@ inline __m512 load_bf16(const bf16* src, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
+// fp32 rounded to 24 bits (to nearest at bit 8: half a unit added to the bit pattern), as bits 16-31 and 8-15.
+inline void store_split(bf16* hi, uint8_t* lo, __mmask16 m, __m512 v) {
+  const __m512i bits = _mm512_add_epi32(_mm512_castps_si512(v), _mm512_set1_epi32(0x80));
+  _mm256_mask_storeu_epi16(hi, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+  _mm_mask_storeu_epi8(lo, m, _mm512_cvtepi32_epi8(_mm512_srli_epi32(bits, 8)));
+}
+
+inline __m512 load_split(const bf16* hi, const uint8_t* lo, __mmask16 m) {
+  const __m512i h = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi)), 16);
+  const __m512i l = _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, lo)), 8);
+  return _mm512_castsi512_ps(_mm512_or_si512(h, l));
+}
+
 }  // namespace
 
 void f32_to_bf16_row(const float* src, int n, bf16* dst) {
@@ -304,8 +317,8 @@ float quantize_row_int8(const float* src, int n, int width, int8_t* dst) {
 }
 
 void gate_up_epilogue(int rows, int ncols, const float* c, const float* xa, int R, const float* bt, float* cache,
-                      bf16* cache16, int64_t ld_cache, int64_t up_offset, bf16* hb, int64_t ld_hb, float* hf,
-                      int64_t ld_hf) {
+                      bf16* cache_hi, uint8_t* cache_lo, int64_t ld_cache, int64_t ld_lo, int64_t up_offset, bf16* hb,
+                      int64_t ld_hb, float* hf, int64_t ld_hf) {
   const __mmask16 m = lanes(ncols);
   for (int row = 0; row < rows; ++row) {
     __m512 g = _mm512_loadu_ps(c + row * 32), u = _mm512_loadu_ps(c + row * 32 + 16);
@@ -319,10 +332,11 @@ void gate_up_epilogue(int rows, int ncols, const float* c, const float* xa, int 
       _mm512_mask_storeu_ps(cr, m, g);
       _mm512_mask_storeu_ps(cr + up_offset, m, u);
     }
-    if (cache16) {
-      bf16* cr = cache16 + row * ld_cache;
-      store_bf16(cr, m, g);
-      store_bf16(cr + up_offset, m, u);
+    if (cache_hi) {
+      bf16* hr = cache_hi + row * ld_cache;
+      uint8_t* lr = cache_lo + row * ld_lo;
+      store_split(hr, lr, m, g);
+      store_split(hr + up_offset, lr + up_offset, m, u);
     }
     const __m512 h = _mm512_mul_ps(_mm512_mul_ps(g, sigmoid_ps(g)), u);
     if (hb) store_bf16(hb + row * ld_hb, m, h);
@@ -331,7 +345,7 @@ void gate_up_epilogue(int rows, int ncols, const float* c, const float* xa, int 
 }
 
 void down_epilogue(int rows, int ncols, const float* c, const float* ha, int R, const float* bt, float* out,
-                   int64_t ld_out) {
+                   bf16* out16, int64_t ld_out) {
   const __mmask16 m0 = lanes(ncols), m1 = lanes(ncols - 16);
   for (int row = 0; row < rows; ++row) {
     __m512 o0 = _mm512_loadu_ps(c + row * 32), o1 = _mm512_loadu_ps(c + row * 32 + 16);
@@ -340,18 +354,33 @@ void down_epilogue(int rows, int ncols, const float* c, const float* ha, int R, 
       o0 = _mm512_fmadd_ps(a, _mm512_loadu_ps(bt + j * 32), o0);
       o1 = _mm512_fmadd_ps(a, _mm512_loadu_ps(bt + j * 32 + 16), o1);
     }
+    if (out16) {
+      bf16* o = out16 + row * ld_out;
+      store_bf16(o, m0, o0);
+      store_bf16(o + 16, m1, o1);
+      continue;
+    }
     float* o = out + row * ld_out;
     _mm512_mask_storeu_ps(o, m0, o0);
     _mm512_mask_storeu_ps(o + 16, m1, o1);
   }
 }
 
-float silu_backward_fused_row(int I, const bf16* gu, const float* d, float wk, bf16* d16, bf16* h16) {
+void add_scaled_bf16_row(int n, float s, const bf16* x, float* acc) {
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    _mm512_mask_storeu_ps(acc + i, m, _mm512_fmadd_ps(sv, load_bf16(x + i, m), _mm512_maskz_loadu_ps(m, acc + i)));
+  }
+}
+
+float silu_backward_fused_row(int I, const bf16* hi, const uint8_t* lo, const float* d, float wk, bf16* d16,
+                              bf16* h16) {
   const __m512 w = _mm512_set1_ps(wk), one = _mm512_set1_ps(1.f);
   __m512 dot = _mm512_setzero_ps();
   for (int i = 0; i < I; i += 16) {
     const __mmask16 m = lanes(I - i);
-    const __m512 gi = load_bf16(gu + i, m), ui = load_bf16(gu + I + i, m);
+    const __m512 gi = load_split(hi + i, lo + i, m), ui = load_split(hi + I + i, lo + I + i, m);
     const __m512 di = _mm512_maskz_loadu_ps(m, d + i);
     const __m512 sig = sigmoid_ps(gi);
     const __m512 silu = _mm512_mul_ps(gi, sig);

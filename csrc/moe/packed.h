@@ -84,18 +84,23 @@ void bf16_to_f32_row(const bf16* src, int n, float* dst);
 float quantize_row_int8(const float* src, int n, int width, int8_t* dst);
 // Gate/up panel C [rows][32] (gate in columns 0-15, up in 16-31; the first `ncols` valid) to
 // h = silu(g) * u, with g, u += xa[row] . bt[:, col] when R > 0 (xa [rows][R], bt [R][32] the LoRA B slice
-// transposed). Stores g / u to cache as fp32 or to cache16 as bf16 (row stride ld_cache, up at + up_offset),
-// h as bf16 and / or fp32 (any of the four may be null).
+// transposed). Stores g / u to cache as fp32 (row stride ld_cache) or rounded to 24 bits into cache_hi (bits
+// 16-31, row stride ld_cache) and cache_lo (bits 8-15, row stride ld_lo), up at + up_offset in each; h as bf16
+// and / or fp32 (any of the outputs may be null).
 void gate_up_epilogue(int rows, int ncols, const float* c, const float* xa, int R, const float* bt, float* cache,
-                      bf16* cache16, int64_t ld_cache, int64_t up_offset, bf16* hb, int64_t ld_hb, float* hf,
-                      int64_t ld_hf);
-// Down panel C [rows][32] to out (row stride ld_out, first `ncols` columns), plus xa[row] . bt[:, col].
+                      bf16* cache_hi, uint8_t* cache_lo, int64_t ld_cache, int64_t ld_lo, int64_t up_offset, bf16* hb,
+                      int64_t ld_hb, float* hf, int64_t ld_hf);
+// Down panel C [rows][32] to out as fp32, or to out16 as bf16 (row stride ld_out, first `ncols` columns), plus
+// ha[row] . bt[:, col].
 void down_epilogue(int rows, int ncols, const float* c, const float* ha, int R, const float* bt, float* out,
-                   int64_t ld_out);
-// Backward of h = silu(g) * u for one row with dh = wk * d, from the cached bf16 pre-activations gu = [g | u]:
-// [dg | du] as bf16 to d16, h recomputed (stored as bf16 to h16 when given); returns d . h (the routing-weight
-// gradient).
-float silu_backward_fused_row(int I, const bf16* gu, const float* d, float wk, bf16* d16, bf16* h16);
+                   bf16* out16, int64_t ld_out);
+// acc[i] += s * x[i] for i < n (the weighted sum of a token's bf16 expert rows).
+void add_scaled_bf16_row(int n, float s, const bf16* x, float* acc);
+// Backward of h = silu(g) * u for one row with dh = wk * d, from the cached 24-bit pre-activations [g | u]
+// (planes hi, lo as gate_up_epilogue stores them): [dg | du] as bf16 to d16, h recomputed (stored as bf16 to
+// h16 when given); returns d . h (the routing-weight gradient).
+float silu_backward_fused_row(int I, const bf16* hi, const uint8_t* lo, const float* d, float wk, bf16* d16,
+                              bf16* h16);
 // out[m][j] = scale * sum_k a[m][k] * bt[j][k] for m < rows, j < R: bf16 rows a (stride lda) against fp32 bt [R][K].
 void rows_times_bt_bf16(int rows, int K, const bf16* a, int64_t lda, const float* bt, int R, float scale, float* out);
 // out[j][n] = sum_m p[m][j] * a[row(m)][n] for j < R, n < N (out [R][N] row-major, overwritten), with p [rows][ldp]
