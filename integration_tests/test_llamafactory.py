@@ -255,9 +255,15 @@ def test_streaming_budget_keeps_the_loss_curve(checkpoints, tmp_path):
     """kt_gpu_memory_budget turns on the CPU / GPU split of each MoE layer; results must not change."""
     ours, stock = tmp_path / "ours", tmp_path / "stock"
     streamed = train_config(
-        checkpoints["qwen3_moe"], ours, use_kt=True, kt_expert_lora=False, kt_gpu_memory_budget="64MiB"
+        checkpoints["qwen3_moe"],
+        ours,
+        use_kt=True,
+        kt_expert_lora=False,
+        kt_gpu_memory_budget="64MiB",
+        kt_stream_keep_bytes="64KiB",
     )
     proc = run_cli("train", streamed, tmp_path)
     run_cli("train", train_config(checkpoints["qwen3_moe"], stock, use_kt=False), tmp_path)
     assert "expert streaming on" in proc.stdout + proc.stderr
+    assert "64KiB of recomputed expert intermediates kept" in proc.stdout + proc.stderr
     assert losses(ours) == pytest.approx(losses(stock), rel=2e-4)

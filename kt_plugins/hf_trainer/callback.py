@@ -98,6 +98,8 @@ class KTCallback(TrainerCallback):
             PCIe-streamed weights within this much GPU memory for expert weights
             (`kt_core.enable_streaming`); the logs then carry the CPU / PCIe / GPU time split.
         stream_quantize: None, or "int8" to halve the streamed bytes (see `kt_core.enable_streaming`).
+        stream_keep_bytes: GPU bytes of a checkpointed layer's expert intermediates kept between its
+            recomputation and its backward when streaming ("1GiB"; see `kt_core.enable_streaming`).
     """
 
     def __init__(
@@ -110,11 +112,12 @@ class KTCallback(TrainerCallback):
         log_speed: bool = True,
         gpu_memory_budget: int | str | None = None,
         stream_quantize: str | None = None,
+        stream_keep_bytes: int | str = "1GiB",
     ):
         self.options = {"rules": rules, "kernel": kernel, "cpu_infer": cpu_infer, "device": device}
         self.log_speed = log_speed
         self.streaming_options = (
-            {"gpu_memory_budget": gpu_memory_budget, "quantize": stream_quantize}
+            {"gpu_memory_budget": gpu_memory_budget, "quantize": stream_quantize, "keep_bytes": stream_keep_bytes}
             if gpu_memory_budget is not None
             else None
         )

@@ -47,6 +47,8 @@ class KTSettings:
         kt_gpu_memory_budget: when set ("10GiB"), each MoE layer is split between CPU compute and GPU
             compute on PCIe-streamed expert weights within this much GPU memory (kt_core.enable_streaming).
         kt_stream_quantize: None, or "int8" to halve the streamed bytes.
+        kt_stream_keep_bytes: GPU bytes of a checkpointed layer's expert intermediates kept between its
+            recomputation and its backward when streaming ("1GiB").
     """
 
     use_kt: bool = False
@@ -64,6 +66,7 @@ class KTSettings:
     kt_host_memory_limit: str | None = None
     kt_gpu_memory_budget: str | None = None
     kt_stream_quantize: str | None = None
+    kt_stream_keep_bytes: str = "1GiB"
     config_dir: Path | None = dataclasses.field(default=None, repr=False)  # the YAML's folder
     given: frozenset[str] = dataclasses.field(default=frozenset(), repr=False)  # keys the user wrote
 

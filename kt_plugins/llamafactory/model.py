@@ -72,10 +72,18 @@ def _enable_streaming(model, settings: KTSettings) -> None:
 
     device = settings.kt_device.split(",")[0] if settings.kt_device else None
     runtime = kt_core.enable_streaming(
-        model, gpu_memory_budget=settings.kt_gpu_memory_budget, device=device, quantize=settings.kt_stream_quantize
+        model,
+        gpu_memory_budget=settings.kt_gpu_memory_budget,
+        device=device,
+        quantize=settings.kt_stream_quantize,
+        keep_bytes=settings.kt_stream_keep_bytes,
     )
     model.kt_streaming = runtime  # kept alive with the model; per-step reports go to the kt_core.streaming log
-    logger.info("expert streaming on: GPU budget %s for expert weights", settings.kt_gpu_memory_budget)
+    logger.info(
+        "expert streaming on: GPU budget %s for expert weights, %s of recomputed expert intermediates kept",
+        settings.kt_gpu_memory_budget,
+        settings.kt_stream_keep_bytes,
+    )
 
 
 @contextlib.contextmanager
