@@ -173,7 +173,7 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
                                 const void* dy, void* dx, float* dw, const float* cache, const LoraGrads& grads) {
   const int H = w_.hidden, I = w_.intermediate, I2 = 2 * I, R = lora.rank, K = act.K;
   const int64_t S = r.num_rows();
-  const int Hp = (H + 31) / 32 * 32, I2p = (I2 + 31) / 32 * 32;
+  const int ldy = tile_row_stride((H + 31) / 32 * 32, 2), ldg = tile_row_stride((I2 + 31) / 32 * 32, 2);
   if (!cache) {  // what the forward would have kept (ForwardCache): gu [S, 2I] in 24 bits, xa [S, r], ha [S, r]
     float* made = scratch(1, S * ForwardCache::row_floats(I, R, act.dtype));
     if (packed_forward(act.dtype)) {
@@ -203,24 +203,24 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
   const float* xa = kept.xa;
   const float* ha = kept.ha;
 
-  bf16* dy16 = reinterpret_cast<bf16*>(scratch_bytes(2, (S + 32) * Hp * 2));
-  gather_packed(pool, r, dy, act.dtype, H, Hp, reinterpret_cast<uint8_t*>(dy16), nullptr);
+  bf16* dy16 = reinterpret_cast<bf16*>(scratch_bytes(2, (S + 32) * ldy * 2));
+  gather_packed(pool, r, dy, act.dtype, H, ldy, reinterpret_cast<uint8_t*>(dy16), nullptr);
   float* dyb = R > 0 ? scratch(9, S * R) : nullptr;  // scaling * dy @ B_d
   if (R > 0)
     for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
       std::vector<float> bt(static_cast<size_t>(R) * H);  // B_d^T [r, H]
       transpose_into(H, R, lora.down_b + static_cast<int64_t>(e) * H * R, bt.data());
-      packed_avx512::rows_times_bt_bf16(rows, H, dy16 + row0 * Hp, Hp, bt.data(), R, lora.scaling, dyb + row0 * R);
+      packed_avx512::rows_times_bt_bf16(rows, H, dy16 + row0 * ldy, ldy, bt.data(), R, lora.scaling, dyb + row0 * R);
     });
 
   // dh_raw [S, I] = dy @ W_d + dyb @ A_d
   float* dh = scratch(6, S * I);
-  project_columns_packed(pool, r, dy16, Hp, static_cast<const bf16*>(w_.down), H, I, dh, down_columns_, dyb, R,
+  project_columns_packed(pool, r, dy16, ldy, static_cast<const bf16*>(w_.down), H, I, dh, down_columns_, dyb, R,
                          lora.down_a);
 
   // One pass per row: dw = dh_raw . h and dgu, as bf16 (the operand of the base product and of the LoRA
   // products, as in a bf16 autograd graph), with h as bf16 for dA_d.
-  bf16* dgu16 = reinterpret_cast<bf16*>(scratch_bytes(3, (S + 32) * I2p * 2));
+  bf16* dgu16 = reinterpret_cast<bf16*>(scratch_bytes(3, (S + 32) * ldg * 2));
   bf16* h16 = R > 0 ? scratch_bf16(S * I) : nullptr;
   float* dybw = R > 0 ? scratch(10, S * R) : nullptr;  // w * dyb, for dA_d
   float* haw = R > 0 ? scratch(11, S * R) : nullptr;   // w * ha, for dB_d
@@ -231,9 +231,9 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
       const int64_t slot = r.row_slot[row];
       const float wk = act.w[slot];
       dw[slot] = packed_avx512::silu_backward_fused_row(I, kept.gu_hi + row * I2, kept.gu_lo + row * ld_lo,
-                                                        dh + row * I, wk, dgu16 + row * I2p,
+                                                        dh + row * I, wk, dgu16 + row * ldg,
                                                         h16 ? h16 + row * I : nullptr);
-      std::fill(dgu16 + row * I2p + I2, dgu16 + row * I2p + I2p, bf16(0));
+      std::fill(dgu16 + row * ldg + I2, dgu16 + row * ldg + ldg, bf16(0));
       for (int j = 0; j < R; ++j) {
         dybw[row * R + j] = wk * dyb[row * R + j];
         haw[row * R + j] = wk * ha[row * R + j];
@@ -247,11 +247,11 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
     for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
       std::vector<float> bt(static_cast<size_t>(R) * I2);  // B_gu^T [r, 2I]
       transpose_into(I2, R, lora.gate_up_b + static_cast<int64_t>(e) * I2 * R, bt.data());
-      packed_avx512::rows_times_bt_bf16(rows, I2, dgu16 + row0 * I2p, I2p, bt.data(), R, lora.scaling,
+      packed_avx512::rows_times_bt_bf16(rows, I2, dgu16 + row0 * ldg, ldg, bt.data(), R, lora.scaling,
                                         dgb + row0 * R);
     });
   float* dxg = scratch(0, S * H);
-  project_columns_packed(pool, r, dgu16, I2p, static_cast<const bf16*>(w_.gate_up), I2, H, dxg, gate_up_columns_,
+  project_columns_packed(pool, r, dgu16, ldg, static_cast<const bf16*>(w_.gate_up), I2, H, dxg, gate_up_columns_,
                          dgb, R, lora.gate_up_a);
   combine(pool, r, dxg, nullptr, act.dtype, dx);
 
@@ -276,14 +276,14 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
           packed_avx512::tn_bf16_rows(R, I, rows, dybw + row0 * R, R, h16 + row0 * I, I, nullptr, out);
           break;
         case 1:  // dB_d [H, r] = ((w ha)^T dy)^T
-          packed_avx512::tn_bf16_rows(R, H, rows, haw + row0 * R, R, dy16 + row0 * Hp, Hp, nullptr, tmp.data());
+          packed_avx512::tn_bf16_rows(R, H, rows, haw + row0 * R, R, dy16 + row0 * ldy, ldy, nullptr, tmp.data());
           transpose_into(R, H, tmp.data(), out);
           break;
         case 2:  // dA_gu [r, H] = dgb^T x
           packed_avx512::tn_bf16_rows(R, H, rows, dgb + row0 * R, R, x, H, r.row_token.data() + row0, out);
           break;
         default:  // dB_gu [2I, r] = (xa^T dgu)^T
-          packed_avx512::tn_bf16_rows(R, I2, rows, xa + row0 * R, R, dgu16 + row0 * I2p, I2p, nullptr, tmp.data());
+          packed_avx512::tn_bf16_rows(R, I2, rows, xa + row0 * R, R, dgu16 + row0 * ldg, ldg, nullptr, tmp.data());
           transpose_into(R, I2, tmp.data(), out);
           break;
       }

@@ -187,17 +187,18 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
   const PackedTensor& gu_w = packed_gate_up_;
   const PackedTensor& d_w = packed_down_;
   const int Hp = gu_w.padded_inputs(), Ip = d_w.padded_inputs();
+  const int ldx = tile_row_stride(Hp, elem), ldh = tile_row_stride(Ip, elem);  // row strides of x and h
 
-  uint8_t* xq = scratch_bytes(0, (S + 32) * Hp * elem);  // [S + 32, Hp] bf16 or int8
+  uint8_t* xq = scratch_bytes(0, (S + 32) * ldx * elem);  // [S + 32, ldx] bf16 or int8, zero past H
   float* xs = int8 ? scratch_scales(0, S + 32) : nullptr;
-  gather_packed(pool, r, act.x, act.dtype, H, Hp, xq, xs);
+  gather_packed(pool, r, act.x, act.dtype, H, ldx, xq, xs);
   const ForwardCache kept = ForwardCache::at(cache, S, I, R, act.dtype);
   float* xa = R > 0 ? (kept.xa ? kept.xa : scratch(4, S * R)) : nullptr;
   float* ha = R > 0 ? (kept.ha ? kept.ha : scratch(5, S * R)) : nullptr;  // kept for backward
   if (R > 0 && !int8) {  // xa [S, r] = scaling * x @ A_gu^T on the gathered bf16 rows (copies of x)
     const bf16* xb = reinterpret_cast<const bf16*>(xq);
     for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
-      packed_avx512::rows_times_bt_bf16(rows, H, xb + row0 * Hp, Hp, lora.gate_up_a + static_cast<int64_t>(e) * R * H,
+      packed_avx512::rows_times_bt_bf16(rows, H, xb + row0 * ldx, ldx, lora.gate_up_a + static_cast<int64_t>(e) * R * H,
                                         R, lora.scaling, xa + row0 * R);
     });
   } else if (R > 0) {  // int8 rows: on fp32 rows, as the exact path does
@@ -211,7 +212,7 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
     });
   }
   // h: bf16 rows for the bf16 down projection (LoRA's ha reads them too); fp32 when int8 re-quantizes it.
-  bf16* hb = int8 ? nullptr : reinterpret_cast<bf16*>(scratch_bytes(1, (S + 32) * Ip * 2));
+  bf16* hb = int8 ? nullptr : reinterpret_cast<bf16*>(scratch_bytes(1, (S + 32) * ldh * 2));
   float* hf = int8 ? scratch(2, S * I) : nullptr;
 
   // Panel on rows [row0, row0 + rows) of an activation buffer against packed tile pair (b0, b1).
@@ -256,7 +257,7 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
       float* c = panel_buffer(mrows);
       for (int p = p0; p < p1; ++p) {
         const int64_t first = row0 + m0;
-        panel(gu_w, xq + first * Hp * elem, Hp, xs ? xs + first : nullptr, e, p, mrows, c);
+        panel(gu_w, xq + first * ldx * elem, ldx, xs ? xs + first : nullptr, e, p, mrows, c);
         const int col0 = p * 16, ncols = std::min(16, I - col0);
         const float* bt = nullptr;
         if (R > 0) {  // LoRA B rows of this pair's gate and up columns, transposed (r x 32, reused by mrows rows)
@@ -273,10 +274,10 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
                                         kept.gu_hi ? kept.gu_hi + first * I2 + col0 : nullptr,
                                         kept.gu_lo ? kept.gu_lo + first * ForwardCache::lo_stride(I) + col0 : nullptr,
                                         I2, ForwardCache::lo_stride(I), I,
-                                        hb ? hb + first * Ip + col0 : nullptr, Ip, hf ? hf + first * I + col0 : nullptr,
+                                        hb ? hb + first * ldh + col0 : nullptr, ldh, hf ? hf + first * I + col0 : nullptr,
                                         I);
         if (hb && p == gu_pairs - 1)  // the padding columns the down panels read as zero
-          for (int m = 0; m < mrows; ++m) std::fill(hb + (first + m) * Ip + col0 + ncols, hb + (first + m) * Ip + Ip, bf16(0));
+          for (int m = 0; m < mrows; ++m) std::fill(hb + (first + m) * ldh + col0 + ncols, hb + (first + m) * ldh + ldh, bf16(0));
       }
     }
   });
@@ -284,18 +285,18 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
   const uint8_t* ha_rows = reinterpret_cast<const uint8_t*>(hb);
   float* hs = nullptr;
   if (int8) {  // per-row scales of h need whole rows: a second quantization pass
-    uint8_t* hq = scratch_bytes(1, (S + 32) * Ip);
+    uint8_t* hq = scratch_bytes(1, (S + 32) * ldh);
     hs = scratch_scales(1, S + 32);
     Routing identity;  // rows in place: row i reads h row i
     identity.row_token.resize(S);
     for (int64_t i = 0; i < S; ++i) identity.row_token[i] = static_cast<int32_t>(i);
     identity.offsets = {0, S};
-    gather_packed(pool, identity, hf, DType::kF32, I, Ip, hq, hs);
+    gather_packed(pool, identity, hf, DType::kF32, I, ldh, hq, hs);
     ha_rows = hq;
   }
   if (R > 0 && hb) {  // ha [S, r] = scaling * h @ A_d^T on the bf16 rows the down projection reads
     for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
-      packed_avx512::rows_times_bt_bf16(rows, I, hb + row0 * Ip, Ip, lora.down_a + static_cast<int64_t>(e) * R * I,
+      packed_avx512::rows_times_bt_bf16(rows, I, hb + row0 * ldh, ldh, lora.down_a + static_cast<int64_t>(e) * R * I,
                                         R, lora.scaling, ha + row0 * R);
     });
   } else if (R > 0) {
@@ -320,7 +321,7 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
       float* c = panel_buffer(mrows);
       for (int p = p0; p < p1; ++p) {
         const int64_t first = row0 + m0;
-        panel(d_w, ha_rows + first * Ip * elem, Ip, hs ? hs + first : nullptr, e, p, mrows, c);
+        panel(d_w, ha_rows + first * ldh * elem, ldh, hs ? hs + first : nullptr, e, p, mrows, c);
         const int col0 = p * 32, ncols = std::min(32, H - col0);
         const float* bt = nullptr;
         if (R > 0) {

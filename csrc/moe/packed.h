@@ -35,6 +35,15 @@ constexpr int kInt4Group = 128;  // inputs per int4 scale / zero point: two k-bl
 
 inline int k_step(PackedFormat f) { return f == PackedFormat::kBF16 ? 32 : 64; }
 inline int tile_bytes(PackedFormat f) { return f == PackedFormat::kInt4 ? kTileBytes / 2 : kTileBytes; }
+
+// Row stride, in elements, of the activation rows a panel reads: the padded width (whole 64-byte lines) made
+// an odd number of lines, so that the 16 rows of a tile fall in 16 different L1 sets. At a stride of 4 KB
+// (bf16 rows of a 2048-wide layer) they all share one 12-way set and every tile load misses L1: the gate/up
+// product ran 20% slower per core.
+inline int tile_row_stride(int padded, int elem_bytes) {
+  const int line = 64 / elem_bytes;
+  return (padded / line) % 2 == 0 ? padded + line : padded;
+}
 inline bool int_activations(PackedFormat f) { return f == PackedFormat::kInt8 || f == PackedFormat::kInt4; }
 
 // Kernels over packed weights. A panel computes C [rows, 32] = A [rows, K] . (two packed n-tiles)^T.
