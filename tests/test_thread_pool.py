@@ -6,6 +6,7 @@ import statistics
 import time
 
 import pytest
+import torch
 
 from kt_core.kernels import _C
 
@@ -47,3 +48,12 @@ def test_full_pool_has_no_scheduler_quantum_stalls():
         times.append(time.perf_counter() - t0)
     # Typically ~10 us; the bound is half a quantum so that a loaded CI machine does not fail it.
     assert statistics.median(times) < 4e-3
+
+
+def test_read_sum_reads_every_word_once():
+    """The bandwidth probe of benchmarks/bench_experts.py: each 8-byte word summed once, odd sizes too."""
+    pool = _C.ThreadPool(3)
+    for n_words in (1, 7, (1 << 17) + 3, 3 * (1 << 17)):
+        words = torch.randint(0, 2**40, (n_words,), dtype=torch.int64)
+        expected = int(words.sum()) % 2**64
+        assert pool.read_sum(words.data_ptr(), n_words * 8) == expected

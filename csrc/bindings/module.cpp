@@ -4,11 +4,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "../moe/experts_op.h"
 #include "../moe/kernel_registry.h"
@@ -196,7 +198,32 @@ PYBIND11_MODULE(_C, m) {
             py::gil_scoped_release release;
             pool.parallel_for(tasks, [](int64_t) {});
           },
-          py::arg("tasks"), "One job of empty tasks: the pool's own overhead, for tests and benchmarks.");
+          py::arg("tasks"), "One job of empty tasks: the pool's own overhead, for tests and benchmarks.")
+      .def(
+          "read_sum",
+          [](kt::ThreadPool& pool, uintptr_t ptr, int64_t nbytes) {
+            // The pool reads every 8-byte word once (1 MiB per task): a DRAM read-bandwidth probe made of the
+            // same threads as the kernels. The wrapping sum keeps the reads from being optimized away.
+            const auto* words = reinterpret_cast<const uint64_t*>(ptr);
+            const int64_t n = nbytes / 8, per_task = (1 << 20) / 8, tasks = (n + per_task - 1) / per_task;
+            std::vector<uint64_t> sums(static_cast<size_t>(tasks));
+            {
+              py::gil_scoped_release release;
+              pool.parallel_for(tasks, [&](int64_t t) {
+                uint64_t acc[8] = {};
+                const int64_t end = std::min(n, (t + 1) * per_task);
+                int64_t i = t * per_task;
+                for (; i + 8 <= end; i += 8)
+                  for (int j = 0; j < 8; ++j) acc[j] += words[i + j];
+                for (; i < end; ++i) acc[0] += words[i];
+                sums[t] = acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7];
+              });
+            }
+            uint64_t total = 0;
+            for (uint64_t v : sums) total += v;
+            return total;
+          },
+          py::arg("ptr"), py::arg("nbytes"), "Wrapping sum of the 8-byte words at ptr: a read-bandwidth probe.");
 
   py::class_<PyExpertsOp>(m, "ExpertsOp")
       .def(py::init<const std::string&, int, int, int, uintptr_t, uintptr_t, const std::string&>(), py::arg("kernel"),
