@@ -4,13 +4,15 @@
 // machine whose speed drifts affects every variant alike.
 //
 //   g++ -O3 -march=sapphirerapids -std=c++17 -pthread benchmarks/amx_tile_micro.cpp -o /tmp/amx_tile_micro
-//   /tmp/amx_tile_micro --threads 15 --rounds 3
+//   /tmp/amx_tile_micro --threads 15 --rounds 3 [--variants stream,prefetch] [--strides aligned|odd|both]
 //
 // Variants (C: a 32 x 32 fp32 block in tiles 0-3, A: 32 activation rows in tiles 4-5, B: a packed weight pair
 // in tiles 6-7; "chunk": k-blocks per pass over the other operand):
 //   stream     for each pair, for each 32 rows: the whole k loop (A and B both from L2)
 //   a_resident for each 32 rows, for each k chunk: A chunk in L1, every pair's C loaded / stored around it
 //   b_resident for each pair, for each k chunk: B chunk in L1, every 32 rows' C loaded / stored around it
+//   interleaved  stream with each tile product issued as soon as its operands are loaded
+//   prefetch   stream, the first 32 rows of a pair prefetching the next pair into L2
 //   l1_peak    the same number of tile products on operands that stay in L1: the ceiling
 #include <immintrin.h>
 #include <sched.h>
@@ -100,6 +102,40 @@ inline void k_steps(const bf16* am, int64_t stride, const bf16* b0, const bf16* 
   }
 }
 
+// The same k steps with each tile product issued as soon as its two operands are loaded.
+inline void k_steps_interleaved(const bf16* am, int64_t stride, const bf16* b0, const bf16* b1, int kb0, int kb1,
+                                int lda) {
+  const bf16* am16 = am + 16LL * lda;
+  for (int kb = kb0; kb < kb1; ++kb) {
+    _tile_loadd(4, am + kb * 32, stride);
+    _tile_loadd(6, b0 + kb * 512LL, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, b1 + kb * 512LL, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, am16 + kb * 32, stride);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
+// k steps of the first 32 rows that also prefetch the next pair (2 KB per step) into L2.
+inline void k_steps_prefetch(const bf16* am, int64_t stride, const bf16* b0, const bf16* b1, int kb1, int lda,
+                             const bf16* next) {
+  const bf16* am16 = am + 16LL * lda;
+  for (int kb = 0; kb < kb1; ++kb) {
+    const char* pf = reinterpret_cast<const char*>(next) + kb * 2048LL;
+    for (int l = 0; l < 2048; l += 64) _mm_prefetch(pf + l, _MM_HINT_T1);
+    _tile_loadd(6, b0 + kb * 512LL, 64);
+    _tile_loadd(7, b1 + kb * 512LL, 64);
+    _tile_loadd(4, am + kb * 32, stride);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, am16 + kb * 32, stride);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
 // One task: rows [m0, m0 + mrows) of expert e (a multiple of 32) against pairs [p0, p1). c: [pairs][mrows][32].
 void task_stream(const Layer& L, int e, int m0, int mrows, int p0, int p1, float* c, int) {
   const int lda = L.lda, kb = L.k_blocks;
@@ -108,6 +144,33 @@ void task_stream(const Layer& L, int e, int m0, int mrows, int p0, int p1, float
     for (int m = 0; m < mrows; m += 32) {
       zero_c();
       k_steps(L.rows(e, m0 + m), lda * 2, b0, b0 + kb * 512LL, 0, kb, lda);
+      store_c(c + ((p - p0) * mrows + m) * 32);
+    }
+  }
+}
+
+void task_interleaved(const Layer& L, int e, int m0, int mrows, int p0, int p1, float* c, int) {
+  const int lda = L.lda, kb = L.k_blocks;
+  for (int p = p0; p < p1; ++p) {
+    const bf16* b0 = L.pair(e, p);
+    for (int m = 0; m < mrows; m += 32) {
+      zero_c();
+      k_steps_interleaved(L.rows(e, m0 + m), lda * 2, b0, b0 + kb * 512LL, 0, kb, lda);
+      store_c(c + ((p - p0) * mrows + m) * 32);
+    }
+  }
+}
+
+void task_prefetch(const Layer& L, int e, int m0, int mrows, int p0, int p1, float* c, int) {
+  const int lda = L.lda, kb = L.k_blocks;
+  for (int p = p0; p < p1; ++p) {
+    const bf16* b0 = L.pair(e, p);
+    for (int m = 0; m < mrows; m += 32) {
+      zero_c();
+      if (m == 0 && p + 1 < p1)
+        k_steps_prefetch(L.rows(e, m0 + m), lda * 2, b0, b0 + kb * 512LL, kb, lda, L.pair(e, p + 1));
+      else
+        k_steps(L.rows(e, m0 + m), lda * 2, b0, b0 + kb * 512LL, 0, kb, lda);
       store_c(c + ((p - p0) * mrows + m) * 32);
     }
   }
@@ -228,39 +291,51 @@ Layer make_layer(const Shape& s, bool odd_lines) {
 
 int main(int argc, char** argv) {
   int threads = 15, rounds = 3;
+  std::string only, strides = "both";
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--threads")) threads = std::atoi(argv[i + 1]);
     if (!std::strcmp(argv[i], "--rounds")) rounds = std::atoi(argv[i + 1]);
+    if (!std::strcmp(argv[i], "--variants")) only = argv[i + 1];      // comma list; default: all
+    if (!std::strcmp(argv[i], "--strides")) strides = argv[i + 1];    // aligned | odd | both
   }
   if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) {
     std::fprintf(stderr, "AMX tile data not granted by the OS\n");
     return 1;
   }
+  // Rows per expert under balanced routing: T * K / E.
   const Shape shapes[] = {
-      {"dsv2-lite gate_up T=4096", 64, 384, 2048, 88},
-      {"dsv2-lite down T=4096", 64, 384, 1408, 64},
-      {"qwen3-30b-a3b gate_up T=4096", 128, 256, 2048, 48},
-      {"qwen3-30b-a3b down T=4096", 128, 256, 768, 64},
+      {"dsv2-lite gate_up T=1024", 64, 96, 2048, 88},       {"dsv2-lite down T=1024", 64, 96, 1408, 64},
+      {"dsv2-lite gate_up T=4096", 64, 384, 2048, 88},      {"dsv2-lite down T=4096", 64, 384, 1408, 64},
+      {"qwen3-30b-a3b gate_up T=1024", 128, 64, 2048, 48},  {"qwen3-30b-a3b down T=1024", 128, 64, 768, 64},
+      {"qwen3-30b-a3b gate_up T=4096", 128, 256, 2048, 48}, {"qwen3-30b-a3b down T=4096", 128, 256, 768, 64},
   };
-  const std::vector<Variant> variants = {
-      {"stream", task_stream, 0},        {"a_resident/4", task_a_resident, 4},
-      {"a_resident/8", task_a_resident, 8}, {"a_resident/16", task_a_resident, 16},
-      {"b_resident/4", task_b_resident, 4}, {"b_resident/8", task_b_resident, 8},
+  const std::vector<Variant> all = {
+      {"stream", task_stream, 0},           {"interleaved", task_interleaved, 0},
+      {"prefetch", task_prefetch, 0},       {"a_resident/8", task_a_resident, 8},
+      {"a_resident/16", task_a_resident, 16}, {"b_resident/8", task_b_resident, 8},
       {"b_resident/16", task_b_resident, 16}, {"l1_peak", task_l1_peak, 0},
   };
-  for (const Shape& s : shapes) for (bool odd : {false, true}) {
-    Layer L = make_layer(s, odd);
-    for (int th : {1, threads}) {
-      std::vector<std::vector<double>> tf(variants.size());
-      run_layer(L, variants[0], th);  // warm the pages
-      for (int r = 0; r < rounds; ++r)
-        for (size_t v = 0; v < variants.size(); ++v) tf[v].push_back(run_layer(L, variants[v], th));
-      std::printf("%s, row stride %d B, %d thread(s): TFLOPS median (best)\n", s.name, L.lda * 2, th);
-      for (size_t v = 0; v < variants.size(); ++v) {
-        std::sort(tf[v].begin(), tf[v].end());
-        std::printf("  %-14s %6.2f (%6.2f)\n", variants[v].name.c_str(), tf[v][tf[v].size() / 2], tf[v].back());
+  std::vector<Variant> variants;
+  for (const Variant& v : all)
+    if (only.empty() || ("," + only + ",").find("," + v.name + ",") != std::string::npos) variants.push_back(v);
+  std::vector<bool> odd_strides;
+  if (strides != "odd") odd_strides.push_back(false);
+  if (strides != "aligned") odd_strides.push_back(true);
+  for (const Shape& s : shapes) {
+    for (bool odd : odd_strides) {
+      Layer L = make_layer(s, odd);
+      for (int th : {1, threads}) {
+        std::vector<std::vector<double>> tf(variants.size());
+        run_layer(L, variants[0], th);  // warm the pages
+        for (int r = 0; r < rounds; ++r)
+          for (size_t v = 0; v < variants.size(); ++v) tf[v].push_back(run_layer(L, variants[v], th));
+        std::printf("%s, row stride %d B, %d thread(s): TFLOPS median (best)\n", s.name, L.lda * 2, th);
+        for (size_t v = 0; v < variants.size(); ++v) {
+          std::sort(tf[v].begin(), tf[v].end());
+          std::printf("  %-14s %6.2f (%6.2f)\n", variants[v].name.c_str(), tf[v][tf[v].size() / 2], tf[v].back());
+        }
+        std::fflush(stdout);
       }
-      std::fflush(stdout);
     }
   }
   return 0;

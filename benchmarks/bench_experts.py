@@ -70,6 +70,14 @@ def weight_bytes_read(s: dict, T: int, ids: torch.Tensor, kernel: str) -> float:
     return ids.unique().numel() * 3 * s["H"] * s["I"] * per_weight
 
 
+def attach_phases(record: dict) -> None:
+    """Adds the C++ phases' mean ms per call since the last read (with --phases) to a result, and prints them."""
+    phases = {name: seconds / calls * 1e3 for name, (seconds, calls) in kernels.phase_times(reset=True).items()}
+    if phases:
+        record["phases_ms"] = phases
+        print("      " + ", ".join(f"{name} {ms:.2f}" for name, ms in phases.items()), flush=True)
+
+
 def bench_forward(module, s, tokens, budget_s, gen, results, name, kernel, threads):
     E, K, H = s["E"], s["K"], s["H"]
     x = torch.randn(16, H, generator=gen).to(torch.bfloat16)
@@ -86,6 +94,7 @@ def bench_forward(module, s, tokens, budget_s, gen, results, name, kernel, threa
             sets.append((torch.randn(T, H, generator=gen).to(torch.bfloat16), ids, w))
         if kernel == "torch":
             torch.set_num_threads(threads)
+        kernels.phase_times(reset=True)
         med, best, n = time_loop(lambda i, sets=sets: kernels.experts_forward(module, *sets[i]), n_sets, budget_s)
         torch.set_num_threads(1)
         flops = 2 * 3 * H * s["I"] * K * T
@@ -105,6 +114,7 @@ def bench_forward(module, s, tokens, budget_s, gen, results, name, kernel, threa
             )
         )
         print(f"    T={T:5d} {med * 1e3:9.3f} ms {flops / med / 1e12:6.2f} TFLOPS  weights {gbs:6.1f} GB/s", flush=True)
+        attach_phases(results[-1])
 
 
 def bench_sft(module, s, tokens, budget_s, gen, results, name, kernel, rank=8):
@@ -128,6 +138,7 @@ def bench_sft(module, s, tokens, budget_s, gen, results, name, kernel, rank=8):
             fwd.append(t1 - t0)
             bwd.append(time.perf_counter() - t1)
 
+        kernels.phase_times(reset=True)
         med, best, n = time_loop(step, 1, budget_s, max_iters=50)
         f_med, b_med = sorted(fwd[2:])[len(fwd[2:]) // 2], sorted(bwd[2:])[len(bwd[2:]) // 2]
         flops = 3 * 2 * 3 * H * s["I"] * K * T
@@ -147,6 +158,7 @@ def bench_sft(module, s, tokens, budget_s, gen, results, name, kernel, rank=8):
             )
         )
         print(f"    SFT T={T:5d} fwd {f_med * 1e3:8.2f} bwd {b_med * 1e3:8.2f} total {med * 1e3:8.2f} ms", flush=True)
+        attach_phases(results[-1])
     module.lora = None
 
 
@@ -177,10 +189,12 @@ def main() -> None:
     ap.add_argument(
         "--pack-cache", default="", help="folder: also time a build that packs + writes it, then one reading it"
     )
+    ap.add_argument("--phases", action="store_true", help="also print where each point's time goes (KT_PHASE_TIMES)")
     ap.add_argument("--out", default="bench_experts.json")
     a = ap.parse_args()
 
     torch.set_num_threads(1)
+    kernels.record_phase_times(a.phases)
     shapes = SMALL if a.small else {m: SHAPES[m] for m in a.models.split(",")}
     names = a.kernels.split(",") if a.kernels else kernels.available_kernels() + kernels.quantized_kernels()
     names = [k for k in names if k not in ("avx512", "avx2", "portable")]

@@ -29,8 +29,10 @@ __all__ = [
     "cpu_features",
     "experts_backward",
     "experts_forward",
+    "phase_times",
     "quantization_error",
     "quantized_kernels",
+    "record_phase_times",
     "resolve_kernel",
 ]
 
@@ -52,6 +54,26 @@ else:
 def cpu_features() -> dict[str, bool]:
     """The instruction-set extensions this CPU and OS allow (empty without the compiled module)."""
     return dict(_C.cpu_features()) if _C is not None else {}
+
+
+def phase_times(reset: bool = False) -> dict[str, tuple[float, int]]:
+    """Seconds and calls per phase of the packed kernels' forward / backward since the last reset.
+
+    Recorded only while on (`KT_PHASE_TIMES=1`, or `record_phase_times(True)`); `reset` clears the totals
+    after reading them.
+    """
+    if _C is None:
+        return {}
+    out = {name: (seconds, calls) for name, seconds, calls in _C.phase_times()}
+    if reset:
+        _C.reset_phase_times()
+    return out
+
+
+def record_phase_times(on: bool = True) -> None:
+    """Turns the per-phase wall-time totals of `phase_times()` on or off (off by default: one branch per phase)."""
+    if _C is not None:
+        _C.set_phase_times(on)
 
 
 def available_kernels() -> list[str]:

@@ -16,6 +16,7 @@
 #include "../moe/kernel_registry.h"
 #include "../runtime/cpu_features.h"
 #include "../runtime/numa.h"
+#include "../runtime/phase_times.h"
 #include "../runtime/thread_pool.h"
 
 namespace py = pybind11;
@@ -165,6 +166,14 @@ PYBIND11_MODULE(_C, m) {
     d["amx_int8"] = f.amx_int8;
     d["os_amx"] = f.os_amx;
     return d;
+  });
+
+  m.def("set_phase_times", &kt::set_phase_times, py::arg("on"));
+  m.def("reset_phase_times", &kt::reset_phase_times);
+  m.def("phase_times", [] {
+    py::list out;
+    for (const auto& p : kt::phase_times()) out.append(py::make_tuple(p.name, p.seconds, p.calls));
+    return out;
   });
 
   m.def("kernel_variants", [] {

@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "experts_op.h"
+#include "../runtime/phase_times.h"
 
 namespace kt {
 namespace {
@@ -198,6 +199,7 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
     }
     cache = made;
   }
+  PhaseLaps laps("backward");
   const ForwardCache kept = ForwardCache::at(cache, S, I, R, act.dtype);  // act is bf16: the 24-bit planes
   const int64_t ld_lo = ForwardCache::lo_stride(I);
   const float* xa = kept.xa;
@@ -213,10 +215,12 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
       packed_avx512::rows_times_bt_bf16(rows, H, dy16 + row0 * ldy, ldy, bt.data(), R, lora.scaling, dyb + row0 * R);
     });
 
+  laps.mark("gather dy, lora dyb");
   // dh_raw [S, I] = dy @ W_d + dyb @ A_d
   float* dh = scratch(6, S * I);
   project_columns_packed(pool, r, dy16, ldy, static_cast<const bf16*>(w_.down), H, I, dh, down_columns_, dyb, R,
                          lora.down_a);
+  laps.mark("dh = dy @ W_d");
 
   // One pass per row: dw = dh_raw . h and dgu, as bf16 (the operand of the base product and of the LoRA
   // products, as in a bf16 autograd graph), with h as bf16 for dA_d.
@@ -241,6 +245,7 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
     }
   });
 
+  laps.mark("silu backward, dw");
   // dx rows [S, H] = dgu @ W_gu + dgb @ A_gu, dgb = scaling * dgu @ B_gu
   float* dgb = R > 0 ? scratch(8, S * R) : nullptr;
   if (R > 0)
@@ -253,7 +258,9 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
   float* dxg = scratch(0, S * H);
   project_columns_packed(pool, r, dgu16, ldg, static_cast<const bf16*>(w_.gate_up), I2, H, dxg, gate_up_columns_,
                          dgb, R, lora.gate_up_a);
+  laps.mark("dx rows = dgu @ W_gu");
   combine(pool, r, dxg, nullptr, act.dtype, dx);
+  laps.mark("combine dx");
 
   if (R > 0) {  // LoRA factor gradients: (expert, factor) tasks
     const bf16* x = static_cast<const bf16*>(act.x);
@@ -288,6 +295,7 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
           break;
       }
     });
+    laps.mark("lora factor grads");
   }
 }
 

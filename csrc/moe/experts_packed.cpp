@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "experts_op.h"
+#include "../runtime/phase_times.h"
 
 namespace kt {
 namespace {
@@ -188,10 +189,12 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
   const PackedTensor& d_w = packed_down_;
   const int Hp = gu_w.padded_inputs(), Ip = d_w.padded_inputs();
   const int ldx = tile_row_stride(Hp, elem), ldh = tile_row_stride(Ip, elem);  // row strides of x and h
+  PhaseLaps laps("forward");
 
   uint8_t* xq = scratch_bytes(0, (S + 32) * ldx * elem);  // [S + 32, ldx] bf16 or int8, zero past H
   float* xs = int8 ? scratch_scales(0, S + 32) : nullptr;
   gather_packed(pool, r, act.x, act.dtype, H, ldx, xq, xs);
+  laps.mark("gather x");
   const ForwardCache kept = ForwardCache::at(cache, S, I, R, act.dtype);
   float* xa = R > 0 ? (kept.xa ? kept.xa : scratch(4, S * R)) : nullptr;
   float* ha = R > 0 ? (kept.ha ? kept.ha : scratch(5, S * R)) : nullptr;  // kept for backward
@@ -211,6 +214,7 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
       for (int64_t i = row0 * R; i < (row0 + rows) * R; ++i) xa[i] *= lora.scaling;
     });
   }
+  laps.mark("lora xa");
   // h: bf16 rows for the bf16 down projection (LoRA's ha reads them too); fp32 when int8 re-quantizes it.
   bf16* hb = int8 ? nullptr : reinterpret_cast<bf16*>(scratch_bytes(1, (S + 32) * ldh * 2));
   float* hf = int8 ? scratch(2, S * I) : nullptr;
@@ -282,6 +286,7 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
     }
   });
 
+  laps.mark("gate_up + silu");
   const uint8_t* ha_rows = reinterpret_cast<const uint8_t*>(hb);
   float* hs = nullptr;
   if (int8) {  // per-row scales of h need whole rows: a second quantization pass
@@ -308,6 +313,7 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
     });
   }
 
+  laps.mark("lora ha, int8 h");
   // Pass 2: down, out [S, H]: bf16 for bf16 activations (as a bf16 graph rounds each expert's output; half the
   // bytes written here and read by the combine, S * H * 2 = 134 MB less for a Qwen3-30B-A3B layer at T=4096).
   // Its slot is the backward's dy rows: a backward that recomputes the forward is done with it before it
@@ -335,10 +341,12 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
       }
     }
   });
+  laps.mark("down");
   if (out16)
     combine_bf16_rows(pool, r, out16, act.w, static_cast<bf16*>(y));
   else
     combine(pool, r, out, act.w, act.dtype, y);
+  laps.mark("combine");
 }
 
 void ExpertsOp::combine_bf16_rows(ThreadPool& pool, const Routing& r, const bf16* rows, const float* scale,
