@@ -37,9 +37,10 @@ def routing(T: int, E: int, K: int, gen: torch.Generator) -> tuple[torch.Tensor,
 
 
 def time_loop(fn, n_sets: int, budget_s: float, max_iters: int = 200, warmup: int = 2) -> tuple[float, float, int]:
-    """Median and best seconds of fn(i) over rotating input sets."""
+    """Median and best seconds of fn(i) over rotating input sets; phase times count the timed calls only."""
     for i in range(warmup):
         fn(i % n_sets)
+    kernels.phase_times(reset=True)
     times: list[float] = []
     end = time.perf_counter() + budget_s
     i = 0
@@ -94,7 +95,6 @@ def bench_forward(module, s, tokens, budget_s, gen, results, name, kernel, threa
             sets.append((torch.randn(T, H, generator=gen).to(torch.bfloat16), ids, w))
         if kernel == "torch":
             torch.set_num_threads(threads)
-        kernels.phase_times(reset=True)
         med, best, n = time_loop(lambda i, sets=sets: kernels.experts_forward(module, *sets[i]), n_sets, budget_s)
         torch.set_num_threads(1)
         flops = 2 * 3 * H * s["I"] * K * T
@@ -138,7 +138,6 @@ def bench_sft(module, s, tokens, budget_s, gen, results, name, kernel, rank=8):
             fwd.append(t1 - t0)
             bwd.append(time.perf_counter() - t1)
 
-        kernels.phase_times(reset=True)
         med, best, n = time_loop(step, 1, budget_s, max_iters=50)
         f_med, b_med = sorted(fwd[2:])[len(fwd[2:]) // 2], sorted(bwd[2:])[len(bwd[2:]) // 2]
         flops = 3 * 2 * 3 * H * s["I"] * K * T
