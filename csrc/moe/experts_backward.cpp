@@ -218,8 +218,8 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
   laps.mark("gather dy, lora dyb");
   // dh_raw [S, I] = dy @ W_d + dyb @ A_d
   float* dh = scratch(6, S * I);
-  project_columns_packed(pool, r, dy16, ldy, static_cast<const bf16*>(w_.down), H, I, dh, down_columns_, dyb, R,
-                         lora.down_a);
+  project_columns_packed(pool, r, dy16, ldy, static_cast<const bf16*>(w_.down), H, I, dh, nullptr, down_columns_,
+                         dyb, R, lora.down_a);
   laps.mark("dh = dy @ W_d");
 
   // One pass per row: dw = dh_raw . h and dgu, as bf16 (the operand of the base product and of the LoRA
@@ -255,11 +255,12 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
       packed_avx512::rows_times_bt_bf16(rows, I2, dgu16 + row0 * ldg, ldg, bt.data(), R, lora.scaling,
                                         dgb + row0 * R);
     });
-  float* dxg = scratch(0, S * H);
-  project_columns_packed(pool, r, dgu16, ldg, static_cast<const bf16*>(w_.gate_up), I2, H, dxg, gate_up_columns_,
-                         dgb, R, lora.gate_up_a);
+  // As bf16 rows (a bf16 graph rounds each expert's dx too; half the bytes of fp32 rows written and combined).
+  bf16* dx16 = reinterpret_cast<bf16*>(scratch_bytes(0, S * H * 2));
+  project_columns_packed(pool, r, dgu16, ldg, static_cast<const bf16*>(w_.gate_up), I2, H, nullptr, dx16,
+                         gate_up_columns_, dgb, R, lora.gate_up_a);
   laps.mark("dx rows = dgu @ W_gu");
-  combine(pool, r, dxg, nullptr, act.dtype, dx);
+  combine_bf16_rows(pool, r, dx16, nullptr, static_cast<bf16*>(dx));
   laps.mark("combine dx");
 
   if (R > 0) {  // LoRA factor gradients: (expert, factor) tasks

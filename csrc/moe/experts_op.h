@@ -155,8 +155,9 @@ class ExpertsOp {
   // the weights in exchange for not re-reading them column-wise on every backward. Kept when it takes under a
   // quarter of the free memory at the first backward; KT_BACKWARD_WEIGHT_CACHE=1 always, =0 never.
   // With R > 0, also c += p . A[e][:, cols] (p [S, R] by row, A [E, R, N]: a LoRA down-projection's factor).
+  // The rows go to c as fp32 or, when c is null, to c16 as bf16.
   void project_columns_packed(ThreadPool& pool, const Routing& r, const bf16* a, int lda, const bf16* w, int K,
-                              int N, float* c, AlignedBuffer& columns, const float* p = nullptr, int R = 0,
+                              int N, float* c, bf16* c16, AlignedBuffer& columns, const float* p = nullptr, int R = 0,
                               const float* lora_a = nullptr);
   // The backward on packed weights (bf16 weights and activations): see experts_backward.cpp.
   void backward_packed(ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora,
@@ -171,7 +172,8 @@ class ExpertsOp {
   void project(bool bf16_dot, int rows, int cols, int in, const float* a, const bf16* a_bf16, const void* w, float* c,
                int ldc) const;
   void combine(ThreadPool& pool, const Routing& r, const float* rows, const float* scale, DType t, void* out) const;
-  // combine for bf16 expert rows [S, H] and a bf16 output (the packed forward; AVX-512).
+  // combine for bf16 expert rows [S, H] and a bf16 output (the packed forward and backward; AVX-512); a null
+  // scale weighs every row 1.
   void combine_bf16_rows(ThreadPool& pool, const Routing& r, const bf16* rows, const float* scale, bf16* out) const;
   void for_each_block(ThreadPool& pool, const Routing& r, int cols,
                       const std::function<void(int e, int64_t row0, int rows, int col0, int ncols)>& fn) const;

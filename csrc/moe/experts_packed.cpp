@@ -362,7 +362,7 @@ void ExpertsOp::combine_bf16_rows(ThreadPool& pool, const Routing& r, const bf16
       for (int k = 0; k < K; ++k) {  // in slot order, as combine: the same sums whatever the thread count
         const int64_t slot = tok * K + k;
         const int64_t row = r.slot_row[slot];
-        if (row >= 0) packed_avx512::add_scaled_bf16_row(H, scale[slot], rows + row * H, acc);
+        if (row >= 0) packed_avx512::add_scaled_bf16_row(H, scale ? scale[slot] : 1.f, rows + row * H, acc);
       }
       packed_avx512::f32_to_bf16_row(acc, H, out + tok * H);
     }
@@ -370,8 +370,8 @@ void ExpertsOp::combine_bf16_rows(ThreadPool& pool, const Routing& r, const bf16
 }
 
 void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const bf16* a, int lda, const bf16* w,
-                                       int K, int N, float* c, AlignedBuffer& columns, const float* p, int R,
-                                       const float* lora_a) {
+                                       int K, int N, float* c, bf16* c16, AlignedBuffer& columns, const float* p,
+                                       int R, const float* lora_a) {
   const int k_blocks = (K + 31) / 32;
   const int col_blocks = (N + 31) / 32;
   const int64_t block_elems = static_cast<int64_t>(k_blocks) * 1024;  // two n-tiles of one column block
@@ -442,7 +442,8 @@ void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const
         pk_->bf16_panel(mrows, k_blocks, a + first * lda, lda, bt, bt + static_cast<int64_t>(k_blocks) * 512, panel);
         const int col0 = b * 32, ncols = std::min(32, N - col0);
         packed_avx512::down_epilogue(mrows, ncols, panel, R > 0 ? p + first * R : nullptr, R,
-                                     R > 0 ? bts + (b - t.b0) * R * 32 : nullptr, c + first * N + col0, nullptr, N);
+                                     R > 0 ? bts + (b - t.b0) * R * 32 : nullptr, c ? c + first * N + col0 : nullptr,
+                                     c ? nullptr : c16 + first * N + col0, N);
       }
     }
   });

@@ -316,17 +316,48 @@ float quantize_row_int8(const float* src, int n, int width, int8_t* dst) {
   return scale;
 }
 
-void gate_up_epilogue(int rows, int ncols, const float* c, const float* xa, int R, const float* bt, float* cache,
+void add_rank_r(int rows, float* c, const float* p, int R, const float* bt) {
+  int row = 0;
+  for (; row + 4 <= rows; row += 4) {  // four rows: eight independent FMA chains, each bt row loaded once
+    float* c4 = c + row * 32;
+    const float* p4 = p + static_cast<int64_t>(row) * R;
+    __m512 acc[8];
+    for (int i = 0; i < 4; ++i) {
+      acc[2 * i] = _mm512_loadu_ps(c4 + i * 32);
+      acc[2 * i + 1] = _mm512_loadu_ps(c4 + i * 32 + 16);
+    }
+    for (int j = 0; j < R; ++j) {
+      const __m512 b0 = _mm512_loadu_ps(bt + j * 32), b1 = _mm512_loadu_ps(bt + j * 32 + 16);
+      for (int i = 0; i < 4; ++i) {
+        const __m512 a = _mm512_set1_ps(p4[i * R + j]);
+        acc[2 * i] = _mm512_fmadd_ps(a, b0, acc[2 * i]);
+        acc[2 * i + 1] = _mm512_fmadd_ps(a, b1, acc[2 * i + 1]);
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      _mm512_storeu_ps(c4 + i * 32, acc[2 * i]);
+      _mm512_storeu_ps(c4 + i * 32 + 16, acc[2 * i + 1]);
+    }
+  }
+  for (; row < rows; ++row) {
+    __m512 o0 = _mm512_loadu_ps(c + row * 32), o1 = _mm512_loadu_ps(c + row * 32 + 16);
+    for (int j = 0; j < R; ++j) {
+      const __m512 a = _mm512_set1_ps(p[static_cast<int64_t>(row) * R + j]);
+      o0 = _mm512_fmadd_ps(a, _mm512_loadu_ps(bt + j * 32), o0);
+      o1 = _mm512_fmadd_ps(a, _mm512_loadu_ps(bt + j * 32 + 16), o1);
+    }
+    _mm512_storeu_ps(c + row * 32, o0);
+    _mm512_storeu_ps(c + row * 32 + 16, o1);
+  }
+}
+
+void gate_up_epilogue(int rows, int ncols, float* c, const float* xa, int R, const float* bt, float* cache,
                       bf16* cache_hi, uint8_t* cache_lo, int64_t ld_cache, int64_t ld_lo, int64_t up_offset, bf16* hb,
                       int64_t ld_hb, float* hf, int64_t ld_hf) {
   const __mmask16 m = lanes(ncols);
+  if (R > 0) add_rank_r(rows, c, xa, R, bt);
   for (int row = 0; row < rows; ++row) {
-    __m512 g = _mm512_loadu_ps(c + row * 32), u = _mm512_loadu_ps(c + row * 32 + 16);
-    for (int j = 0; j < R; ++j) {  // rank-r update along the columns
-      const __m512 a = _mm512_set1_ps(xa[static_cast<int64_t>(row) * R + j]);
-      g = _mm512_fmadd_ps(a, _mm512_loadu_ps(bt + j * 32), g);
-      u = _mm512_fmadd_ps(a, _mm512_loadu_ps(bt + j * 32 + 16), u);
-    }
+    const __m512 g = _mm512_loadu_ps(c + row * 32), u = _mm512_loadu_ps(c + row * 32 + 16);
     if (cache) {
       float* cr = cache + row * ld_cache;
       _mm512_mask_storeu_ps(cr, m, g);
@@ -344,16 +375,12 @@ void gate_up_epilogue(int rows, int ncols, const float* c, const float* xa, int 
   }
 }
 
-void down_epilogue(int rows, int ncols, const float* c, const float* ha, int R, const float* bt, float* out,
+void down_epilogue(int rows, int ncols, float* c, const float* ha, int R, const float* bt, float* out,
                    bf16* out16, int64_t ld_out) {
   const __mmask16 m0 = lanes(ncols), m1 = lanes(ncols - 16);
+  if (R > 0) add_rank_r(rows, c, ha, R, bt);
   for (int row = 0; row < rows; ++row) {
-    __m512 o0 = _mm512_loadu_ps(c + row * 32), o1 = _mm512_loadu_ps(c + row * 32 + 16);
-    for (int j = 0; j < R; ++j) {
-      const __m512 a = _mm512_set1_ps(ha[static_cast<int64_t>(row) * R + j]);
-      o0 = _mm512_fmadd_ps(a, _mm512_loadu_ps(bt + j * 32), o0);
-      o1 = _mm512_fmadd_ps(a, _mm512_loadu_ps(bt + j * 32 + 16), o1);
-    }
+    const __m512 o0 = _mm512_loadu_ps(c + row * 32), o1 = _mm512_loadu_ps(c + row * 32 + 16);
     if (out16) {
       bf16* o = out16 + row * ld_out;
       store_bf16(o, m0, o0);
@@ -424,6 +451,8 @@ void rows_times_bt_bf16(int rows, int K, const bf16* a, int64_t lda, const float
   }
 }
 
+constexpr int kRowsAhead = 8;  // rows prefetched ahead in tn_bf16_rows
+
 void tn_bf16_rows(int R, int N, int rows, const float* p, int ldp, const bf16* a, int64_t lda, const int32_t* index,
                   float* out) {
   for (int n0 = 0; n0 < N; n0 += 64) {
@@ -437,6 +466,12 @@ void tn_bf16_rows(int R, int N, int rows, const float* p, int ldp, const bf16* a
         for (int v = 0; v < 4; ++v) acc[j][v] = _mm512_setzero_ps();
       for (int m = 0; m < rows; ++m) {
         const bf16* am = a + (index ? static_cast<int64_t>(index[m]) : m) * lda + n0;
+        if (m + kRowsAhead < rows) {  // strided rows: the prefetchers do not see the next one coming
+          const int64_t ahead = index ? index[m + kRowsAhead] : m + kRowsAhead;
+          const char* next = reinterpret_cast<const char*>(a + ahead * lda + n0);
+          _mm_prefetch(next, _MM_HINT_T0);
+          _mm_prefetch(next + 64, _MM_HINT_T0);
+        }
         __m512 x[4];
         for (int v = 0; v < 4; ++v) x[v] = load_bf16(am + 16 * v, mk[v]);
         const float* pm = p + static_cast<int64_t>(m) * ldp + j0;

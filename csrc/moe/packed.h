@@ -96,13 +96,15 @@ float quantize_row_int8(const float* src, int n, int width, int8_t* dst);
 // transposed). Stores g / u to cache as fp32 (row stride ld_cache) or rounded to 24 bits into cache_hi (bits
 // 16-31, row stride ld_cache) and cache_lo (bits 8-15, row stride ld_lo), up at + up_offset in each; h as bf16
 // and / or fp32 (any of the outputs may be null).
-void gate_up_epilogue(int rows, int ncols, const float* c, const float* xa, int R, const float* bt, float* cache,
+void gate_up_epilogue(int rows, int ncols, float* c, const float* xa, int R, const float* bt, float* cache,
                       bf16* cache_hi, uint8_t* cache_lo, int64_t ld_cache, int64_t ld_lo, int64_t up_offset, bf16* hb,
                       int64_t ld_hb, float* hf, int64_t ld_hf);
 // Down panel C [rows][32] to out as fp32, or to out16 as bf16 (row stride ld_out, first `ncols` columns), plus
-// ha[row] . bt[:, col].
-void down_epilogue(int rows, int ncols, const float* c, const float* ha, int R, const float* bt, float* out,
+// ha[row] . bt[:, col]. Both epilogues add their rank-r term to the panel C in place.
+void down_epilogue(int rows, int ncols, float* c, const float* ha, int R, const float* bt, float* out,
                    bf16* out16, int64_t ld_out);
+// c[row][0:32] += p[row][0:R] . bt[0:R][0:32] for row < rows (panel C [rows][32], p [rows][R], bt [R][32]).
+void add_rank_r(int rows, float* c, const float* p, int R, const float* bt);
 // acc[i] += s * x[i] for i < n (the weighted sum of a token's bf16 expert rows).
 void add_scaled_bf16_row(int n, float s, const bf16* x, float* acc);
 // Backward of h = silu(g) * u for one row with dh = wk * d, from the cached 24-bit pre-activations [g | u]
