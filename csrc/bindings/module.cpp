@@ -211,20 +211,27 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "read_sum",
           [](kt::ThreadPool& pool, uintptr_t ptr, int64_t nbytes) {
-            // The pool reads every 8-byte word once (1 MiB per task): a DRAM read-bandwidth probe made of the
-            // same threads as the kernels. The wrapping sum keeps the reads from being optimized away.
+            // The pool reads every 8-byte word once, 1 MiB per task as four concurrent streams (as a packed
+            // panel reads two weight tiles and its rows): a DRAM read-bandwidth probe made of the kernels'
+            // threads. The wrapping sum keeps the reads from being optimized away.
             const auto* words = reinterpret_cast<const uint64_t*>(ptr);
-            const int64_t n = nbytes / 8, per_task = (1 << 20) / 8, tasks = (n + per_task - 1) / per_task;
+            constexpr int64_t kTaskWords = (1 << 20) / 8, kStreamWords = kTaskWords / 4;
+            const int64_t n = nbytes / 8, tasks = (n + kTaskWords - 1) / kTaskWords;
             std::vector<uint64_t> sums(static_cast<size_t>(tasks));
             {
               py::gil_scoped_release release;
               pool.parallel_for(tasks, [&](int64_t t) {
+                const int64_t begin = t * kTaskWords, end = std::min(n, begin + kTaskWords);
                 uint64_t acc[8] = {};
-                const int64_t end = std::min(n, (t + 1) * per_task);
-                int64_t i = t * per_task;
-                for (; i + 8 <= end; i += 8)
-                  for (int j = 0; j < 8; ++j) acc[j] += words[i + j];
-                for (; i < end; ++i) acc[0] += words[i];
+                if (end - begin == kTaskWords) {
+                  const uint64_t* s = words + begin;
+                  for (int64_t i = 0; i < kStreamWords; i += 8)
+                    for (int j = 0; j < 8; ++j)
+                      acc[j] += s[i + j] + s[kStreamWords + i + j] + s[2 * kStreamWords + i + j] +
+                                s[3 * kStreamWords + i + j];
+                } else {
+                  for (int64_t i = begin; i < end; ++i) acc[i % 8] += words[i];
+                }
                 sums[t] = acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7];
               });
             }
