@@ -30,24 +30,14 @@
 #include <thread>
 #include <vector>
 
+#include "../csrc/moe/amx_panels.h"
+
 namespace {
 
 using bf16 = uint16_t;
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 void configure_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
+  const kt::TileConfig cfg = kt::tile_config();  // the packed panels' configuration: 8 tiles of 16 x 64 bytes
   _tile_loadconfig(&cfg);
 }
 
@@ -87,19 +77,21 @@ inline void store_c(float* c) {
   _tile_stored(2, c + 512, 128);
   _tile_stored(3, c + 512 + 16, 128);
 }
+// k block kb of 32 rows (am: rows 0-15, am16: rows 16-31) x one pair, as the packed panels order it.
+inline void k_step(const bf16* am, const bf16* am16, int64_t stride, const bf16* b0, const bf16* b1, int kb) {
+  _tile_loadd(6, b0 + kb * 512LL, 64);
+  _tile_loadd(7, b1 + kb * 512LL, 64);
+  _tile_loadd(4, am + kb * 32, stride);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_loadd(5, am16 + kb * 32, stride);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
 // k blocks [kb0, kb1) of 32 rows x one pair.
 inline void k_steps(const bf16* am, int64_t stride, const bf16* b0, const bf16* b1, int kb0, int kb1, int lda) {
-  const bf16* am16 = am + 16LL * lda;
-  for (int kb = kb0; kb < kb1; ++kb) {
-    _tile_loadd(6, b0 + kb * 512LL, 64);
-    _tile_loadd(7, b1 + kb * 512LL, 64);
-    _tile_loadd(4, am + kb * 32, stride);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_loadd(5, am16 + kb * 32, stride);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-  }
+  for (int kb = kb0; kb < kb1; ++kb) k_step(am, am + 16LL * lda, stride, b0, b1, kb);
 }
 
 // The same k steps with each tile product issued as soon as its two operands are loaded.
@@ -121,41 +113,25 @@ inline void k_steps_interleaved(const bf16* am, int64_t stride, const bf16* b0, 
 // k steps of the first 32 rows that also prefetch the next pair (2 KB per step) into L2.
 inline void k_steps_prefetch(const bf16* am, int64_t stride, const bf16* b0, const bf16* b1, int kb1, int lda,
                              const bf16* next) {
-  const bf16* am16 = am + 16LL * lda;
   for (int kb = 0; kb < kb1; ++kb) {
     const char* pf = reinterpret_cast<const char*>(next) + kb * 2048LL;
     for (int l = 0; l < 2048; l += 64) _mm_prefetch(pf + l, _MM_HINT_T1);
-    _tile_loadd(6, b0 + kb * 512LL, 64);
-    _tile_loadd(7, b1 + kb * 512LL, 64);
-    _tile_loadd(4, am + kb * 32, stride);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_loadd(5, am16 + kb * 32, stride);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    k_step(am, am + 16LL * lda, stride, b0, b1, kb);
   }
 }
 
 // One task: rows [m0, m0 + mrows) of expert e (a multiple of 32) against pairs [p0, p1). c: [pairs][mrows][32].
-void task_stream(const Layer& L, int e, int m0, int mrows, int p0, int p1, float* c, int) {
-  const int lda = L.lda, kb = L.k_blocks;
-  for (int p = p0; p < p1; ++p) {
-    const bf16* b0 = L.pair(e, p);
-    for (int m = 0; m < mrows; m += 32) {
-      zero_c();
-      k_steps(L.rows(e, m0 + m), lda * 2, b0, b0 + kb * 512LL, 0, kb, lda);
-      store_c(c + ((p - p0) * mrows + m) * 32);
-    }
-  }
-}
+using KSteps = void (*)(const bf16*, int64_t, const bf16*, const bf16*, int, int, int);
 
-void task_interleaved(const Layer& L, int e, int m0, int mrows, int p0, int p1, float* c, int) {
+// For each pair, for each 32 rows: the whole k loop, with the given order of loads and tile products.
+template <KSteps steps>
+void task_pairs_outer(const Layer& L, int e, int m0, int mrows, int p0, int p1, float* c, int) {
   const int lda = L.lda, kb = L.k_blocks;
   for (int p = p0; p < p1; ++p) {
     const bf16* b0 = L.pair(e, p);
     for (int m = 0; m < mrows; m += 32) {
       zero_c();
-      k_steps_interleaved(L.rows(e, m0 + m), lda * 2, b0, b0 + kb * 512LL, 0, kb, lda);
+      steps(L.rows(e, m0 + m), lda * 2, b0, b0 + kb * 512LL, 0, kb, lda);
       store_c(c + ((p - p0) * mrows + m) * 32);
     }
   }
@@ -310,7 +286,7 @@ int main(int argc, char** argv) {
       {"qwen3-30b-a3b gate_up T=4096", 128, 256, 2048, 48}, {"qwen3-30b-a3b down T=4096", 128, 256, 768, 64},
   };
   const std::vector<Variant> all = {
-      {"stream", task_stream, 0},           {"interleaved", task_interleaved, 0},
+      {"stream", task_pairs_outer<k_steps>, 0}, {"interleaved", task_pairs_outer<k_steps_interleaved>, 0},
       {"prefetch", task_prefetch, 0},       {"a_resident/8", task_a_resident, 8},
       {"a_resident/16", task_a_resident, 16}, {"b_resident/8", task_b_resident, 8},
       {"b_resident/16", task_b_resident, 16}, {"l1_peak", task_l1_peak, 0},
