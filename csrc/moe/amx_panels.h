@@ -72,6 +72,49 @@ void amx_bf16_panel(int rows, int k_blocks, const bf16* a, int lda, const bf16* 
   Tiles::release();
 }
 
+// acc [32][32] int32 = rows [0, 16) (am) and, when `two`, [16, 32) (am + 16 rows) of int8 activations times
+// k-blocks [kb0, kb1) of a pair of int8 weight tiles (b0, b1): signed x signed (tdpbssd) or, with
+// kUnsignedWeights, signed x unsigned (tdpbsud).
+template <class Tiles, bool kUnsignedWeights>
+void int8_tile_block(const int8_t* am, int lda, bool two, const void* b0, const void* b1, int kb0, int kb1,
+                     int32_t* acc) {
+  const int8_t* am16 = am + static_cast<int64_t>(16) * lda;
+  const auto* w0 = static_cast<const uint8_t*>(b0);
+  const auto* w1 = static_cast<const uint8_t*>(b1);
+  Tiles::template zero<0>();
+  Tiles::template zero<1>();
+  Tiles::template zero<2>();
+  Tiles::template zero<3>();
+  for (int kb = kb0; kb < kb1; ++kb) {
+    Tiles::template load<6>(w0 + static_cast<int64_t>(kb) * kTileBytes, 64);
+    Tiles::template load<7>(w1 + static_cast<int64_t>(kb) * kTileBytes, 64);
+    Tiles::template load<4>(am + kb * 64, lda);
+    if constexpr (kUnsignedWeights) {
+      Tiles::template dp_int8_su<0, 4, 6>();
+      Tiles::template dp_int8_su<1, 4, 7>();
+    } else {
+      Tiles::template dp_int8<0, 4, 6>();
+      Tiles::template dp_int8<1, 4, 7>();
+    }
+    if (two) {
+      Tiles::template load<5>(am16 + kb * 64, lda);
+      if constexpr (kUnsignedWeights) {
+        Tiles::template dp_int8_su<2, 5, 6>();
+        Tiles::template dp_int8_su<3, 5, 7>();
+      } else {
+        Tiles::template dp_int8<2, 5, 6>();
+        Tiles::template dp_int8<3, 5, 7>();
+      }
+    }
+  }
+  Tiles::template store<0>(acc, 128);
+  Tiles::template store<1>(acc + 16, 128);
+  if (two) {
+    Tiles::template store<2>(acc + 16 * 32, 128);
+    Tiles::template store<3>(acc + 16 * 32 + 16, 128);
+  }
+}
+
 template <class Tiles>
 void amx_int8_panel(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const int8_t* b0,
                     const int8_t* b1, const float* b_scale, const int32_t* b_colsum, float* c) {
@@ -81,31 +124,7 @@ void amx_int8_panel(int rows, int k_blocks, const int8_t* a, int lda, const floa
   Tiles::configure(&cfg);
   alignas(64) int32_t acc[32 * 32];
   for (int m = 0; m < rows; m += 32) {
-    const int8_t* am = a + static_cast<int64_t>(m) * lda;
-    const int8_t* am16 = am + static_cast<int64_t>(16) * lda;
-    const bool two = rows - m > 16;
-    Tiles::template zero<0>();
-    Tiles::template zero<1>();
-    Tiles::template zero<2>();
-    Tiles::template zero<3>();
-    for (int kb = 0; kb < k_blocks; ++kb) {
-      Tiles::template load<6>(b0 + static_cast<int64_t>(kb) * kTileBytes, 64);
-      Tiles::template load<7>(b1 + static_cast<int64_t>(kb) * kTileBytes, 64);
-      Tiles::template load<4>(am + kb * 64, lda);
-      Tiles::template dp_int8<0, 4, 6>();
-      Tiles::template dp_int8<1, 4, 7>();
-      if (two) {
-        Tiles::template load<5>(am16 + kb * 64, lda);
-        Tiles::template dp_int8<2, 5, 6>();
-        Tiles::template dp_int8<3, 5, 7>();
-      }
-    }
-    Tiles::template store<0>(acc, 128);
-    Tiles::template store<1>(acc + 16, 128);
-    if (two) {
-      Tiles::template store<2>(acc + 16 * 32, 128);
-      Tiles::template store<3>(acc + 16 * 32 + 16, 128);
-    }
+    int8_tile_block<Tiles, false>(a + static_cast<int64_t>(m) * lda, lda, rows - m > 16, b0, b1, 0, k_blocks, acc);
     const int valid = rows - m < 32 ? rows - m : 32;
     for (int r = 0; r < valid; ++r) {
       const float sa = a_scale[m + r];
@@ -143,34 +162,12 @@ void amx_int4_panel(int rows, int k_blocks, const int8_t* a, int lda, const floa
   alignas(64) int32_t acc[32 * 32];
   for (int m = 0; m < rows; m += 32) {
     const int8_t* am = a + static_cast<int64_t>(m) * lda;
-    const int8_t* am16 = am + static_cast<int64_t>(16) * lda;
     const bool two = rows - m > 16;
     const int valid = rows - m < 32 ? rows - m : 32;
     float* cm = c + static_cast<int64_t>(m) * 32;
     for (int i = 0; i < valid * 32; ++i) cm[i] = 0.f;
     for (int g = 0; g < groups; ++g) {
-      Tiles::template zero<0>();
-      Tiles::template zero<1>();
-      Tiles::template zero<2>();
-      Tiles::template zero<3>();
-      for (int kb = 2 * g; kb < 2 * g + 2; ++kb) {
-        Tiles::template load<6>(w0 + static_cast<int64_t>(kb) * kTileBytes, 64);
-        Tiles::template load<7>(w1 + static_cast<int64_t>(kb) * kTileBytes, 64);
-        Tiles::template load<4>(am + kb * 64, lda);
-        Tiles::template dp_int8_su<0, 4, 6>();
-        Tiles::template dp_int8_su<1, 4, 7>();
-        if (two) {
-          Tiles::template load<5>(am16 + kb * 64, lda);
-          Tiles::template dp_int8_su<2, 5, 6>();
-          Tiles::template dp_int8_su<3, 5, 7>();
-        }
-      }
-      Tiles::template store<0>(acc, 128);
-      Tiles::template store<1>(acc + 16, 128);
-      if (two) {
-        Tiles::template store<2>(acc + 16 * 32, 128);
-        Tiles::template store<3>(acc + 16 * 32 + 16, 128);
-      }
+      int8_tile_block<Tiles, true>(am, lda, two, w0, w1, 2 * g, 2 * g + 2, acc);
       packed_avx512::fold_int4_group(valid, acc, xsum + static_cast<int64_t>(m) * groups + g, groups, a_scale + m,
                                      scale + g * 16, scale_zero + g * 16, scale + (groups + g) * 16,
                                      scale_zero + (groups + g) * 16, cm);
