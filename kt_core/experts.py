@@ -84,6 +84,8 @@ class KTExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, dtype=dtype), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(E, H, I, dtype=dtype), requires_grad=False)
         self.lora: ExpertLoRA | None = None
+        # False while the adapter is switched off (PEFT's `with model.disable_adapter():`): base experts only.
+        self.lora_enabled = True
         if lora_rank:
             self.add_lora(lora_rank, lora_alpha if lora_alpha is not None else 2 * lora_rank)
 
@@ -146,6 +148,10 @@ class KTExperts(nn.Module):
         self.lora = ExpertLoRA(self.num_experts, self.hidden_dim, self.intermediate_dim, rank=rank, alpha=alpha)
         return self.lora
 
+    def active_lora_factors(self) -> tuple[torch.Tensor, ...]:
+        """The LoRA factors a forward applies: none without an adapter or while `lora_enabled` is False."""
+        return self.lora.factors() if self.lora is not None and self.lora_enabled else ()
+
     def load_expert_(
         self,
         expert: int,
@@ -179,8 +185,7 @@ class KTExperts(nn.Module):
         Returns:
             [T, H] on hidden_states' device and dtype.
         """
-        lora = self.lora.factors() if self.lora is not None else ()
-        return _ExpertsFunction.apply(self, hidden_states, top_k_index, top_k_weights, *lora)
+        return _ExpertsFunction.apply(self, hidden_states, top_k_index, top_k_weights, *self.active_lora_factors())
 
     def _apply(self, fn, recurse=True):
         # The routed experts live in host memory: `model.to("cuda")` / `.half()` move everything else.

@@ -7,9 +7,11 @@ weights in host memory and the same LoRA factors (converted to our layout), whil
 (attention LoRA, ...) stays PEFT's. The new module saves and loads its LoRA under PEFT's keys, so
 `model.save_pretrained` writes an adapter that stock PEFT loads onto the plain transformers model.
 
-PEFT only knows its own layers, so three of its paths are routed to the KTExperts as well:
+PEFT only knows its own layers, so four of its paths are routed to the KTExperts as well:
 - `merge_and_unload()` / `unload()`: the expert LoRA is merged into (or dropped from) the KTExperts
   weights first, then PEFT merges the rest as usual and returns a plain transformers model;
+- `disable_adapter_layers()` / `enable_adapter_layers()` (what `with model.disable_adapter():` calls, as
+  reference-model passes of DPO-style trainers do): the expert LoRA is switched off and on with PEFT's;
 - saving (PEFT >= 0.19 picks the adapter's state-dict entries by visiting its tuner layers): the expert
   LoRA entries, already under PEFT's keys, are added to what PEFT selected;
 - `_mark_only_adapters_as_trainable` (run again by PEFT when adapters are added or loaded): the targeted
@@ -116,6 +118,7 @@ def take_over_peft_model(
                 setattr(base.get_submodule(parent_name), attr, wrappers[name])
     logger.info("%d experts modules with PEFT LoRA now run on the CPU operator", len(taken))
     _route_peft_merge(model)
+    _route_peft_enable(model)
     _route_peft_trainable(model)
     _route_peft_state_dict(model)
     model.kt_prepared = True
@@ -155,6 +158,31 @@ def _route_peft_merge(model: nn.Module) -> None:
     unload.__doc__ = peft_unload.__doc__
     tuner.merge_and_unload = merge_and_unload
     tuner.unload = unload
+
+
+def _route_peft_enable(model: nn.Module) -> None:
+    """Makes the tuner's `disable_adapter_layers` / `enable_adapter_layers` switch the KTExperts' LoRA too."""
+    tuner = getattr(model, "base_model", None)
+    if tuner is None or tuner is model or not hasattr(tuner, "disable_adapter_layers"):
+        return
+    peft_disable, peft_enable = tuner.disable_adapter_layers, tuner.enable_adapter_layers
+
+    def disable_adapter_layers(*args, **kwargs):
+        result = peft_disable(*args, **kwargs)
+        for experts in _peft_experts(tuner):
+            experts.lora_enabled = False
+        return result
+
+    def enable_adapter_layers(*args, **kwargs):
+        result = peft_enable(*args, **kwargs)
+        for experts in _peft_experts(tuner):
+            experts.lora_enabled = True
+        return result
+
+    disable_adapter_layers.__doc__ = peft_disable.__doc__
+    enable_adapter_layers.__doc__ = peft_enable.__doc__
+    tuner.disable_adapter_layers = disable_adapter_layers
+    tuner.enable_adapter_layers = enable_adapter_layers
 
 
 def _route_peft_trainable(model: nn.Module) -> None:

@@ -98,3 +98,31 @@ def test_merge_single_target_and_bf16_weights():
     merge_expert_lora_(experts)
     assert experts.lora is None and experts.down_proj.dtype == torch.bfloat16
     torch.testing.assert_close(experts.down_proj, (W + delta).bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_disable_adapter_switches_expert_lora_off_as_stock_peft(family):
+    """`with model.disable_adapter():` (a DPO reference pass) gives the base model, expert LoRA included."""
+    stock = _with_lora(build_tiny_model(family, num_layers=2), family)
+    ours = take_over_peft_model(_with_lora(build_tiny_model(family, num_layers=2), family))
+    base = _logits(build_tiny_model(family, num_layers=2))
+    with stock.disable_adapter():
+        torch.testing.assert_close(_logits(stock), base, rtol=1e-5, atol=1e-6)
+    with ours.disable_adapter():
+        assert all(not m.lora_enabled for m in ours.modules() if isinstance(m, KTExperts) and m.lora is not None)
+        torch.testing.assert_close(_logits(ours), base, rtol=1e-5, atol=1e-6)
+    adapted = _logits(ours)
+    assert not torch.allclose(adapted, base, rtol=1e-3, atol=1e-3)  # back on after the block
+    torch.testing.assert_close(adapted, _logits(stock), rtol=1e-4, atol=1e-5)
+
+
+def test_disabled_expert_lora_gets_no_gradient():
+    ours = take_over_peft_model(_with_lora(build_tiny_model("qwen3_moe", num_layers=2), "qwen3_moe"))
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    embeds = ours.get_input_embeddings()(ids).detach().requires_grad_()  # every adapter off: nothing else trains
+    ours.train()
+    with ours.disable_adapter():
+        ours(inputs_embeds=embeds, labels=ids).loss.backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+    experts = [m for m in ours.modules() if isinstance(m, KTExperts) and m.lora is not None]
+    assert experts and all(p.grad is None for m in experts for p in m.lora.factors())

@@ -71,7 +71,7 @@ class HybridExperts(nn.Module):
         object.__setattr__(self, "runtime", runtime)  # not a submodule
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        lora = self.experts.lora.factors() if self.experts.lora is not None else ()
+        lora = self.experts.active_lora_factors()
         return _HybridFunction.apply(self, hidden_states, top_k_index, top_k_weights, *lora)
 
     # ---- the split ------------------------------------------------------------------------------
