@@ -103,6 +103,33 @@ def test_train_matches_stock_llamafactory(family, checkpoints, tmp_path):
     assert (ours / "training_loss.png").is_file()
 
 
+def dpo_config(model: Path, out: Path, *, use_kt: bool, **extra) -> dict:
+    """DPO with LoRA and no separate reference model: LLaMA-Factory's reference pass runs the policy inside
+    `model.disable_adapter()`, which must switch the expert LoRA off as well."""
+    return train_config(model, out, use_kt=use_kt, stage="dpo", dataset="kt_dpo", pref_beta=0.1, **extra)
+
+
+def test_dpo_matches_stock_llamafactory(checkpoints, tmp_path):
+    """stage: dpo (expert LoRA off, as stock LLaMA-Factory cannot target the experts): the same loss curve."""
+    ours, stock = tmp_path / "ours", tmp_path / "stock"
+    run_cli("train", dpo_config(checkpoints["qwen3_moe"], ours, use_kt=True, kt_expert_lora=False), tmp_path)
+    run_cli("train", dpo_config(checkpoints["qwen3_moe"], stock, use_kt=False), tmp_path)
+    assert len(losses(ours)) == 4
+    assert losses(ours) == pytest.approx(losses(stock), rel=1e-4)
+
+
+def test_dpo_with_expert_lora_starts_at_log_2_and_learns(checkpoints, tmp_path):
+    """With expert LoRA the policy equals the reference at step 1 (B = 0): the sigmoid loss is ln 2 there, and
+    the preference margin grows as the adapter (experts included) trains against the adapter-free reference."""
+    out = tmp_path / "ours"
+    config = dpo_config(checkpoints["qwen3_moe"], out, use_kt=True, max_steps=6, learning_rate=5.0e-3)
+    run_cli("train", config, tmp_path)
+    records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    loss = [r["loss"] for r in records if "loss" in r]
+    assert len(loss) == 6 and loss[0] == pytest.approx(0.693147, abs=1e-4)
+    assert loss[-1] < loss[0]
+
+
 @pytest.fixture(scope="session")
 def trained_adapter(checkpoints, tmp_path_factory) -> Path:
     """A tiny Qwen3-MoE adapter with expert LoRA (lora_target: all)."""
