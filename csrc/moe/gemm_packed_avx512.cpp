@@ -321,39 +321,32 @@ float quantize_row_int8(const float* src, int n, int width, int8_t* dst) {
   return scale;
 }
 
+// N rows of a panel: 2N independent FMA chains, each bt row loaded once for all N.
+template <int N>
+void add_rank_r_rows(float* c, const float* p, int R, const float* bt) {
+  __m512 acc[2 * N];
+  for (int i = 0; i < N; ++i) {
+    acc[2 * i] = _mm512_loadu_ps(c + i * 32);
+    acc[2 * i + 1] = _mm512_loadu_ps(c + i * 32 + 16);
+  }
+  for (int j = 0; j < R; ++j) {
+    const __m512 b0 = _mm512_loadu_ps(bt + j * 32), b1 = _mm512_loadu_ps(bt + j * 32 + 16);
+    for (int i = 0; i < N; ++i) {
+      const __m512 a = _mm512_set1_ps(p[i * R + j]);
+      acc[2 * i] = _mm512_fmadd_ps(a, b0, acc[2 * i]);
+      acc[2 * i + 1] = _mm512_fmadd_ps(a, b1, acc[2 * i + 1]);
+    }
+  }
+  for (int i = 0; i < N; ++i) {
+    _mm512_storeu_ps(c + i * 32, acc[2 * i]);
+    _mm512_storeu_ps(c + i * 32 + 16, acc[2 * i + 1]);
+  }
+}
+
 void add_rank_r(int rows, float* c, const float* p, int R, const float* bt) {
   int row = 0;
-  for (; row + 4 <= rows; row += 4) {  // four rows: eight independent FMA chains, each bt row loaded once
-    float* c4 = c + row * 32;
-    const float* p4 = p + static_cast<int64_t>(row) * R;
-    __m512 acc[8];
-    for (int i = 0; i < 4; ++i) {
-      acc[2 * i] = _mm512_loadu_ps(c4 + i * 32);
-      acc[2 * i + 1] = _mm512_loadu_ps(c4 + i * 32 + 16);
-    }
-    for (int j = 0; j < R; ++j) {
-      const __m512 b0 = _mm512_loadu_ps(bt + j * 32), b1 = _mm512_loadu_ps(bt + j * 32 + 16);
-      for (int i = 0; i < 4; ++i) {
-        const __m512 a = _mm512_set1_ps(p4[i * R + j]);
-        acc[2 * i] = _mm512_fmadd_ps(a, b0, acc[2 * i]);
-        acc[2 * i + 1] = _mm512_fmadd_ps(a, b1, acc[2 * i + 1]);
-      }
-    }
-    for (int i = 0; i < 4; ++i) {
-      _mm512_storeu_ps(c4 + i * 32, acc[2 * i]);
-      _mm512_storeu_ps(c4 + i * 32 + 16, acc[2 * i + 1]);
-    }
-  }
-  for (; row < rows; ++row) {
-    __m512 o0 = _mm512_loadu_ps(c + row * 32), o1 = _mm512_loadu_ps(c + row * 32 + 16);
-    for (int j = 0; j < R; ++j) {
-      const __m512 a = _mm512_set1_ps(p[static_cast<int64_t>(row) * R + j]);
-      o0 = _mm512_fmadd_ps(a, _mm512_loadu_ps(bt + j * 32), o0);
-      o1 = _mm512_fmadd_ps(a, _mm512_loadu_ps(bt + j * 32 + 16), o1);
-    }
-    _mm512_storeu_ps(c + row * 32, o0);
-    _mm512_storeu_ps(c + row * 32 + 16, o1);
-  }
+  for (; row + 4 <= rows; row += 4) add_rank_r_rows<4>(c + row * 32, p + static_cast<int64_t>(row) * R, R, bt);
+  for (; row < rows; ++row) add_rank_r_rows<1>(c + row * 32, p + static_cast<int64_t>(row) * R, R, bt);
 }
 
 void gate_up_epilogue(int rows, int ncols, float* c, const float* xa, int R, const float* bt, float* cache,
