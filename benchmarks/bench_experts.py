@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from kt_core import KTExperts, kernels
+from kt_core import _C, KTExperts, kernels
 from kt_core.reference import experts_reference
 from kt_core.runtime.pool import get_thread_pool
 
@@ -57,7 +57,7 @@ def dram_read_bandwidth(threads: int, gib: float = 2.0) -> float:
     """GB/s of the kernels' own thread pool reading a buffer far larger than the caches once per pass."""
     pool = get_thread_pool(threads)
     x = torch.ones(int(gib * 2**30), dtype=torch.uint8)
-    med, _, _ = time_loop(lambda _: pool.read_sum(x.data_ptr(), x.numel()), 1, 1.0, max_iters=20)
+    med, _, _ = time_loop(lambda _: _C.bench.read_sum(pool, x.data_ptr(), x.numel()), 1, 1.0, max_iters=20)
     return x.numel() / med / 1e9
 
 

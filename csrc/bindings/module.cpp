@@ -4,7 +4,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
@@ -18,6 +17,7 @@
 #include "../runtime/numa.h"
 #include "../runtime/phase_times.h"
 #include "../runtime/thread_pool.h"
+#include "bench.h"
 
 namespace py = pybind11;
 using kt::DType;
@@ -200,46 +200,8 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("num_threads"), py::arg("pin") = true)
       .def_property_readonly("num_threads", &kt::ThreadPool::num_threads)
-      .def_property_readonly("pinned_cpus", &kt::ThreadPool::pinned_cpus)
-      .def(
-          "run_empty",
-          [](kt::ThreadPool& pool, int64_t tasks) {
-            py::gil_scoped_release release;
-            pool.parallel_for(tasks, [](int64_t) {});
-          },
-          py::arg("tasks"), "One job of empty tasks: the pool's own overhead, for tests and benchmarks.")
-      .def(
-          "read_sum",
-          [](kt::ThreadPool& pool, uintptr_t ptr, int64_t nbytes) {
-            // The pool reads every 8-byte word once, 1 MiB per task as four concurrent streams (as a packed
-            // panel reads two weight tiles and its rows): a DRAM read-bandwidth probe made of the kernels'
-            // threads. The wrapping sum keeps the reads from being optimized away.
-            const auto* words = reinterpret_cast<const uint64_t*>(ptr);
-            constexpr int64_t kTaskWords = (1 << 20) / 8, kStreamWords = kTaskWords / 4;
-            const int64_t n = nbytes / 8, tasks = (n + kTaskWords - 1) / kTaskWords;
-            std::vector<uint64_t> sums(static_cast<size_t>(tasks));
-            {
-              py::gil_scoped_release release;
-              pool.parallel_for(tasks, [&](int64_t t) {
-                const int64_t begin = t * kTaskWords, end = std::min(n, begin + kTaskWords);
-                uint64_t acc[8] = {};
-                if (end - begin == kTaskWords) {
-                  const uint64_t* s = words + begin;
-                  for (int64_t i = 0; i < kStreamWords; i += 8)
-                    for (int j = 0; j < 8; ++j)
-                      acc[j] += s[i + j] + s[kStreamWords + i + j] + s[2 * kStreamWords + i + j] +
-                                s[3 * kStreamWords + i + j];
-                } else {
-                  for (int64_t i = begin; i < end; ++i) acc[i % 8] += words[i];
-                }
-                sums[t] = acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7];
-              });
-            }
-            uint64_t total = 0;
-            for (uint64_t v : sums) total += v;
-            return total;
-          },
-          py::arg("ptr"), py::arg("nbytes"), "Wrapping sum of the 8-byte words at ptr: a read-bandwidth probe.");
+      .def_property_readonly("pinned_cpus", &kt::ThreadPool::pinned_cpus);
+  kt::bind_bench(m);
 
   py::class_<PyExpertsOp>(m, "ExpertsOp")
       .def(py::init<const std::string&, int, int, int, uintptr_t, uintptr_t, const std::string&>(), py::arg("kernel"),
