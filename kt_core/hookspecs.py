@@ -5,7 +5,10 @@ A plugin is a module (or object) with functions marked `@hookimpl`, published th
     [project.entry-points.kt]
     my_family = "my_package.kt_plugin"
 
-The built-in model families register through the same hooks (`kt_core.architectures.builtin`).
+The built-in model families and the "kt" expert backend register through the same hooks
+(`kt_core.architectures.builtin`, `kt_core.placement.backends`). Host frameworks are not plugins of this
+contract: each finds its own package in `kt_plugins/` through its own mechanism (a `.pth` boot hook, an
+SGLang entry point, a Trainer callback).
 """
 
 from __future__ import annotations
@@ -41,8 +44,3 @@ def register_expert_backends(register: Callable[[str, type], None]) -> None:
     `down_proj [E, H, I]`) and offers `cls(E, H, I, dtype=..., **kwargs)`, `cls.from_module(hf_experts,
     **kwargs)` and `load_expert_(e, gate=, up=, down=)`, like `kt_core.experts.KTExperts`.
     """
-
-
-@hookspec
-def register_host_integrations(register: Callable[[str, Callable[[], None]], None]) -> None:
-    """Registers host-framework integrations: call `register(name, activate)`; activate() patches the host."""
