@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import threading
-
 from kt_core.architectures.spec import Architecture
+from kt_core.registry import Registry
 
 __all__ = [
     "UnknownArchitectureError",
@@ -14,10 +13,16 @@ __all__ = [
     "unregister_architecture",
 ]
 
-_lock = threading.RLock()
-_by_name: dict[str, Architecture] = {}
-_by_model_type: dict[str, str] = {}
-_plugins_collected = False
+
+def _register_from_plugin(arch: Architecture) -> None:
+    # A plugin re-registering after a manager reset is not an error: same name, same declaration.
+    if _registry.get(arch.name) == arch:
+        return
+    register_architecture(arch)
+
+
+_registry: Registry[Architecture] = Registry("Architecture", "register_architectures", _register_from_plugin)
+_by_model_type: dict[str, str] = {}  # config model_type -> family name, guarded by _registry.lock
 
 _HOW_TO_ADD = (
     "To add a family, register an `kt_core.Architecture` (model_types, experts_pattern, checkpoint "
@@ -43,8 +48,8 @@ def register_architecture(arch: Architecture, *, replace: bool = False) -> Archi
     """
     if not isinstance(arch, Architecture):
         raise TypeError(f"register_architecture expects an Architecture, got {type(arch).__name__}")
-    with _lock:
-        if arch.name in _by_name and not replace:
+    with _registry.lock:
+        if _registry.get(arch.name) is not None and not replace:
             raise ValueError(f"Architecture {arch.name!r} is already registered")
         for model_type in arch.model_types:
             owner = _by_model_type.get(model_type)
@@ -52,9 +57,9 @@ def register_architecture(arch: Architecture, *, replace: bool = False) -> Archi
                 raise ValueError(
                     f"Architecture {arch.name!r}: model_type {model_type!r} is already handled by {owner!r}"
                 )
-        if arch.name in _by_name:
+        if _registry.get(arch.name) is not None:
             _forget(arch.name)
-        _by_name[arch.name] = arch
+        _registry.add(arch.name, arch)
         for model_type in arch.model_types:
             _by_model_type[model_type] = arch.name
     return arch
@@ -62,17 +67,13 @@ def register_architecture(arch: Architecture, *, replace: bool = False) -> Archi
 
 def unregister_architecture(name: str) -> None:
     """Removes a family (for tests and plugins that replace one)."""
-    with _lock:
-        if name not in _by_name:
-            raise KeyError(f"Architecture {name!r} is not registered")
+    with _registry.lock:
         _forget(name)
 
 
 def list_architectures() -> dict[str, Architecture]:
     """Returns {name: Architecture} of every registered family, the plugins' included."""
-    _collect_plugins()
-    with _lock:
-        return dict(sorted(_by_name.items()))
+    return _registry.entries()
 
 
 def get_architecture(model_type_or_config) -> Architecture:
@@ -82,17 +83,17 @@ def get_architecture(model_type_or_config) -> Architecture:
         UnknownArchitectureError: no family handles it; the message lists the supported ones.
     """
     model_type, hf_architectures = _model_type_of(model_type_or_config)
-    _collect_plugins()
-    with _lock:
+    with _registry.lock:
+        families = _registry.entries()
         name = _by_model_type.get(model_type)
-        if name is None and model_type in _by_name:  # the family's own name works too
-            name = model_type
-        if name is not None:
-            return _by_name[name]
-        supported = "\n".join(
-            f"  - {a.name}: model_type {', '.join(a.model_types)}" + (f" ({a.description})" if a.description else "")
-            for a in sorted(_by_name.values(), key=lambda a: a.name)
-        )
+    if name is None and model_type in families:  # the family's own name works too
+        name = model_type
+    if name is not None:
+        return families[name]
+    supported = "\n".join(
+        f"  - {a.name}: model_type {', '.join(a.model_types)}" + (f" ({a.description})" if a.description else "")
+        for a in families.values()
+    )
     shown = f"{model_type!r}" + (f" ({', '.join(hf_architectures)})" if hf_architectures else "")
     raise UnknownArchitectureError(
         f"Unsupported architecture: model_type {shown}. Supported families:\n{supported}\n{_HOW_TO_ADD}"
@@ -100,7 +101,7 @@ def get_architecture(model_type_or_config) -> Architecture:
 
 
 def _forget(name: str) -> None:
-    arch = _by_name.pop(name)
+    arch = _registry.remove(name)
     for model_type in arch.model_types:
         if _by_model_type.get(model_type) == name:
             del _by_model_type[model_type]
@@ -114,28 +115,6 @@ def _model_type_of(obj) -> tuple[str, list[str]]:
     return str(getattr(obj, "model_type", None)), list(getattr(obj, "architectures", None) or [])
 
 
-def _collect_plugins() -> None:
-    """Asks every plugin to register its families, once per process."""
-    global _plugins_collected
-    with _lock:
-        if _plugins_collected:
-            return
-        _plugins_collected = True
-    from kt_core.plugins import get_plugin_manager
-
-    get_plugin_manager().hook.register_architectures(register=_register_from_plugin)
-
-
-def _register_from_plugin(arch: Architecture) -> None:
-    # A plugin re-registering after a manager reset is not an error: same name, same declaration.
-    with _lock:
-        if _by_name.get(arch.name) == arch:
-            return
-    register_architecture(arch)
-
-
 def _reset_for_tests() -> None:
     """Makes the next lookup collect the plugins' registrations again."""
-    global _plugins_collected
-    with _lock:
-        _plugins_collected = False
+    _registry.reset_for_tests()

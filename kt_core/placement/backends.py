@@ -7,10 +7,8 @@ class's dotted path (`kt_core.experts.KTExperts`).
 
 from __future__ import annotations
 
-import re
-import threading
-
 from kt_core.hookspecs import hookimpl
+from kt_core.registry import Registry
 
 __all__ = [
     "get_expert_backend",
@@ -19,10 +17,9 @@ __all__ = [
     "unregister_expert_backend",
 ]
 
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-_lock = threading.RLock()
-_backends: dict[str, type] = {}
-_collected = False
+
+def _dotted(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def register_expert_backend(name: str, cls: type, *, replace: bool = False) -> type:
@@ -34,28 +31,24 @@ def register_expert_backend(name: str, cls: type, *, replace: bool = False) -> t
         replace: allow overriding an existing backend of the same name.
 
     Raises:
-        ValueError: the name is not lowercase or is already registered.
+        ValueError: the name is not lowercase or is already registered to another class.
     """
-    if not _NAME_RE.match(name):
-        raise ValueError(f"Expert backend name {name!r} must be lowercase: letters, digits, underscores")
-    with _lock:
-        if name in _backends and not replace and _backends[name] is not cls:
-            raise ValueError(f"Expert backend {name!r} is already registered ({_dotted(_backends[name])})")
-        _backends[name] = cls
-    return cls
+    if _registry.get(name) is cls:  # the same class again (a plugin re-registering): nothing to do
+        return cls
+    return _registry.add(name, cls, replace=replace)
+
+
+_registry: Registry[type] = Registry("Expert backend", "register_expert_backends", register_expert_backend, _dotted)
 
 
 def unregister_expert_backend(name: str) -> None:
     """Removes a backend (for tests)."""
-    with _lock:
-        del _backends[name]
+    _registry.remove(name)
 
 
 def list_expert_backends() -> dict[str, type]:
     """Returns {name: class} of every registered backend, the plugins' included."""
-    _collect_plugins()
-    with _lock:
-        return dict(_backends)
+    return _registry.entries()
 
 
 def get_expert_backend(name_or_path: str) -> tuple[str, type] | None:
@@ -65,21 +58,6 @@ def get_expert_backend(name_or_path: str) -> tuple[str, type] | None:
         if name_or_path in aliases:
             return name, cls
     return None
-
-
-def _dotted(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _collect_plugins() -> None:
-    global _collected
-    with _lock:
-        if _collected:
-            return
-        _collected = True
-    from kt_core.plugins import get_plugin_manager
-
-    get_plugin_manager().hook.register_expert_backends(register=register_expert_backend)
 
 
 @hookimpl
