@@ -12,6 +12,7 @@ import torch
 from tiny_models import build_tiny_model, tiny_config
 
 from kt_core.architectures import get_architecture
+from kt_core.architectures.builtin import BUILTIN_ARCHITECTURES
 from kt_core.experts import KTExperts
 from kt_core.loading import load_model
 from kt_core.loading.meta import build_meta_model
@@ -20,6 +21,7 @@ from kt_core.placement import (
     RuleError,
     RuleMatch,
     UnmatchedRuleWarning,
+    files,
     load_rules,
     match_rules,
     parse_rules,
@@ -232,15 +234,36 @@ def test_legacy_rule_names_resolve_to_shipped_rules():
     assert resolve_legacy_rule_name("Mixtral-sft-amx-multi-gpu.yaml") == "mixtral/multi-gpu.yaml"
     assert resolve_legacy_rule_name("Llama-sft.yaml") is None
     resolved = resolve_rule_file("examples/kt_optimize_rules/DeepSeek-V3-Chat-sft-amx-multi-gpu.yaml")
-    assert resolved == REPO / "rules" / "deepseek_v3" / "multi-gpu.yaml"
-    assert resolve_rule_file("qwen3_moe/cpu-only.yaml") == REPO / "rules" / "qwen3_moe" / "cpu-only.yaml"
+    assert resolved == REPO / "rules" / "multi-gpu.yaml"
+    resolved = resolve_rule_file("examples/kt_optimize_rules/DeepSeek-V3-Chat-sft-amx-multi-gpu-4.yaml")
+    assert resolved == REPO / "rules" / "multi-gpu-4.yaml"
+    assert resolve_rule_file("examples/kt_optimize_rules/Qwen3Moe-sft-amx.yaml") == REPO / "rules" / "single-gpu.yaml"
     with pytest.raises(FileNotFoundError, match="not found"):
         resolve_rule_file("examples/kt_optimize_rules/Llama-sft.yaml")
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "rules" / "*" / "*.yaml"))))
-def test_shipped_rules_validate_and_match_their_family(path):
-    family = Path(path).parent.name
+def test_family_rule_names_resolve_to_generic_rules_unless_the_family_ships_its_own(tmp_path, monkeypatch):
+    assert resolve_rule_file("cpu-only.yaml") == REPO / "rules" / "cpu-only.yaml"
+    assert resolve_rule_file("qwen3_moe/cpu-only.yaml") == REPO / "rules" / "cpu-only.yaml"
+    with pytest.raises(FileNotFoundError, match="not found"):
+        resolve_rule_file("no_such_family/cpu-only.yaml")  # only registered families fall back
+    (tmp_path / "mixtral").mkdir()
+    (tmp_path / "mixtral" / "cpu-only.yaml").write_text("[]\n")
+    monkeypatch.setattr(files, "rules_dirs", lambda: [tmp_path, REPO / "rules"])
+    assert resolve_rule_file("mixtral/cpu-only.yaml") == tmp_path / "mixtral" / "cpu-only.yaml"
+    assert resolve_rule_file("qwen3_moe/cpu-only.yaml") == REPO / "rules" / "cpu-only.yaml"
+
+
+def _shipped_rule_files() -> list[tuple[str, str]]:
+    """(path, family): each generic file for every built-in family, each family folder's files for its family."""
+    generic = sorted(glob.glob(str(REPO / "rules" / "*.yaml")))
+    own = sorted(glob.glob(str(REPO / "rules" / "*" / "*.yaml")))
+    families = [arch.name for arch in BUILTIN_ARCHITECTURES]
+    return [(path, family) for path in generic for family in families] + [(p, Path(p).parent.name) for p in own]
+
+
+@pytest.mark.parametrize(("path", "family"), _shipped_rule_files())
+def test_shipped_rules_validate_and_match_their_family(path, family):
     text = Path(path).read_text()
     assert text.startswith("# ") and "Launch:" in text.split("\n- ")[0]
     for line in text.splitlines():

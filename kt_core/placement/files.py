@@ -1,8 +1,13 @@
-"""Reading rule files: paths, our shipped `rules/<family>/<variant>.yaml`, and legacy file names.
+"""Reading rule files: paths, our shipped `rules/<variant>.yaml`, and legacy file names.
+
+The shipped rules are generic (`rules/single-gpu.yaml` serves every family whose experts sit at
+`model.layers.N.mlp.experts`); a family that needs other rules ships `rules/<family>/<variant>.yaml`.
+`<family>/<variant>.yaml` names the family's own file when there is one, else the generic file, so
+`qwen3_moe/single-gpu.yaml` and `single-gpu.yaml` are the same rules today.
 
 `load_rules("examples/kt_optimize_rules/DeepSeek-V3-Chat-sft-amx-multi-gpu.yaml")` reads the file
 when it exists (a KTransformers rule file keeps working) and otherwise resolves the legacy name to
-the shipped `rules/deepseek_v3/multi-gpu.yaml`.
+`deepseek_v3/multi-gpu.yaml`, i.e. the shipped `rules/multi-gpu.yaml`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ def rules_dirs() -> list[Path]:
 
 
 def resolve_rule_file(path: str | Path) -> Path:
-    """Finds a rule file: an existing path, `family/variant.yaml` under the shipped rules, or a legacy name.
+    """Finds a rule file: an existing path, a shipped `[family/]variant.yaml`, or a legacy name.
 
     Raises:
         FileNotFoundError: none of these exists; the message lists what was tried.
@@ -42,16 +47,31 @@ def resolve_rule_file(path: str | Path) -> Path:
         names.append(legacy)
     for root in rules_dirs():
         for name in names:
-            shipped = root / name
-            tried.append(str(shipped))
-            if shipped.is_file():
-                if name == legacy:
-                    logger.info("rule file %s: using the shipped %s", path, shipped)
-                return shipped
+            for shipped in _shipped_candidates(root, name):
+                tried.append(str(shipped))
+                if shipped.is_file():
+                    if name == legacy:
+                        logger.info("rule file %s: using the shipped %s", path, shipped)
+                    return shipped
     raise FileNotFoundError(
         f"Rule file {path} not found (tried: {', '.join(tried)}). Give a path to a YAML rule file or a "
-        "shipped one such as 'deepseek_v3/single-gpu.yaml'."
+        "shipped one such as 'single-gpu.yaml' or 'deepseek_v3/single-gpu.yaml'."
     )
+
+
+def _shipped_candidates(root: Path, name: str) -> list[Path]:
+    """`root/name`, then for `family/variant.yaml` of a registered family the generic `root/variant.yaml`."""
+    candidates = [root / name]
+    family, _, variant = name.partition("/")
+    if variant and "/" not in variant and _is_family(family):
+        candidates.append(root / variant)
+    return candidates
+
+
+def _is_family(name: str) -> bool:
+    from kt_core.architectures import list_architectures
+
+    return name in list_architectures()
 
 
 def load_rules(path: str | Path) -> list[PlacementRule]:

@@ -46,7 +46,8 @@ LEGACY_IGNORED_KWARGS = frozenset(
     }
 )
 
-# Legacy rule file names (as LLaMA-Factory configs and KTransformers docs write them) -> our rules/.
+# Legacy rule file names (as LLaMA-Factory configs and KTransformers docs write them) -> `family/variant.yaml`,
+# which kt_core.placement.files resolves to the family's own rules/ file, else to the generic rules/variant.yaml.
 LEGACY_RULE_FILES = {
     "DeepSeek-V2-Lite-Chat-sft.yaml": "deepseek_v2/single-gpu.yaml",
     "DeepSeek-V2-Lite-Chat-sft-amx.yaml": "deepseek_v2/single-gpu.yaml",
