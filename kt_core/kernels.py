@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 __all__ = [
     "KERNEL_ENV",
     "available_kernels",
+    "build_operator",
+    "cache_row_floats",
+    "check_expert_ids",
     "cpu_features",
     "experts_backward",
     "experts_forward",
@@ -129,7 +132,7 @@ def _check_inputs(module: KTExperts, x: torch.Tensor, ids: torch.Tensor, w: torc
     return T, K
 
 
-def _check_expert_ids(ids: torch.Tensor, num_experts: int) -> None:
+def check_expert_ids(ids: torch.Tensor, num_experts: int) -> None:
     bad = ((ids < -1) | (ids >= num_experts)).nonzero()
     if len(bad):
         t, k = bad[0].tolist()
@@ -147,48 +150,41 @@ def _lora_args(lora: Sequence[torch.Tensor] | None, module: KTExperts):
     return (module.lora.rank, module.lora.scaling, *(t.data_ptr() for t in lora))
 
 
-def _op(module: KTExperts):
-    # The C++ op borrows the weight pointers; rebuild it if the parameters were replaced.
-    key = (module.kernel, module.gate_up_proj.data_ptr(), module.down_proj.data_ptr())
-    if getattr(module, "_op_key", None) != key:
-        for name, t, shape in (
-            (
-                "gate_up_proj",
-                module.gate_up_proj,
-                (module.num_experts, 2 * module.intermediate_dim, module.hidden_dim),
-            ),
-            ("down_proj", module.down_proj, (module.num_experts, module.hidden_dim, module.intermediate_dim)),
-        ):
-            _check(name, t, shape, tuple(_DTYPE_NAMES))
-        module._op = _C.ExpertsOp(
+def build_operator(module: KTExperts):
+    """A C++ operator over the module's weights (borrowed pointers); packed variants pack (and quantize) them
+    here, or load that work from the pack cache folder (KT_PACK_CACHE or KTExperts(pack_cache=...)), see
+    runtime/pack_cache.py. Called by `KTExperts.operator()`, which keeps it while the weights stay put."""
+    if _C is None:
+        raise RuntimeError(f"kt_core._C is not built ({_IMPORT_ERROR}); only kernel='torch' runs here")
+    E, H, I = module.num_experts, module.hidden_dim, module.intermediate_dim
+    _check("gate_up_proj", module.gate_up_proj, (E, 2 * I, H), tuple(_DTYPE_NAMES))
+    _check("down_proj", module.down_proj, (E, H, I), tuple(_DTYPE_NAMES))
+    op = _C.ExpertsOp(
+        module.kernel,
+        E,
+        H,
+        I,
+        module.gate_up_proj.data_ptr(),
+        module.down_proj.data_ptr(),
+        _DTYPE_NAMES[module.gate_up_proj.dtype],
+    )
+    load_or_pack(module, op, get_thread_pool(module.cpu_infer))
+    gate_up_err, down_err = op.quantization_error
+    if gate_up_err or down_err:
+        logger.info(
+            "experts (%s): weights quantized, relative error gate_up %.2e, down %.2e",
             module.kernel,
-            module.num_experts,
-            module.hidden_dim,
-            module.intermediate_dim,
-            module.gate_up_proj.data_ptr(),
-            module.down_proj.data_ptr(),
-            _DTYPE_NAMES[module.gate_up_proj.dtype],
+            gate_up_err,
+            down_err,
         )
-        # Packed variants copy (and int8 / int4 ones quantize) the weights once, here; or load that work
-        # from the pack cache folder (KT_PACK_CACHE or KTExperts(pack_cache=...)), see runtime/pack_cache.py.
-        load_or_pack(module, module._op, get_thread_pool(module.cpu_infer))
-        module._op_key = key
-        gate_up_err, down_err = module._op.quantization_error
-        if gate_up_err or down_err:
-            logger.info(
-                "experts (%s): weights quantized, relative error gate_up %.2e, down %.2e",
-                module.kernel,
-                gate_up_err,
-                down_err,
-            )
-    return module._op
+    return op
 
 
 def quantization_error(module: KTExperts) -> tuple[float, float]:
     """Relative Frobenius error (gate_up, down) of the layer's quantized weights; (0, 0) when not quantized."""
     if module.kernel == TORCH_KERNEL:
         return 0.0, 0.0
-    return tuple(_op(module).quantization_error)
+    return tuple(module.operator().quantization_error)
 
 
 def _chunks(module: KTExperts, T: int) -> list[tuple[int, int]]:
@@ -197,7 +193,7 @@ def _chunks(module: KTExperts, T: int) -> list[tuple[int, int]]:
     return [(t0, min(T, t0 + size)) for t0 in range(0, T, size)] or [(0, 0)]
 
 
-def _cache_row_floats(module: KTExperts, lora, dtype: torch.dtype | None = None) -> int:
+def cache_row_floats(module: KTExperts, lora, dtype: torch.dtype | None = None) -> int:
     """fp32 elements per routed row of the forward's cache, for activations of `dtype` (None: the weights' dtype).
 
     The gate_up pre-activations [2I] (for bf16 activations 24 of their 32 bits, as 2 + 1 bytes each with the
@@ -235,7 +231,7 @@ def experts_forward(
     """
     T, K = _check_inputs(module, x, ids, w)
     if module.kernel == TORCH_KERNEL:
-        _check_expert_ids(ids, module.num_experts)  # the C++ operator checks them itself
+        check_expert_ids(ids, module.num_experts)  # the C++ operator checks them itself
         with torch.no_grad():
             y = experts_reference(x, ids, w, module.gate_up_proj, module.down_proj, lora, _scaling(module))
         return y, None
@@ -244,10 +240,10 @@ def experts_forward(
         y = torch.empty((T, module.hidden_dim), dtype=x.dtype, pin_memory=True)
     else:
         y = host_buffers.empty(T * module.hidden_dim, x.dtype).view(T, module.hidden_dim)
-    row_floats = _cache_row_floats(module, lora, x.dtype)
+    row_floats = cache_row_floats(module, lora, x.dtype)
     # Recycled: a fresh buffer this size costs a page fault per 4 KB on first touch (see runtime/buffers.py).
     cache = host_buffers.empty(T * K * row_floats) if save_for_backward else None
-    op, pool, lora_args = _op(module), get_thread_pool(module.cpu_infer), _lora_args(lora, module)
+    op, pool, lora_args = module.operator(), get_thread_pool(module.cpu_infer), _lora_args(lora, module)
     for t0, t1 in _chunks(module, T):
         op.forward(
             pool,
@@ -294,14 +290,14 @@ def experts_backward(
     chunks = _chunks(module, T)
     # The C++ side overwrites the factor gradients: with several chunks each one gets its own and they add up.
     chunk_grads = tuple(torch.empty_like(t) for t in lora) if lora and len(chunks) > 1 else lora_grads
-    row_floats = _cache_row_floats(module, lora, x.dtype)
+    row_floats = cache_row_floats(module, lora, x.dtype)
     bad_cache = cache is not None and (cache.dtype != torch.float32 or not cache.is_contiguous())
     if bad_cache or (cache is not None and cache.numel() < T * K * row_floats):
         raise ValueError(
             f"experts: cache must be the contiguous fp32 tensor experts_forward returned for these inputs "
             f"(at least {T * K * row_floats} elements), got {cache.dtype} with {cache.numel()}"
         )
-    op, pool, lora_args = _op(module), get_thread_pool(module.cpu_infer), _lora_args(lora, module)
+    op, pool, lora_args = module.operator(), get_thread_pool(module.cpu_infer), _lora_args(lora, module)
     for i, (t0, t1) in enumerate(chunks):
         op.backward(
             pool,

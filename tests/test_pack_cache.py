@@ -38,7 +38,7 @@ def weights(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def build(kernel: str, folder, seed: int = 0, **kwargs) -> KTExperts:
     layer = KTExperts.from_tensors(*weights(seed), kernel=kernel, pack_cache=folder, **kwargs)
-    kernels._op(layer)
+    layer.operator()
     return layer
 
 
@@ -146,5 +146,5 @@ def test_fp32_weights_on_bf16_packing_bypass_cache(tmp_path):
         pytest.skip("avx512_bf16_packed does not run here")
     gate_up, down = weights(0)
     layer = KTExperts.from_tensors(gate_up.float(), down.float(), kernel="avx512_bf16_packed", pack_cache=tmp_path)
-    op = kernels._op(layer)
+    op = layer.operator()
     assert not op.packs and op.packed_format == "" and not cache_files(tmp_path)

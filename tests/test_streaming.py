@@ -113,7 +113,7 @@ def test_loss_curve_and_lora_match_cpu_only(split, reference_run):
     elif split == "resident":
         assert reports[-1]["resident_per_layer"] == [3, 3, 3]
     rt.disable()
-    assert "forward" not in model.experts[0].__dict__
+    assert all(m.gpu_share is None for m in model.experts)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -239,12 +239,12 @@ class _Counter:
 def test_all_streamed_layers_take_the_device_path(monkeypatch):
     """Everything streamed: no routing to the host, no CPU hand-off, and the backward of a checkpointed layer
     reuses its recomputation's intermediates."""
-    from kt_core.streaming import hybrid
+    from kt_core.experts import bridge
 
     model = ToyMoE(3)
     rt = enable_streaming(model, device="cpu", mode="gpu")
-    to_host, submit = _Counter(hybrid.to_host), _Counter(rt.submit_cpu)
-    monkeypatch.setattr(hybrid, "to_host", to_host)
+    to_host, submit = _Counter(bridge.stage_to_host), _Counter(rt.submit_cpu)
+    monkeypatch.setattr(bridge, "stage_to_host", to_host)
     monkeypatch.setattr(rt, "submit_cpu", submit)
     take = _Counter(rt.take_kept)
     reused = []
@@ -275,13 +275,13 @@ PIECE_BYTES = 7 * (H + 3 * I) * 4
 def test_device_path_in_pieces_matches_cpu_only(monkeypatch, keep_pieces):
     """Slots processed in pieces, some kept from the recomputation and the rest recomputed in the backward,
     over two backward passes (LoRA gradients accumulate in `.grad` at the end of each): same gradients."""
-    from kt_core.streaming import hybrid
+    from kt_core.streaming import share
 
     ref, ours = ToyMoE(2, seed=11), ToyMoE(2, seed=11)
     rt = enable_streaming(ours, device="cpu", mode="gpu", keep_bytes=keep_pieces * PIECE_BYTES)
     rt.piece_rows = 7
-    forwards = _Counter(hybrid.expert_mlp_forward)
-    monkeypatch.setattr(hybrid, "expert_mlp_forward", forwards)
+    forwards = _Counter(share.expert_mlp_forward)
+    monkeypatch.setattr(share, "expert_mlp_forward", forwards)
     gen = torch.Generator().manual_seed(4)
     xr = torch.randn(40, H, generator=gen).requires_grad_()
     xo = xr.detach().clone().requires_grad_()

@@ -5,19 +5,25 @@ top_k_weights [T, K]) -> [T, H]`. The routed-expert weights stay in host memory 
 asked for; activations may live on a GPU, in which case they travel through pinned host buffers and the
 result comes back on the input's device.
 
+Where an expert runs: on the CPU, unless a GPU share is attached (`attach_gpu_share`: streaming, or a
+serving engine's own GPU experts), which decides at each call which experts the GPU computes; the layer
+splits the slots, runs both sides and adds them up (kt_core/experts/bridge.py).
+
 Legend: T = tokens, K = experts per token, E = experts, H = hidden, I = expert intermediate, r = LoRA rank.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from kt_core import kernels
+from kt_core.experts.bridge import ExpertsFunction
+from kt_core.experts.share import GpuShare
 from kt_core.lora import ExpertLoRA
-from kt_core.runtime.staging import to_device, to_host
 
 __all__ = ["KTExperts"]
 
@@ -43,6 +49,10 @@ class KTExperts(nn.Module):
             None reads the KT_PACK_CACHE environment variable (unset: no cache).
         pack_cache_key: label of this layer's cache file (e.g. checkpoint and layer name); the file's key
             also covers kernel, dtype, shapes and a fingerprint of the weights.
+        expert_ids: the layer's expert ids whose weights these `num_experts` rows hold, in row order, when
+            host memory holds only some experts (the others are computed by an attached GPU share);
+            None: all of them, expert e in row e.
+        total_experts: the layer's number of experts when `expert_ids` is given.
     """
 
     def __init__(
@@ -60,8 +70,15 @@ class KTExperts(nn.Module):
         chunk_size: int | None = None,
         pack_cache: str | os.PathLike | None = None,
         pack_cache_key: str | None = None,
+        expert_ids: Sequence[int] | None = None,
+        total_experts: int | None = None,
     ):
         super().__init__()
+        if chunk_size is not None and (type(chunk_size) is not int or chunk_size <= 0):
+            raise ValueError(
+                f"KTExperts: chunk_size must be a positive number of tokens per CPU call (or None: the whole "
+                f"batch at once), got {chunk_size!r}"
+            )
         if dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"KTExperts: weight dtype must be torch.bfloat16 or torch.float32, got {dtype}")
         if hidden_act not in _SUPPORTED_ACTIVATIONS:
@@ -86,6 +103,16 @@ class KTExperts(nn.Module):
         self.lora: ExpertLoRA | None = None
         # False while the adapter is switched off (PEFT's `with model.disable_adapter():`): base experts only.
         self.lora_enabled = True
+        # Logical expert id -> row of the host weights (-1: computed elsewhere); None when row e is expert e.
+        self.total_experts = num_experts
+        self.host_rows: torch.Tensor | None = None
+        if expert_ids is not None:
+            self._set_expert_ids(list(expert_ids), total_experts)
+        # The C++ operator over these weights, and the (kernel, weight pointers) it was built for: see operator().
+        self._op = None
+        self._op_key: tuple | None = None
+        # The GPU side of the split (None: every expert on the CPU); not a submodule, not in the state dict.
+        self.gpu_share: GpuShare | None = None
         if lora_rank:
             self.add_lora(lora_rank, lora_alpha if lora_alpha is not None else 2 * lora_rank)
 
@@ -148,6 +175,58 @@ class KTExperts(nn.Module):
         self.lora = ExpertLoRA(self.num_experts, self.hidden_dim, self.intermediate_dim, rank=rank, alpha=alpha)
         return self.lora
 
+    def _set_expert_ids(self, expert_ids: list[int], total_experts: int | None) -> None:
+        if len(expert_ids) != self.num_experts or len(set(expert_ids)) != len(expert_ids):
+            raise ValueError(
+                f"KTExperts: expert_ids must list {self.num_experts} distinct expert ids (one per row), got "
+                f"{len(expert_ids)}"
+            )
+        total = total_experts if total_experts is not None else max(expert_ids, default=-1) + 1
+        if any(not 0 <= e < total for e in expert_ids):
+            raise ValueError(f"KTExperts: expert_ids must lie in [0, total_experts={total}), got {expert_ids}")
+        self.total_experts = total
+        rows = torch.full((total + 1,), -1, dtype=torch.int64)  # rows[-1] = rows[total]: id -1 stays -1
+        rows[torch.tensor(expert_ids, dtype=torch.int64)] = torch.arange(len(expert_ids))
+        self.host_rows = rows
+
+    def rows_of(self, ids: torch.Tensor, *, strict: bool = False) -> torch.Tensor:
+        """Expert ids [T, K] (host, int64, -1 = skip) -> rows of the host weights.
+
+        With `strict`, an id whose weights are not in host memory is an error (no GPU share computes it).
+        """
+        if self.host_rows is None:
+            return ids
+        if bool(((ids < -1) | (ids >= self.total_experts)).any()):
+            kernels.check_expert_ids(ids, self.total_experts)
+        rows = self.host_rows[ids]
+        if strict and bool(((rows < 0) & (ids >= 0)).any()):
+            missing = sorted(set(ids[(rows < 0) & (ids >= 0)].tolist()))
+            raise ValueError(
+                f"KTExperts: experts {missing[:8]} were routed to but their weights are not in host memory and no "
+                "GPU share is attached to compute them"
+            )
+        return rows
+
+    def attach_gpu_share(self, share: GpuShare) -> None:
+        """Lets `share` compute some experts on a GPU from now on (see kt_core/experts/share.py)."""
+        if self.gpu_share is not None and self.gpu_share is not share:
+            raise RuntimeError(
+                f"KTExperts: a GPU share ({type(self.gpu_share).__name__}) is already attached; detach it first"
+            )
+        self.gpu_share = share
+
+    def detach_gpu_share(self) -> None:
+        """Back to every expert on the CPU."""
+        self.gpu_share = None
+
+    def operator(self):
+        """The C++ operator over this layer's weights (built, and packed, on first use or when they were replaced)."""
+        key = (self.kernel, self.gate_up_proj.data_ptr(), self.down_proj.data_ptr())
+        if self._op_key != key:
+            self._op = kernels.build_operator(self)
+            self._op_key = key
+        return self._op
+
     def active_lora_factors(self) -> tuple[torch.Tensor, ...]:
         """The LoRA factors a forward applies: none without an adapter or while `lora_enabled` is False."""
         return self.lora.factors() if self.lora is not None and self.lora_enabled else ()
@@ -179,13 +258,13 @@ class KTExperts(nn.Module):
 
         Args:
             hidden_states: [T, H] on any device, bf16 or fp32.
-            top_k_index: [T, K] expert ids in [0, E), or -1 for slots computed elsewhere.
+            top_k_index: [T, K] expert ids in [0, total_experts), or -1 for slots computed elsewhere.
             top_k_weights: [T, K] routing weights (receive a gradient when they require one).
 
         Returns:
             [T, H] on hidden_states' device and dtype.
         """
-        return _ExpertsFunction.apply(self, hidden_states, top_k_index, top_k_weights, *self.active_lora_factors())
+        return ExpertsFunction.apply(self, hidden_states, top_k_index, top_k_weights, *self.active_lora_factors())
 
     def _apply(self, fn, recurse=True):
         # The routed experts live in host memory: `model.to("cuda")` / `.half()` move everything else.
@@ -195,49 +274,9 @@ class KTExperts(nn.Module):
         return (
             f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
             f"dtype={self.gate_up_proj.dtype}, kernel={self.kernel}"
+            + (f", of {self.total_experts} (the others on a GPU)" if self.host_rows is not None else "")
+            + (f", gpu_share={type(self.gpu_share).__name__}" if self.gpu_share is not None else "")
         )
-
-
-class _ExpertsFunction(torch.autograd.Function):
-    """Bridges autograd to the C++ operator; the LoRA factors are inputs so that they receive gradients."""
-
-    @staticmethod
-    def forward(ctx, module: KTExperts, x, ids, w, *lora):
-        device = x.device
-        x_host = to_host(x)  # [T, H]
-        ids_host = to_host(ids).to(torch.int64)  # [T, K]
-        w_host = to_host(w).to(torch.float32)  # [T, K]
-        needs_grad = any(ctx.needs_input_grad[1:])
-        y, cache = kernels.experts_forward(
-            module,
-            x_host,
-            ids_host,
-            w_host,
-            lora=lora or None,
-            save_for_backward=needs_grad,
-            pin_output=device.type != "cpu",
-        )
-        if needs_grad:
-            ctx.module = module
-            ctx.w_dtype = w.dtype
-            ctx.save_for_backward(x_host, ids_host, w_host, cache, *lora)
-        return to_device(y, device)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x_host, ids_host, w_host, cache, *lora = ctx.saved_tensors
-        dy_host = to_host(dy.contiguous()).to(x_host.dtype)
-        dx, dw, lora_grads = kernels.experts_backward(
-            ctx.module, x_host, ids_host, w_host, dy_host, cache=cache, lora=lora or None
-        )
-        device = dy.device
-        grads = [
-            None,
-            to_device(dx, device) if ctx.needs_input_grad[1] else None,
-            None,
-            to_device(dw.to(ctx.w_dtype), device) if ctx.needs_input_grad[3] else None,
-        ]
-        return (*grads, *(lora_grads or ()))
 
 
 def _host_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -5,20 +5,23 @@
 planner.py      cost model and per-layer choice of the streamed experts
 store.py        pinned host store (cudaHostRegister in place), two device slots on a side stream, residents, int8
 gpu_experts.py  grouped-GEMM expert MLP + LoRA with a hand-written backward
-hybrid.py       HybridExperts: the split, CPU share on a worker thread, GPU share on the main thread
+share.py        StreamedShare: the GPU share attached to each KTExperts layer (device path, GPU parts)
 runtime.py      StreamingRuntime (prefetch order, statistics, per-step logs) and enable_streaming
+
+The split itself (which slots go to the CPU, staging, the autograd bridge) belongs to the layer:
+kt_core/experts/.
 """
 
-from kt_core.streaming.hybrid import HybridExperts
 from kt_core.streaming.planner import CostModel, LayerPlan, plan_layer
 from kt_core.streaming.runtime import StreamingRuntime, enable_streaming
+from kt_core.streaming.share import StreamedShare
 from kt_core.streaming.store import ExpertStore
 
 __all__ = [
     "CostModel",
     "ExpertStore",
-    "HybridExperts",
     "LayerPlan",
+    "StreamedShare",
     "StreamingRuntime",
     "enable_streaming",
     "plan_layer",

@@ -14,7 +14,7 @@ of a checkpointed layer (which runs inside the backward and so shares the backwa
 Plans are made ahead, once per step and layer, from the routing statistics of the steps before (uniform
 counts on the first step): the routing counts accumulate on the device during a step and come to the host
 once, when the step closes. When a plan leaves the CPU nothing to do, the layer streams all its experts, so
-its calls take the device path of HybridExperts (no host synchronisation, no CPU thread hand-off).
+its calls take the device path (kt_core/streaming/share.py) (no host synchronisation, no CPU thread hand-off).
 
 `gpu_memory_budget` bounds the device bytes of expert weights (the two slots, the int8 scratch and the
 resident experts); the rest of the model and the activations come on top.
@@ -31,9 +31,8 @@ import torch
 from torch import nn
 
 from kt_core.experts import KTExperts
-from kt_core.runtime.staging import to_device
-from kt_core.streaming.hybrid import HybridExperts
 from kt_core.streaming.planner import CostModel, LayerPlan, parse_bytes, plan_layer, slot_capacity
+from kt_core.streaming.share import StreamedShare
 from kt_core.streaming.store import ExpertStore
 
 __all__ = ["StreamingRuntime", "enable_streaming"]
@@ -62,7 +61,7 @@ class StreamingRuntime:
         self.mode = mode
         self.cost = cost
         self.resident_per_layer = resident_per_layer
-        self.layers: list[HybridExperts] = []
+        self.layers: list[KTExperts] = []  # in forward-pass order
         self.counts: list[torch.Tensor | None] = []  # [E] float EMA of routed slots per expert
         self.plans: list[LayerPlan] = []
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-cpu-experts")
@@ -71,12 +70,8 @@ class StreamingRuntime:
         self._fresh: list[bool] = []  # plans[i] made for this step
         self._step_counts: list[torch.Tensor | None] = []  # [E] routed slots per expert this step (device)
         self._positions: dict[tuple, torch.Tensor] = {}  # expert list -> [E] position map on the device
-        self._lora_dev: dict[int, tuple] = {}  # layer -> (key, device factors)
         self._kept: dict[int, tuple] = {}  # layer -> (key, intermediates) from a recomputation, for its backward
         self._saw_backward = False
-        self._pending_grads: list[tuple] = []  # LoRA gradients on their way to the host, added when backward ends
-        self._grad_bufs: dict[int, torch.Tensor] = {}  # layer -> host buffer of its LoRA gradients
-        self._flush_queued = False
         self._step_t0 = time.perf_counter()
         self._reset_counters()
 
@@ -88,12 +83,6 @@ class StreamingRuntime:
         self._streamed: list[int] = [0] * len(self.layers)
 
     # ---- per call ---------------------------------------------------------------------------------
-
-    def phase(self, *, forward: bool) -> str:
-        """'fwd', 'recompute' (a checkpointed layer's forward inside the backward) or 'bwd'."""
-        if not forward:
-            return "bwd"
-        return "recompute" if torch._C._current_graph_task_id() != -1 else "fwd"
 
     def begin(self, layer: int, ids: torch.Tensor, phase: str) -> list[tuple]:
         """Weights of the GPU side of `layer` for this call: [(experts, w13 [G, 2I, H], w2 [G, H, I]), ...].
@@ -123,26 +112,19 @@ class StreamingRuntime:
         return out
 
     def _count(self, layer: int, ids: torch.Tensor) -> None:
-        E = self.layers[layer].experts.num_experts
+        E = self.layers[layer].num_experts
         flat = ids.reshape(-1).long()
         ones = (flat >= 0).float()
         if self._step_counts[layer] is None:
             self._step_counts[layer] = torch.zeros(E, dtype=torch.float32, device=ids.device)
         self._step_counts[layer].index_add_(0, flat.clamp(min=0), ones)
 
-    def covering(self, layer: int, weights: list[tuple]) -> tuple | None:
-        """The one weight set holding every expert of the layer (the device path), or None (host path)."""
-        E = self.layers[layer].experts.num_experts
-        if len(weights) == 1 and len(weights[0][0]) == E:
-            return weights[0]
-        return None
-
     def local_index(self, experts: list[int], device: torch.device) -> torch.Tensor:
         """[E] int64 map from expert id to its position in `experts` (-1 where absent), on `device`."""
         key = (tuple(experts), str(device))
         pos = self._positions.get(key)
         if pos is None:
-            E = self.layers[0].experts.num_experts
+            E = self.layers[0].num_experts
             host = torch.full((E,), -1, dtype=torch.int64)
             host[torch.tensor(experts, dtype=torch.int64)] = torch.arange(len(experts))
             pos = self._positions[key] = host.to(device)
@@ -165,7 +147,7 @@ class StreamingRuntime:
         """This step's plan of `layer` (made once per step, from the steps before; uniform on the first)."""
         if self._fresh[layer]:
             return self.plans[layer]
-        m = self.layers[layer].experts
+        m = self.layers[layer]
         E = m.num_experts
         counts = self.counts[layer].tolist() if self.counts[layer] is not None else [slots / E] * E
         resident = self.store.layers[layer].resident
@@ -194,7 +176,7 @@ class StreamingRuntime:
         return p
 
     def submit_cpu(self, layer: int, phase: str, fn, *, slots: int) -> Future:
-        m = self.layers[layer].experts
+        m = self.layers[layer]
         flops = slots * 6 * m.hidden_dim * m.intermediate_dim * (2 if phase == "bwd" else 1)
 
         def timed():
@@ -209,7 +191,7 @@ class StreamingRuntime:
 
     @contextlib.contextmanager
     def gpu_timer(self, layer: int, phase: str, slots: int):
-        m = self.layers[layer].experts
+        m = self.layers[layer]
         self._gpu_flops += slots * 6 * m.hidden_dim * m.intermediate_dim * (4 if phase == "bwd" else 1)
         self._gpu_slots += slots if phase == "fwd" else 0
         if self.device.type == "cuda":
@@ -222,82 +204,6 @@ class StreamingRuntime:
             t0 = time.perf_counter()
             yield
             self._gpu.append(time.perf_counter() - t0)
-
-    def device_lora(self, layer: int, lora) -> tuple[torch.Tensor, ...] | None:
-        """Device copies of the layer's LoRA factors ([E, ...] each) in the weights' dtype.
-
-        Copied again only when a factor changed (the optimizer updates them in place, which bumps their
-        version counters): the forward, the recomputation and the backward of a step share one copy.
-        """
-        if not lora:
-            return None
-        key = tuple((f.data_ptr(), f._version) for f in lora)
-        held = self._lora_dev.get(layer)
-        if held is not None and held[0] == key:
-            return held[1]
-        dtype = self.layers[layer].experts.gate_up_proj.dtype
-        if self.device.type != "cuda":
-            dev = tuple(f.detach().to(dtype, copy=True) for f in lora)
-        else:  # through torch's pinned staging buffers
-            dev = tuple(to_device(f.detach(), self.device).to(dtype) for f in lora)
-        self._lora_dev[layer] = (key, dev)
-        return dev
-
-    def defer_lora_grads(self, hybrid: HybridExperts, grads, experts: list[int], needs) -> list[None]:
-        """Adds device-side LoRA factor gradients to the factors' `.grad` when the backward pass ends.
-
-        The factors live in host RAM, so their gradients must cross to the host; waiting for that copy in
-        every layer's backward would stall the queue of GPU work each time. Instead the copy is queued on
-        the compute stream into a pinned buffer, and one callback at the end of the backward pass waits
-        once and accumulates into `.grad` (as autograd would). The autograd gradients of the factors are
-        therefore None: `.backward()` works as usual, `torch.autograd.grad` on expert LoRA factors does not.
-
-        Args:
-            grads: [dA1 [G, r, H], dB1 [G, 2I, r], dA2 [G, r, I], dB2 [G, H, r]] fp32 on the device.
-            experts: the G expert ids of the gradients' rows. needs: which factors require a gradient.
-        """
-        flat = torch.cat([g.reshape(-1) for g in grads])  # device fp32
-        layer = hybrid.layer
-        buf = self._grad_bufs.get(layer)
-        if buf is None or buf.numel() != flat.numel() or any(p[1] is buf for p in self._pending_grads):
-            buf = torch.empty(flat.numel(), dtype=torch.float32, pin_memory=self.device.type == "cuda")
-            self._grad_bufs[layer] = buf
-        buf.copy_(flat, non_blocking=True)
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        factors = hybrid.experts.lora.factors()
-        self._pending_grads.append((event, buf, [g.shape for g in grads], factors, list(experts), list(needs)))
-        if not self._flush_queued:
-            torch.autograd.Variable._execution_engine.queue_callback(self._flush_lora_grads)
-            self._flush_queued = True
-        return [None] * len(factors)
-
-    def _flush_lora_grads(self) -> None:
-        self._flush_queued = False
-        pending, self._pending_grads = self._pending_grads, []
-        for event, buf, shapes, factors, experts, needs in pending:
-            if event is not None:
-                event.synchronize()
-            at = 0
-            for f, shape, need in zip(factors, shapes, needs, strict=True):
-                g = buf[at : at + shape.numel()].view(shape)
-                at += shape.numel()
-                if not need:
-                    continue
-                if len(experts) == f.shape[0]:  # all experts, in order
-                    g = g.to(f.dtype, copy=True)
-                else:
-                    g = torch.zeros_like(f).index_add_(0, torch.tensor(experts), g.to(f.dtype))
-                if f.grad is None:
-                    f.grad = g
-                else:
-                    f.grad.add_(g)
-
-    @staticmethod
-    def scaling(module: KTExperts) -> float:
-        return module.lora.scaling if module.lora is not None else 1.0
 
     # ---- per step ---------------------------------------------------------------------------------
 
@@ -345,7 +251,7 @@ class StreamingRuntime:
             "streamed experts/layer %s (mean %.1f of %d) | resident/layer %d",
             report["step"], wall * 1e3, cpu_s * 1e3, 100 * report["cpu_slot_share"], pcie_s * 1e3,
             report["pcie_gb"], gpu_s * 1e3, s, sum(s) / max(1, len(s)),
-            self.layers[0].experts.num_experts if self.layers else 0, self.resident_per_layer,
+            self.layers[0].num_experts if self.layers else 0, self.resident_per_layer,
         )  # fmt: skip
         if self.resident_per_layer and not any(lw.resident for lw in self.store.layers):
             for i, c in enumerate(self.counts):  # hottest experts of each layer stay on the GPU from now on
@@ -364,8 +270,8 @@ class StreamingRuntime:
 
     def disable(self) -> None:
         """Restores the CPU-only forward of every layer and releases pinned memory and device buffers."""
-        for h in self.layers:
-            h.experts.__dict__.pop("forward", None)
+        for m in self.layers:
+            m.detach_gpu_share()
         self.store.close()
         self.pool.shutdown()
 
@@ -386,7 +292,8 @@ def enable_streaming(
         model: a model whose routed experts are KTExperts (kt_core.load_model, convert_model, KTCallback).
         gpu_memory_budget: device bytes for expert weights ("10GiB", bytes, or None: two full-layer slots).
             What two slots of all E experts leave over is spent on resident experts (the hottest of each layer).
-        device: the GPU (default cuda:0; without CUDA the CPU device stands in for it, for tests).
+        device: the GPU (default cuda:0). "cpu" runs the same code with the CPU standing in for the GPU
+            (tests of the split on machines without one); it is only ever used when asked for by name.
         mode: "auto" (per-layer cost model), "cpu" (everything on the CPU), "gpu" (stream every expert).
         quantize: None (stream the weights as stored) or "int8" (half the PCIe bytes; per-row symmetric int8,
             relative weight error 4e-3 on uniform and 8e-3 on Gaussian random bf16 weights; LoRA stays exact).
@@ -401,9 +308,18 @@ def enable_streaming(
     layers = [m for m in model.modules() if isinstance(m, KTExperts)]
     if not layers:
         raise ValueError("enable_streaming: the model has no KTExperts layers (convert its experts first)")
-    device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or "cuda:0")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"enable_streaming: device {device} requested but CUDA is not available")
+        raise ValueError(
+            f"enable_streaming: streaming experts to the GPU needs a CUDA device, and {device} is not available "
+            "(torch.cuda.is_available() is False); leave the GPU memory budget unset to run the experts on the CPU"
+        )
+    partial = [m for m in layers if m.host_rows is not None or m.gpu_share is not None]
+    if partial:
+        raise ValueError(
+            f"enable_streaming: {len(partial)} KTExperts layers already have experts computed elsewhere "
+            "(expert_ids, or a GPU share attached); streaming needs every expert of a layer in host memory"
+        )
     first = layers[0]
     E = first.num_experts
     expert_bf = sum(t[0].numel() * t.element_size() for t in (first.gate_up_proj, first.down_proj))
@@ -436,13 +352,14 @@ def enable_streaming(
     )
     for i, m in enumerate(layers):
         store.add_layer(m.gate_up_proj.detach(), m.down_proj.detach())
-        hybrid = HybridExperts(m, rt, i)
-        rt.layers.append(hybrid)
+        for factor in m.lora.factors() if m.lora is not None else ():
+            store.pin(factor.data)  # the per-call device copies of the expert LoRA then travel by DMA
+        rt.layers.append(m)
         rt.counts.append(None)
         rt.plans.append(LayerPlan())
         rt._fresh.append(False)
         rt._step_counts.append(None)
-        m.__dict__["forward"] = hybrid.forward  # same module, names and state dict; calls go through the split
+        m.attach_gpu_share(StreamedShare(rt, i))  # same module, names and state dict; the layer splits each call
     rt._reset_counters()
     logger.info(
         "streaming: %d layers on %s, slot capacity %d of %d experts, %d resident/layer, %.2f GiB of expert "
