@@ -159,7 +159,10 @@ void task_a_resident(const Layer& L, int e, int m0, int mrows, int p0, int p1, f
       const int k1 = std::min(kb, k0 + chunk);
       for (int p = p0; p < p1; ++p) {
         float* cp = c + ((p - p0) * mrows + m) * 32;
-        if (k0 == 0) zero_c(); else load_c(cp);
+        if (k0 == 0)
+          zero_c();
+        else
+          load_c(cp);
         const bf16* b0 = L.pair(e, p);
         k_steps(L.rows(e, m0 + m), lda * 2, b0, b0 + kb * 512LL, k0, k1, lda);
         store_c(cp);
@@ -176,7 +179,10 @@ void task_b_resident(const Layer& L, int e, int m0, int mrows, int p0, int p1, f
       const int k1 = std::min(kb, k0 + chunk);
       for (int m = 0; m < mrows; m += 32) {
         float* cp = c + ((p - p0) * mrows + m) * 32;
-        if (k0 == 0) zero_c(); else load_c(cp);
+        if (k0 == 0)
+          zero_c();
+        else
+          load_c(cp);
         k_steps(L.rows(e, m0 + m), lda * 2, b0, b0 + kb * 512LL, k0, k1, lda);
         store_c(cp);
       }
@@ -191,7 +197,8 @@ void task_l1_peak(const Layer& L, int e, int, int mrows, int p0, int p1, float* 
   for (int p = p0; p < p1; ++p)
     for (int m = 0; m < mrows; m += 32) {
       zero_c();
-      for (int k0 = 0; k0 < kb; k0 += 4) k_steps(L.rows(e, 0), lda * 2, b0, b0 + kb * 512LL, 0, std::min(4, kb - k0), lda);
+      for (int k0 = 0; k0 < kb; k0 += 4)
+        k_steps(L.rows(e, 0), lda * 2, b0, b0 + kb * 512LL, 0, std::min(4, kb - k0), lda);
       store_c(c);
     }
 }
@@ -287,9 +294,9 @@ int main(int argc, char** argv) {
   };
   const std::vector<Variant> all = {
       {"stream", task_pairs_outer<k_steps>, 0}, {"interleaved", task_pairs_outer<k_steps_interleaved>, 0},
-      {"prefetch", task_prefetch, 0},       {"a_resident/8", task_a_resident, 8},
-      {"a_resident/16", task_a_resident, 16}, {"b_resident/8", task_b_resident, 8},
-      {"b_resident/16", task_b_resident, 16}, {"l1_peak", task_l1_peak, 0},
+      {"prefetch", task_prefetch, 0},           {"a_resident/8", task_a_resident, 8},
+      {"a_resident/16", task_a_resident, 16},   {"b_resident/8", task_b_resident, 8},
+      {"b_resident/16", task_b_resident, 16},   {"l1_peak", task_l1_peak, 0},
   };
   std::vector<Variant> variants;
   for (const Variant& v : all)

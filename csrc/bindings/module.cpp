@@ -91,9 +91,9 @@ class PyExpertsOp {
     op_.forward(pool, a, f, out, reinterpret_cast<float*>(cache));
   }
 
-  void backward(kt::ThreadPool& pool, int T, int K, uintptr_t x, const std::string& dtype, uintptr_t ids,
-                uintptr_t w, uintptr_t dy, uintptr_t dx, uintptr_t dw, uintptr_t cache,
-                const std::optional<LoraTuple>& lora, const std::optional<LoraGradTuple>& grads) {
+  void backward(kt::ThreadPool& pool, int T, int K, uintptr_t x, const std::string& dtype, uintptr_t ids, uintptr_t w,
+                uintptr_t dy, uintptr_t dx, uintptr_t dw, uintptr_t cache, const std::optional<LoraTuple>& lora,
+                const std::optional<LoraGradTuple>& grads) {
     const kt::Activations a = parse_activations(T, K, dtype, x, ids, w);
     const kt::LoraFactors f = parse_lora(lora);
     kt::LoraGrads g;
@@ -130,8 +130,7 @@ class PyExpertsOp {
                    double gate_up_error, double down_error) {
     std::vector<kt::ExpertsOp::PackedBlob> in;
     in.reserve(blobs.size());
-    for (const auto& [name, address, bytes] : blobs)
-      in.push_back({name, reinterpret_cast<uint8_t*>(address), bytes});
+    for (const auto& [name, address, bytes] : blobs) in.push_back({name, reinterpret_cast<uint8_t*>(address), bytes});
     py::gil_scoped_release release;
     op_.load_packed(tag, in, gate_up_error, down_error);
   }
@@ -178,8 +177,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("kernel_variants", [] {
     py::list out;
-    for (const auto& k : kt::kernel_variants())
-      out.append(py::make_tuple(k.name, k.runnable, k.missing, k.quantized));
+    for (const auto& k : kt::kernel_variants()) out.append(py::make_tuple(k.name, k.runnable, k.missing, k.quantized));
     return out;
   });
 
@@ -215,17 +213,19 @@ PYBIND11_MODULE(_C, m) {
            py::arg("dw_ptr"), py::arg("cache_ptr"), py::arg("lora"), py::arg("lora_grads"))
       .def("pack", &PyExpertsOp::pack, py::arg("pool"))
       .def_property_readonly("kernel", &PyExpertsOp::kernel)
-      .def_property_readonly("quantization_error",
-                             [](const PyExpertsOp& o) {
-                               return py::make_tuple(o.op().gate_up_error(), o.op().down_error());
-                             })
+      .def_property_readonly(
+          "quantization_error",
+          [](const PyExpertsOp& o) { return py::make_tuple(o.op().gate_up_error(), o.op().down_error()); })
       .def_property_readonly("packed_bytes", [](const PyExpertsOp& o) { return o.op().packed_bytes(); })
-      .def_property_readonly("packs", [](const PyExpertsOp& o) { return o.op().packs(); },
-                             "Whether pack() packs anything for this kernel and weight dtype.")
-      .def_property_readonly("packed_format", [](const PyExpertsOp& o) { return o.op().packed_format_tag(); },
-                             "Layout tag of the packed buffers ('' when nothing is packed).")
-      .def_property_readonly("pack_count", [](const PyExpertsOp& o) { return o.op().pack_count(); },
-                             "Times pack() packed the weights (loading saved buffers does not count).")
+      .def_property_readonly(
+          "packs", [](const PyExpertsOp& o) { return o.op().packs(); },
+          "Whether pack() packs anything for this kernel and weight dtype.")
+      .def_property_readonly(
+          "packed_format", [](const PyExpertsOp& o) { return o.op().packed_format_tag(); },
+          "Layout tag of the packed buffers ('' when nothing is packed).")
+      .def_property_readonly(
+          "pack_count", [](const PyExpertsOp& o) { return o.op().pack_count(); },
+          "Times pack() packed the weights (loading saved buffers does not count).")
       .def("packed_blobs", &PyExpertsOp::packed_blobs,
            "[(name, address, nbytes)] of the packed buffers (empty before pack() or load_packed()).")
       .def("packed_layout", &PyExpertsOp::packed_layout, "[(name, nbytes)] of the buffers pack() would make.")

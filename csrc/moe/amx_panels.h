@@ -150,8 +150,10 @@ void amx_int4_panel(int rows, int k_blocks, const int8_t* a, int lda, const floa
   uint8_t* w0 = t_unpacked.data() + (64 - reinterpret_cast<uintptr_t>(t_unpacked.data()) % 64) % 64;
   uint8_t* w1 = w0 + tile_bytes_u8;
   for (int kb = 0; kb < k_blocks; ++kb) {
-    packed_avx512::unpack_int4_tile(b0 + static_cast<int64_t>(kb) * (kTileBytes / 2), w0 + static_cast<int64_t>(kb) * kTileBytes);
-    packed_avx512::unpack_int4_tile(b1 + static_cast<int64_t>(kb) * (kTileBytes / 2), w1 + static_cast<int64_t>(kb) * kTileBytes);
+    packed_avx512::unpack_int4_tile(b0 + static_cast<int64_t>(kb) * (kTileBytes / 2),
+                                    w0 + static_cast<int64_t>(kb) * kTileBytes);
+    packed_avx512::unpack_int4_tile(b1 + static_cast<int64_t>(kb) * (kTileBytes / 2),
+                                    w1 + static_cast<int64_t>(kb) * kTileBytes);
   }
   const size_t xsum_bytes = static_cast<size_t>(rows) * groups * sizeof(int32_t);
   if (t_xsum_bytes.size() < xsum_bytes) t_xsum_bytes.resize(xsum_bytes);

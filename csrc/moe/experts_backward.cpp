@@ -16,8 +16,8 @@
 #include <cmath>
 #include <cstring>
 
-#include "experts_op.h"
 #include "../runtime/phase_times.h"
+#include "experts_op.h"
 
 namespace kt {
 namespace {
@@ -33,8 +33,8 @@ void transpose_into(int M, int N, const float* in, float* out) {
 
 }  // namespace
 
-void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFactors& lora, const void* dy,
-                         void* dx, float* dw, const float* cache, const LoraGrads& grads) {
+void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFactors& lora, const void* dy, void* dx,
+                         float* dw, const float* cache, const LoraGrads& grads) {
   std::lock_guard<std::mutex> lock(call_mutex_);
   const Routing r = route(act.T, act.K, w_.num_experts, act.ids);
   const int H = w_.hidden, I = w_.intermediate, I2 = 2 * I, R = lora.rank, K = act.K;
@@ -73,8 +73,8 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
   if (R > 0) {  // ha = scaling * h @ A_d^T and dyb = scaling * dy @ B_d, per expert
     for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
       if (rows == 0) return;
-      k_->nt(rows, R, I, h + row0 * I, I, lora.down_a + static_cast<int64_t>(e) * R * I, DType::kF32, I,
-             ha + row0 * R, R, false);
+      k_->nt(rows, R, I, h + row0 * I, I, lora.down_a + static_cast<int64_t>(e) * R * I, DType::kF32, I, ha + row0 * R,
+             R, false);
       // dy @ B_d with B_d [H, r]: as dot products against B_d^T [r, H], vectorized along H.
       std::vector<float> bt(static_cast<size_t>(R) * H);
       transpose_into(H, R, lora.down_b + static_cast<int64_t>(e) * H * R, bt.data());
@@ -93,8 +93,8 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
     const void* w_cols = weight_element(w_.down, static_cast<int64_t>(e) * H * I + col0);
     k_->nn(rows, ncols, H, dyg + row0 * H, H, w_cols, w_.dtype, I, c, I, false);
     if (R > 0)
-      k_->nn(rows, ncols, R, dyb + row0 * R, R, lora.down_a + static_cast<int64_t>(e) * R * I + col0, DType::kF32,
-             I, c, I, true);
+      k_->nn(rows, ncols, R, dyb + row0 * R, R, lora.down_a + static_cast<int64_t>(e) * R * I + col0, DType::kF32, I, c,
+             I, true);
   });
   // dw, dh = w * dh_raw, dgu; and dyb *= w for dA_d.
   std::fill(dw, dw + static_cast<int64_t>(act.T) * K, 0.f);
@@ -141,8 +141,8 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
     const void* w_cols = weight_element(w_.gate_up, static_cast<int64_t>(e) * I2 * H + col0);  // W_gu[e] [2I, H]
     k_->nn(rows, ncols, I2, dgu + row0 * I2, I2, w_cols, w_.dtype, H, c, H, false);
     if (R > 0)
-      k_->nn(rows, ncols, R, dgb + row0 * R, R, lora.gate_up_a + static_cast<int64_t>(e) * R * H + col0, DType::kF32,
-             H, c, H, true);
+      k_->nn(rows, ncols, R, dgb + row0 * R, R, lora.gate_up_a + static_cast<int64_t>(e) * R * H + col0, DType::kF32, H,
+             c, H, true);
   });
   combine(pool, r, dxg, nullptr, act.dtype, dx);
 
@@ -218,8 +218,8 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
   laps.mark("gather dy, lora dyb");
   // dh_raw [S, I] = dy @ W_d + dyb @ A_d
   float* dh = scratch(6, S * I);
-  project_columns_packed(pool, r, dy16, ldy, static_cast<const bf16*>(w_.down), H, I, dh, nullptr, down_columns_,
-                         dyb, R, lora.down_a);
+  project_columns_packed(pool, r, dy16, ldy, static_cast<const bf16*>(w_.down), H, I, dh, nullptr, down_columns_, dyb,
+                         R, lora.down_a);
   laps.mark("dh = dy @ W_d");
 
   // One pass per row: dw = dh_raw . h and dgu, as bf16 (the operand of the base product and of the LoRA
@@ -234,9 +234,9 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
     for (int64_t row = task * kRowsPerTask; row < end; ++row) {
       const int64_t slot = r.row_slot[row];
       const float wk = act.w[slot];
-      dw[slot] = packed_avx512::silu_backward_fused_row(I, kept.gu_hi + row * I2, kept.gu_lo + row * ld_lo,
-                                                        dh + row * I, wk, dgu16 + row * ldg,
-                                                        h16 ? h16 + row * I : nullptr);
+      dw[slot] =
+          packed_avx512::silu_backward_fused_row(I, kept.gu_hi + row * I2, kept.gu_lo + row * ld_lo, dh + row * I, wk,
+                                                 dgu16 + row * ldg, h16 ? h16 + row * I : nullptr);
       std::fill(dgu16 + row * ldg + I2, dgu16 + row * ldg + ldg, bf16(0));
       for (int j = 0; j < R; ++j) {
         dybw[row * R + j] = wk * dyb[row * R + j];
@@ -252,8 +252,7 @@ void ExpertsOp::backward_packed(ThreadPool& pool, const Routing& r, const Activa
     for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
       std::vector<float> bt(static_cast<size_t>(R) * I2);  // B_gu^T [r, 2I]
       transpose_into(I2, R, lora.gate_up_b + static_cast<int64_t>(e) * I2 * R, bt.data());
-      packed_avx512::rows_times_bt_bf16(rows, I2, dgu16 + row0 * ldg, ldg, bt.data(), R, lora.scaling,
-                                        dgb + row0 * R);
+      packed_avx512::rows_times_bt_bf16(rows, I2, dgu16 + row0 * ldg, ldg, bt.data(), R, lora.scaling, dgb + row0 * R);
     });
   // As bf16 rows (a bf16 graph rounds each expert's dx too; half the bytes of fp32 rows written and combined).
   bf16* dx16 = reinterpret_cast<bf16*>(scratch_bytes(0, S * H * 2));

@@ -66,8 +66,8 @@ bool ExpertsOp::use_bf16_dot(DType act) const {
   return k_->nt_bf16 != nullptr && w_.dtype == DType::kBF16 && act == DType::kBF16;
 }
 
-void ExpertsOp::project(bool bf16_dot, int rows, int cols, int in, const float* a, const bf16* a_bf16,
-                        const void* w, float* c, int ldc) const {
+void ExpertsOp::project(bool bf16_dot, int rows, int cols, int in, const float* a, const bf16* a_bf16, const void* w,
+                        float* c, int ldc) const {
   if (bf16_dot)
     k_->nt_bf16(rows, cols, in, a_bf16, in, static_cast<const bf16*>(w), in, c, ldc, false);
   else
@@ -173,8 +173,8 @@ void ExpertsOp::gate_up(ThreadPool& pool, const Routing& r, DType act, const flo
     for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
       if (rows == 0) return;
       float* xa_e = xa + row0 * R;
-      k_->nt(rows, R, H, xg + row0 * H, H, lora.gate_up_a + static_cast<int64_t>(e) * R * H, DType::kF32, H, xa_e,
-             R, false);
+      k_->nt(rows, R, H, xg + row0 * H, H, lora.gate_up_a + static_cast<int64_t>(e) * R * H, DType::kF32, H, xa_e, R,
+             false);
       for (int64_t i = 0; i < static_cast<int64_t>(rows) * R; ++i) xa_e[i] *= lora.scaling;
     });
   }
@@ -188,8 +188,8 @@ void ExpertsOp::gate_up(ThreadPool& pool, const Routing& r, DType act, const flo
     float* c = gu + row0 * I2 + col0;
     project(bf16_dot, rows, ncols, H, xg + row0 * H, xb ? xb + row0 * H : nullptr, gate_up_weights(e, col0), c, I2);
     if (R > 0)
-      k_->nt(rows, ncols, R, xa + row0 * R, R, lora.gate_up_b + (static_cast<int64_t>(e) * I2 + col0) * R,
-             DType::kF32, R, c, I2, true);
+      k_->nt(rows, ncols, R, xa + row0 * R, R, lora.gate_up_b + (static_cast<int64_t>(e) * I2 + col0) * R, DType::kF32,
+             R, c, I2, true);
   });
 }
 
@@ -209,8 +209,8 @@ void ExpertsOp::activate(ThreadPool& pool, const Routing& r, const float* gu, fl
 }
 
 // out [S, H] = h @ W_d[e]^T + ha @ B_d[e]^T, with ha [S, r] = scaling * h @ A_d[e]^T (kept for backward).
-void ExpertsOp::down(ThreadPool& pool, const Routing& r, DType act, const float* h, const LoraFactors& lora,
-                     float* ha, float* out) {
+void ExpertsOp::down(ThreadPool& pool, const Routing& r, DType act, const float* h, const LoraFactors& lora, float* ha,
+                     float* out) {
   const int H = w_.hidden, I = w_.intermediate, R = lora.rank;
   const int64_t S = r.num_rows();
   if (R > 0) {
@@ -232,8 +232,8 @@ void ExpertsOp::down(ThreadPool& pool, const Routing& r, DType act, const float*
     float* c = out + row0 * H + col0;
     project(bf16_dot, rows, ncols, I, h + row0 * I, hb ? hb + row0 * I : nullptr, down_weights(e, col0), c, H);
     if (R > 0)
-      k_->nt(rows, ncols, R, ha + row0 * R, R, lora.down_b + (static_cast<int64_t>(e) * H + col0) * R, DType::kF32,
-             R, c, H, true);
+      k_->nt(rows, ncols, R, ha + row0 * R, R, lora.down_b + (static_cast<int64_t>(e) * H + col0) * R, DType::kF32, R,
+             c, H, true);
   });
 }
 

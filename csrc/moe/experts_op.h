@@ -130,8 +130,8 @@ class ExpertsOp {
 
   // dx [T, H] in act.dtype, dw [T, K] fp32 (zero for slots of -1), and the LoRA gradients when
   // lora.rank > 0. cache: what forward stored, or nullptr to recompute.
-  void backward(ThreadPool& pool, const Activations& act, const LoraFactors& lora, const void* dy, void* dx,
-                float* dw, const float* cache, const LoraGrads& grads);
+  void backward(ThreadPool& pool, const Activations& act, const LoraFactors& lora, const void* dy, void* dx, float* dw,
+                const float* cache, const LoraGrads& grads);
 
   const ExpertWeights& weights() const { return w_; }
   const GemmKernels& kernels() const { return *k_; }
@@ -147,8 +147,8 @@ class ExpertsOp {
   void forward_packed(ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora, void* y,
                       float* cache);
   // Activation rows for the packed kernels: bf16 or int8 (+ per-row scale), padded to `width` and 32 extra rows.
-  void gather_packed(ThreadPool& pool, const Routing& r, const void* src, DType t, int cols, int width,
-                     uint8_t* dst, float* scales) const;
+  void gather_packed(ThreadPool& pool, const Routing& r, const void* src, DType t, int cols, int width, uint8_t* dst,
+                     float* scales) const;
   // c [rows, cols] (=|+=) a . W[:, cols], W a row-major bf16 [K, N] matrix of expert weights, through the
   // packed panels on column blocks repacked per task (no transposed copy kept).
   // `columns` keeps those column blocks of every expert once made (the weights are frozen): a second copy of
@@ -156,8 +156,8 @@ class ExpertsOp {
   // quarter of the free memory at the first backward; KT_BACKWARD_WEIGHT_CACHE=1 always, =0 never.
   // With R > 0, also c += p . A[e][:, cols] (p [S, R] by row, A [E, R, N]: a LoRA down-projection's factor).
   // The rows go to c as fp32 or, when c is null, to c16 as bf16.
-  void project_columns_packed(ThreadPool& pool, const Routing& r, const bf16* a, int lda, const bf16* w, int K,
-                              int N, float* c, bf16* c16, AlignedBuffer& columns, const float* p = nullptr, int R = 0,
+  void project_columns_packed(ThreadPool& pool, const Routing& r, const bf16* a, int lda, const bf16* w, int K, int N,
+                              float* c, bf16* c16, AlignedBuffer& columns, const float* p = nullptr, int R = 0,
                               const float* lora_a = nullptr);
   // The backward on packed weights (bf16 weights and activations): see experts_backward.cpp.
   void backward_packed(ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora,

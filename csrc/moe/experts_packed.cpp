@@ -4,6 +4,8 @@
 // group) computing gate and up columns together and writing h = silu(gate) * up (+ the cache for backward)
 // -> one pass over (expert, down column group) -> combine. Every expert of the layer is in each pass, so a
 // pass is one pool job however the tokens are routed.
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -11,10 +13,8 @@
 #include <stdexcept>
 #include <string>
 
-#include <unistd.h>
-
-#include "experts_op.h"
 #include "../runtime/phase_times.h"
+#include "experts_op.h"
 
 namespace kt {
 namespace {
@@ -74,8 +74,7 @@ void ExpertsOp::pack(ThreadPool& pool) {
 
 namespace {
 
-void append_blobs(const std::string& prefix, PackedTensor& p, bool with_data,
-                  std::vector<ExpertsOp::PackedBlob>& out) {
+void append_blobs(const std::string& prefix, PackedTensor& p, bool with_data, std::vector<ExpertsOp::PackedBlob>& out) {
   auto add = [&](const char* name, void* data, size_t bytes) {
     if (bytes > 0) out.push_back({prefix + "." + name, with_data ? static_cast<uint8_t*>(data) : nullptr, bytes});
   };
@@ -173,7 +172,8 @@ void ExpertsOp::gather_packed(ThreadPool& pool, const Routing& r, const void* sr
         f32_row = t_row.data();
       }
       // Symmetric per-row int8: the row's largest magnitude maps to 127.
-      scales[row] = packed_avx512::quantize_row_int8(f32_row, cols, width, reinterpret_cast<int8_t*>(dst) + row * width);
+      scales[row] =
+          packed_avx512::quantize_row_int8(f32_row, cols, width, reinterpret_cast<int8_t*>(dst) + row * width);
     }
   });
 }
@@ -220,8 +220,8 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
   float* hf = int8 ? scratch(2, S * I) : nullptr;
 
   // Panel on rows [row0, row0 + rows) of an activation buffer against packed tile pair (b0, b1).
-  auto panel = [&](const PackedTensor& w, const uint8_t* a, int lda, const float* a_scale, int e, int pair,
-                   int rows, float* c) {
+  auto panel = [&](const PackedTensor& w, const uint8_t* a, int lda, const float* a_scale, int e, int pair, int rows,
+                   float* c) {
     const uint8_t* b0 = w.tile(e, 2 * pair);
     const uint8_t* b1 = w.tile(e, 2 * pair + 1);
     if (int4)
@@ -277,11 +277,11 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
                                         kept.gu ? kept.gu + first * I2 + col0 : nullptr,
                                         kept.gu_hi ? kept.gu_hi + first * I2 + col0 : nullptr,
                                         kept.gu_lo ? kept.gu_lo + first * ForwardCache::lo_stride(I) + col0 : nullptr,
-                                        I2, ForwardCache::lo_stride(I), I,
-                                        hb ? hb + first * ldh + col0 : nullptr, ldh, hf ? hf + first * I + col0 : nullptr,
-                                        I);
+                                        I2, ForwardCache::lo_stride(I), I, hb ? hb + first * ldh + col0 : nullptr, ldh,
+                                        hf ? hf + first * I + col0 : nullptr, I);
         if (hb && p == gu_pairs - 1)  // the padding columns the down panels read as zero
-          for (int m = 0; m < mrows; ++m) std::fill(hb + (first + m) * ldh + col0 + ncols, hb + (first + m) * ldh + ldh, bf16(0));
+          for (int m = 0; m < mrows; ++m)
+            std::fill(hb + (first + m) * ldh + col0 + ncols, hb + (first + m) * ldh + ldh, bf16(0));
       }
     }
   });
@@ -301,14 +301,14 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
   }
   if (R > 0 && hb) {  // ha [S, r] = scaling * h @ A_d^T on the bf16 rows the down projection reads
     for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
-      packed_avx512::rows_times_bt_bf16(rows, I, hb + row0 * ldh, ldh, lora.down_a + static_cast<int64_t>(e) * R * I,
-                                        R, lora.scaling, ha + row0 * R);
+      packed_avx512::rows_times_bt_bf16(rows, I, hb + row0 * ldh, ldh, lora.down_a + static_cast<int64_t>(e) * R * I, R,
+                                        lora.scaling, ha + row0 * R);
     });
   } else if (R > 0) {
     for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
       if (rows == 0) return;
-      k_->nt(rows, R, I, hf + row0 * I, I, lora.down_a + static_cast<int64_t>(e) * R * I, DType::kF32, I,
-             ha + row0 * R, R, false);
+      k_->nt(rows, R, I, hf + row0 * I, I, lora.down_a + static_cast<int64_t>(e) * R * I, DType::kF32, I, ha + row0 * R,
+             R, false);
       for (int64_t i = row0 * R; i < (row0 + rows) * R; ++i) ha[i] *= lora.scaling;
     });
   }
@@ -369,9 +369,9 @@ void ExpertsOp::combine_bf16_rows(ThreadPool& pool, const Routing& r, const bf16
   });
 }
 
-void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const bf16* a, int lda, const bf16* w,
-                                       int K, int N, float* c, bf16* c16, AlignedBuffer& columns, const float* p,
-                                       int R, const float* lora_a) {
+void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const bf16* a, int lda, const bf16* w, int K,
+                                       int N, float* c, bf16* c16, AlignedBuffer& columns, const float* p, int R,
+                                       const float* lora_a) {
   const int k_blocks = (K + 31) / 32;
   const int col_blocks = (N + 31) / 32;
   const int64_t block_elems = static_cast<int64_t>(k_blocks) * 1024;  // two n-tiles of one column block

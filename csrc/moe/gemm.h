@@ -22,8 +22,7 @@ struct GemmKernels {
              bool accumulate);
   void (*nn)(int M, int N, int K, const float* A, int lda, const void* B, DType b_type, int ldb, float* C, int ldc,
              bool accumulate);
-  void (*tn)(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
-             bool accumulate);
+  void (*tn)(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc, bool accumulate);
   // bf16 x bf16 -> fp32 with native dot-product instructions, or nullptr where the ISA has none.
   void (*nt_bf16)(int M, int N, int K, const bf16* A, int lda, const bf16* B, int ldb, float* C, int ldc,
                   bool accumulate);

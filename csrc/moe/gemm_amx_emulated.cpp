@@ -34,7 +34,8 @@ struct EmulatedTiles {
     for (int m = 0; m < 16; ++m)
       for (int n = 0; n < 16; ++n)
         for (int k = 0; k < 16; ++k)
-          for (int j = 0; j < 2; ++j) c[m * 16 + n] += bf16_to_f32(a[m * 32 + 2 * k + j]) * bf16_to_f32(b[k * 32 + 2 * n + j]);
+          for (int j = 0; j < 2; ++j)
+            c[m * 16 + n] += bf16_to_f32(a[m * 32 + 2 * k + j]) * bf16_to_f32(b[k * 32 + 2 * n + j]);
   }
   // C[m][n] += sum_k A[m][4k + j] * B[k][4n + j] (int32 lanes, signed bytes)
   template <int C, int A, int B>
@@ -62,11 +63,13 @@ struct EmulatedTiles {
 
 }  // namespace
 
+// clang-format off: the kernel table keeps its hand layout (fields in PackedKernels order)
 const PackedKernels kAmxBf16Emulated = {"amx_bf16", PackedFormat::kBF16, amx_bf16_panel<EmulatedTiles>, nullptr,
                                         packed_avx512::pack_columns_bf16, nullptr};
 const PackedKernels kAmxInt8Emulated = {"amx_int8", PackedFormat::kInt8, nullptr, amx_int8_panel<EmulatedTiles>,
                                         nullptr, nullptr};
 const PackedKernels kAmxInt4Emulated = {"amx_int4", PackedFormat::kInt4, nullptr, nullptr, nullptr,
                                         amx_int4_panel<EmulatedTiles>};
+// clang-format on
 
 }  // namespace kt

@@ -47,19 +47,16 @@ inline void nt_bf16_block(int K, const bf16* A, int lda, const bf16* B, int ldb,
 template <int MR>
 inline void nt_bf16_rows(int N, int K, const bf16* A, int lda, const bf16* B, int ldb, float* C, int ldc, bool acc) {
   int n = 0;
-  for (; n + 4 <= N; n += 4)
-    nt_bf16_block<MR, 4>(K, A, lda, B + static_cast<int64_t>(n) * ldb, ldb, C + n, ldc, acc);
+  for (; n + 4 <= N; n += 4) nt_bf16_block<MR, 4>(K, A, lda, B + static_cast<int64_t>(n) * ldb, ldb, C + n, ldc, acc);
   for (; n < N; ++n) nt_bf16_block<MR, 1>(K, A, lda, B + static_cast<int64_t>(n) * ldb, ldb, C + n, ldc, acc);
 }
 
 void nt_bf16(int M, int N, int K, const bf16* A, int lda, const bf16* B, int ldb, float* C, int ldc, bool acc) {
   int m = 0;
   for (; m + 4 <= M; m += 4)
-    nt_bf16_rows<4>(N, K, A + static_cast<int64_t>(m) * lda, lda, B, ldb, C + static_cast<int64_t>(m) * ldc, ldc,
-                    acc);
+    nt_bf16_rows<4>(N, K, A + static_cast<int64_t>(m) * lda, lda, B, ldb, C + static_cast<int64_t>(m) * ldc, ldc, acc);
   for (; m < M; ++m)
-    nt_bf16_rows<1>(N, K, A + static_cast<int64_t>(m) * lda, lda, B, ldb, C + static_cast<int64_t>(m) * ldc, ldc,
-                    acc);
+    nt_bf16_rows<1>(N, K, A + static_cast<int64_t>(m) * lda, lda, B, ldb, C + static_cast<int64_t>(m) * ldc, ldc, acc);
 }
 
 }  // namespace

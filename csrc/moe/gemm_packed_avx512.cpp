@@ -187,7 +187,6 @@ void fold_int4_group(int rows, const int32_t* acc, const int32_t* xsum, int xsum
   }
 }
 
-
 void bf16_panel(int rows, int k_blocks, const bf16* a, int lda, const bf16* b0, const bf16* b1, float* c) {
   for (int m = 0; m < rows; m += kMaxRows) {
     const bf16* am = a + static_cast<int64_t>(m) * lda;
@@ -233,8 +232,7 @@ void pack_columns_bf16(const bf16* w, int64_t ld, int K, int N, int col0, int k_
     for (int kp = 0; kp < 16; ++kp) {
       const int r0 = kb * 32 + 2 * kp;
       const __m512i va = r0 < K ? _mm512_maskz_loadu_epi16(mask, w + r0 * ld + col0) : _mm512_setzero_si512();
-      const __m512i vb =
-          r0 + 1 < K ? _mm512_maskz_loadu_epi16(mask, w + (r0 + 1) * ld + col0) : _mm512_setzero_si512();
+      const __m512i vb = r0 + 1 < K ? _mm512_maskz_loadu_epi16(mask, w + (r0 + 1) * ld + col0) : _mm512_setzero_si512();
       const int64_t at = static_cast<int64_t>(kb) * 512 + kp * 32;
       _mm512_storeu_si512(tile0 + at, _mm512_permutex2var_epi16(va, idx_lo, vb));
       _mm512_storeu_si512(tile1 + at, _mm512_permutex2var_epi16(va, idx_hi, vb));
@@ -243,7 +241,9 @@ void pack_columns_bf16(const bf16* w, int64_t ld, int K, int N, int col0, int k_
 
 namespace {
 
-inline __mmask16 lanes(int n) { return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n > 0 ? n : 0)) - 1); }
+inline __mmask16 lanes(int n) {
+  return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n > 0 ? n : 0)) - 1);
+}
 
 inline __m512 exp_ps(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -305,7 +305,8 @@ void bf16_to_f32_row(const bf16* src, int n, float* dst) {
 
 float quantize_row_int8(const float* src, int n, int width, int8_t* dst) {
   __m512 amax = _mm512_setzero_ps();
-  for (int i = 0; i < n; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes(n - i), src + i)));
+  for (int i = 0; i < n; i += 16)
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes(n - i), src + i)));
   const float a = _mm512_reduce_max_ps(amax);
   const float scale = a > 0.f ? a / 127.f : 1.f;
   const __m512 s = _mm512_set1_ps(scale);
@@ -373,8 +374,8 @@ void gate_up_epilogue(int rows, int ncols, float* c, const float* xa, int R, con
   }
 }
 
-void down_epilogue(int rows, int ncols, float* c, const float* ha, int R, const float* bt, float* out,
-                   bf16* out16, int64_t ld_out) {
+void down_epilogue(int rows, int ncols, float* c, const float* ha, int R, const float* bt, float* out, bf16* out16,
+                   int64_t ld_out) {
   const __mmask16 m0 = lanes(ncols), m1 = lanes(ncols - 16);
   if (R > 0) add_rank_r(rows, c, ha, R, bt);
   for (int row = 0; row < rows; ++row) {
@@ -488,11 +489,13 @@ void tn_bf16_rows(int R, int N, int rows, const float* p, int ldp, const bf16* a
 
 }  // namespace packed_avx512
 
+// clang-format off: the kernel table keeps its hand layout (fields in PackedKernels order)
 const PackedKernels kAvx512Bf16Packed = {"avx512_bf16_packed", PackedFormat::kBF16, packed_avx512::bf16_panel,
                                          nullptr, packed_avx512::pack_columns_bf16, nullptr};
 const PackedKernels kAvx512VnniInt8Packed = {"avx512_vnni_int8", PackedFormat::kInt8, nullptr,
                                              packed_avx512::int8_panel, nullptr, nullptr};
 const PackedKernels kAvx512VnniInt4Packed = {"avx512_vnni_int4", PackedFormat::kInt4, nullptr, nullptr, nullptr,
                                              packed_avx512::int4_panel};
+// clang-format on
 
 }  // namespace kt

@@ -38,8 +38,7 @@ void nn(int M, int N, int K, const float* A, int lda, const void* B, DType bt, i
   }
 }
 
-void tn(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
-        bool accumulate) {
+void tn(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc, bool accumulate) {
   for (int m = 0; m < M; ++m) {
     float* c = C + static_cast<int64_t>(m) * ldc;
     if (!accumulate)

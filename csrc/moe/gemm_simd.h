@@ -42,8 +42,7 @@ inline void nt_block(int K, const float* A, int lda, const TB* B, int ldb, float
 template <typename V, int MR, typename TB>
 inline void nt_row_block(int N, int K, const float* A, int lda, const TB* B, int ldb, float* C, int ldc, bool acc) {
   int n = 0;
-  for (; n + 4 <= N; n += 4)
-    nt_block<V, MR, 4>(K, A, lda, B + static_cast<int64_t>(n) * ldb, ldb, C + n, ldc, acc);
+  for (; n + 4 <= N; n += 4) nt_block<V, MR, 4>(K, A, lda, B + static_cast<int64_t>(n) * ldb, ldb, C + n, ldc, acc);
   for (; n < N; ++n) nt_block<V, MR, 1>(K, A, lda, B + static_cast<int64_t>(n) * ldb, ldb, C + n, ldc, acc);
 }
 
@@ -51,11 +50,11 @@ template <typename V, typename TB>
 void nt_typed(int M, int N, int K, const float* A, int lda, const TB* B, int ldb, float* C, int ldc, bool acc) {
   int m = 0;
   for (; m + 2 <= M; m += 2)
-    nt_row_block<V, 2>(N, K, A + static_cast<int64_t>(m) * lda, lda, B, ldb, C + static_cast<int64_t>(m) * ldc,
-                       ldc, acc);
+    nt_row_block<V, 2>(N, K, A + static_cast<int64_t>(m) * lda, lda, B, ldb, C + static_cast<int64_t>(m) * ldc, ldc,
+                       acc);
   for (; m < M; ++m)
-    nt_row_block<V, 1>(N, K, A + static_cast<int64_t>(m) * lda, lda, B, ldb, C + static_cast<int64_t>(m) * ldc,
-                       ldc, acc);
+    nt_row_block<V, 1>(N, K, A + static_cast<int64_t>(m) * lda, lda, B, ldb, C + static_cast<int64_t>(m) * ldc, ldc,
+                       acc);
 }
 
 // C[MR rows, 2 vectors] (+)= sum_k A(i, k) * B[k, n : n + 2 * lanes]; a_row / a_col are A's strides, so

@@ -142,8 +142,7 @@ std::string packed_format_tag(PackedFormat format) {
                      : format == PackedFormat::kInt4 ? "int4"
                                                      : "none";
   // Bump the version whenever the tile layout, the quantization or the blob set changes.
-  return std::string("kt-packed-v1/") + name + "/tile" + std::to_string(kTileBytes) + "/g" +
-         std::to_string(kInt4Group);
+  return std::string("kt-packed-v1/") + name + "/tile" + std::to_string(kTileBytes) + "/g" + std::to_string(kInt4Group);
 }
 
 PackedTensor pack_tensor(ThreadPool& pool, const void* w, DType dtype, int E, int N, int K, PackedFormat format,

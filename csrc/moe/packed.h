@@ -101,8 +101,8 @@ void gate_up_epilogue(int rows, int ncols, float* c, const float* xa, int R, con
                       int64_t ld_hb, float* hf, int64_t ld_hf);
 // Down panel C [rows][32] to out as fp32, or to out16 as bf16 (row stride ld_out, first `ncols` columns), plus
 // ha[row] . bt[:, col]. Both epilogues add their rank-r term to the panel C in place.
-void down_epilogue(int rows, int ncols, float* c, const float* ha, int R, const float* bt, float* out,
-                   bf16* out16, int64_t ld_out);
+void down_epilogue(int rows, int ncols, float* c, const float* ha, int R, const float* bt, float* out, bf16* out16,
+                   int64_t ld_out);
 // c[row][0:32] += p[row][0:R] . bt[0:R][0:32] for row < rows (panel C [rows][32], p [rows][R], bt [R][32]).
 void add_rank_r(int rows, float* c, const float* p, int R, const float* bt);
 // acc[i] += s * x[i] for i < n (the weighted sum of a token's bf16 expert rows).
@@ -110,8 +110,7 @@ void add_scaled_bf16_row(int n, float s, const bf16* x, float* acc);
 // Backward of h = silu(g) * u for one row with dh = wk * d, from the cached 24-bit pre-activations [g | u]
 // (planes hi, lo as gate_up_epilogue stores them): [dg | du] as bf16 to d16, h recomputed (stored as bf16 to
 // h16 when given); returns d . h (the routing-weight gradient).
-float silu_backward_fused_row(int I, const bf16* hi, const uint8_t* lo, const float* d, float wk, bf16* d16,
-                              bf16* h16);
+float silu_backward_fused_row(int I, const bf16* hi, const uint8_t* lo, const float* d, float wk, bf16* d16, bf16* h16);
 // out[m][j] = scale * sum_k a[m][k] * bt[j][k] for m < rows, j < R: bf16 rows a (stride lda) against fp32 bt [R][K].
 void rows_times_bt_bf16(int rows, int K, const bf16* a, int64_t lda, const float* bt, int R, float scale, float* out);
 // out[j][n] = sum_m p[m][j] * a[row(m)][n] for j < R, n < N (out [R][N] row-major, overwritten), with p [rows][ldp]
@@ -169,9 +168,7 @@ struct PackedTensor {
     return scale_zero.data() + (static_cast<int64_t>(e) * n_tiles + nt) * groups() * 16;
   }
   const float* scales(int e, int nt) const { return scale.data() + (static_cast<int64_t>(e) * n_tiles + nt) * 16; }
-  const int32_t* colsums(int e, int nt) const {
-    return colsum.data() + (static_cast<int64_t>(e) * n_tiles + nt) * 16;
-  }
+  const int32_t* colsums(int e, int nt) const { return colsum.data() + (static_cast<int64_t>(e) * n_tiles + nt) * 16; }
 };
 
 // The zeroed layout pack_tensor fills (sizes of every buffer), for packing or for loading saved buffers.

@@ -21,8 +21,7 @@ ThreadPool::ThreadPool(int num_threads, bool pin) {
   const std::vector<int>& cpus = numa_topology().cpus;
   const bool fits = static_cast<size_t>(num_threads) <= cpus.size();
   spin_iterations_ = fits ? kSpinIterations : 0;
-  if (pin && fits)
-    cpus_.assign(cpus.end() - (num_threads - 1), cpus.end());
+  if (pin && fits) cpus_.assign(cpus.end() - (num_threads - 1), cpus.end());
   workers_.reserve(num_threads - 1);
   for (int i = 0; i < num_threads - 1; ++i) {
     const int cpu = cpus_.empty() ? -1 : cpus_[i];
