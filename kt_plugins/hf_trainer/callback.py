@@ -100,6 +100,9 @@ class KTCallback(TrainerCallback):
         stream_quantize: None, or "int8" to halve the streamed bytes (see `kt_core.enable_streaming`).
         stream_keep_bytes: GPU bytes of a checkpointed layer's expert intermediates kept between its
             recomputation and its backward when streaming ("1GiB"; see `kt_core.enable_streaming`).
+        loss: the causal-LM loss of training steps without [tokens x vocab] logits
+            (`kt_core.loss.enable_efficient_loss`): "auto" (Liger-Kernel or cut-cross-entropy on CUDA when
+            installed, our chunked loss otherwise), "liger", "cce", "chunked", or "off" (transformers' loss).
     """
 
     def __init__(
@@ -113,7 +116,12 @@ class KTCallback(TrainerCallback):
         gpu_memory_budget: int | str | None = None,
         stream_quantize: str | None = None,
         stream_keep_bytes: int | str = "1GiB",
+        loss: str | bool = "auto",
     ):
+        from kt_core.loss import normalize_loss_mode
+
+        self.loss_mode = normalize_loss_mode(loss, key="KTCallback(loss)")
+        self.efficient_loss = None  # kt_core.loss.EfficientLoss once attached
         self.options = {"rules": rules, "kernel": kernel, "cpu_infer": cpu_infer, "device": device}
         self.log_speed = log_speed
         self.streaming_options = (
@@ -135,6 +143,10 @@ class KTCallback(TrainerCallback):
 
             device = self.options["device"] or _model_device(model)  # stream to where the model computes
             self._streaming = enable_streaming(model, device=device, **self.streaming_options)
+        if self.loss_mode != "off" and self.efficient_loss is None:
+            from kt_core.loss import enable_efficient_loss
+
+            self.efficient_loss = enable_efficient_loss(model, self.loss_mode)
         if self.log_speed and self._timer is None:
             self._timer = _ExpertTimer(model)
 

@@ -49,6 +49,9 @@ class KTSettings:
         kt_stream_quantize: None, or "int8" to halve the streamed bytes.
         kt_stream_keep_bytes: GPU bytes of a checkpointed layer's expert intermediates kept between its
             recomputation and its backward when streaming ("1GiB").
+        kt_loss: the causal-LM loss of pt / sft training steps without [tokens x vocab] logits
+            (kt_core.loss): "auto" (Liger-Kernel or cut-cross-entropy on CUDA when installed, else our
+            chunked loss), "liger", "cce", "chunked", or "off" (false) for transformers' own loss.
     """
 
     use_kt: bool = False
@@ -67,6 +70,7 @@ class KTSettings:
     kt_gpu_memory_budget: str | None = None
     kt_stream_quantize: str | None = None
     kt_stream_keep_bytes: str = "1GiB"
+    kt_loss: str = "auto"
     config_dir: Path | None = dataclasses.field(default=None, repr=False)  # the YAML's folder
     given: frozenset[str] = dataclasses.field(default=frozenset(), repr=False)  # keys the user wrote
 

@@ -3,7 +3,8 @@
 LLaMA-Factory's loader keeps doing everything it always does (config patches, tokenizer hooks, PEFT,
 value head, parameter counts); only two of its late-bound names are swapped for the duration of one
 `load_model` call: the Auto class that instantiates the base model (-> kt_core.load_model) and
-`init_adapter` (-> LLaMA-Factory's adapter setup, then expert LoRA on the CPU operator).
+`init_adapter` (-> LLaMA-Factory's adapter setup, then expert LoRA on the CPU operator, then, for pt / sft
+training, the causal-LM loss without [tokens x vocab] logits: `kt_loss`, kt_core.loss).
 """
 
 from __future__ import annotations
@@ -86,6 +87,31 @@ def _enable_streaming(model, settings: KTSettings) -> None:
     )
 
 
+def _enable_efficient_loss(model, settings: KTSettings, finetuning_args) -> None:
+    """`kt_loss`: the loss of pt / sft training steps from hidden states, never [tokens x vocab] logits."""
+    from kt_core.loss import enable_efficient_loss, normalize_loss_mode
+
+    mode = normalize_loss_mode(settings.kt_loss, key="kt_loss")
+    if mode == "off":
+        return
+    stage = getattr(finetuning_args, "stage", "sft")
+    # Losses of LLaMA-Factory's own that read the training step's logits (use_asft_loss, use_dft_loss, ...)
+    custom = sorted(k for k, v in vars(finetuning_args).items() if k.startswith("use_") and k.endswith("_loss") and v)
+    if stage not in ("pt", "sft") or custom:
+        reason = f"stage {stage}" if stage not in ("pt", "sft") else ", ".join(custom)
+        logger.info("kt_loss: %s reads the logits; transformers' loss stays", reason)
+        return
+    attached = enable_efficient_loss(model, mode)
+    if attached is None:
+        logger.info("kt_loss: not attached (see the kt_core.loss log line); the model's own loss stays")
+    else:
+        logger.info(
+            "causal-LM loss without [tokens x vocab] logits: %s (training steps return logits=None; kt_loss: off "
+            "restores transformers' loss)",
+            attached.backend,
+        )
+
+
 @contextlib.contextmanager
 def kt_model_building(loader_module, settings: KTSettings, model_args, finetuning_args, is_trainable: bool):
     """Swaps the loader's Auto class and init_adapter for one load_model call."""
@@ -104,6 +130,8 @@ def kt_model_building(loader_module, settings: KTSettings, model_args, finetunin
         model = take_over(model, settings)
         if settings.kt_gpu_memory_budget is not None:
             _enable_streaming(model, settings)
+        if is_trainable_:
+            _enable_efficient_loss(model, settings, finetuning_args_)
         return model
 
     loader_module.AutoModelForCausalLM = _KTAutoModel(settings, getattr(model_args, "compute_dtype", None))
