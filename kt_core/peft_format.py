@@ -31,9 +31,11 @@ Legend: E = experts, H = hidden, I = expert intermediate, r = rank.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,10 +51,12 @@ __all__ = [
     "expert_factors_from_peft",
     "expert_factors_to_peft",
     "expert_lora_to_peft_state_dict",
+    "ignore_peft_layer_warning",
     "install_peft_state_dict_hooks",
     "is_peft_param_wrapper",
     "load_expert_lora_",
     "merge_expert_lora_",
+    "peft_layer_warning_filtered",
     "peft_layout_swapped",
     "peft_scaling",
     "take_over_peft_experts",
@@ -61,6 +65,31 @@ __all__ = [
 
 # Fused parameter of a transformers experts module -> the ExpertLoRA factors that carry its update.
 EXPERT_PARAMETERS = {"gate_up_proj": ("gate_up_A", "gate_up_B"), "down_proj": ("down_A", "down_B")}
+
+
+def _peft_layer_warning() -> str:
+    # PEFT's LoraLayer reads in/out features of the wrapped module through `_get_in_out_features`, which
+    # knows only linear-like layers and warns "Unsupported layer type ... proceed at your own risk" for any
+    # other (peft/tuners/tuners_utils.py). A ParamWrapper around KTExperts takes its features from the
+    # targeted parameter's shape instead, and kt_core then takes its LoRA over: the warning does not apply.
+    return re.escape(f"Unsupported layer type '{KTExperts}' encountered")
+
+
+@contextlib.contextmanager
+def peft_layer_warning_filtered() -> Iterator[None]:
+    """Within the block, PEFT's "Unsupported layer type" warning is not shown for KTExperts (only for it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_peft_layer_warning(), category=UserWarning)
+        yield
+
+
+def ignore_peft_layer_warning() -> None:
+    """Process-wide: PEFT's "Unsupported layer type" warning is not shown for KTExperts (only for it).
+
+    Installed by kt_core.load_model / convert_model, after which the user's own `get_peft_model` wraps the
+    KTExperts parameters; every other layer type keeps PEFT's warning.
+    """
+    warnings.filterwarnings("ignore", message=_peft_layer_warning(), category=UserWarning)
 
 
 def peft_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kt_core.architectures import get_architecture
-from kt_core.loading.loader import apply_devices, plan_placement, resolve_devices
+from kt_core.loading.loader import _expect_peft, apply_devices, plan_placement, resolve_devices
 from kt_core.placement import PlacementRule
 
 __all__ = ["convert_model"]
@@ -66,4 +66,5 @@ def convert_model(
         backend_types = tuple({p.cls for p in plan.experts.values()})
         model.kt_device_hooks = apply_devices(model, plan, skip=backend_types)
     model.kt_placement = plan
+    _expect_peft()
     return model

@@ -26,7 +26,14 @@ from kt_core.loading.keys import CheckpointMap, ExpertTensor, map_checkpoint
 from kt_core.loading.memory import MemoryPlan
 from kt_core.loading.meta import build_meta_model, set_tensor, still_on_meta
 from kt_core.loading.multi_gpu import device_boundaries, install_device_hooks
-from kt_core.placement import PlacementPlan, PlacementRule, default_rules, load_rules, resolve_placement
+from kt_core.placement import (
+    PlacementPlan,
+    PlacementRule,
+    RuleError,
+    default_rules,
+    load_rules,
+    resolve_placement,
+)
 
 __all__ = ["apply_devices", "load_model", "plan_memory", "resolve_devices", "resolve_rules"]
 
@@ -59,14 +66,58 @@ def resolve_rules(rules, arch: Architecture, devices: Sequence[str]) -> list[Pla
 
 
 def plan_placement(model: nn.Module, rules, arch: Architecture, devices: Sequence[str], *, kernel, cpu_infer):
-    """The placement plan of `model` (rules resolved as in resolve_rules), experts options attached."""
-    return resolve_placement(
+    """The placement plan of `model` (rules resolved as in resolve_rules), experts options attached.
+
+    Raises:
+        RuleError: the caller's rules put no routed-experts module on an expert backend (the model would run
+            without CPU experts and without expert LoRA), or place something on a CUDA device this machine
+            does not have; the message names the rule file (and rule).
+    """
+    plan = resolve_placement(
         model,
         resolve_rules(rules, arch, devices),
         arch=arch,
         default_device=devices[0],
         devices=devices,
         expert_options={"kernel": kernel, "cpu_infer": cpu_infer},
+    )
+    source = str(rules) if isinstance(rules, (str, Path)) else "the placement rules given"
+    _check_rule_devices(plan, arch, source)
+    if rules is not None:
+        _check_experts_placed(model, plan, arch, source)
+    return plan
+
+
+def _check_rule_devices(plan: PlacementPlan, arch: Architecture, source: str) -> None:
+    """A rule naming a GPU this machine lacks fails here, by name, rather than inside torch's `.to()`."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for device in dict.fromkeys([*plan.used_devices(), *plan.layer_devices]):
+        dev = torch.device(device)
+        if dev.type != "cuda" or (dev.index or 0) < visible:
+            continue
+        where = plan.device_sources.get(device, source)
+        have = "no CUDA device (torch.cuda.is_available() is False)" if not visible else f"{visible} CUDA device(s)"
+        raise RuleError(
+            f"{where}: device {device!r}, but this machine has {have}. Use rules written for it, e.g. "
+            f"rules/{arch.name}/cpu-only.yaml without a GPU."
+        )
+
+
+def _check_experts_placed(model: nn.Module, plan: PlacementPlan, arch: Architecture, source: str) -> None:
+    """Rules that leave every experts module to Hugging Face's code are a mistake, not a placement."""
+    if plan.experts:
+        return
+    from kt_core.placement import list_expert_backends
+
+    backends = tuple(list_expert_backends().values())
+    experts = [name for name, _ in model.named_modules() if arch.is_experts_module(name)]
+    if any(isinstance(model.get_submodule(name), backends) for name in experts):
+        return  # converted already (a second pass over a model kt_core built)
+    example = f" (its experts modules are named like {experts[0]!r})" if experts else ""
+    raise RuleError(
+        f"{source}: no rule puts a routed-experts module of {type(model).__name__}{example} on the CPU "
+        "operator, so the model would run without CPU experts and without expert LoRA. Match the experts "
+        f"with a rule (see rules/{arch.name}/cpu-only.yaml) or leave the rules out for the family's defaults."
     )
 
 
@@ -188,7 +239,15 @@ def load_model(
                 _stream_experts(model, module_name, tensors, checkpoint, plan, fp8_block, store_dtype, config)
                 bar.update(sum(checkpoint.tensors[t.key].nbytes for t in tensors))
     _finish(model, plan, str(path))
+    _expect_peft()
     return model
+
+
+def _expect_peft() -> None:
+    """The model's KTExperts may be wrapped by the user's `get_peft_model` next: no false PEFT warning."""
+    from kt_core.peft_format import ignore_peft_layer_warning
+
+    ignore_peft_layer_warning()
 
 
 def _meta_tensor(model: nn.Module, name: str) -> torch.Tensor:

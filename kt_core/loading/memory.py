@@ -6,30 +6,18 @@ Host RAM holds the expert stores (their full size once loaded) plus one experts 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["MemoryPlan", "MemoryPlanError", "available_gpu_bytes", "available_host_bytes", "parse_size"]
+from kt_core.settings import parse_size  # the one size parser; importable from here too
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+__all__ = ["MemoryPlan", "MemoryPlanError", "available_gpu_bytes", "available_host_bytes", "parse_size"]
 
 
 class MemoryPlanError(RuntimeError):
     """The model does not fit the GPUs or host RAM at hand; raised before anything is loaded."""
-
-
-def parse_size(value: int | float | str) -> int:
-    """Bytes from 12_000_000_000, "80GB", "70GiB" or "512 MiB"."""
-    if isinstance(value, (int, float)):
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"Cannot read memory size {value!r} (expected bytes or e.g. '80GB', '70GiB')")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def format_bytes(n: int) -> str:
@@ -105,7 +93,8 @@ class MemoryPlan:
         for device, need in self.gpu_bytes.items():
             per_device = isinstance(gpu_memory_limit, Mapping)
             limit_value = gpu_memory_limit.get(device) if per_device else gpu_memory_limit
-            limit = parse_size(limit_value) if limit_value is not None else available_gpu_bytes(device)
+            key = "gpu_memory_limit" if not per_device else f"gpu_memory_limit[{device!r}]"
+            limit = parse_size(limit_value, key) if limit_value is not None else available_gpu_bytes(device)
             source = "gpu_memory_limit" if limit_value is not None else "free memory reported by CUDA"
             if limit is not None and need > limit:
                 problems.append(
@@ -113,7 +102,11 @@ class MemoryPlan:
                     f"available ({source}). Spread the layers over more GPUs "
                     "(device=['cuda:0', 'cuda:1', ...]) or place some modules on the CPU with a rule."
                 )
-        limit = parse_size(host_memory_limit) if host_memory_limit is not None else available_host_bytes()
+        limit = (
+            parse_size(host_memory_limit, "host_memory_limit")
+            if host_memory_limit is not None
+            else available_host_bytes()
+        )
         source = "host_memory_limit" if host_memory_limit is not None else "MemAvailable in /proc/meminfo"
         if limit is not None and self.host_bytes > limit:
             problems.append(

@@ -7,6 +7,9 @@ class's dotted path (`kt_core.experts.KTExperts`).
 
 from __future__ import annotations
 
+import importlib
+import re
+
 from kt_core.hookspecs import hookimpl
 from kt_core.registry import Registry
 
@@ -16,6 +19,9 @@ __all__ = [
     "register_expert_backend",
     "unregister_expert_backend",
 ]
+
+
+_DOTTED_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 
 def _dotted(cls: type) -> str:
@@ -52,12 +58,32 @@ def list_expert_backends() -> dict[str, type]:
 
 
 def get_expert_backend(name_or_path: str) -> tuple[str, type] | None:
-    """Finds a backend by registry name, dotted class path, `kt_core.<Class>` or bare class name."""
-    for name, cls in list_expert_backends().items():
+    """Finds a backend by registry name, dotted class path, `kt_core.<Class>` or bare class name.
+
+    A dotted path may also name a module that re-exports the class (`kt_core.experts.KTExperts` for the
+    class defined in a submodule of that package), so rule files keep working when code moves.
+    """
+    backends = list_expert_backends()
+    for name, cls in backends.items():
         aliases = {name, _dotted(cls), cls.__name__, f"kt_core.{cls.__name__}"}
         if name_or_path in aliases:
             return name, cls
+    exported = _exported_class(name_or_path)
+    for name, cls in backends.items():
+        if exported is cls:
+            return name, cls
     return None
+
+
+def _exported_class(path: str) -> object | None:
+    module_name, _, attr = path.rpartition(".")
+    if not module_name or not _DOTTED_RE.match(path):
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    return getattr(module, attr, None)
 
 
 @hookimpl

@@ -48,6 +48,8 @@ class PlacementPlan:
         experts: {experts module name: ExpertsPlacement} for the experts that leave the GPU.
         layer_devices: [L] device of each decoder layer when they are split, else [].
         layers_path: dotted path of the decoder layers.
+        device_sources: {device: the rule (file and index) that first placed something there}, for errors
+            about devices this machine does not have.
     """
 
     default_device: str
@@ -55,6 +57,7 @@ class PlacementPlan:
     experts: dict[str, ExpertsPlacement] = field(default_factory=dict)
     layer_devices: list[str] = field(default_factory=list)
     layers_path: str = "model.layers"
+    device_sources: dict[str, str] = field(default_factory=dict)
 
     def device_of(self, name: str) -> str:
         """The device of a tensor or module (`model.layers.3.self_attn.q_proj.weight`)."""
@@ -118,6 +121,7 @@ def resolve_placement(
             continue
         if kwargs.get("device"):
             explicit[name] = str(kwargs["device"])
+            plan.device_sources.setdefault(explicit[name], f"{rule.where} (places {name})")
         if (kwargs.get("devices") or kwargs.get("transfer_map")) and split is None:
             split = (rule, kwargs)
     if split is None and devices is not None and len(devices) > 1:
@@ -221,6 +225,8 @@ def _apply_layer_split(
         weights = [_numel(layer, skip, f"{arch.layers_path}.{i}") for i, layer in enumerate(layers)]
         plan.layer_devices = split_layers(weights, devices)
         first_device = devices[0]
+    for device in plan.layer_devices:
+        plan.device_sources.setdefault(device, f"{where} (splits the decoder layers)")
     core_path = arch.layers_path.rpartition(".")[0]
     core = model.get_submodule(core_path) if core_path else model
     plan.devices[core_path or ""] = first_device

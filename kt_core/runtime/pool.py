@@ -2,6 +2,8 @@
 
 One pool per process: layers run one after another, so sharing it keeps `cpu_infer` threads, not
 `cpu_infer` per layer. The pool counts the calling thread: `cpu_infer=16` runs 15 workers plus the caller.
+Sizes are checked by kt_core.settings: a positive integer; more than the CPUs this process may use warns
+(where the setting enters), more than CPU_INFER_CAP_FACTOR times them runs one thread per CPU.
 """
 
 from __future__ import annotations
@@ -9,24 +11,22 @@ from __future__ import annotations
 import os
 import threading
 
-__all__ = ["default_cpu_infer", "get_thread_pool"]
+from kt_core.settings import CPU_INFER_CAP_FACTOR, cpu_threads, positive_int, usable_cpus
+
+__all__ = ["CPU_INFER_ENV", "current_threads", "default_cpu_infer", "get_thread_pool"]
+
+CPU_INFER_ENV = "KT_CPU_INFER"
 
 _lock = threading.Lock()
 _pool = None
 
 
 def default_cpu_infer() -> int:
-    """KT_CPU_INFER if set, else the CPUs this process may use."""
-    env = os.environ.get("KT_CPU_INFER")
+    """KT_CPU_INFER if set (checked as any `cpu_infer`), else the CPUs this process may use."""
+    env = os.environ.get(CPU_INFER_ENV)
     if env:
-        try:
-            value = int(env)
-        except ValueError:
-            raise ValueError(f"KT_CPU_INFER must be a positive integer, got {env!r}") from None
-        if value < 1:
-            raise ValueError(f"KT_CPU_INFER must be a positive integer, got {env!r}")
-        return value
-    return len(os.sched_getaffinity(0))
+        return cpu_threads(CPU_INFER_ENV, env)
+    return usable_cpus()
 
 
 def get_thread_pool(cpu_infer: int | None = None):
@@ -39,8 +39,20 @@ def get_thread_pool(cpu_infer: int | None = None):
 
     global _pool
     with _lock:
-        if cpu_infer is not None and cpu_infer < 1:
-            raise ValueError(f"cpu_infer must be >= 1, got {cpu_infer}")
+        if cpu_infer is not None:
+            cpu_infer = _capped(positive_int("cpu_infer", cpu_infer, what="CPU threads of the experts operator"))
         if _pool is None or (cpu_infer is not None and _pool.num_threads != cpu_infer):
             _pool = _C.ThreadPool(cpu_infer or default_cpu_infer())
         return _pool
+
+
+def current_threads() -> int | None:
+    """Threads of the shared pool, or None before the first experts call built it."""
+    return _pool.num_threads if _pool is not None else None
+
+
+def _capped(threads: int) -> int:
+    # The entry points warn about oversubscription under the user's key; a value that reaches the pool
+    # directly (KTExperts(cpu_infer=...)) is still held to one thread per CPU past the cap.
+    cpus = usable_cpus()
+    return cpus if threads > CPU_INFER_CAP_FACTOR * cpus else threads

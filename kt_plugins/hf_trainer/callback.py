@@ -8,12 +8,15 @@ has already moved the model to its device by then: for a model larger than the G
 on it before building the Trainer (the callback then finds it prepared).
 
 Logged with every `logs` entry: `kt_tokens_per_s` (input tokens per second of training-step wall time)
-and `kt_cpu_expert_share` (fraction of that time spent inside the experts operator, forward and backward).
+and `kt_cpu_expert_share` (fraction of that time spent inside the experts operator: one forward and one
+backward per layer and step, gradient checkpointing's recomputation not counted; kt_core.runtime.expert_time).
+
+The arguments are checked when the callback is built (kt_core.settings); the errors name them.
 """
 
 from __future__ import annotations
 
-import time
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,58 +24,16 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from kt_core import settings as checks
 from kt_core.experts import KTExperts
-from kt_core.placement import PlacementRule
+from kt_core.kernels import resolve_kernel
+from kt_core.placement import PlacementRule, resolve_rule_file
+from kt_core.runtime.expert_time import ExpertTimer
 from kt_plugins.hf_trainer.convert import expert_lora_parameters, kt_prepare
 
 __all__ = ["KTCallback"]
 
-
-class _ExpertTimer:
-    """Wall time spent inside the KTExperts modules of a model, and input tokens seen in training."""
-
-    def __init__(self, model: nn.Module):
-        self.expert_s = 0.0
-        self.tokens = 0
-        self._handles = []
-        for module in model.modules():
-            if isinstance(module, KTExperts):
-                self._handles.append(module.register_forward_pre_hook(self._forward_start))
-                self._handles.append(module.register_forward_hook(self._forward_end))
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        if embeddings is not None:
-            self._handles.append(embeddings.register_forward_pre_hook(self._count_tokens))
-        self._start: dict[int, float] = {}
-
-    def _forward_start(self, module, args):
-        self._start[id(module)] = time.perf_counter()
-
-    def _forward_end(self, module, args, output):
-        self.expert_s += time.perf_counter() - self._start.pop(id(module), time.perf_counter())
-        node = output.grad_fn if isinstance(output, torch.Tensor) else None
-        if node is not None:  # the experts' own backward node: time it as well
-            started = []
-            node.register_prehook(lambda grad_outputs: started.append(time.perf_counter()))
-            node.register_hook(lambda grad_inputs, grad_outputs: self._backward_end(started))
-
-    def _backward_end(self, started: list[float]) -> None:
-        if started:
-            self.expert_s += time.perf_counter() - started.pop()
-
-    def _count_tokens(self, module, args):
-        if module.training and args and isinstance(args[0], torch.Tensor):
-            self.tokens += args[0].numel()
-
-    def take(self) -> tuple[float, int]:
-        """Returns (expert seconds, tokens) since the last call and starts counting again."""
-        out = (self.expert_s, self.tokens)
-        self.expert_s, self.tokens = 0.0, 0
-        return out
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+logger = logging.getLogger(__name__)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -82,6 +43,34 @@ def _model_device(model: nn.Module) -> torch.device:
             for p in module.parameters(recurse=False):
                 return p.device
     return torch.device("cpu")
+
+
+def _check_resume(args) -> None:
+    """A broken checkpoint fails (or warns about) here, by name, not inside torch.load / safetensors.
+
+    `TrainingArguments.resume_from_checkpoint`, when set, must be complete; otherwise the newest
+    `checkpoint-N` of the output folder, which `train(resume_from_checkpoint=True)` would pick, is checked
+    and a warning names the complete one to resume from.
+    """
+    from kt_core.loading import CheckpointError, check_training_checkpoint
+    from kt_core.loading.resume import last_good_checkpoint
+
+    if isinstance(args.resume_from_checkpoint, str):
+        check_training_checkpoint(args.resume_from_checkpoint)
+        return
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is None or not output_dir.is_dir():
+        return
+    steps = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    if not steps:
+        return
+    newest = max(steps, key=lambda p: int(p.name.split("-")[-1]))
+    if last_good_checkpoint(output_dir) == newest:
+        return
+    try:
+        check_training_checkpoint(newest)
+    except CheckpointError as exc:
+        logger.warning("KTCallback: %s. train(resume_from_checkpoint=True) would pick it.", exc)
 
 
 class KTCallback(TrainerCallback):
@@ -96,7 +85,8 @@ class KTCallback(TrainerCallback):
         log_speed: add `kt_tokens_per_s` and `kt_cpu_expert_share` to the Trainer's logs.
         gpu_memory_budget: when set ("10GiB"), split each MoE layer between CPU compute and GPU compute on
             PCIe-streamed weights within this much GPU memory for expert weights
-            (`kt_core.enable_streaming`); the logs then carry the CPU / PCIe / GPU time split.
+            (`kt_core.enable_streaming`); the logs then carry the CPU / PCIe / GPU time split. Needs a CUDA
+            GPU, and the model on it.
         stream_quantize: None, or "int8" to halve the streamed bytes (see `kt_core.enable_streaming`).
         stream_keep_bytes: GPU bytes of a checkpointed layer's expert intermediates kept between its
             recomputation and its backward when streaming ("1GiB"; see `kt_core.enable_streaming`).
@@ -122,6 +112,20 @@ class KTCallback(TrainerCallback):
 
         self.loss_mode = normalize_loss_mode(loss, key="KTCallback(loss)")
         self.efficient_loss = None  # kt_core.loss.EfficientLoss once attached
+        cpu_infer = checks.cpu_threads("KTCallback(cpu_infer)", cpu_infer)
+        log_speed = checks.boolean("KTCallback(log_speed)", log_speed)
+        if not isinstance(kernel, str):
+            raise checks.SettingError(f"KTCallback(kernel): got {kernel!r}, expected 'auto' or a kernel name")
+        resolve_kernel(kernel)  # a kernel this CPU cannot run fails here, listing the ones it can
+        if isinstance(rules, (str, Path)):
+            resolve_rule_file(rules)  # a missing rule file fails here, listing the paths tried
+        if gpu_memory_budget is not None:
+            checks.parse_size(gpu_memory_budget, "KTCallback(gpu_memory_budget)")
+            checks.parse_size(stream_keep_bytes, "KTCallback(stream_keep_bytes)")
+            checks.choice("KTCallback(stream_quantize)", stream_quantize, (None, "int8"))
+            checks.require_cuda(
+                "KTCallback(gpu_memory_budget)", gpu_memory_budget, "expert streaming computes on a CUDA GPU"
+            )
         self.options = {"rules": rules, "kernel": kernel, "cpu_infer": cpu_infer, "device": device}
         self.log_speed = log_speed
         self.streaming_options = (
@@ -130,25 +134,30 @@ class KTCallback(TrainerCallback):
             else None
         )
         self._streaming = None
-        self._timer: _ExpertTimer | None = None
-        self._step_s = 0.0
-        self._last = None
+        self._timer: ExpertTimer | None = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("KTCallback: the Trainer passed no model to on_init_end")
+        _check_resume(args)
         kt_prepare(model, **self.options)
         if self.streaming_options is not None and self._streaming is None:
             from kt_core import enable_streaming
 
-            device = self.options["device"] or _model_device(model)  # stream to where the model computes
+            device = torch.device(self.options["device"] or _model_device(model))  # where the model computes
+            if device.type != "cuda":
+                raise checks.SettingError(
+                    f"KTCallback(gpu_memory_budget): got {self.streaming_options['gpu_memory_budget']!r}, but the "
+                    f"model computes on {device}: expert streaming computes on a CUDA GPU. Put the model on the "
+                    "GPU (device='cuda', or the Trainer's default) or leave gpu_memory_budget out."
+                )
             self._streaming = enable_streaming(model, device=device, **self.streaming_options)
         if self.loss_mode != "off" and self.efficient_loss is None:
             from kt_core.loss import enable_efficient_loss
 
             self.efficient_loss = enable_efficient_loss(model, self.loss_mode)
         if self.log_speed and self._timer is None:
-            self._timer = _ExpertTimer(model)
+            self._timer = ExpertTimer(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if optimizer is not None and model is not None:
@@ -160,26 +169,18 @@ class KTCallback(TrainerCallback):
                     "before the experts moved to the CPU operator. Call kt_prepare(model) before creating it."
                 )
         if self._timer is not None:
-            self._timer.take()
-        self._step_s, self._last = 0.0, time.perf_counter()
+            self._timer.start_steps()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._streaming is not None:
             self._streaming.end_step()
-        now = time.perf_counter()
-        if self._last is not None:
-            self._step_s += now - self._last
-        self._last = now
+        if self._timer is not None:
+            self._timer.end_step()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._timer is None or logs is None or self._step_s <= 0.0:
+        speed = self._timer.report() if self._timer is not None and logs is not None else None
+        if speed is None:
             return
-        expert_s, tokens = self._timer.take()
-        speed = {
-            "kt_tokens_per_s": round(tokens / self._step_s, 2),
-            "kt_cpu_expert_share": round(min(expert_s / self._step_s, 1.0), 4),
-        }
-        self._step_s = 0.0
         report = self._streaming.last_report if self._streaming is not None else None
         if report:
             speed.update(
@@ -195,4 +196,5 @@ class KTCallback(TrainerCallback):
             state.log_history[-1].update(speed)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._last = None
+        if self._timer is not None:
+            self._timer.stop_steps()

@@ -14,9 +14,16 @@ import logging
 import re
 from pathlib import Path
 
+from kt_core.peft_format import peft_layer_warning_filtered
 from kt_plugins.llamafactory.config import KTSettings
 
-__all__ = ["check_adapter_matches", "expert_lora_requested", "expert_lora_setup", "take_over"]
+__all__ = [
+    "check_adapter_matches",
+    "describe_cpu_experts",
+    "expert_lora_requested",
+    "expert_lora_setup",
+    "take_over",
+]
 
 logger = logging.getLogger("llamafactory.kt_plugins")  # under LLaMA-Factory's own log handlers
 
@@ -53,7 +60,8 @@ def expert_lora_setup(adapter_module, settings: KTSettings, finetuning_args, is_
 
     adapter_module.get_peft_model = get_peft_model
     try:
-        yield
+        with peft_layer_warning_filtered():
+            yield
     finally:
         adapter_module.get_peft_model = original
 
@@ -65,7 +73,28 @@ def take_over(model, settings: KTSettings):
 
     if any(is_peft_param_wrapper(m) for m in model.modules()):
         take_over_peft_model(model, kernel=settings.kt_kernel, cpu_infer=settings.cpu_infer)
+    logger.info("kt-plugins: %s", describe_cpu_experts(model))
     return model
+
+
+def describe_cpu_experts(model) -> str:
+    """What the built model runs: its KTExperts layers' kernels, chunking, threads and expert LoRA."""
+    from kt_core import KTExperts
+    from kt_core.runtime.pool import current_threads
+    from kt_core.settings import usable_cpus
+
+    layers = [m for m in model.modules() if isinstance(m, KTExperts)]
+    if not layers:
+        return "no routed-experts layer runs on the CPU operator"
+    kernels = sorted({m.kernel for m in layers})
+    chunks = sorted({m.chunk_size or 0 for m in layers})
+    chunking = ", ".join(f"{c} tokens per call" if c else "whole batch per call" for c in chunks)
+    with_lora = sum(1 for m in layers if m.lora is not None)
+    threads = sorted({m.cpu_infer for m in layers if m.cpu_infer} or {current_threads() or usable_cpus()})
+    return (
+        f"{len(layers)} routed-experts layers on the CPU operator: kernel {', '.join(kernels)}; chunking: "
+        f"{chunking}; {', '.join(map(str, threads))} CPU threads; expert LoRA on {with_lora} layers"
+    )
 
 
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+?)(?:\.base_layer)*\.lora_(?P<which>[AB])(?:\.\w+)?\.weight$")

@@ -17,6 +17,7 @@ DISABLE_ENV = "KT_LLAMAFACTORY"
 PATCHES = {
     "llamafactory.hparams.parser": "patch_parser",
     "llamafactory.model.loader": "patch_loader",
+    "llamafactory.train.tuner": "patch_tuner",
 }
 
 

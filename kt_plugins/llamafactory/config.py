@@ -1,17 +1,26 @@
 """The `kt` keys of a LLaMA-Factory YAML: which ones exist, what they mean, how they are validated.
 
 LLaMA-Factory never sees these keys: the parser takeover (takeover.py) removes them first, so stock
-LLaMA-Factory runs its plain Hugging Face path and kt-plugins builds the model.
+LLaMA-Factory runs its plain Hugging Face path and kt-plugins builds the model. Every key is checked here,
+at parse time, with kt_core.settings: the error names the key as written in the YAML, the value and what
+it may be. A key that cannot take effect (a GPU budget without a GPU, full fine-tuning of frozen experts)
+is an error; one accepted for compatibility that does nothing says so in a one-line warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KT_KEYS", "KTSettings", "split_kt_args"]
+from kt_core import settings as checks
+
+__all__ = ["KT_KEYS", "KTSettings", "check_training_args", "split_kt_args"]
+
+logger = logging.getLogger("llamafactory.kt_plugins")  # under LLaMA-Factory's own log handlers
 
 # Keys of KTransformers' LLaMA-Factory integration that we honour or accept for compatibility.
 LEGACY_KEYS = (
@@ -34,18 +43,22 @@ class KTSettings:
         use_kt: route the routed experts to the CPU operator.
         kt_optimize_rule: placement rules: a rules/ path, a file relative to the YAML or the working
             directory, or a KTransformers name such as examples/kt_optimize_rules/Qwen3Moe-sft-amx.yaml.
-        cpu_infer: CPU threads of the experts operator (None: the CPUs this process may use).
-        chunk_size: tokens per CPU-experts call in long prefills.
+        cpu_infer: CPU threads of the experts operator (None: the CPUs this process may use). More than
+            those CPUs warns; more than 4x them runs one thread per CPU (kt_core.settings.cpu_threads).
+        chunk_size: a positive integer bounding the tokens of one CPU-experts call (and so its scratch
+            memory; same result); None, the default, gives each call the whole batch.
         kt_maxlen: default max_new_tokens for chat / api.
-        kt_use_cuda_graph: accepted for compatibility (the Hugging Face engine does not capture graphs).
-        kt_mode: "normal" (accepted for compatibility).
+        kt_use_cuda_graph: accepted for compatibility; true warns that the Hugging Face engine captures no
+            CUDA graphs.
+        kt_mode: "normal" (accepted for compatibility; another value warns that the normal mode runs).
         kt_force_think: start every answer with "<think>\\n".
         kt_kernel: CPU kernel ("auto", "avx512_bf16", ...; see kt_core.available_kernels()).
         kt_expert_lora: put LoRA on the routed experts when lora_target covers them ("all" does).
         kt_device: where the non-expert layers go ("cuda:0", "cpu", or a comma-separated list of GPUs).
         kt_gpu_memory_limit / kt_host_memory_limit: budgets for the memory plan ("70GiB").
         kt_gpu_memory_budget: when set ("10GiB"), each MoE layer is split between CPU compute and GPU
-            compute on PCIe-streamed expert weights within this much GPU memory (kt_core.enable_streaming).
+            compute on PCIe-streamed expert weights within this much GPU memory (kt_core.enable_streaming);
+            needs a CUDA GPU.
         kt_stream_quantize: None, or "int8" to halve the streamed bytes.
         kt_stream_keep_bytes: GPU bytes of a checkpointed layer's expert intermediates kept between its
             recomputation and its backward when streaming ("1GiB").
@@ -57,7 +70,7 @@ class KTSettings:
     use_kt: bool = False
     kt_optimize_rule: str | None = None
     cpu_infer: int | None = None
-    chunk_size: int = 8192
+    chunk_size: int | None = None
     kt_maxlen: int = 4096
     kt_use_cuda_graph: bool = False
     kt_mode: str = "normal"
@@ -83,23 +96,174 @@ class KTSettings:
             return str(self.config_dir / rule)
         return str(rule)  # the working directory, rules/, or a legacy name: kt_core.resolve_rule_file decides
 
+    def describe(self) -> str:
+        """What will run, for the takeover log line: the kernel `kt_kernel` resolves to, the real chunking."""
+        from kt_core.kernels import resolve_kernel
+
+        kernel = resolve_kernel(self.kt_kernel)
+        parts = [
+            f"kernel {kernel}" + (f" (kt_kernel: {self.kt_kernel})" if self.kt_kernel != kernel else ""),
+            f"chunk_size {self.chunk_size} tokens per CPU-experts call"
+            if self.chunk_size
+            else "no chunking (each CPU-experts call takes the whole batch)",
+            f"cpu_infer {self.cpu_infer}" if self.cpu_infer else "cpu_infer: the CPUs this process may use",
+            f"rules {self.resolve_rule()}" if self.kt_optimize_rule else "rules: the family's defaults",
+            f"expert LoRA {'on' if self.kt_expert_lora else 'off'}",
+        ]
+        if self.kt_device:
+            parts.append(f"device {self.kt_device}")
+        if self.kt_gpu_memory_budget is not None:
+            quantized = f", {self.kt_stream_quantize}" if self.kt_stream_quantize else ""
+            parts.append(f"expert streaming: GPU budget {self.kt_gpu_memory_budget}{quantized}")
+        return "; ".join(parts)
+
 
 KT_KEYS = tuple(f.name for f in dataclasses.fields(KTSettings) if f.name not in ("config_dir", "given"))
-_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-def _coerce(key: str, value: Any) -> Any:
-    field_type = {f.name: f.type for f in dataclasses.fields(KTSettings)}[key]
-    if "bool" in field_type and isinstance(value, str):
-        if value.lower() not in _BOOL:
-            raise ValueError(f"`{key}` must be true or false, got {value!r}")
-        return _BOOL[value.lower()]
-    if "int" in field_type and value is not None and not isinstance(value, bool):
+def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    return lambda key, value: None if value is None else check(key, value)
+
+
+def _text(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise checks.SettingError(f"{key}: got {value!r}, expected a non-empty string")
+    return value.strip()
+
+
+def _size_text(key: str, value: Any) -> str | int:
+    checks.parse_size(value, key)
+    return value  # kept as written ("10GiB"): kt_core reads it with the same parser, and the logs show it
+
+
+def _device_list(key: str, value: Any) -> str:
+    import torch
+
+    text = _text(key, value)
+    for part in text.split(","):
         try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"`{key}` must be an integer, got {value!r}") from None
-    return value
+            device = torch.device(part.strip())
+        except RuntimeError:
+            raise checks.SettingError(
+                f"{key}: got {value!r}, expected a device ('cuda:0', 'cpu') or a comma-separated list of GPUs"
+            ) from None
+        if device.type == "cuda":
+            checks.require_cuda(key, value, "the non-expert layers cannot go to a GPU")
+    return text
+
+
+def _kernel(key: str, value: Any) -> str:
+    from kt_core.kernels import resolve_kernel
+
+    name = _text(key, value)
+    try:
+        resolve_kernel(name)
+    except ValueError as exc:
+        raise checks.SettingError(f"{key}: {exc}") from None
+    return name
+
+
+def _kt_mode(key: str, value: Any) -> str:
+    mode = _text(key, value)
+    if mode != "normal":
+        logger.warning("%s: %r has no effect in kt-plugins; the normal mode runs", key, mode)
+    return mode
+
+
+def _cuda_graph(key: str, value: Any) -> bool:
+    on = checks.boolean(key, value)
+    if on:
+        logger.warning("%s: true has no effect: LLaMA-Factory's Hugging Face engine runs without CUDA graphs", key)
+    return on
+
+
+def _chunk_size(key: str, value: Any) -> int:
+    return checks.positive_int(key, value, what="tokens per CPU-experts call; leave it out for no chunking")
+
+
+def _loss_mode(key: str, value: Any) -> str:
+    from kt_core.loss import normalize_loss_mode  # YAML reads `off` as false: both mean "off"
+
+    return normalize_loss_mode(value, key=key)
+
+
+# Key -> check(key as written, value) -> the value to use. Every key of KTSettings has one.
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "use_kt": checks.boolean,
+    "kt_optimize_rule": _optional(_text),
+    "cpu_infer": checks.cpu_threads,
+    "chunk_size": _optional(_chunk_size),
+    "kt_maxlen": lambda key, value: checks.positive_int(key, value, what="default max_new_tokens"),
+    "kt_use_cuda_graph": _cuda_graph,
+    "kt_mode": _kt_mode,
+    "kt_force_think": checks.boolean,
+    "kt_kernel": _kernel,
+    "kt_expert_lora": checks.boolean,
+    "kt_device": _optional(_device_list),
+    "kt_gpu_memory_limit": _optional(_size_text),
+    "kt_host_memory_limit": _optional(_size_text),
+    "kt_gpu_memory_budget": _optional(_size_text),
+    "kt_stream_quantize": lambda key, value: checks.choice(key, value, (None, "int8")),
+    "kt_stream_keep_bytes": _size_text,
+    "kt_loss": _loss_mode,
+}
+
+
+def _check_values(found: dict[str, Any]) -> dict[str, Any]:
+    """Each key through its check, then the checks that span keys (only when use_kt is on)."""
+    use_kt = checks.boolean("use_kt", found.get("use_kt", False))
+    if not use_kt:
+        ignored = sorted(k for k in found if k != "use_kt")
+        if ignored:
+            logger.warning("kt-plugins keys %s have no effect without use_kt: true", ", ".join(ignored))
+        return {"use_kt": False}
+    values = {key: _CHECKS[key](key, value) if key in _CHECKS else value for key, value in found.items()}
+    budget = values.get("kt_gpu_memory_budget")
+    if budget is not None:
+        checks.require_cuda("kt_gpu_memory_budget", budget, "expert streaming computes on a CUDA GPU")
+        device = values.get("kt_device")
+        if device and not device.split(",")[0].strip().startswith("cuda"):
+            raise checks.SettingError(
+                f"kt_gpu_memory_budget: got {budget!r} with kt_device {device!r}; expert streaming computes on "
+                "the GPU the model runs on: set kt_device to a CUDA device or remove kt_gpu_memory_budget"
+            )
+    return values
+
+
+def check_rule_file(settings: KTSettings) -> None:
+    """Fails at parse time, naming `kt_optimize_rule`, when the rule file cannot be found.
+
+    Raises:
+        SettingError: with the paths tried.
+    """
+    if not settings.kt_optimize_rule:
+        return
+    from kt_core.placement import resolve_rule_file
+
+    try:
+        resolve_rule_file(settings.resolve_rule())
+    except FileNotFoundError as exc:
+        raise checks.SettingError(f"kt_optimize_rule: {exc}") from None
+
+
+def check_training_args(settings: KTSettings, finetuning_args, do_train: bool) -> None:
+    """Refuses LLaMA-Factory training arguments that would silently leave the experts untrained.
+
+    Args:
+        settings: the kt-plugins settings of the run.
+        finetuning_args: LLaMA-Factory's FinetuningArguments.
+        do_train: whether this run trains.
+
+    Raises:
+        SettingError: `finetuning_type` other than lora while training.
+    """
+    kind = getattr(finetuning_args, "finetuning_type", "lora")
+    if do_train and kind != "lora":
+        raise checks.SettingError(
+            f"finetuning_type: got {kind!r} with use_kt: true, expected 'lora': kt-plugins keeps the routed "
+            "experts' base weights frozen on the CPU operator (most of the model's weights), so they would not "
+            "train. Use finetuning_type: lora (lora_target: all puts LoRA on the experts too)."
+        )
 
 
 def _is_ours(key: str) -> bool:
@@ -115,7 +279,8 @@ def split_kt_args(
     settings, or None when `use_kt` is not set to true.
 
     Raises:
-        ValueError: an unknown `kt_` key (the message lists the known ones) or a badly typed value.
+        ValueError: an unknown `kt_` key (the message lists the known ones); a `SettingError` (a ValueError)
+            for a value a key cannot take, naming the key, the value and what it may be.
     """
     found: dict[str, Any] = {}
     if isinstance(args, dict):
@@ -135,10 +300,12 @@ def split_kt_args(
             f"unknown kt-plugins key(s) {', '.join(unknown)} in the LLaMA-Factory arguments; known keys: "
             + ", ".join(KT_KEYS)
         )
-    values = {k: _coerce(k, v) for k, v in found.items()}
+    values = _check_values(found)
     if not values.get("use_kt"):
         return cleaned, None
-    return cleaned, KTSettings(**values, config_dir=config_dir, given=frozenset(values))
+    settings = KTSettings(**values, config_dir=config_dir, given=frozenset(values))
+    check_rule_file(settings)
+    return cleaned, settings
 
 
 def _split_cli(argv: list[str]) -> tuple[list[str], dict[str, Any]]:

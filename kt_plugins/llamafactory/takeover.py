@@ -5,6 +5,9 @@
   LLaMA-Factory therefore never sees `use_kt: true` and runs its plain Hugging Face path: its trainer,
   stock PEFT, chat / api / webchat engine and export all stay LLaMA-Factory's.
 - `llamafactory.model.loader`: `load_model` builds the model through kt_core when the settings ask for it.
+- `llamafactory.train.tuner`: `_training_function` gets one more Trainer callback, which adds
+  `kt_tokens_per_s` and `kt_cpu_expert_share` to the training logs of a model with CPU experts (and does
+  nothing for any other model).
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import os
 import sys
 from pathlib import Path
 
-from kt_plugins.llamafactory.config import split_kt_args
+from kt_plugins.llamafactory.config import check_training_args, split_kt_args
 
-__all__ = ["TESTED_VERSIONS", "check_version", "patch_loader", "patch_parser"]
+__all__ = ["TESTED_VERSIONS", "check_version", "patch_loader", "patch_parser", "patch_tuner"]
 
 logger = logging.getLogger("llamafactory.kt_plugins")  # under LLaMA-Factory's own log handlers
 
@@ -70,12 +73,26 @@ def _wrap_parse(parser_module, original):
         if settings is not None:
             version = check_version()
             _check_local_checkpoint(parsed[0].model_name_or_path)
-            logger.info("kt-plugins takes over use_kt (LLaMA-Factory %s): %s", version, settings)
+            _check_training(parsed, settings)
+            logger.info("kt-plugins takes over use_kt (LLaMA-Factory %s): %s", version, settings.describe())
             setattr(parsed[0], SETTINGS_ATTR, settings)  # parsed[0] is ModelArguments
             _apply_generation_settings(parsed, settings)
         return parsed
 
     return parse
+
+
+def _check_training(parsed, settings) -> None:
+    """finetuning_type against what use_kt can train (the parsed tuple holds LLaMA-Factory's dataclasses)."""
+    finetuning = next((a for a in parsed if hasattr(a, "finetuning_type")), None)
+    do_train = any(getattr(a, "do_train", False) for a in parsed)
+    if finetuning is not None:
+        check_training_args(settings, finetuning, do_train)
+    resume = next((a.resume_from_checkpoint for a in parsed if getattr(a, "resume_from_checkpoint", None)), None)
+    if do_train and isinstance(resume, str):  # given, or the newest checkpoint-N LLaMA-Factory picked itself
+        from kt_core.loading import check_training_checkpoint
+
+        check_training_checkpoint(resume)
 
 
 def _check_local_checkpoint(path: str) -> None:
@@ -116,3 +133,59 @@ def patch_loader(loader_module) -> None:
 
     loader_module.load_model = load_model
     loader_module._kt_patched = True
+
+
+def patch_tuner(tuner_module) -> None:
+    """Wraps llamafactory.train.tuner._training_function to add the expert-time log callback (idempotent)."""
+    if getattr(tuner_module, "_kt_patched", False):
+        return
+    original = tuner_module._training_function
+
+    @functools.wraps(original)
+    def _training_function(config):
+        callbacks = config.get("callbacks")
+        if callbacks is None:
+            callbacks = config["callbacks"] = []
+        callbacks.insert(0, _expert_time_callback())  # first: LLaMA-Factory's own loggers see the figures
+        return original(config)
+
+    tuner_module._training_function = _training_function
+    tuner_module._kt_patched = True
+
+
+def _expert_time_callback():
+    """A Trainer callback logging kt_tokens_per_s and kt_cpu_expert_share (kt_core.runtime.expert_time)."""
+    from transformers import TrainerCallback
+
+    from kt_core.experts import KTExperts
+    from kt_core.runtime.expert_time import ExpertTimer
+
+    class KTExpertTimeCallback(TrainerCallback):
+        timer: ExpertTimer | None = None
+
+        def on_init_end(self, args, state, control, model=None, **kwargs):
+            if model is not None and any(isinstance(m, KTExperts) for m in model.modules()):
+                self.timer = ExpertTimer(model)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if self.timer is not None:
+                self.timer.start_steps()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.timer is not None:
+                self.timer.end_step()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            speed = self.timer.report() if self.timer is not None and logs is not None else None
+            if speed is None:
+                return
+            logs.update(speed)  # the progress printer runs after this callback
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(speed)  # the Trainer copied `logs` there already
+            logger.info("kt-plugins: %s", ", ".join(f"{k}={v}" for k, v in speed.items()))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.timer is not None:
+                self.timer.stop_steps()
+
+    return KTExpertTimeCallback()

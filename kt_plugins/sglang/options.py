@@ -6,7 +6,10 @@ variable, `KT_SGLANG_EXPERTS`, set in the launching process before any scheduler
 inherits it and reads it back when it builds the model. Setting the variable by hand does the same for
 `sglang.Engine(...)`, which has no command line.
 
-This module imports neither torch nor sglang: it runs in every SGLang process, for `--help` too.
+The options are checked where they enter, in the launching process before any scheduler is spawned
+(kt_core.settings; a JSON file of expert ids is read and checked there too), and the errors name the flag.
+This module imports neither torch nor sglang: it runs in every SGLang process, for `--help` too; the
+checks import kt_core (and so torch) only once `--kt-experts` is given.
 """
 
 from __future__ import annotations
@@ -102,13 +105,21 @@ class KTExpertsOptions:
     lora_path: str | None = None
 
     def __post_init__(self):
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ValueError(f"--kt-experts-cpu-threads must be >= 1, got {self.cpu_threads}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"--kt-experts-chunk-size must be >= 1, got {self.chunk_size}")
+        from kt_core import settings as checks
+
+        # Frozen: the checked values (a thread count capped at 4x the CPUs) are set through object.__setattr__.
+        object.__setattr__(self, "cpu_threads", checks.cpu_threads("--kt-experts-cpu-threads", self.cpu_threads))
+        if self.chunk_size is not None:
+            chunk = checks.positive_int("--kt-experts-chunk-size", self.chunk_size, what="tokens per CPU kernel call")
+            object.__setattr__(self, "chunk_size", chunk)
+        if not isinstance(self.kernel, str) or not self.kernel:
+            raise checks.SettingError(f"--kt-experts-kernel: got {self.kernel!r}, expected 'auto' or a kernel name")
         _parse_count_or_ratio(self.gpu_experts)
-        if self.gpu_expert_ids is not None and not Path(self.gpu_expert_ids).is_file():
-            _parse_ids(self.gpu_expert_ids, "--kt-experts-gpu-expert-ids")
+        if self.gpu_expert_ids is not None:
+            if Path(self.gpu_expert_ids).is_file():
+                _read_id_file(self.gpu_expert_ids)
+            else:
+                _parse_ids(self.gpu_expert_ids, "--kt-experts-gpu-expert-ids")
         if self.lora_path is not None and not Path(self.lora_path).is_dir():
             raise ValueError(f"--kt-experts-lora: {self.lora_path!r} is not a directory (expected a PEFT adapter)")
 
@@ -121,10 +132,8 @@ class KTExpertsOptions:
         """
         if self.gpu_expert_ids is not None:
             if Path(self.gpu_expert_ids).is_file():
-                with open(self.gpu_expert_ids) as f:
-                    per_layer = json.load(f)
-                ids = per_layer.get(str(layer_idx), [])
-                where = f"{self.gpu_expert_ids} (layer {layer_idx})"
+                ids = _read_id_file(self.gpu_expert_ids).get(layer_idx, [])
+                where = f"--kt-experts-gpu-expert-ids {self.gpu_expert_ids} (layer {layer_idx})"
             else:
                 ids, where = (
                     _parse_ids(self.gpu_expert_ids, "--kt-experts-gpu-expert-ids"),
@@ -178,6 +187,33 @@ def _parse_count_or_ratio(spec: str) -> tuple[int | None, float | None]:
     return None, ratio
 
 
+def _read_id_file(path: str) -> dict[int, list[int]]:
+    """{layer: [expert ids]} from a JSON file of the form {"0": [3, 17], "1": [5]}.
+
+    Raises:
+        ValueError: naming the flag and the file: unreadable, not JSON, or not that shape.
+    """
+    where = f"--kt-experts-gpu-expert-ids {path}"
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{where}: cannot read the file ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f'{where}: not valid JSON ({exc}); expected {{"layer": [expert ids]}}') from None
+    if not isinstance(data, dict):
+        raise ValueError(f'{where}: expected a JSON object {{"layer": [expert ids]}}, got {type(data).__name__}')
+    per_layer: dict[int, list[int]] = {}
+    for layer, ids in data.items():
+        if not str(layer).strip().isdigit():
+            raise ValueError(f'{where}: key {layer!r} is not a layer index (expected "0", "1", ...)')
+        good = isinstance(ids, list) and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids)
+        if not good:
+            raise ValueError(f"{where}: layer {layer}: expected a list of expert ids (integers >= 0), got {ids!r}")
+        per_layer[int(layer)] = ids
+    return per_layer
+
+
 def _parse_ids(text: str, flag: str) -> list[int]:
     try:
         return [int(tok) for tok in text.split(",") if tok.strip()]
@@ -200,18 +236,18 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Turn the CPU experts backend on (needs --disable-cuda-graph for now).",
     )
-    defaults = KTExpertsOptions()
+    defaults = {f.name: f.default for f in fields(KTExpertsOptions)}  # no instance: `--help` checks nothing
     for flag, (field, kwargs) in _FLAGS.items():
         if flag not in taken:
-            group.add_argument(flag, dest=f"kt_experts_{field}", default=getattr(defaults, field), **kwargs)
+            group.add_argument(flag, dest=f"kt_experts_{field}", default=defaults[field], **kwargs)
 
 
 def options_from_args(args: argparse.Namespace) -> KTExpertsOptions | None:
     """Returns the options when `--kt-experts` was given, else None."""
     if not getattr(args, "kt_experts", False):
         return None
-    defaults = KTExpertsOptions()
-    values = {field: getattr(args, f"kt_experts_{field}", getattr(defaults, field)) for field, _ in _FLAGS.values()}
+    defaults = {f.name: f.default for f in fields(KTExpertsOptions)}
+    values = {field: getattr(args, f"kt_experts_{field}", defaults[field]) for field, _ in _FLAGS.values()}
     return KTExpertsOptions(**values)
 
 
