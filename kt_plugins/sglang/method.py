@@ -1,9 +1,10 @@
 """KTExpertsMethod: SGLang's FusedMoE method with the routed experts on the CPU (kt_core.KTExperts).
 
 One layer's experts are split by id: the GPU ones (the first N, or a chosen set) keep SGLang's own method
-(`gpu_method`, over a compact [N_gpu, ...] weight tensor); the rest live in host memory in a KTExperts of
-[E_cpu, ...]. Both halves read the same routing: each sees the other's slots as -1 (our operator and
-SGLang's CUDA kernels skip them), and their outputs are summed.
+(`gpu_method`, over a compact [N_gpu, ...] weight tensor); the rest live in host memory in a KTExperts that
+holds only them (`expert_ids`: no host copy of the GPU experts). The split runs in the layer, as in training:
+SGLang's GPU method is attached to the KTExperts as its GPU share (`SGLangGpuShare`), the layer stages the
+routing to the host, runs the CPU experts and adds both sides (kt_core/experts/bridge.py).
 
 Weights come from the checkpoint SGLang loads (--model-path), with no conversion: the weight_loader that
 FusedMoE hands to `create_weights` is wrapped; GPU experts go on to SGLang's loader under their compact
@@ -24,7 +25,7 @@ from sglang.srt.layers.moe.kt_ep_wrapper import KTEPWrapperMethod
 from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 
 from kt_core import KTExperts
-from kt_core.runtime.staging import to_device
+from kt_core.experts.share import run_now
 from kt_plugins.sglang.options import KTExpertsOptions
 
 __all__ = ["CUDA_GRAPH_MESSAGE", "KTExpertsLayerConfig", "KTExpertsMethod"]
@@ -76,7 +77,7 @@ class KTExpertsMethod(KTEPWrapperMethod):
         self.cpu_experts: KTExperts | None = None
         self.gpu_ids: list[int] = []
         self.cpu_ids: list[int] = []
-        self._index_cache: dict = {}
+        self.gpu_share: SGLangGpuShare | None = None
         self._pending: set | None = None
 
     # ---- weights -------------------------------------------------------------------------------------
@@ -112,11 +113,9 @@ class KTExpertsMethod(KTEPWrapperMethod):
         self.gpu_ids = self.options.gpu_expert_list(self.kt_config.layer_idx, E)
         gpu_set = set(self.gpu_ids)
         self.cpu_ids = [e for e in range(E) if e not in gpu_set]
-        gpu_index = torch.full((E,), -1, dtype=torch.int64)  # [E] logical id -> row of the GPU weights
-        cpu_index = torch.full((E,), -1, dtype=torch.int64)  # [E] logical id -> row of the CPU store
+        gpu_index = torch.full((E,), -1, dtype=torch.int64)  # [E] logical id -> row of SGLang's GPU weights
         gpu_index[self.gpu_ids] = torch.arange(len(self.gpu_ids))
-        cpu_index[self.cpu_ids] = torch.arange(len(self.cpu_ids))
-        self._gpu_index, self._cpu_index = gpu_index, cpu_index
+        self._gpu_index = gpu_index
         self.global_num_experts = E
         self.num_gpu_experts = len(self.gpu_ids)
         self.gpu_method.num_gpu_experts = self.num_gpu_experts
@@ -135,15 +134,21 @@ class KTExpertsMethod(KTEPWrapperMethod):
             return
         intermediate_full = intermediate_size_per_partition * getattr(layer, "moe_tp_size", 1)
         dtype = params_dtype if params_dtype in (torch.float32, torch.bfloat16) else torch.bfloat16
-        self.cpu_experts = KTExperts(
-            len(self.cpu_ids),
-            hidden_size,
-            intermediate_full,
-            dtype=dtype,
-            kernel=self.options.kernel,
-            cpu_infer=self.options.cpu_threads,
-        )
-        self.cpu_experts.chunk_size = self.options.chunk_size
+        with torch.device("cpu"):  # SGLang builds the model under a device context: the CPU experts stay in RAM
+            self.cpu_experts = KTExperts(
+                len(self.cpu_ids),
+                hidden_size,
+                intermediate_full,
+                dtype=dtype,
+                kernel=self.options.kernel,
+                cpu_infer=self.options.cpu_threads,
+                chunk_size=self.options.chunk_size,
+                expert_ids=self.cpu_ids,
+                total_experts=E,
+            )
+        if self.gpu_ids:
+            self.gpu_share = SGLangGpuShare(self)
+            self.cpu_experts.attach_gpu_share(self.gpu_share)
         self._pending = {(e, s) for e in self.cpu_ids for s in _SHARDS}
 
     def _wrap_weight_loader(self, sglang_loader, num_experts: int):
@@ -168,7 +173,7 @@ class KTExpertsMethod(KTEPWrapperMethod):
             )
         if self.cpu_experts is None:
             return  # TP rank > 0: rank 0 computes the CPU experts
-        self.cpu_experts.load_expert_(int(self._cpu_index[expert]), **{_SHARDS[shard_id]: loaded_weight})
+        self.cpu_experts.load_expert_(int(self.cpu_experts.host_rows[expert]), **{_SHARDS[shard_id]: loaded_weight})
         self._pending.discard((expert, shard_id))
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -225,65 +230,82 @@ class KTExpertsMethod(KTEPWrapperMethod):
                 f"--kt-experts: routing output {type(topk_output).__name__} is not supported; use the default "
                 "--moe-runner-backend"
             )
+        if self.cpu_experts is None:  # no CPU experts on this rank: SGLang's method alone
+            if self.num_gpu_experts == 0:
+                return StandardCombineInput(hidden_states=torch.zeros_like(x))
+            return StandardCombineInput(hidden_states=self._gpu_apply(layer, dispatch_output))
         ids, weights = topk_output.topk_ids, topk_output.topk_weights  # [T, K], [T, K]
+        cpu_dtype = self.cpu_experts.gate_up_proj.dtype
+        x_in = x if x.dtype in (torch.float32, torch.bfloat16) else x.to(cpu_dtype)  # the operator's dtypes
+        if self.gpu_share is not None:
+            self.gpu_share.current = (layer, dispatch_output)
+        try:
+            out = self.cpu_experts(x_in, ids, weights)  # [T, H]: the CPU experts, plus the GPU share's
+        finally:
+            if self.gpu_share is not None:
+                self.gpu_share.current = None
+        return StandardCombineInput(hidden_states=out.to(x.dtype))
 
-        # Stage the CPU half's inputs first (non-blocking copies, ordered before the GPU half's kernels),
-        # so that the CPU computes while the GPU runs its experts.
-        staged = self._stage_cpu_inputs(x, ids, weights) if self.cpu_experts is not None else None
-        out = None
-        if self.num_gpu_experts > 0:
-            gpu_ids, gpu_weights = self._gpu_routing(ids, weights)
-            masked = dispatch_output._replace(
-                topk_output=topk_output._replace(topk_ids=gpu_ids, topk_weights=gpu_weights)
-            )
-            out = self.gpu_method.apply(layer, masked).hidden_states  # [T, H]
-        if staged is not None:
-            ready, x_host, ids_host, w_host = staged
-            if ready is not None:
-                ready.synchronize()
-            y = self.cpu_experts(x_host, ids_host, w_host)  # [T, H] in host memory
-            y = to_device(y.to(x.dtype), x.device)
-            out = y if out is None else out + y
-        if out is None:
-            out = torch.zeros_like(x)
-        return StandardCombineInput(hidden_states=out)
-
-    def _index(self, which: str, device: torch.device) -> torch.Tensor:
-        key = (which, device)
-        if key not in self._index_cache:
-            self._index_cache[key] = getattr(self, f"_{which}_index").to(device)
-        return self._index_cache[key]
-
-    def _gpu_routing(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gpu_apply(self, layer, dispatch_output) -> torch.Tensor:
+        """SGLang's method over the GPU experts only (the other slots masked), [T, H] in x's dtype."""
+        topk_output = dispatch_output.topk_output
+        ids, weights = topk_output.topk_ids, topk_output.topk_weights
         valid = ids >= 0
-        rows = self._index("gpu", ids.device)[ids.long().clamp(min=0)]  # [T, K], -1 for CPU experts
+        rows = self._gpu_index_on(ids.device)[ids.long().clamp(min=0)]  # [T, K], -1 for CPU experts
         rows = torch.where(valid, rows, -1)
         if ids.is_cuda:
-            return rows.to(ids.dtype), weights
-        return _fill_skipped_slots(rows, weights, self.num_gpu_experts, ids.dtype)
+            rows = rows.to(ids.dtype)
+        else:
+            rows, weights = _fill_skipped_slots(rows, weights, self.num_gpu_experts, ids.dtype)
+        masked = dispatch_output._replace(topk_output=topk_output._replace(topk_ids=rows, topk_weights=weights))
+        return self.gpu_method.apply(layer, masked).hidden_states
 
-    def _stage_cpu_inputs(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
-        rows = self._index("cpu", ids.device)[ids.long().clamp(min=0)]  # [T, K], -1 for GPU experts
-        rows = torch.where(ids >= 0, rows, -1)
-        w = weights.float()
-        if x.dtype not in (torch.float32, torch.bfloat16):
-            x = x.to(self.cpu_experts.gate_up_proj.dtype)
-        if x.device.type == "cpu":
-            return None, x.contiguous(), rows.contiguous(), w.contiguous()
-        host = []
-        for t in (x, rows, w):
-            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            buf.copy_(t, non_blocking=True)
-            host.append(buf)
-        ready = torch.cuda.Event()
-        ready.record()
-        return ready, *host
+    def _gpu_index_on(self, device: torch.device) -> torch.Tensor:
+        if self._gpu_index.device != device:
+            self._gpu_index = self._gpu_index.to(device)
+        return self._gpu_index
 
     def __repr__(self) -> str:
         return (
             f"KTExpertsMethod(layer={self.kt_config.layer_idx}, gpu_experts={self.num_gpu_experts}, "
             f"cpu_experts={len(self.cpu_ids)}, kernel={getattr(self.cpu_experts, 'kernel', None)})"
         )
+
+
+class SGLangGpuShare:
+    """The GPU share of a `--kt-experts` layer: SGLang's own method over the GPU experts (serving only)."""
+
+    def __init__(self, method: KTExpertsMethod):
+        self.method = method
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.current = None  # (layer, dispatch_output) of the call in progress, set by KTExpertsMethod.apply
+
+    def begin(self, ids: torch.Tensor, phase: str) -> SGLangGpuShare:
+        if phase != "fwd":
+            raise NotImplementedError("--kt-experts: SGLang's GPU experts serve; they have no backward")
+        self.device = ids.device
+        return self
+
+    # The GpuCall of every call: a fixed set of GPU experts, routed on the device by SGLang's method.
+    covers_all = False
+    weight_sets = None
+
+    @property
+    def experts(self) -> list[int]:
+        return self.method.gpu_ids
+
+    def forward(self, x, ids, w, parts, lora_dev, *, keep: bool) -> torch.Tensor:
+        layer, dispatch_output = self.current
+        return self.method._gpu_apply(layer, dispatch_output).float()
+
+    def backward(self, *args):
+        raise NotImplementedError("--kt-experts: SGLang's GPU experts serve; they have no backward")
+
+    def submit_cpu(self, fn, *, slots: int):
+        return run_now(fn)
+
+    def end(self) -> None:
+        pass
 
 
 def _tp_rank() -> int:
