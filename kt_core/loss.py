@@ -80,7 +80,8 @@ def _library(name: str):
     try:
         version = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
-        return f"{dist} is not installed (pip install 'kt-plugins[loss]')"
+        extra = "kt-plugins[loss]" if name == "liger" else f"{dist}>={low},<{high}"
+        return f"{dist} is not installed (pip install '{extra}')"
     from packaging.version import Version
 
     if not Version(low) <= Version(version) < Version(high):

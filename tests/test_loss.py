@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
@@ -72,6 +73,18 @@ def test_bf16_matches_transformers(family):
     ours = _step(model, ids, mask, labels)
     # The logits are rounded to bf16 exactly as lm_head rounds them; the lm_head weight gradient is summed
     # over chunks in fp32 instead of in one bf16 GEMM.
+    _assert_same_step(ours, ref, rtol=2e-2, atol=2e-3)
+
+
+def test_autocast_matches_transformers():
+    """fp32 weights under bf16 autocast (the Trainer's `bf16: true` on an fp32 model): lm_head runs in bf16."""
+    model = build_tiny_model("deepseek_v3").train()
+    ids, mask, labels = _batch(seq=24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _step(model, ids, mask, labels)
+        enable_efficient_loss(model, "chunked", chunk_tokens=7)
+        ours = _step(model, ids, mask, labels)
+    assert all(g.dtype == torch.float32 for g in ours[2].values())
     _assert_same_step(ours, ref, rtol=2e-2, atol=2e-3)
 
 
@@ -231,7 +244,7 @@ def test_library_modes_name_what_is_missing(mode):
     try:
         attached = enable_efficient_loss(model, mode)
     except RuntimeError as error:  # not installed / outside the tested range: the message says which
-        assert "kt-plugins[loss]" in str(error) or "tested range" in str(error) or "failed to import" in str(error)
+        assert any(words in str(error) for words in ("pip install", "tested range", "failed to import"))
     else:
         ids, _, labels = _batch()
         with pytest.raises(RuntimeError, match="needs CUDA tensors"):
@@ -249,3 +262,90 @@ def test_liger_patched_forward_is_left_alone(monkeypatch):
     lce_forward.__module__ = "liger_kernel.transformers.model.qwen3_moe"
     monkeypatch.setattr(type(model), "forward", lce_forward)
     assert enable_efficient_loss(model, "auto") is None and "_loss_function" not in model.__dict__
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+def test_backends_on_cuda_against_transformers():
+    """bf16 at DeepSeek-V2-Lite's head (H 2048, V 102,400), 4 x 2048 tokens, a quarter unlabelled: value and
+    gradient errors against an fp32 computation, next to transformers' own bf16 error; peak memory and time
+    of forward + backward. Prints the table."""
+    from kt_core.loss import LIBRARIES, _library
+
+    b, s, h, v = 4, 2048, 2048, 102400
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden0 = torch.randn(b, s, h, device="cuda", generator=g).bfloat16()  # [B, S, H]
+    weight0 = (torch.randn(v, h, device="cuda", generator=g) * h**-0.5).bfloat16()  # [V, H]
+    labels = torch.randint(0, v, (b, s), device="cuda", generator=g)
+    labels[:, : s // 4] = -100
+    num_items = (labels[:, 1:] != -100).sum()
+
+    def run(loss_fn, dtype=torch.bfloat16, repeats=2):
+        for _ in range(repeats):  # the first call compiles / autotunes the Triton kernels
+            hidden = hidden0.to(dtype).requires_grad_()
+            weight = weight0.to(dtype).requires_grad_()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            loss = loss_fn(hidden, weight)
+            loss.backward()
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated() - base
+        return loss.detach(), hidden.grad, weight.grad, peak, seconds
+
+    def stock(hidden, weight):
+        return ForCausalLMLoss(torch.nn.functional.linear(hidden, weight), labels, v, num_items_in_batch=num_items)
+
+    exact = run(stock, torch.float32, repeats=1)
+    rows = {"transformers": run(stock)}
+    for backend in ("liger", "cce", "chunked"):
+        found = _library(backend) if backend in LIBRARIES else None
+        if isinstance(found, str):
+            rows[backend] = found
+            continue
+        rows[backend] = run(
+            lambda hidden, weight, backend=backend: causal_lm_loss(
+                hidden, weight, labels, num_items_in_batch=num_items, backend=backend
+            )
+        )
+    errors = {}
+    print(f"\nbf16, {b} x {s} tokens, H {h}, V {v}; errors relative to fp32")
+    print(f"{'backend':<14}{'loss err':>10}{'dh err':>10}{'dW err':>10}{'peak GiB':>10}{'ms':>9}")
+    for name, row in rows.items():
+        if isinstance(row, str):
+            print(f"{name:<14}not run: {row}")
+            continue
+        errors[name] = [_rel(row[i], exact[i]) for i in range(3)]
+        print(
+            f"{name:<14}"
+            + "".join(f"{e:>10.2e}" for e in errors[name])
+            + f"{row[3] / 2**30:>10.2f}{row[4] * 1e3:>9.1f}"
+        )
+    stock_errors, stock_peak = errors["transformers"], rows["transformers"][3]
+    for name in errors.keys() - {"transformers"}:
+        for err, ref, what in zip(errors[name], stock_errors, ("loss", "dh", "dW"), strict=True):
+            assert err <= max(2 * ref, 1e-3), f"{name}: {what} error {err:.2e} vs transformers' {ref:.2e}"
+        assert rows[name][3] < stock_peak / 2, f"{name}: peak {rows[name][3]} vs transformers' {stock_peak}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["auto", "liger", "cce", "chunked"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_on_cuda_matches_transformers(family, mode):
+    from kt_core.loss import LIBRARIES, _library
+
+    if mode in LIBRARIES and isinstance(_library(mode), str):
+        pytest.skip(_library(mode))
+    model = build_tiny_model(family, dtype=torch.bfloat16).cuda().train()
+    ids, mask, labels = (t.cuda() for t in _batch(seq=24))
+    ref = _step(model, ids, mask, labels, num_items_in_batch=torch.tensor(40, device="cuda"))
+    attached = enable_efficient_loss(model, mode)
+    ours = _step(model, ids, mask, labels, num_items_in_batch=torch.tensor(40, device="cuda"))
+    print(f"{family} {mode}: {attached.last_backend}")
+    assert ours[1] is None and attached.last_backend == (attached.backend if mode == "auto" else mode)
+    _assert_same_step(ours, ref, rtol=2e-2, atol=2e-3)
