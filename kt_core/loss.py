@@ -43,6 +43,7 @@ __all__ = [
     "chunked_linear_cross_entropy",
     "disable_efficient_loss",
     "enable_efficient_loss",
+    "loss_workspace_bytes",
     "normalize_loss_mode",
 ]
 
@@ -244,6 +245,46 @@ def causal_lm_loss(
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def loss_workspace_bytes(
+    tokens: int,
+    vocab_size: int,
+    hidden_size: int,
+    *,
+    backend: str = "chunked",
+    dtype: torch.dtype = torch.bfloat16,
+    lm_head_trainable: bool = False,
+    chunk_tokens: int | None = None,
+) -> int:
+    """Peak GPU bytes the loss of one training step allocates over its forward and backward, for the memory plan.
+
+    Counts what the loss creates on top of its inputs (the hidden states and lm_head's weight): logits or
+    their chunks, the hidden-state gradient, and lm_head's weight gradient when it is trained. An upper
+    bound by construction of each path; tests/test_loss.py's CUDA test prints it next to the measured peak.
+
+    Args:
+        tokens: tokens per micro-batch (batch x sequence); vocab_size, hidden_size: lm_head's shape.
+        backend: "off" (transformers' loss), "chunked", "liger" or "cce" (EfficientLoss.backend).
+        dtype: the compute dtype of lm_head.
+        lm_head_trainable: whether lm_head's weight gets a gradient (False under LoRA).
+        chunk_tokens: the chunked backend's chunk (None: its default).
+    """
+    n, v, h, d = tokens, vocab_size, hidden_size, torch.tensor([], dtype=dtype).element_size()
+    weight_grad = (4 + 2 * d) * v * h if lm_head_trainable else 0  # fp32 accumulator, a chunk's product, the cast
+    if backend == "off":  # logits, their fp32 copy, the saved log-softmax, then its gradient and the input's
+        return (12 + d) * n * v + d * n * h + (d * v * h if lm_head_trainable else 0)
+    if backend == "cce":  # blockwise in registers: the two input gradients and an fp32 log-sum-exp per token
+        return 2 * d * n * h + 8 * n + weight_grad
+    if backend == "liger":  # liger's chunk: next power of 2 of tokens / ceil(V / H)
+        chunk = 1 << max(0, (-(-n // -(-v // h)) - 1).bit_length())
+    elif backend == "chunked":
+        chunk = chunk_tokens or max(1, CHUNK_LOGITS_BYTES // (4 * v))
+    else:
+        raise ValueError(f"`backend` must be one of off, chunked, liger, cce, got {backend!r}")
+    # a chunk's logits (compute dtype, fp32, and their gradient), the per-token log-sum-exp, the gathered
+    # hidden rows with their gradient and its scatter back
+    return (4 + 2 * d) * min(chunk, n) * v + 4 * n + 3 * d * n * h + weight_grad
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:

@@ -14,6 +14,7 @@ from kt_core.loss import (
     causal_lm_loss,
     disable_efficient_loss,
     enable_efficient_loss,
+    loss_workspace_bytes,
     normalize_loss_mode,
 )
 from tests.tiny_models import build_tiny_model
@@ -264,6 +265,20 @@ def test_liger_patched_forward_is_left_alone(monkeypatch):
     assert enable_efficient_loss(model, "auto") is None and "_loss_function" not in model.__dict__
 
 
+def test_loss_workspace_for_the_memory_plan():
+    tokens, vocab, hidden = 16 * 2048, 102400, 2048  # the DeepSeek-V2-Lite batch
+    stock = loss_workspace_bytes(tokens, vocab, hidden, backend="off")
+    assert 40 * 2**30 < stock < 48 * 2**30  # logits, their fp32 copy and gradients: ~40 GiB
+    for backend in ("chunked", "liger", "cce"):
+        frozen = loss_workspace_bytes(tokens, vocab, hidden, backend=backend)
+        trained = loss_workspace_bytes(tokens, vocab, hidden, backend=backend, lm_head_trainable=True)
+        assert frozen < trained < 3 * 2**30 < stock / 10
+    smaller = loss_workspace_bytes(tokens, vocab, hidden, backend="chunked", chunk_tokens=64)
+    assert smaller < loss_workspace_bytes(tokens, vocab, hidden, backend="chunked")
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        loss_workspace_bytes(tokens, vocab, hidden, backend="fused")
+
+
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
 
@@ -315,17 +330,22 @@ def test_backends_on_cuda_against_transformers():
         )
     errors = {}
     print(f"\nbf16, {b} x {s} tokens, H {h}, V {v}; errors relative to fp32")
-    print(f"{'backend':<14}{'loss err':>10}{'dh err':>10}{'dW err':>10}{'peak GiB':>10}{'ms':>9}")
+    print(f"{'backend':<14}{'loss err':>10}{'dh err':>10}{'dW err':>10}{'peak GiB':>10}{'plan GiB':>10}{'ms':>9}")
     for name, row in rows.items():
         if isinstance(row, str):
             print(f"{name:<14}not run: {row}")
             continue
         errors[name] = [_rel(row[i], exact[i]) for i in range(3)]
+        plan = loss_workspace_bytes(
+            b * s, v, h, backend="off" if name == "transformers" else name, lm_head_trainable=True
+        )
         print(
             f"{name:<14}"
             + "".join(f"{e:>10.2e}" for e in errors[name])
-            + f"{row[3] / 2**30:>10.2f}{row[4] * 1e3:>9.1f}"
+            + f"{row[3] / 2**30:>10.2f}{plan / 2**30:>10.2f}{row[4] * 1e3:>9.1f}"
         )
+        if name in ("transformers", "chunked"):  # the paths whose every allocation we know
+            assert row[3] <= plan, f"{name}: measured peak {row[3]} above the memory plan's {plan}"
     stock_errors, stock_peak = errors["transformers"], rows["transformers"][3]
     for name in errors.keys() - {"transformers"}:
         for err, ref, what in zip(errors[name], stock_errors, ("loss", "dh", "dW"), strict=True):
