@@ -5,9 +5,9 @@
   LLaMA-Factory therefore never sees `use_kt: true` and runs its plain Hugging Face path: its trainer,
   stock PEFT, chat / api / webchat engine and export all stay LLaMA-Factory's.
 - `llamafactory.model.loader`: `load_model` builds the model through kt_core when the settings ask for it.
-- `llamafactory.train.tuner`: `_training_function` gets one more Trainer callback, which adds
-  `kt_tokens_per_s` and `kt_cpu_expert_share` to the training logs of a model with CPU experts (and does
-  nothing for any other model).
+- `llamafactory.train.tuner`: `_training_function` gets one more Trainer callback, which, for a model with
+  CPU experts (and for no other), checks the checkpoint the run resumes from and adds `kt_tokens_per_s` and
+  `kt_cpu_expert_share` to the training logs.
 """
 
 from __future__ import annotations
@@ -88,11 +88,6 @@ def _check_training(parsed, settings) -> None:
     do_train = any(getattr(a, "do_train", False) for a in parsed)
     if finetuning is not None:
         check_training_args(settings, finetuning, do_train)
-    resume = next((a.resume_from_checkpoint for a in parsed if getattr(a, "resume_from_checkpoint", None)), None)
-    if do_train and isinstance(resume, str):  # given, or the newest checkpoint-N LLaMA-Factory picked itself
-        from kt_core.loading import check_training_checkpoint
-
-        check_training_checkpoint(resume)
 
 
 def _check_local_checkpoint(path: str) -> None:
@@ -136,7 +131,7 @@ def patch_loader(loader_module) -> None:
 
 
 def patch_tuner(tuner_module) -> None:
-    """Wraps llamafactory.train.tuner._training_function to add the expert-time log callback (idempotent)."""
+    """Wraps llamafactory.train.tuner._training_function to add our Trainer callback (idempotent)."""
     if getattr(tuner_module, "_kt_patched", False):
         return
     original = tuner_module._training_function
@@ -146,26 +141,32 @@ def patch_tuner(tuner_module) -> None:
         callbacks = config.get("callbacks")
         if callbacks is None:
             callbacks = config["callbacks"] = []
-        callbacks.insert(0, _expert_time_callback())  # first: LLaMA-Factory's own loggers see the figures
+        callbacks.insert(0, _training_callback())  # first: LLaMA-Factory's own loggers see the figures
         return original(config)
 
     tuner_module._training_function = _training_function
     tuner_module._kt_patched = True
 
 
-def _expert_time_callback():
-    """A Trainer callback logging kt_tokens_per_s and kt_cpu_expert_share (kt_core.runtime.expert_time)."""
+def _training_callback():
+    """A Trainer callback for use_kt runs: the resume check, and kt_tokens_per_s / kt_cpu_expert_share."""
     from transformers import TrainerCallback
 
     from kt_core.experts import KTExperts
+    from kt_core.loading import check_training_checkpoint
     from kt_core.runtime.expert_time import ExpertTimer
 
-    class KTExpertTimeCallback(TrainerCallback):
+    class KTTrainingCallback(TrainerCallback):
         timer: ExpertTimer | None = None
 
         def on_init_end(self, args, state, control, model=None, **kwargs):
-            if model is not None and any(isinstance(m, KTExperts) for m in model.modules()):
-                self.timer = ExpertTimer(model)
+            if model is None or not any(isinstance(m, KTExperts) for m in model.modules()):
+                return
+            # The checkpoint given, or the newest checkpoint-N LLaMA-Factory picked: checked before the
+            # Trainer loads it, so that a folder left by a killed save is named with the last good one.
+            if args.do_train and isinstance(args.resume_from_checkpoint, str):
+                check_training_checkpoint(args.resume_from_checkpoint)
+            self.timer = ExpertTimer(model)
 
         def on_train_begin(self, args, state, control, **kwargs):
             if self.timer is not None:
@@ -188,4 +189,4 @@ def _expert_time_callback():
             if self.timer is not None:
                 self.timer.stop_steps()
 
-    return KTExpertTimeCallback()
+    return KTTrainingCallback()
