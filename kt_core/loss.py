@@ -337,6 +337,7 @@ class EfficientLoss:
         self._handles = []
         self._previous_loss_function = causal_lm.__dict__.get("_loss_function")
         self._warned_unarmed = False
+        self._warned_sharded = False
         self._stock_loss_function = causal_lm.loss_function
         for hooked in dict.fromkeys((model, causal_lm)):  # PEFT calls the causal LM's forward without hooks
             self._handles.append(hooked.register_forward_pre_hook(self._arm, with_kwargs=True))
@@ -398,6 +399,12 @@ class EfficientLoss:
 
     def _take_hidden(self, module, args):
         if not (self._armed and self._armed[-1]) or self._causal_lm.get_output_embeddings() is not module:
+            return None
+        weight = module.weight
+        if weight.dim() != 2 or weight.shape[1] != args[0].shape[-1]:  # sharded outside its forward (ZeRO-3)
+            if not self._warned_sharded:
+                self._warned_sharded = True
+                logger.warning("efficient causal-LM loss: lm_head's weight is sharded (%s); full logits", weight.shape)
             return None
         self._hidden = args[0]  # [B, S, H]
         return (args[0].narrow(-2, 0, 0), *args[1:])  # lm_head computes [B, 0, V]
