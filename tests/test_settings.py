@@ -117,6 +117,7 @@ LLAMAFACTORY_BAD = [
     ({"kt_kernel": "avx9000"}, "kt_kernel: kernel='avx9000': this kernel cannot run here"),
     ({"kt_device": "gpu0"}, "kt_device: got 'gpu0', expected a device"),
     ({"kt_optimize_rule": "no/such/rules.yaml"}, "kt_optimize_rule: Rule file no/such/rules.yaml not found"),
+    ({"kt_loss": "fast"}, "`kt_loss` must be one of"),
     ({"kt_cpu_thread": 4}, "unknown kt-plugins key(s) kt_cpu_thread"),
 ]
 LLAMAFACTORY_NEEDS_GPU = [
@@ -194,6 +195,7 @@ CALLBACK_BAD = [
     ({"gpu_memory_budget": "ten"}, r"^KTCallback\(gpu_memory_budget\): got 'ten', expected a size"),
     ({"gpu_memory_budget": "1GiB", "stream_keep_bytes": "many"}, r"^KTCallback\(stream_keep_bytes\): got 'many'"),
     ({"gpu_memory_budget": "1GiB", "stream_quantize": "int3"}, r"^KTCallback\(stream_quantize\): got 'int3'"),
+    ({"loss": "fast"}, r"`KTCallback\(loss\)` must be one of"),
 ]
 
 
