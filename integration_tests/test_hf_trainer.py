@@ -37,11 +37,11 @@ def _peft_model(family):
     return peft.get_peft_model(model, config)
 
 
-def _train(family, tmp_path, *, callbacks):
+def _train(family, tmp_path, *, callbacks, **overrides):
     model = _peft_model(family)
     losses = []
     model.register_forward_hook(lambda m, a, out: losses.append(out.loss.item()) if m.training else None)
-    args = trainer_args(tmp_path, max_steps=STEPS)
+    args = trainer_args(tmp_path, max_steps=STEPS, **overrides)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=token_dataset(), callbacks=callbacks)
     trainer.train()
     return model, trainer, losses
@@ -113,12 +113,14 @@ def test_optimizer_built_before_conversion_is_refused(tmp_path):
         trainer.train()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streaming needs a CUDA GPU")
 def test_streaming_budget_keeps_the_loss_curve(tmp_path):
-    """gpu_memory_budget switches on the CPU / GPU split (the CPU stands in for the GPU without CUDA):
-    the loss curve stays the stock one and the logs carry the time split."""
-    _, _, ref_losses = _train("qwen3_moe", tmp_path / "ref", callbacks=[])
+    """gpu_memory_budget switches on the CPU / GPU split: the loss curve stays the stock one and the logs
+    carry the time split (without a GPU the same split is tested in integration_tests/test_expert_lora_trainer.py)."""
+    _, _, ref_losses = _train("qwen3_moe", tmp_path / "ref", callbacks=[], use_cpu=False)
     callback = KTCallback(gpu_memory_budget="64MiB", stream_keep_bytes="64KiB")
-    _, trainer, losses = _train("qwen3_moe", tmp_path / "kt", callbacks=[callback])
+    _, trainer, losses = _train("qwen3_moe", tmp_path / "kt", callbacks=[callback], use_cpu=False)
     assert callback._streaming.keep_bytes == 64 * 2**10  # reached the runtime (pieces recomputed past it)
     # The streamed experts run through torch's grouped math, not our C++ kernel: two exact fp32 paths whose
     # rounding differs drift apart slowly over 30 steps (measured: up to 6.4e-4 at step 25).

@@ -278,6 +278,8 @@ def test_rule_file_relative_to_the_yaml(checkpoints, tmp_path):
     assert f"placement rules: {rules}" in proc.stdout + proc.stderr
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streaming needs a CUDA GPU")
 def test_streaming_budget_keeps_the_loss_curve(checkpoints, tmp_path):
     """kt_gpu_memory_budget turns on the CPU / GPU split of each MoE layer; results must not change."""
     ours, stock = tmp_path / "ours", tmp_path / "stock"

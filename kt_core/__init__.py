@@ -33,11 +33,12 @@ from kt_core.architectures import (
     list_architectures,
     register_architecture,
 )
-from kt_core.experts import KTExperts
+from kt_core.experts import GpuShare, KTExperts
 from kt_core.hookspecs import hookimpl
 from kt_core.kernels import available_kernels, cpu_features
 from kt_core.loading import CheckpointError, MemoryPlan, MemoryPlanError, convert_model, load_model
 from kt_core.lora import ExpertLoRA
+from kt_core.loss import EfficientLoss, disable_efficient_loss, enable_efficient_loss, loss_workspace_bytes
 from kt_core.placement import (
     PlacementPlan,
     PlacementRule,
@@ -58,8 +59,10 @@ from kt_core.streaming import enable_streaming
 __all__ = [
     "Architecture",
     "CheckpointError",
+    "EfficientLoss",
     "ExpertLoRA",
     "ExpertProjections",
+    "GpuShare",
     "KTExperts",
     "MemoryPlan",
     "MemoryPlanError",
@@ -74,6 +77,8 @@ __all__ = [
     "convert_model",
     "cpu_features",
     "default_rules",
+    "disable_efficient_loss",
+    "enable_efficient_loss",
     "enable_streaming",
     "experts_reference",
     "get_architecture",
@@ -83,6 +88,7 @@ __all__ = [
     "list_architectures",
     "load_model",
     "load_rules",
+    "loss_workspace_bytes",
     "register_architecture",
     "register_expert_backend",
     "resolve_rule_file",

@@ -16,7 +16,6 @@ from torch.utils.checkpoint import checkpoint
 
 from kt_core import KTExperts
 from kt_core.streaming import CostModel, enable_streaming, plan_layer
-from kt_core.streaming.planner import parse_bytes
 from kt_core.streaming.store import pin_in_place, quantize_rows
 
 E, H, I, K, R = 8, 32, 16, 2, 4
@@ -169,11 +168,13 @@ def test_planner_streams_the_hottest_experts():
     )
 
 
-def test_budget_parsing():
-    assert parse_bytes("10GiB") == 10 * 2**30 and parse_bytes("512 MiB") == 512 * 2**20
-    assert parse_bytes(1e9) == 10**9 and parse_bytes(None) is None
+def test_budget_errors_name_the_argument():
     with pytest.raises(ValueError, match="gpu_memory_budget"):
-        parse_bytes("ten gigs")
+        enable_streaming(ToyMoE(1), device="cpu", gpu_memory_budget="ten gigs")
+    with pytest.raises(ValueError, match="keep_bytes"):
+        enable_streaming(ToyMoE(1), device="cpu", keep_bytes="many")
+    with pytest.raises(ValueError, match="quantize"):
+        enable_streaming(ToyMoE(1), device="cpu", quantize="int3")
     with pytest.raises(ValueError, match="no KTExperts"):
         enable_streaming(nn.Linear(2, 2), device="cpu")
 

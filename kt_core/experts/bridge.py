@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ExpertsFunction"]
 
+
 def phase(*, forward: bool) -> str:
     """'fwd', 'recompute' (a checkpointed layer's forward inside the backward) or 'bwd'."""
     if not forward:

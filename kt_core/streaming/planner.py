@@ -142,20 +142,3 @@ def plan_layer(
 def slot_capacity(budget_bytes: int, num_experts: int, expert_gpu_bytes: int, slots: int = 2) -> int:
     """Experts per streaming slot that `slots` slots fit in `budget_bytes` (at most E)."""
     return max(0, min(num_experts, budget_bytes // max(1, slots * expert_gpu_bytes)))
-
-
-def parse_bytes(value: int | float | str | None) -> int | None:
-    """'10GiB', '512MiB', '8GB', 1e9 -> bytes; None stays None."""
-    if value is None or isinstance(value, int | float):
-        return None if value is None else int(value)
-    text = value.strip().replace(" ", "")
-    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 1e12, "GB": 1e9, "MB": 1e6, "KB": 1e3}
-    for unit, scale in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * scale)
-    try:
-        return int(float(text))
-    except ValueError:
-        raise ValueError(
-            f"gpu_memory_budget: cannot read {value!r} (expected e.g. '10GiB', '512MiB' or bytes)"
-        ) from None

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from kt_core.experts import KTExperts
-from kt_core.streaming.planner import CostModel, LayerPlan, parse_bytes, plan_layer, slot_capacity
+from kt_core.settings import optional_size, parse_size
+from kt_core.streaming.planner import CostModel, LayerPlan, plan_layer, slot_capacity
 from kt_core.streaming.share import StreamedShare
 from kt_core.streaming.store import ExpertStore
 
@@ -308,6 +309,10 @@ def enable_streaming(
     layers = [m for m in model.modules() if isinstance(m, KTExperts)]
     if not layers:
         raise ValueError("enable_streaming: the model has no KTExperts layers (convert its experts first)")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"enable_streaming: quantize must be None or 'int8', got {quantize!r}")
+    if mode not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"enable_streaming: mode must be 'auto', 'cpu' or 'gpu', got {mode!r}")
     device = torch.device(device or "cuda:0")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
@@ -330,7 +335,7 @@ def enable_streaming(
         q_bytes = first.gate_up_proj[0].numel() + first.down_proj[0].numel()  # int8 weights
         q_bytes += 4 * (2 * first.intermediate_dim + first.hidden_dim)  # fp32 row scales
         per_expert = 2 * q_bytes + expert_bf
-    budget = parse_bytes(gpu_memory_budget)
+    budget = optional_size(gpu_memory_budget, "gpu_memory_budget")
     if mode == "cpu":
         capacity, resident = 0, 0
     elif budget is None:
@@ -348,7 +353,7 @@ def enable_streaming(
         mode=mode,
         cost=cost or CostModel(),
         resident_per_layer=resident,
-        keep_bytes=parse_bytes(keep_bytes),
+        keep_bytes=parse_size(keep_bytes, "keep_bytes"),
     )
     for i, m in enumerate(layers):
         store.add_layer(m.gate_up_proj.detach(), m.down_proj.detach())
