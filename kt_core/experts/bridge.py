@@ -13,7 +13,7 @@ in-place update of the factors, whoever makes it, is always seen: no cache, noth
 On the device path the factor gradients are not returned through autograd (that would wait for the device
 in every layer): their device-to-host copy is queued on the stream and one callback at the end of the
 backward pass adds them to the factors' `.grad`, as autograd would. `loss.backward()` (what every trainer
-calls) sees them; `torch.autograd.grad` with expert-LoRA factors as inputs does not, and is refused.
+calls) sees them; `torch.autograd.grad` with expert-LoRA factors as inputs does not receive that part.
 
 Legend: T = tokens, K = experts per token, E = experts, H = hidden, I = expert intermediate, r = LoRA rank.
 """
