@@ -11,23 +11,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 pytestmark = pytest.mark.integration
 
 if importlib.util.find_spec("llamafactory") is None:
     pytest.skip("needs LLaMA-Factory: make setup installs it", allow_module_level=True)
 
-REPO = Path(__file__).resolve().parents[1]
-CLI = str(Path(sys.executable).with_name("llamafactory-cli"))
-DATA = REPO / "examples" / "llamafactory" / "data"
+from test_llamafactory import REPO, run_cli  # noqa: E402
+from test_llamafactory import train_config as lf_train_config  # noqa: E402
+
 NO_CUDA = not torch.cuda.is_available()
 
 
@@ -55,41 +53,13 @@ def dense_checkpoint(tmp_path_factory) -> Path:
 
 
 def train_config(model: Path, out: Path, **extra) -> dict:
-    config = {
-        "model_name_or_path": str(model),
-        "stage": "sft",
-        "do_train": True,
-        "finetuning_type": "lora",
-        "lora_rank": 4,
-        "lora_target": "all",
-        "dataset": "kt_identity",
-        "dataset_dir": str(DATA),
-        "template": "qwen3_nothink",
-        "cutoff_len": 64,
-        "output_dir": str(out),
-        "logging_steps": 1,
-        "max_steps": 2,
-        "per_device_train_batch_size": 2,
-        "report_to": "none",
-        "save_strategy": "no",
-        "use_kt": True,
-        "cpu_infer": 2,
-    }
-    config.update(extra)
+    """test_llamafactory's training YAML with `use_kt`, two steps; a key given as None is left out."""
+    config = lf_train_config(model, out, use_kt=True, **{"max_steps": 2, **extra})
     return {k: v for k, v in config.items() if v is not None}
 
 
 def run_train(config: dict, workdir: Path) -> subprocess.CompletedProcess:
-    path = workdir / f"train-{len(list(workdir.glob('*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return subprocess.run(
-        [CLI, "train", str(path)],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "USE_KT": "1", "DISABLE_VERSION_CHECK": "1"},
-    )
+    return run_cli("train", config, workdir, check=False)
 
 
 RULES_MATCHING_NOTHING = "- match: {name: '^model\\.blocks\\.\\d+\\.moe$'}\n  replace: {class: kt}\n"
