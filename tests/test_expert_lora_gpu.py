@@ -26,7 +26,7 @@ FAMILY = "qwen3_moe"
 LAYERS = 3
 SIZES = dict(hidden_size=256, moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4, vocab_size=512)
 STEPS = 12
-LR = 1e-3
+LR = 1e-2
 EXPERT_BYTES = 3 * 256 * 128 * 2  # gate, up, down of one expert in bf16
 
 
@@ -65,7 +65,7 @@ def _train(model, tmp_path, callbacks):
         tmp_path, max_steps=STEPS, learning_rate=LR, bf16=True, use_cpu=False, gradient_checkpointing=True,
         per_device_train_batch_size=8, logging_steps=1,
     )  # fmt: skip
-    data = token_dataset(n=STEPS * 8, seq=64, vocab=SIZES["vocab_size"])
+    data = token_dataset(n=8, seq=64, vocab=SIZES["vocab_size"])  # one batch, seen every step: memorised
     transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks).train()
     return losses
 
