@@ -1,409 +1,260 @@
-"""LoRA fine-tuning speed and GPU memory: routed experts (and their LoRA) on the CPU vs everything on the GPU.
+"""LoRA fine-tuning as users run it: the stock HF Trainer from a checkpoint on disk, kt-plugins against stock
+transformers + PEFT fully on the GPU, every mode measured in the same command.
 
-A DeepSeek-V2-Lite-shaped model with random bf16 weights, LoRA r=8 on attention (`target_modules`) and on
-the fused routed experts (`target_parameters`), gradient checkpointing, AdamW, random token ids:
+One checkpoint (random bf16 weights of a real shape, written once and reused), LoRA r=8 on attention and on
+the routed experts, bf16, gradient checkpointing, the Trainer's default optimizer (fused AdamW), random token
+rows of `--seq` tokens. Modes (each in its own process, so each peak is its own):
 
-  kt   non-expert weights built directly on the GPU, routed experts built directly in host RAM as
-       KTExperts (the full model never exists on the GPU), then stock `get_peft_model` and `kt_prepare`
-  hf   the same model and LoRA, all on the GPU: transformers + PEFT as a user with a big GPU runs it
+  gpu          AutoModelForCausalLM.from_pretrained(device_map="cuda") + PEFT + Trainer: the baseline,
+               with transformers' own loss (what its users get)
+  gpu-loss     the same with kt_core.enable_efficient_loss (the loss kt-plugins turns on), to separate
+               what the loss saves from what the expert split saves
+  kt-cpu       kt_core.load_model + PEFT + Trainer(callbacks=[KTCallback()]): routed experts on the CPU
+  kt-stream    the same with KTCallback(gpu_memory_budget=--budget): experts streamed to the GPU / split
+               by the planner; kt-stream-int8 streams int8 copies
 
-    python benchmarks/bench_sft.py --out sft.json                      # both, 27 layers, 1 x 2048 tokens
-    python benchmarks/bench_sft.py --modes kt --layers 8 --steps 5
-    python benchmarks/bench_sft.py --small --device cpu                # tiny shapes, smoke test
+Reported per mode: tokens/s (median step after --warmup steps, timed between the Trainer's step callbacks),
+peak GPU memory (torch.cuda.max_memory_allocated over training), the loss curve, kt's split line.
 
-Put the anchor (`gpu_lora_baseline.py`) in the same command to compare with its numbers.
+    python benchmarks/bench_sft.py --shape dsv2-lite --batch 16 --modes gpu,gpu-loss,kt-stream --out sft.json
+    python benchmarks/bench_sft.py --shape qwen3-30b-a3b --batch 8 --checkpoint /data/q3 --budget 12GiB
+    python benchmarks/bench_sft.py --small --modes gpu,kt-cpu --device cpu         # tiny shapes, smoke test
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import os
 import platform
-import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-import traceback
+from pathlib import Path
 
 import torch
 
-ATTENTION_TARGETS = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
-QWEN3_ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-SHAPES = ("dsv2-lite", "qwen3-30b-a3b")
-EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+sys.path.insert(0, str(Path(__file__).parent))
+from shapes import EXPERT_TARGETS, SHAPES, attention_targets, build_config
+
+MODES = ("gpu", "gpu-loss", "kt-cpu", "kt-stream", "kt-stream-int8")
 
 
-def build_config(small: bool, layers: int | None, shape_name: str = "dsv2-lite"):
-    """DeepSeek-V2-Lite shapes (as in the anchor) or Qwen3-30B-A3B's, or a tiny config of the same structure."""
-    from transformers import DeepseekV2Config
-
-    if shape_name == "qwen3-30b-a3b":
-        return _qwen3_config(small, layers)
-    if small:
-        shape = dict(
-            vocab_size=1000,
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=3,
-            n_routed_experts=8,
-            num_experts_per_tok=2,
-            moe_intermediate_size=64,
-            kv_lora_rank=64,
-            qk_rope_head_dim=16,
-            qk_nope_head_dim=32,
-            v_head_dim=32,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=4096,
-        )
-    else:
-        shape = dict(
-            vocab_size=102400,
-            hidden_size=2048,
-            intermediate_size=10944,
-            num_hidden_layers=27,
-            n_routed_experts=64,
-            num_experts_per_tok=6,
-            moe_intermediate_size=1408,
-            kv_lora_rank=512,
-            qk_rope_head_dim=64,
-            qk_nope_head_dim=128,
-            v_head_dim=128,
-            num_attention_heads=16,
-            num_key_value_heads=16,
-            max_position_embeddings=8192,
-        )
-    if layers:
-        shape["num_hidden_layers"] = layers
-    return DeepseekV2Config(
-        **shape,
-        first_k_dense_replace=1,
-        n_shared_experts=2,
-        q_lora_rank=None,
-        topk_method="greedy",
-        norm_topk_prob=False,
-        routed_scaling_factor=1.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-
-
-def _qwen3_config(small: bool, layers: int | None):
-    from transformers import Qwen3MoeConfig
-
-    shape = dict(
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=6144,
-        moe_intermediate_size=768,
-        num_hidden_layers=48,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        head_dim=128,
-        num_experts=128,
-        num_experts_per_tok=8,
-    )
-    if small:
-        shape.update(
-            vocab_size=1000, hidden_size=256, intermediate_size=512, moe_intermediate_size=64, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
-        )  # fmt: skip
-    if layers:
-        shape["num_hidden_layers"] = layers
-    return Qwen3MoeConfig(
-        **shape,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-
-
-def attention_targets(config) -> list[str]:
-    return QWEN3_ATTENTION_TARGETS if config.model_type == "qwen3_moe" else ATTENTION_TARGETS
-
-
-def _is_experts(module) -> bool:
-    return type(module).__name__.endswith("Experts") and isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)
-
-
-def build_kt_model(config, device: torch.device, *, kernel: str, cpu_infer: int | None):
-    """Non-expert weights on `device`, routed experts as KTExperts in host RAM; nothing else materialized.
-
-    Parameters are created on the meta device, the experts modules are replaced by KTExperts around random
-    host tensors, then every remaining parameter is allocated on `device` and initialized there.
-    """
+def write_checkpoint(config, path: Path, device: str) -> None:
+    """Random-init weights of `config` saved as transformers saves them (built on `device`: fast init)."""
     from transformers import AutoModelForCausalLM
 
-    from kt_core import KTExperts
-    from kt_core.loading.meta import meta_parameters, set_tensor
-
-    with meta_parameters():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    gen = torch.Generator().manual_seed(0)
-    bound = 0.02 * 3**0.5  # uniform with the std of transformers' init (0.02)
-    random_layer = {}  # drawn once per shape, copied into every layer (own memory each, cheap to build)
-    for name, module in list(model.named_modules()):
-        if not _is_experts(module):
-            continue
-        shapes = (tuple(module.gate_up_proj.shape), tuple(module.down_proj.shape))
-        if shapes not in random_layer:
-            random_layer[shapes] = [
-                torch.empty(shape, dtype=torch.bfloat16).uniform_(-bound, bound, generator=gen) for shape in shapes
-            ]
-        gate_up, down = (t.clone() for t in random_layer[shapes])
-        experts = KTExperts.from_tensors(
-            gate_up, down, kernel=kernel, cpu_infer=cpu_infer, hidden_act=getattr(config, "hidden_act", "silu")
-        )
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, experts)
-    with torch.no_grad():
-        for name, p in list(model.named_parameters()):
-            if p.device.type != "meta":
-                continue
-            t = torch.empty(p.shape, dtype=p.dtype, device=device)
-            if "norm" in name:
-                t.fill_(1.0)
-            elif name.endswith("bias"):
-                t.zero_()
-            else:
-                t.normal_(0.0, 0.02)
-            set_tensor(model, name, t)
-    random_layer.clear()
-    return model.to(device)  # buffers (rotary frequencies); KTExperts stays in host RAM
-
-
-def build_hf_model(config, device: torch.device, experts_implementation: str):
-    """The same model fully on `device`, as transformers builds it."""
-    from transformers import AutoModelForCausalLM
-
+    if (path / "config.json").exists():
+        print(f"checkpoint: reusing {path}", flush=True)
+        return
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.config._experts_implementation = experts_implementation
-    return model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+    model.save_pretrained(tmp, max_shard_size="5GB")
+    os.replace(tmp, path)
+    print(f"checkpoint: wrote {path} in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def add_lora(model, rank: int):
-    from peft import LoraConfig, get_peft_model
+class StepMeter:
+    """A TrainerCallback timing each optimizer step (device-synchronized) and reading the peak GPU memory."""
 
-    model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
+    def __init__(self, cuda: bool):
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                meter._sync()
+                meter._t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                meter._sync()
+                meter.step_s.append(time.perf_counter() - meter._t0)
+                print(f"    step {len(meter.step_s)}: {meter.step_s[-1] * 1e3:8.0f} ms", flush=True)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                meter.logs.append(dict(logs or {}))
+
+        self.cuda = cuda
+        self.step_s: list[float] = []
+        self.logs: list[dict] = []
+        self.callback = _Callback()
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def token_rows(n: int, seq: int, vocab: int) -> list[dict[str, torch.Tensor]]:
+    ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
+    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+def run_trainer_mode(mode: str, a) -> dict:
+    """One mode in this process: load, wrap with PEFT, train through the stock Trainer, measure."""
+    import peft
+    import transformers
+
+    import kt_core
+    from kt_plugins.hf_trainer import KTCallback
+
+    cuda = a.device == "cuda"
+    t0 = time.perf_counter()
+    if mode.startswith("gpu"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            a.checkpoint, dtype=torch.bfloat16, device_map=a.device
+        )
+    else:
+        model = kt_core.load_model(a.checkpoint, device=a.device, dtype=torch.bfloat16, cpu_infer=a.cpu_infer)
+    load_s = time.perf_counter() - t0
+    lora = peft.LoraConfig(
+        r=a.rank,
+        lora_alpha=2 * a.rank,
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
         target_modules=attention_targets(model.config),
         target_parameters=EXPERT_TARGETS,
     )
-    return get_peft_model(model, config)
+    model = peft.get_peft_model(model, lora)
+    meter = StepMeter(cuda)
+    callbacks = [meter.callback]
+    if mode == "gpu-loss":
+        kt_core.enable_efficient_loss(model)
+    elif mode.startswith("kt"):
+        streaming = {}
+        if mode.startswith("kt-stream"):
+            streaming = dict(gpu_memory_budget=a.budget, stream_quantize="int8" if mode.endswith("int8") else None)
+        callbacks.append(KTCallback(cpu_infer=a.cpu_infer, **streaming))
+    with tempfile.TemporaryDirectory() as out:
+        args = transformers.TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=a.batch,
+            max_steps=a.warmup + a.steps,
+            learning_rate=a.lr,
+            bf16=True,
+            gradient_checkpointing=True,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=not cuda,
+            seed=0,
+        )
+        data = token_rows(a.batch * (a.warmup + a.steps), a.seq, model.config.vocab_size)
+        transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks).train()
+    timed = meter.step_s[a.warmup :]
+    step_s = statistics.median(timed)
+    return dict(
+        mode=mode,
+        load_s=load_s,
+        step_ms=step_s * 1e3,
+        step_ms_all=[t * 1e3 for t in meter.step_s],
+        tok_s=a.batch * a.seq / step_s,
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        losses=[log["loss"] for log in meter.logs if "loss" in log],
+        kt=[
+            {k: v for k, v in log.items() if k.startswith("kt_")} for log in meter.logs if "kt_cpu_expert_share" in log
+        ],
+    )
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def profiled(path: str | None, device: torch.device):
-    """A torch.profiler context that writes its kernel and host-op tables to `path` (a no-op context if None)."""
-    import contextlib
-
-    if not path:
-        return contextlib.nullcontext()
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-
-    @contextlib.contextmanager
-    def run():
-        with profile(activities=activities) as prof:
-            yield
-        sync(device)
-        events = prof.key_averages()
-        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        with open(path, "w") as f:
-            f.write(events.table(sort_by=key, row_limit=45, max_name_column_width=70) + "\n")
-            f.write(events.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70) + "\n")
-        print(f"    profile of the last step: {path}", flush=True)
-
-    return run()
-
-
-def make_optimizer(params):
-    """AdamW as the transformers Trainer builds it by default on torch >= 2.8 (`adamw_torch_fused`).
-
-    Fused matters for host-resident expert LoRA: one multi-threaded pass over the factors instead of a
-    dozen single-threaded ones.
-    """
+def run_child(mode: str, a, argv: list[str]) -> dict:
+    """Runs `mode` in a fresh interpreter (its own CUDA context and peak) and reads back its JSON."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result = Path(f.name)
+    cmd = [sys.executable, __file__, *argv, "--child", mode, "--child-out", str(result)]
+    print(f"mode {mode}: {' '.join(cmd[1:])}", flush=True)
+    proc = subprocess.run(cmd, timeout=a.mode_timeout)
     try:
-        return torch.optim.AdamW(params, lr=1e-4, fused=True)
-    except (RuntimeError, ValueError):  # a device or dtype the fused kernel does not take
-        return torch.optim.AdamW(params, lr=1e-4)
+        if proc.returncode != 0:
+            return dict(mode=mode, error=f"exit status {proc.returncode}")
+        return json.loads(result.read_text())
+    finally:
+        result.unlink(missing_ok=True)
 
 
-def train_steps(model, device, *, batch, seq, vocab, warmup, steps, expert_timer=None, profile_path=None):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params)
-    g = torch.Generator().manual_seed(0)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    times, losses, expert_s = [], [], []
-    for i in range(warmup + steps):
-        ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
-        if expert_timer is not None:
-            expert_timer.take()
-        sync(device)
-        t0 = time.perf_counter()
-        with profiled(profile_path if i == warmup + steps - 1 else None, device):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sync(device)
-        dt = time.perf_counter() - t0
-        losses.append(loss.item())
-        if i >= warmup:
-            times.append(dt)
-            if expert_timer is not None:
-                expert_s.append(expert_timer.take()[0])
-        print(f"    step {i}: {dt * 1e3:9.1f} ms  loss {losses[-1]:.3f}", flush=True)
-    med = statistics.median(times)
-    out = dict(
-        step_ms=med * 1e3,
-        step_ms_all=[t * 1e3 for t in times],
-        tok_s=batch * seq / med,
-        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
-        losses=losses,
-        trainable=sum(p.numel() for p in params),
-    )
-    if expert_s:
-        out["cpu_expert_share"] = statistics.median(e / t for e, t in zip(expert_s, times, strict=True))
-    return out
-
-
-def run_mode(mode, config, device, a):
-    t0 = time.perf_counter()
-    if mode == "kt":
-        from kt_plugins.hf_trainer import kt_prepare
-        from kt_plugins.hf_trainer.callback import _ExpertTimer
-
-        model = build_kt_model(config, device, kernel=a.kernel, cpu_infer=a.cpu_infer)
-        model = kt_prepare(add_lora(model, a.rank))
-        timer = _ExpertTimer(model)
-        kernel = next(m.kernel for m in model.modules() if type(m).__name__ == "KTExperts")
-    else:
-        model = add_lora(build_hf_model(config, device, a.experts_implementation), a.rank)
-        timer, kernel = None, None
-    sync(device)
-    build_s = time.perf_counter() - t0
-    gpu_after_build = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    print(f"  {mode}: built in {build_s:.1f} s, {gpu_after_build:.2f} GiB on the GPU", flush=True)
-    r = train_steps(
-        model,
-        device,
-        batch=a.batch,
-        seq=a.seq,
-        vocab=config.vocab_size,
-        warmup=a.warmup,
-        steps=a.steps,
-        expert_timer=timer,
-        profile_path=f"{a.profile}-{mode}.txt" if getattr(a, "profile", None) else None,
-    )
-    r.update(mode=mode, build_s=build_s, gpu_gib_after_build=gpu_after_build, kernel=kernel)
-    r["host_max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(
-        f"  -> {mode}: {r['tok_s']:.0f} tok/s, step {r['step_ms']:.0f} ms, peak GPU {r['peak_gib']:.2f} GiB"
-        + (f", CPU expert share {r['cpu_expert_share']:.2f}" if "cpu_expert_share" in r else ""),
-        flush=True,
-    )
-    del model, timer
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return r
-
-
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--modes", default="hf,kt", help="comma list of kt (CPU experts) and hf (all on the GPU)")
-    ap.add_argument("--shape", choices=SHAPES, default="dsv2-lite", help="model shapes")
+    ap.add_argument("--modes", default="gpu,gpu-loss,kt-stream", help=f"comma list of {', '.join(MODES)}")
+    ap.add_argument("--shape", choices=SHAPES, default="dsv2-lite")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the real model's)")
+    ap.add_argument("--batch", type=int, default=16, help="sequences per step")
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--kernel", default="auto", help="CPU kernel of the experts")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps")
+    ap.add_argument("--budget", default="12GiB", help="kt-stream: KTCallback(gpu_memory_budget)")
     ap.add_argument("--cpu-infer", type=int, default=None, help="CPU threads of the experts operator")
-    ap.add_argument("--experts-implementation", default="grouped_mm", help="transformers' experts impl (hf mode)")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (written when missing)")
     ap.add_argument("--device", default=None, help="default: cuda when there is one")
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke test)")
+    ap.add_argument("--mode-timeout", type=float, default=1800, help="seconds per mode")
     ap.add_argument("--out", default="bench_sft.json")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = build_config(a.small, a.layers, a.shape)
+    if a.small:
+        a.seq = min(a.seq, 64)
+    if a.checkpoint is None:
+        a.checkpoint = (
+            Path(tempfile.gettempdir()) / f"kt-bench-{a.shape}-{config.num_hidden_layers}{'-small' * a.small}"
+        )
+    if a.child:
+        Path(a.child_out).write_text(json.dumps(run_trainer_mode(a.child, a)))
+        return
 
     import peft
     import transformers
 
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = build_config(a.small, a.layers, a.shape)
-    seq = min(a.seq, 64) if a.small else a.seq
-    a.seq = seq
     info = dict(
+        date=time.strftime("%Y-%m-%d"),
+        device=torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
+        cpu=platform.processor() or platform.machine(),
         torch=torch.__version__,
         transformers=transformers.__version__,
         peft=peft.__version__,
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        cpu=platform.processor() or platform.machine(),
-        layers=config.num_hidden_layers,
-        seq=seq,
-        batch=a.batch,
-        rank=a.rank,
         shape=a.shape,
-        targets=dict(target_modules=attention_targets(config), target_parameters=EXPERT_TARGETS),
-        cpu_infer=a.cpu_infer,
-        date=time.strftime("%Y-%m-%d"),
+        layers=config.num_hidden_layers,
+        batch=a.batch,
+        seq=a.seq,
+        rank=a.rank,
+        budget=a.budget,
+        command=" ".join(sys.argv),
     )
     print(info, flush=True)
-    runs, errors = [], []
-
-    def dump():
-        with open(a.out, "w") as f:
-            json.dump(dict(info=info, runs=runs, errors=errors), f, indent=1)
-
+    write_checkpoint(config, a.checkpoint, a.device)
+    argv = [arg for arg in sys.argv[1:]] + ["--checkpoint", str(a.checkpoint)]
+    runs = []
     for mode in a.modes.split(","):
-        print(f"mode {mode}: {config.num_hidden_layers} layers, {a.batch} x {seq} tokens", flush=True)
-        try:
-            runs.append(run_mode(mode, config, device, a))
-        except Exception as e:  # keep the other mode's numbers
-            errors.append(dict(mode=mode, error=repr(e)[:2000], tb=traceback.format_exc()[-4000:]))
-            print(f"  {mode} FAILED: {e!r}"[:2000], flush=True)
-            traceback.print_exc()
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        dump()
-
-    print(f"\n{'mode':5s} {'layers':>6s} {'step ms':>9s} {'tok/s':>8s} {'peak GPU GiB':>12s}")
+        if mode not in MODES:
+            raise SystemExit(f"--modes: unknown mode {mode!r}, expected some of {', '.join(MODES)}")
+        runs.append(run_child(mode, a, argv))
+        Path(a.out).write_text(json.dumps(dict(info=info, runs=runs), indent=1))
+    base = next((r for r in runs if r["mode"] == "gpu" and "error" not in r), None)
+    print(f"\n{'mode':16s}{'step ms':>9s}{'tok/s':>9s}{'peak GiB':>10s}{'x gpu tok/s':>12s}{'x gpu peak':>11s}")
     for r in runs:
+        if "error" in r:
+            print(f"{r['mode']:16s} FAILED: {r['error']}")
+            continue
+        ratio = (r["tok_s"] / base["tok_s"], r["peak_gib"] / base["peak_gib"]) if base else (float("nan"),) * 2
+        r["vs_gpu"] = dict(tok_s=ratio[0], peak=ratio[1])
         print(
-            f"{r['mode']:5s} {config.num_hidden_layers:6d} {r['step_ms']:9.0f} {r['tok_s']:8.0f} {r['peak_gib']:12.2f}"
+            f"{r['mode']:16s}{r['step_ms']:9.0f}{r['tok_s']:9.0f}{r['peak_gib']:10.2f}{ratio[0]:12.3f}{ratio[1]:11.3f}"
         )
-    by_mode = {r["mode"]: r for r in runs}
-    if "kt" in by_mode and "hf" in by_mode:
-        kt, hf = by_mode["kt"], by_mode["hf"]
-        info["ratios"] = dict(
-            tok_s_kt_over_hf=kt["tok_s"] / hf["tok_s"], peak_gpu_kt_over_hf=kt["peak_gib"] / hf["peak_gib"]
-        )
-        ratios = info["ratios"]
-        print(f"kt / hf: tokens/s {ratios['tok_s_kt_over_hf']:.3f}, peak GPU {ratios['peak_gpu_kt_over_hf']:.3f}")
-    dump()
-    for e in errors:
-        print("ERROR", e["mode"], e["error"][:500])
+        print(f"{'':16s}loss {[round(v, 4) for v in r['losses']]}")
+    Path(a.out).write_text(json.dumps(dict(info=info, runs=runs), indent=1))
 
 
 if __name__ == "__main__":

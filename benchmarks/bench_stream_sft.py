@@ -1,12 +1,12 @@
 """LoRA fine-tuning at low GPU memory: MoE layers split between CPU compute and GPU compute on streamed weights.
 
 DeepSeek-V2-Lite-shaped model, random bf16 weights, LoRA r=8 on attention and on the routed experts,
-gradient checkpointing, AdamW, random token ids (the set-up of bench_sft.py, whose builders this reuses):
+gradient checkpointing, AdamW, random token ids (the set-up of loop_sft.py, whose builders this reuses):
 
   stream       routed experts in pinned host RAM, each layer split by the planner between the CPU operator
                and grouped GEMMs on the GPU over weights streamed one layer ahead (kt_core.enable_streaming)
   stream-int8  the same, streaming int8 copies of the weights (half the PCIe bytes)
-  kt           routed experts on the CPU operator only (bench_sft.py's kt mode)
+  kt           routed experts on the CPU operator only (loop_sft.py's kt mode)
   hf           everything on the GPU: transformers + PEFT, experts_implementation grouped_mm
 
     python benchmarks/bench_stream_sft.py --layers 8 --batch 4 --out stream.json
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-import bench_sft  # the model builders and the training loop
+import loop_sft as bench_sft  # the model builders and the training loop
 
 
 def chunked_loss_forward(model, chunk: int):
