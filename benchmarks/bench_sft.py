@@ -1,5 +1,5 @@
-"""LoRA fine-tuning as users run it: the stock HF Trainer from a checkpoint on disk, kt-plugins against stock
-transformers + PEFT fully on the GPU, every mode measured in the same command.
+"""LoRA fine-tuning as users run it: the stock HF Trainer or stock LLaMA-Factory from a checkpoint on disk,
+kt-plugins against the same framework fully on the GPU, every mode measured in the same command.
 
 One checkpoint (random bf16 weights of a real shape, written once and reused), LoRA r=8 on attention and on
 the routed experts, bf16, gradient checkpointing, the Trainer's default optimizer (fused AdamW), random token
@@ -13,12 +13,22 @@ rows of `--seq` tokens. Modes (each in its own process, so each peak is its own)
   kt-stream    the same with KTCallback(gpu_memory_budget=--budget): experts streamed to the GPU / split
                by the planner; kt-stream-int8 streams int8 copies
 
-Reported per mode: tokens/s (median step after --warmup steps, timed between the Trainer's step callbacks),
+  lf-gpu       LLaMA-Factory's own `run_exp` (what `llamafactory-cli train` calls) on the YAML keys of an SFT
+               run (`lora_target: all`, bf16, its default optimizer and gradient checkpointing), all on the GPU
+  lf-gpu-liger the same with LLaMA-Factory's `enable_liger_kernel: true` (its memory-efficient loss)
+  lf-kt-cpu    `use_kt: true` (routed experts on the CPU), the plugin booted by its .pth hook as in the CLI
+  lf-kt-stream `use_kt: true` + `kt_gpu_memory_budget: --budget`
+  LLaMA-Factory modes train on generated long records truncated to `cutoff_len: --seq` (every sequence
+  exactly --seq tokens); the checkpoint gets a small byte-level tokenizer for them.
+
+Reported per mode: tokens/s (median step after --warmup steps, timed between the Trainer's step callbacks,
+tokens counted by the Trainer's `include_num_input_tokens_seen`),
 peak GPU memory (torch.cuda.max_memory_allocated over training), the loss curve, kt's split line.
 
     python benchmarks/bench_sft.py --shape dsv2-lite --batch 16 --modes gpu,gpu-loss,kt-stream --out sft.json
     python benchmarks/bench_sft.py --shape qwen3-30b-a3b --batch 8 --checkpoint /data/q3 --budget 12GiB
-    python benchmarks/bench_sft.py --small --modes gpu,kt-cpu --device cpu         # tiny shapes, smoke test
+    python benchmarks/bench_sft.py --layers 8 --batch 8 --modes lf-gpu,lf-gpu-liger,lf-kt-stream --budget 4GiB
+    python benchmarks/bench_sft.py --small --modes gpu,kt-cpu,lf-kt-cpu --device cpu   # tiny shapes, smoke test
 """
 
 from __future__ import annotations
@@ -39,7 +49,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from shapes import EXPERT_TARGETS, SHAPES, attention_targets, build_config
 
-MODES = ("gpu", "gpu-loss", "kt-cpu", "kt-stream", "kt-stream-int8")
+TRAINER_MODES = ("gpu", "gpu-loss", "kt-cpu", "kt-stream", "kt-stream-int8")
+LLAMAFACTORY_MODES = ("lf-gpu", "lf-gpu-liger", "lf-kt-cpu", "lf-kt-stream")
+MODES = TRAINER_MODES + LLAMAFACTORY_MODES
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def write_checkpoint(config, path: Path, device: str) -> None:
@@ -49,13 +62,21 @@ def write_checkpoint(config, path: Path, device: str) -> None:
     if (path / "config.json").exists():
         print(f"checkpoint: reusing {path}", flush=True)
         return
+    sys.path.insert(0, str(EXAMPLES / "tiny_moe"))
+    from make_checkpoint import build_tokenizer
+
     t0 = time.perf_counter()
+    tokenizer = build_tokenizer(config.vocab_size)  # small: trained on the bundled dataset
+    config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     model.save_pretrained(tmp, max_shard_size="5GB")
+    tokenizer.save_pretrained(tmp)
+    del model
     os.replace(tmp, path)
     print(f"checkpoint: wrote {path} in {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -80,6 +101,8 @@ class StepMeter:
             def on_step_end(self, args, state, control, **kwargs):
                 meter._sync()
                 meter.step_s.append(time.perf_counter() - meter._t0)
+                meter.step_tokens.append(state.num_input_tokens_seen - meter._seen)
+                meter._seen = state.num_input_tokens_seen
                 print(f"    step {len(meter.step_s)}: {meter.step_s[-1] * 1e3:8.0f} ms", flush=True)
 
             def on_log(self, args, state, control, logs=None, **kwargs):
@@ -87,12 +110,35 @@ class StepMeter:
 
         self.cuda = cuda
         self.step_s: list[float] = []
+        self.step_tokens: list[int] = []
+        self._seen = 0
         self.logs: list[dict] = []
         self.callback = _Callback()
 
     def _sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
+
+    def result(self, mode: str, warmup: int, **extra) -> dict:
+        timed = list(zip(self.step_s, self.step_tokens, strict=True))[warmup:]
+        step_s = statistics.median(t for t, _ in timed)
+        return dict(
+            mode=mode,
+            step_ms=step_s * 1e3,
+            step_ms_all=[t * 1e3 for t in self.step_s],
+            tokens_per_step=statistics.median(n for _, n in timed),
+            tok_s=sum(n for _, n in timed) / sum(t for t, _ in timed),
+            peak_gib=torch.cuda.max_memory_allocated() / 2**30 if self.cuda else float("nan"),
+            losses=[log["loss"] for log in self.logs if "loss" in log],
+            kt_logs=[
+                {k: v for k, v in log.items() if k.startswith("kt_")} for log in self.logs if "kt_tokens_per_s" in log
+            ],
+            **extra,
+        )
+
+
+def _kt_keys(log: dict) -> dict:
+    return {key: value for key, value in log.items() if key.startswith("kt_")}
 
 
 def token_rows(n: int, seq: int, vocab: int) -> list[dict[str, torch.Tensor]]:
@@ -147,24 +193,77 @@ def run_trainer_mode(mode: str, a) -> dict:
             save_strategy="no",
             report_to="none",
             use_cpu=not cuda,
+            include_num_input_tokens_seen=True,
             seed=0,
         )
         data = token_rows(a.batch * (a.warmup + a.steps), a.seq, model.config.vocab_size)
         transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks).train()
-    timed = meter.step_s[a.warmup :]
-    step_s = statistics.median(timed)
-    return dict(
-        mode=mode,
-        load_s=load_s,
-        step_ms=step_s * 1e3,
-        step_ms_all=[t * 1e3 for t in meter.step_s],
-        tok_s=a.batch * a.seq / step_s,
-        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-        losses=[log["loss"] for log in meter.logs if "loss" in log],
-        kt=[
-            {k: v for k, v in log.items() if k.startswith("kt_")} for log in meter.logs if "kt_cpu_expert_share" in log
-        ],
-    )
+    return meter.result(mode, a.warmup, load_s=load_s)
+
+
+def write_dataset(folder: Path, records: int, seq: int) -> None:
+    """Alpaca-style records whose answers run past `seq` tokens, and the dataset_info.json naming them."""
+    g = torch.Generator().manual_seed(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+
+    def words(n: int) -> str:
+        lengths = torch.randint(2, 9, (n,), generator=g).tolist()
+        picks = torch.randint(0, 26, (sum(lengths),), generator=g).tolist()
+        out, i = [], 0
+        for length in lengths:
+            out.append("".join(letters[j] for j in picks[i : i + length]))
+            i += length
+        return " ".join(out)
+
+    rows = [{"instruction": words(8), "input": "", "output": words(seq)} for _ in range(records)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench.json").write_text(json.dumps(rows))
+    (folder / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.json"}}))
+
+
+def run_llamafactory_mode(mode: str, a) -> dict:
+    """One mode through LLaMA-Factory's `run_exp` (the CLI's entry) with the step meter as its callback."""
+    from llamafactory.train.tuner import run_exp
+
+    cuda = a.device == "cuda"
+    meter = StepMeter(cuda)
+    with tempfile.TemporaryDirectory() as work:
+        write_dataset(Path(work) / "data", a.batch * (a.warmup + a.steps), a.seq)
+        config = dict(
+            model_name_or_path=str(a.checkpoint),
+            stage="sft",
+            do_train=True,
+            finetuning_type="lora",
+            lora_rank=a.rank,
+            lora_alpha=2 * a.rank,
+            lora_target="all",
+            dataset="bench",
+            dataset_dir=str(Path(work) / "data"),
+            template="qwen3_nothink",
+            cutoff_len=a.seq,
+            output_dir=str(Path(work) / "out"),
+            per_device_train_batch_size=a.batch,
+            max_steps=a.warmup + a.steps,
+            learning_rate=a.lr,
+            bf16=True,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            include_num_input_tokens_seen=True,
+            seed=0,
+            preprocessing_num_workers=4,
+            use_cpu=not cuda,
+        )
+        if mode == "lf-gpu-liger":
+            config["enable_liger_kernel"] = True
+        if mode.startswith("lf-kt"):
+            config["use_kt"] = True
+            if a.cpu_infer:
+                config["cpu_infer"] = a.cpu_infer
+        if mode == "lf-kt-stream":
+            config["kt_gpu_memory_budget"] = a.budget
+        run_exp(args=config, callbacks=[meter.callback])
+    return meter.result(mode, a.warmup)
 
 
 def run_child(mode: str, a, argv: list[str]) -> dict:
@@ -212,7 +311,8 @@ def main() -> None:
             Path(tempfile.gettempdir()) / f"kt-bench-{a.shape}-{config.num_hidden_layers}{'-small' * a.small}"
         )
     if a.child:
-        Path(a.child_out).write_text(json.dumps(run_trainer_mode(a.child, a)))
+        run = run_llamafactory_mode if a.child in LLAMAFACTORY_MODES else run_trainer_mode
+        Path(a.child_out).write_text(json.dumps(run(a.child, a)))
         return
 
     import peft
