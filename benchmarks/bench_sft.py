@@ -84,7 +84,7 @@ def write_checkpoint(config, path: Path, device: str) -> None:
 class StepMeter:
     """A TrainerCallback timing each optimizer step (device-synchronized) and reading the peak GPU memory."""
 
-    def __init__(self, cuda: bool):
+    def __init__(self, cuda: bool, profile: str | None = None, profile_step: int = 0):
         from transformers import TrainerCallback
 
         meter = self
@@ -95,6 +95,8 @@ class StepMeter:
                     torch.cuda.reset_peak_memory_stats()
 
             def on_step_begin(self, args, state, control, **kwargs):
+                if profile and len(meter.step_s) == profile_step:
+                    meter._profiler = _start_profiler(cuda)
                 meter._sync()
                 meter._t0 = time.perf_counter()
 
@@ -103,6 +105,9 @@ class StepMeter:
                 meter.step_s.append(time.perf_counter() - meter._t0)
                 meter.step_tokens.append(state.num_input_tokens_seen - meter._seen)
                 meter._seen = state.num_input_tokens_seen
+                if meter._profiler is not None:
+                    _write_profile(meter._profiler, profile, cuda)
+                    meter._profiler = None
                 print(f"    step {len(meter.step_s)}: {meter.step_s[-1] * 1e3:8.0f} ms", flush=True)
 
             def on_log(self, args, state, control, logs=None, **kwargs):
@@ -112,6 +117,7 @@ class StepMeter:
         self.step_s: list[float] = []
         self.step_tokens: list[int] = []
         self._seen = 0
+        self._profiler = None
         self.logs: list[dict] = []
         self.callback = _Callback()
 
@@ -137,13 +143,34 @@ class StepMeter:
         )
 
 
-def _kt_keys(log: dict) -> dict:
-    return {key: value for key, value in log.items() if key.startswith("kt_")}
+def _start_profiler(cuda: bool):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    profiler = profile(activities=activities)
+    profiler.__enter__()
+    return profiler
+
+
+def _write_profile(profiler, path: str, cuda: bool) -> None:
+    """The step's GPU kernels and host ops, by self time, as text tables."""
+    profiler.__exit__(None, None, None)
+    events = profiler.key_averages()
+    with open(path, "w") as f:
+        if cuda:
+            f.write(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=80) + "\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=80) + "\n")
+        f.write(events.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=80) + "\n")
+    print(f"    profile of the step: {path}", flush=True)
 
 
 def token_rows(n: int, seq: int, vocab: int) -> list[dict[str, torch.Tensor]]:
     ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
     return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+def _profile_path(a, mode: str) -> str | None:
+    return f"{a.profile}-{mode}.txt" if a.profile and mode in a.profile_modes.split(",") else None
 
 
 def run_trainer_mode(mode: str, a) -> dict:
@@ -172,7 +199,7 @@ def run_trainer_mode(mode: str, a) -> dict:
         target_parameters=EXPERT_TARGETS,
     )
     model = peft.get_peft_model(model, lora)
-    meter = StepMeter(cuda)
+    meter = StepMeter(cuda, _profile_path(a, mode), a.warmup + a.steps - 1)
     callbacks = [meter.callback]
     if mode == "gpu-loss":
         kt_core.enable_efficient_loss(model)
@@ -194,6 +221,7 @@ def run_trainer_mode(mode: str, a) -> dict:
             report_to="none",
             use_cpu=not cuda,
             include_num_input_tokens_seen=True,
+            max_grad_norm=a.max_grad_norm,
             seed=0,
         )
         data = token_rows(a.batch * (a.warmup + a.steps), a.seq, model.config.vocab_size)
@@ -226,7 +254,7 @@ def run_llamafactory_mode(mode: str, a) -> dict:
     from llamafactory.train.tuner import run_exp
 
     cuda = a.device == "cuda"
-    meter = StepMeter(cuda)
+    meter = StepMeter(cuda, _profile_path(a, mode), a.warmup + a.steps - 1)
     with tempfile.TemporaryDirectory() as work:
         write_dataset(Path(work) / "data", a.batch * (a.warmup + a.steps), a.seq)
         config = dict(
@@ -298,6 +326,9 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="default: cuda when there is one")
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--mode-timeout", type=float, default=1800, help="seconds per mode")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="the Trainer's (1.0 by default; 0: no clipping)")
+    ap.add_argument("--profile", default=None, help="write torch.profiler tables of the last step to PREFIX-MODE.txt")
+    ap.add_argument("--profile-modes", default="kt-stream,lf-kt-stream", help="modes --profile applies to")
     ap.add_argument("--out", default="bench_sft.json")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
