@@ -37,7 +37,7 @@ from sglang_cpu import init_sglang_cpu, install_torchvision_stubs, write_model_c
 
 install_torchvision_stubs()  # before anything imports torchvision (sglang, transformers' image utils)
 
-from kt_core.peft_format import expert_factors_to_peft  # noqa: E402
+from kt_core.peft import expert_factors_to_peft  # noqa: E402
 from kt_plugins.sglang.options import ENV_VAR, KTExpertsOptions  # noqa: E402
 
 E, H, I, K = 8, 64, 32, 2

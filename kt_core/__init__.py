@@ -23,6 +23,8 @@ Plugins
 Runtime
     get_thread_pool      the process-wide pool of `cpu_infer` threads
     enable_streaming     split MoE layers between CPU compute and GPU compute on PCIe-streamed weights
+PEFT (kt_core.peft)
+    take_over_peft_model expert LoRA of a PEFT model onto KTExperts; PEFT's keys, layouts, adapter folders
 """
 
 from kt_core.architectures import (

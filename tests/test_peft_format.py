@@ -6,15 +6,10 @@ import pytest
 import torch
 
 from kt_core.experts import KTExperts
-from kt_core.peft_format import (
-    expert_factors_from_peft,
-    expert_factors_to_peft,
-    expert_lora_to_peft_state_dict,
-    install_peft_state_dict_hooks,
-    load_expert_lora_,
-    peft_layout_swapped,
-    take_over_peft_experts,
-)
+from kt_core.peft import expert_factors_from_peft, expert_factors_to_peft
+from kt_core.peft.attach import expert_lora_to_peft_state_dict, install_peft_state_dict_hooks, load_expert_lora_
+from kt_core.peft.layout import peft_layout_swapped
+from kt_core.peft.wrappers import take_over_peft_experts
 from tests.tiny_models import build_tiny_model
 
 peft = pytest.importorskip("peft")

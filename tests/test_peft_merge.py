@@ -7,8 +7,8 @@ import torch
 
 import kt_core
 from kt_core.experts import KTExperts
-from kt_core.peft_format import merge_expert_lora_
-from kt_core.peft_takeover import take_over_peft_model
+from kt_core.peft import take_over_peft_model
+from kt_core.peft.attach import merge_expert_lora_
 from tests.tiny_models import build_tiny_model, save_fused_checkpoint
 
 peft = pytest.importorskip("peft")

@@ -435,7 +435,7 @@ def test_no_peft_unsupported_layer_warning_for_our_layer(tiny_checkpoint):
     config = LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        from kt_core.peft_format import ignore_peft_layer_warning
+        from kt_core.peft import ignore_peft_layer_warning
 
         ignore_peft_layer_warning()  # load_model installed it; catch_warnings reset the filters for the test
         get_peft_model(model, config)

@@ -245,7 +245,7 @@ def load_model(
 
 def _expect_peft() -> None:
     """The model's KTExperts may be wrapped by the user's `get_peft_model` next: no false PEFT warning."""
-    from kt_core.peft_format import ignore_peft_layer_warning
+    from kt_core.peft import ignore_peft_layer_warning
 
     ignore_peft_layer_warning()
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
-from pathlib import Path
 
-from kt_core.peft_format import peft_layer_warning_filtered
+from kt_core.peft import AdapterFolder, is_peft_param_wrapper, peft_layer_warning_filtered, take_over_peft_model
 from kt_plugins.llamafactory.config import KTSettings
 
 __all__ = [
@@ -67,10 +65,12 @@ def expert_lora_setup(adapter_module, settings: KTSettings, finetuning_args, is_
 
 
 def take_over(model, settings: KTSettings):
-    """After LLaMA-Factory's init_adapter: PEFT's expert LoRA (new or resumed) moves onto KTExperts."""
-    from kt_core.peft_format import is_peft_param_wrapper
-    from kt_core.peft_takeover import take_over_peft_model
+    """After LLaMA-Factory's init_adapter: PEFT's expert LoRA (new or resumed) moves onto KTExperts.
 
+    kt_core.load_model placed the model already (model.py, with `kt_optimize_rule`), and that placement stands:
+    the experts it put on the CPU operator take their LoRA over, the ones its rules left to transformers keep
+    PEFT's. The kernel and threads are those load_model built the experts with.
+    """
     if any(is_peft_param_wrapper(m) for m in model.modules()):
         take_over_peft_model(model, kernel=settings.kt_kernel, cpu_infer=settings.cpu_infer)
     logger.info("kt-plugins: %s", describe_cpu_experts(model))
@@ -79,9 +79,7 @@ def take_over(model, settings: KTSettings):
 
 def describe_cpu_experts(model) -> str:
     """What the built model runs: its KTExperts layers' kernels, chunking, threads and expert LoRA."""
-    from kt_core import KTExperts
-    from kt_core.runtime.pool import current_threads
-    from kt_core.settings import usable_cpus
+    from kt_core import KTExperts, get_thread_pool
 
     layers = [m for m in model.modules() if isinstance(m, KTExperts)]
     if not layers:
@@ -90,14 +88,11 @@ def describe_cpu_experts(model) -> str:
     chunks = sorted({m.chunk_size or 0 for m in layers})
     chunking = ", ".join(f"{c} tokens per call" if c else "whole batch per call" for c in chunks)
     with_lora = sum(1 for m in layers if m.lora is not None)
-    threads = sorted({m.cpu_infer for m in layers if m.cpu_infer} or {current_threads() or usable_cpus()})
+    threads = sorted({m.cpu_infer for m in layers if m.cpu_infer} or {get_thread_pool().num_threads})
     return (
         f"{len(layers)} routed-experts layers on the CPU operator: kernel {', '.join(kernels)}; chunking: "
         f"{chunking}; {', '.join(map(str, threads))} CPU threads; expert LoRA on {with_lora} layers"
     )
-
-
-_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+?)(?:\.base_layer)*\.lora_(?P<which>[AB])(?:\.\w+)?\.weight$")
 
 
 def check_adapter_matches(model, adapter_dir: str) -> None:
@@ -105,33 +100,26 @@ def check_adapter_matches(model, adapter_dir: str) -> None:
 
     Args:
         model: the base model the adapter is about to be loaded onto.
-        adapter_dir: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+        adapter_dir: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors or .bin).
 
     Raises:
         ValueError: naming the adapter file, the first tensor that does not fit and why.
     """
-    from safetensors import safe_open
-
-    weights = Path(adapter_dir) / "adapter_model.safetensors"
-    if not weights.is_file():
+    folder = AdapterFolder(adapter_dir)
+    weights = folder.weights_file
+    if weights is None:
         return  # PEFT reports missing files itself
     modules = dict(model.named_modules())
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-            match = _LORA_KEY.match(key)
-            if match is None:
-                continue
-            name = match["module"]
-            module = modules.get(name)
-            if module is None:
-                raise ValueError(
-                    f"{weights}: this adapter was trained for another model: it has LoRA for `{name}`, which "
-                    f"{type(model).__name__} at {getattr(model.config, '_name_or_path', '?')} does not have"
-                )
-            in_features = getattr(module, "in_features", None)
-            shape = f.get_slice(key).get_shape()
-            if match["which"] == "A" and in_features is not None and shape[-1] != in_features:
-                raise ValueError(
-                    f"{weights}: this adapter was trained for another model: `{key}` expects {shape[-1]} "
-                    f"input features, `{name}` has {in_features}"
-                )
+    for key, parsed, shape in folder.lora_shapes():
+        module = modules.get(parsed.module)
+        if module is None:
+            raise ValueError(
+                f"{weights}: this adapter was trained for another model: it has LoRA for `{parsed.module}`, which "
+                f"{type(model).__name__} at {getattr(model.config, '_name_or_path', '?')} does not have"
+            )
+        in_features = getattr(module, "in_features", None)
+        if parsed.which == "A" and in_features is not None and shape[-1] != in_features:
+            raise ValueError(
+                f"{weights}: this adapter was trained for another model: `{key}` expects {shape[-1]} "
+                f"input features, `{parsed.module}` has {in_features}"
+            )

@@ -2,7 +2,7 @@
 
 A PEFT adapter trained with kt-plugins stores the routed experts' LoRA as `target_parameters` on
 `mlp.experts.gate_up_proj` / `down_proj` (PEFT's ParamWrapper keys, `...mlp.experts.[base_layer.]lora_A.weight`,
-see kt_core.peft_format). SGLang's own LoRA support knows nothing of those; the rest of the adapter
+see kt_core.peft.keys). SGLang's own LoRA support knows nothing of those; the rest of the adapter
 (attention, dense MLPs, shared experts) is SGLang's to serve with `--lora-paths`.
 
 - CPU experts: the factors go to `KTExperts.add_lora`, computed unmerged by the CPU operator.
@@ -19,21 +19,19 @@ Legend: E = experts, H = hidden, I = expert intermediate, r = rank.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from kt_core.peft_format import EXPERT_PARAMETERS, expert_factors_from_peft, peft_scaling
+from kt_core.peft import EXPERT_PARAMETERS, AdapterFolder, expert_factors_from_peft
 
 __all__ = ["ExpertLoRAAdapter", "apply_expert_lora", "read_expert_lora"]
 
 logger = logging.getLogger(__name__)
 
-_EXPERT_LORA_KEY = re.compile(r"layers\.(\d+)\.mlp\.experts\.((?:base_layer\.)*)lora_([AB])(?:\.[^.]+)?\.weight$")
+_EXPERTS_MODULE = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts$")  # routed experts of decoder layer N
 
 
 @dataclass
@@ -56,33 +54,21 @@ class ExpertLoRAAdapter:
 @functools.lru_cache(maxsize=4)
 def read_expert_lora(path: str) -> ExpertLoRAAdapter:
     """Reads the expert LoRA of a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
-    root = Path(path)
-    config_file = root / "adapter_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"--kt-experts-lora: {config_file} not found (expected a PEFT adapter directory)")
-    config = json.loads(config_file.read_text())
+    folder = AdapterFolder(path)
+    try:
+        config = folder.config()
+        weights = folder.load_lora(lambda key: _EXPERTS_MODULE.search(key.module) is not None)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--kt-experts-lora: {exc}") from None
     for key in ("rank_pattern", "alpha_pattern"):
         if any("experts" in pattern for pattern in config.get(key) or {}):
-            raise ValueError(f"--kt-experts-lora: {config_file}: per-module {key} on the experts is not supported")
-    rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
-    adapter = ExpertLoRAAdapter(str(root), rank, peft_scaling(rank, alpha, bool(config.get("use_rslora", False))))
-    weights_file = root / "adapter_model.safetensors"
-    if weights_file.is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(str(weights_file))
-    elif (root / "adapter_model.bin").is_file():
-        state = torch.load(root / "adapter_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"--kt-experts-lora: no adapter_model.safetensors (or .bin) in {root}")
-    for key, tensor in state.items():
-        match = _EXPERT_LORA_KEY.search(key)
-        if match is None:
-            continue
-        layer, depth = int(match.group(1)), len(match.group(2)) // len("base_layer.")
-        adapter.layers.setdefault(layer, {}).setdefault(depth, {})[match.group(3)] = tensor
+            raise ValueError(f"--kt-experts-lora: {path}: per-module {key} on the experts is not supported")
+    adapter = ExpertLoRAAdapter(str(folder.path), *folder.rank_and_scaling())
+    for key, tensor in weights:
+        layer = int(_EXPERTS_MODULE.search(key.module).group(1))
+        adapter.layers.setdefault(layer, {}).setdefault(key.depth, {})[key.which] = tensor
     if not adapter.layers:
-        logger.warning("--kt-experts-lora: %s holds no expert LoRA (mlp.experts target_parameters)", root)
+        logger.warning("--kt-experts-lora: %s holds no expert LoRA (mlp.experts target_parameters)", path)
     return adapter
 
 
