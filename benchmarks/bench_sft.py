@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -342,6 +343,9 @@ def main() -> None:
             Path(tempfile.gettempdir()) / f"kt-bench-{a.shape}-{config.num_hidden_layers}{'-small' * a.small}"
         )
     if a.child:
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+        for name in ("kt_core", "kt_plugins"):  # the split, the plan and the loss backend chosen
+            logging.getLogger(name).setLevel(logging.INFO)
         run = run_llamafactory_mode if a.child in LLAMAFACTORY_MODES else run_trainer_mode
         Path(a.child_out).write_text(json.dumps(run(a.child, a)))
         return

@@ -13,8 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from make_checkpoint import write_checkpoint  # noqa: E402  (examples/tiny_moe, on sys.path via test_llamafactory)
-from test_llamafactory import REPO, losses, run_cli, train_config  # noqa: E402
+from test_llamafactory import REPO, losses, run_cli, train_config, write_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
