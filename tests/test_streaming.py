@@ -309,3 +309,21 @@ def test_planner_gives_no_small_cpu_share_to_a_gpu_bound_layer():
     # a slow GPU and PCIe against a fast CPU: a large CPU share still pays
     fast_cpu = CostModel(pcie_bytes_per_s=1e9, cpu_flops=5e13, gpu_flops=1e12)
     assert len(plan_layer(counts, **{**kw, "cost": fast_cpu}).stream) < 128
+
+
+def test_residents_keep_the_device_path(monkeypatch):
+    """Residents plus every other expert streamed: the slot holds the whole layer (residents copied in on the
+    device), so no call splits on the host; PCIe carries only the streamed experts; results stay exact."""
+    from kt_core.streaming import share
+
+    parts = []
+    monkeypatch.setattr(share._StreamedCall, "_parts_forward", lambda self, *a, **k: parts.append(1) / 0)
+    ref, ours = ToyMoE(3), ToyMoE(3)
+    rt = enable_streaming(ours, device="cpu", **SPLITS["resident"])
+    assert train(ours) == pytest.approx(train(ref), rel=2e-4, abs=1e-6)
+    last = rt.history[-1]
+    assert last["resident_per_layer"] == [3, 3, 3] and last["streamed_per_layer"] == [E - 3] * 3
+    expert_bytes = 3 * I * H * 4  # gate, up and down of one fp32 expert
+    loads = last["pcie_gb"] * 1e9 / ((E - 3) * expert_bytes)  # whole-layer loads that copied no resident
+    assert loads >= 1 and loads == pytest.approx(round(loads), abs=1e-6)
+    assert not parts

@@ -104,11 +104,12 @@ class StreamingRuntime:
         experts, w13, w2 = self.store.acquire(layer)
         if 0 <= nxt < len(self.layers):  # prefetch one layer ahead, in this pass's order
             self.store.load(nxt, self.plan(nxt, slots).stream, avoid=layer)
-        if phase == "fwd" and layer < len(self._streamed):
-            self._streamed[layer] = len(experts)
         lw = self.store.layers[layer]
+        in_slot = set(lw.resident) & set(experts)  # residents a whole-layer slot holds as well
+        if phase == "fwd" and layer < len(self._streamed):
+            self._streamed[layer] = len(experts) - len(in_slot)
         out = [(experts, w13, w2)] if experts else []
-        if lw.resident:
+        if lw.resident and not in_slot:
             out.append((lw.resident, lw.res_w13, lw.res_w2))
         return out
 
@@ -262,7 +263,7 @@ class StreamingRuntime:
         self._fresh = [False] * len(self.layers)
         for i in range(len(self.layers)):  # a slot holding last step's plan of a layer is refilled if it changed
             held = self.store.holds(i)
-            if held is not None and list(held) != list(self.plan(i, 0).stream)[: self.store.capacity]:
+            if held is not None and held != self.store.slot_content(i, self.plan(i, 0).stream):
                 self.store.invalidate(i)
         self._reset_counters()
         self._saw_backward = False

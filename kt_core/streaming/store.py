@@ -5,7 +5,10 @@
   (RLIMIT_MEMLOCK, no CUDA), the copies come from pageable memory: a warning says so, the result is the
   same, the copies are slower and no longer overlap the compute.
 - Slots: two device buffers of `capacity` experts each. A layer's streamed experts are copied into the
-  slot that the current layer does not use, on a side stream, while the current layer computes; the
+  slot that the current layer does not use, on a side stream, while the current layer computes. When a
+  full-layer slot receives every expert the layer's residents do not hold, the residents are copied in
+  too (device to device, at their expert positions), so the slot holds the whole layer and the layer's
+  calls keep the device path (no host split); the residents still save their PCIe bytes. The
   compute stream waits on the copy's event before using it, and the side stream waits on the slot's
   last use before overwriting it. A slot keeps its layer until overwritten, so the recomputation of a
   checkpointed layer and its backward share one copy, and so do the last layer's forward and backward.
@@ -204,20 +207,31 @@ class ExpertStore:
             if slot.tag is not None and slot.tag[0] == layer:
                 slot.tag = None
 
+    def slot_content(self, layer: int, streamed: list[int]) -> tuple[int, ...]:
+        """The expert ids a slot holds, in slot order, once `streamed` experts of `layer` are loaded."""
+        streamed = list(streamed)[: self.capacity]
+        resident = self.layers[layer].resident
+        E = self.layers[layer].gate_up.shape[0]
+        if resident and self.capacity == E and len(set(streamed) | set(resident)) == E:
+            return tuple(range(E))  # the whole layer: streamed experts and residents at their positions
+        return tuple(streamed)
+
     def load(self, layer: int, experts: list[int], *, avoid: int | None = None) -> None:
         """Starts copying `experts` of `layer` into a slot not holding `avoid` (no-op if already there)."""
         if not experts or not self.slots or self.holds(layer) is not None:
             return
-        experts = list(experts)[: self.capacity]
+        content = self.slot_content(layer, experts)
+        lw = self.layers[layer]
+        resident = set(lw.resident) & set(content)
+        streamed = [e for e in content if e not in resident]
         free = [s for s in self.slots if s.tag is None or s.tag[0] != avoid]
         slot = min(free, key=lambda s: (s.tag is not None, s.used))
-        slot.tag = (layer, tuple(experts))
-        lw = self.layers[layer]
+        slot.tag = (layer, content)
         srcs = lw.q if lw.q is not None else (lw.gate_up, lw.down)
-        nbytes = len(experts) * self.expert_bytes(layer)
+        nbytes = len(streamed) * self.expert_bytes(layer)
         if not self.cuda:
             t0 = time.perf_counter()
-            self._copy(slot, srcs, experts)
+            self._copy(slot, srcs, content, resident)
             self._copy_s += time.perf_counter() - t0
             self._copy_bytes += nbytes
             return
@@ -226,21 +240,32 @@ class ExpertStore:
                 self.side.wait_event(slot.free)  # the compute that last read this slot
             start = torch.cuda.Event(enable_timing=True)
             start.record(self.side)
-            self._copy(slot, srcs, experts)
+            self._copy(slot, srcs, content, resident)
             end = torch.cuda.Event(enable_timing=True)
             end.record(self.side)
         slot.ready = end
         self._copies.append((start, end, nbytes))
 
-    def _copy(self, slot: _Slot, srcs, experts: list[int]) -> None:
-        n = len(experts)
-        full = experts == list(range(n))  # a prefix of the experts: one copy per tensor
-        for dst, src in zip(slot.bufs, srcs, strict=True):
-            if full:
+    def _copy(self, slot: _Slot, srcs, content: tuple[int, ...], resident: set[int]) -> None:
+        """Host -> slot copies of the streamed experts of `content` (residents: see `_fill_residents`)."""
+        n = len(content)
+        if not resident and content == tuple(range(n)):  # a prefix of the experts: one copy per tensor
+            for dst, src in zip(slot.bufs, srcs, strict=True):
                 dst[:n].copy_(src[:n], non_blocking=True)
-            else:
-                for j, e in enumerate(experts):
+            return
+        for dst, src in zip(slot.bufs, srcs, strict=True):
+            for j, e in enumerate(content):
+                if e not in resident:
                     dst[j].copy_(src[e], non_blocking=True)
+        if resident and self.quantize is None:
+            self._fill_residents(slot.tag[0], (slot.bufs[0], slot.bufs[1]))
+
+    def _fill_residents(self, layer: int, dst: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Device copies of `layer`'s residents into a whole-layer weight set (positions = expert ids)."""
+        lw = self.layers[layer]
+        idx = torch.tensor(lw.resident, device=self.device)
+        dst[0].index_copy_(0, idx, lw.res_w13)
+        dst[1].index_copy_(0, idx, lw.res_w2)
 
     def acquire(self, layer: int) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
         """The streamed experts of `layer` present in a slot, and their weights [G, 2I, H], [G, H, I].
@@ -263,6 +288,8 @@ class ExpertStore:
             q13, q2, s13, s2 = slot.bufs[0], slot.bufs[1], slot.bufs[2], slot.bufs[3]
             torch.mul(q13[:n], s13[:n, :, None], out=self.scratch[0][:n])
             torch.mul(q2[:n], s2[:n, :, None], out=self.scratch[1][:n])
+            if set(self.layers[layer].resident) & set(experts):  # a whole layer: the residents' exact weights
+                self._fill_residents(layer, self.scratch)
             self.scratch_tag = slot.tag
         return experts, self.scratch[0][:n], self.scratch[1][:n]
 
