@@ -327,3 +327,26 @@ def test_residents_keep_the_device_path(monkeypatch):
     loads = last["pcie_gb"] * 1e9 / ((E - 3) * expert_bytes)  # whole-layer loads that copied no resident
     assert loads >= 1 and loads == pytest.approx(round(loads), abs=1e-6)
     assert not parts
+
+
+EXPERT_BYTES = 3 * I * H * 4  # gate, up and down of one fp32 expert
+
+
+@pytest.mark.parametrize(
+    ("budget", "peak", "limit", "residents"),
+    [
+        (SPLITS["resident"]["gpu_memory_budget"], 0, 2**30, 3),  # room for all the budget allows
+        (SPLITS["resident"]["gpu_memory_budget"], 2**30 - 2**28 - 3 * 2 * EXPERT_BYTES, 2**30, 2),  # room for 2
+        (None, 2**30 - 2**28 - 5 * 3 * EXPERT_BYTES, 2**30, 5),  # no budget: the limit alone decides
+        (None, 2**31, 2**30, 0),  # step 1 alone is over the limit: no residents, a warning
+    ],
+)
+def test_gpu_memory_limit_sizes_residents_from_the_first_step(budget, peak, limit, residents, caplog):
+    ref, ours = ToyMoE(3), ToyMoE(3)
+    rt = enable_streaming(ours, device="cpu", mode="gpu", gpu_memory_budget=budget, gpu_memory_limit=limit)
+    rt.peak_bytes = lambda: peak  # what step 1 measured (torch.cuda.max_memory_allocated on a GPU)
+    with caplog.at_level(logging.INFO, logger="kt_core.streaming"):
+        assert train(ours) == pytest.approx(train(ref), rel=2e-4, abs=1e-6)
+    assert rt.history[-1]["resident_per_layer"] == [residents] * 3
+    assert f"{residents} resident experts per layer" in caplog.text
+    assert ("over gpu_memory_limit" in caplog.text) == (peak > limit)

@@ -17,7 +17,8 @@ once, when the step closes. When a plan leaves the CPU nothing to do, the layer 
 its calls take the device path (kt_core/streaming/share.py) (no host synchronisation, no CPU thread hand-off).
 
 `gpu_memory_budget` bounds the device bytes of expert weights (the two slots, the int8 scratch and the
-resident experts); the rest of the model and the activations come on top.
+resident experts); the rest of the model and the activations come on top. `gpu_memory_limit` bounds the
+whole run: the resident experts are sized from the first step's measured peak so that the total stays under it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class StreamingRuntime:
         resident_per_layer: int,
         keep_bytes: int = 2**30,
         piece_rows: int = 32768,
+        gpu_memory_limit: int | None = None,
     ):
         self.device = torch.device(device)
         self.keep_bytes = keep_bytes  # a recomputed layer's expert intermediates kept for its backward, at most
@@ -61,7 +63,9 @@ class StreamingRuntime:
         self.store = store
         self.mode = mode
         self.cost = cost
-        self.resident_per_layer = resident_per_layer
+        self.resident_per_layer = resident_per_layer  # at most; a gpu_memory_limit can lower it after step 1
+        self.gpu_memory_limit = gpu_memory_limit  # bytes the whole run may hold on the device (None: no check)
+        self.peak_bytes = self._device_peak  # what step 1 peaked at; replaceable where there is no CUDA
         self.layers: list[KTExperts] = []  # in forward-pass order
         self.counts: list[torch.Tensor | None] = []  # [E] float EMA of routed slots per expert
         self.plans: list[LayerPlan] = []
@@ -255,6 +259,8 @@ class StreamingRuntime:
             report["pcie_gb"], gpu_s * 1e3, s, sum(s) / max(1, len(s)),
             self.layers[0].num_experts if self.layers else 0, self.resident_per_layer,
         )  # fmt: skip
+        if len(self.history) == 1 and self.gpu_memory_limit is not None:
+            self.resident_per_layer = self._residents_within_limit()
         if self.resident_per_layer and not any(lw.resident for lw in self.store.layers):
             for i, c in enumerate(self.counts):  # hottest experts of each layer stay on the GPU from now on
                 if c is not None:
@@ -269,6 +275,36 @@ class StreamingRuntime:
         self._saw_backward = False
         self._step_t0 = time.perf_counter()
         return report
+
+    def _device_peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+
+    def _residents_within_limit(self) -> int:
+        """Residents per layer that fit under `gpu_memory_limit` on top of what step 1 peaked at.
+
+        Step 1 ran with the slots only, so its peak holds everything else a step needs (weights, activations,
+        the loss, the kept intermediates); residents are static weights and add exactly their bytes.
+        """
+        peak, limit = self.peak_bytes(), self.gpu_memory_limit
+        per_resident = len(self.layers) * self.store.expert_bytes_bf(0)  # one more resident in every layer
+        margin = max(2**28, limit // 50)  # allocator rounding and fragmentation
+        fit = max(0, (limit - peak - margin) // max(1, per_resident))
+        chosen = min(self.resident_per_layer, fit)
+        gib = 2**30
+        if peak > limit:
+            logger.warning(
+                "streaming: step 1 peaked at %.2f GiB, over gpu_memory_limit %.2f GiB, before any resident expert; "
+                "lower the batch size or the sequence length, or stream_keep_bytes (kept intermediates, now "
+                "%.2f GiB), or give the experts less (gpu_memory_budget)",
+                peak / gib, limit / gib, self.keep_bytes / gib,
+            )  # fmt: skip
+        logger.info(
+            "streaming: gpu_memory_limit %.2f GiB, step 1 peaked at %.2f GiB with the slots alone: %d resident "
+            "experts per layer (%.2f GiB)%s",
+            limit / gib, peak / gib, chosen, chosen * per_resident / gib,
+            "" if chosen == self.resident_per_layer else f", {self.resident_per_layer} would have fit the budget",
+        )  # fmt: skip
+        return chosen
 
     def disable(self) -> None:
         """Restores the CPU-only forward of every layer and releases pinned memory and device buffers."""
@@ -287,6 +323,7 @@ def enable_streaming(
     quantize: str | None = None,
     cost: CostModel | None = None,
     keep_bytes: int | str = "1GiB",
+    gpu_memory_limit: int | str | None = None,
 ) -> StreamingRuntime:
     """Splits every KTExperts layer of `model` between CPU compute and GPU compute on streamed weights.
 
@@ -303,6 +340,11 @@ def enable_streaming(
         keep_bytes: device bytes of a checkpointed layer's expert intermediates kept from its recomputation
             for the backward that follows ("1GiB" default); the backward recomputes whatever did not fit.
             More is faster, less bounds the activation memory of large batches.
+        gpu_memory_limit: the most device memory the whole run may hold ("24GiB": weights, activations, the
+            loss and the experts together; the same limit `load_model` plans the weights with). The first
+            step runs with the streaming slots alone; from its measured peak the runtime keeps only as many
+            resident experts as fit under the limit (and warns, naming what to lower, when step 1 alone
+            exceeded it). None: residents fill what `gpu_memory_budget` leaves over the slots.
 
     Returns:
         The StreamingRuntime (per-step reports in `.history`; `.disable()` undoes it).
@@ -337,10 +379,15 @@ def enable_streaming(
         q_bytes += 4 * (2 * first.intermediate_dim + first.hidden_dim)  # fp32 row scales
         per_expert = 2 * q_bytes + expert_bf
     budget = optional_size(gpu_memory_budget, "gpu_memory_budget")
+    limit = optional_size(gpu_memory_limit, "gpu_memory_limit")
     if mode == "cpu":
         capacity, resident = 0, 0
     elif budget is None:
-        capacity, resident = E, 0
+        capacity, resident = E, (E if limit is not None else 0)  # with a limit: as many as fit after step 1
+        if limit is not None:  # the two slots may take half of what the limit leaves now; activations need the rest
+            held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            capacity = slot_capacity(max(0, limit - held) // 2, E, per_expert, slots=1)
+            resident = resident if capacity == E else 0
     else:
         capacity = slot_capacity(budget, E, per_expert, slots=1)
         left = budget - capacity * per_expert
@@ -355,6 +402,7 @@ def enable_streaming(
         cost=cost or CostModel(),
         resident_per_layer=resident,
         keep_bytes=parse_size(keep_bytes, "keep_bytes"),
+        gpu_memory_limit=limit,
     )
     for i, m in enumerate(layers):
         store.add_layer(m.gate_up_proj.detach(), m.down_proj.detach())
@@ -368,9 +416,9 @@ def enable_streaming(
         m.attach_gpu_share(StreamedShare(rt, i))  # same module, names and state dict; the layer splits each call
     rt._reset_counters()
     logger.info(
-        "streaming: %d layers on %s, slot capacity %d of %d experts, %d resident/layer, %.2f GiB of expert "
+        "streaming: %d layers on %s, slot capacity %d of %d experts, %s%d resident/layer, %.2f GiB of expert "
         "weights on the device, mode %s%s%s",
-        len(layers), device, capacity, E, resident, store.gpu_bytes() / 2**30, mode,
-        ", int8" if quantize else "", "" if store.pin_ok else ", host memory NOT pinned",
+        len(layers), device, capacity, E, "up to " if limit is not None else "", resident, store.gpu_bytes() / 2**30,
+        mode, ", int8" if quantize else "", "" if store.pin_ok else ", host memory NOT pinned",
     )  # fmt: skip
     return rt

@@ -187,6 +187,11 @@ class ExpertStore:
         lw.res_w13 = lw.gate_up[idx].to(self.device)
         lw.res_w2 = lw.down[idx].to(self.device)
 
+    def expert_bytes_bf(self, layer: int = 0) -> int:
+        """Device bytes one resident expert takes (the weights as stored on the host)."""
+        lw = self.layers[layer]
+        return sum(t[0].numel() * t.element_size() for t in (lw.gate_up, lw.down))
+
     def expert_bytes(self, layer: int = 0) -> int:
         """Bytes one expert moves over PCIe."""
         lw = self.layers[layer]
