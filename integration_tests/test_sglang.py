@@ -157,8 +157,9 @@ def test_missing_cpu_expert_is_named(model_dir):
         ours.quant_method.process_weights_after_loading(ours)
 
 
-def _write_peft_adapter(path: Path, r: int, alpha: float, seed=2):
-    """A PEFT adapter with expert LoRA on layer 0 in PEFT's saved layout; returns our-layout factors."""
+def _write_peft_adapter(path: Path, r: int, alpha: float, peft_version: str, swapped: bool, seed=2):
+    """A PEFT adapter with expert LoRA on layer 0 as PEFT `peft_version` saves it (`swapped`: its factor layout is
+    the one of PEFT >= 0.19); returns our-layout factors."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
@@ -170,10 +171,10 @@ def _write_peft_adapter(path: Path, r: int, alpha: float, seed=2):
     }
     prefix = "base_model.model.model.layers.0.mlp.experts."
     state = {}
-    # Nesting as PEFT 0.18 writes it for target_parameters=["gate_up_proj", "down_proj"].
+    # Nesting as PEFT (0.18 - 0.21) writes it for target_parameters=["gate_up_proj", "down_proj"].
     for param, nest in (("down_proj", ""), ("gate_up_proj", "base_layer.")):
         a, b = ("gate_up_A", "gate_up_B") if param == "gate_up_proj" else ("down_A", "down_B")
-        lora_A, lora_B = expert_factors_to_peft(factors[a], factors[b])
+        lora_A, lora_B = expert_factors_to_peft(factors[a], factors[b], swapped=swapped)
         state[f"{prefix}{nest}lora_A.weight"] = lora_A.contiguous()
         state[f"{prefix}{nest}lora_B.weight"] = lora_B.contiguous()
     state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(r, H)
@@ -185,15 +186,18 @@ def _write_peft_adapter(path: Path, r: int, alpha: float, seed=2):
         "lora_alpha": alpha,
         "target_modules": ["q_proj"],
         "target_parameters": ["gate_up_proj", "down_proj"],
+        "peft_version": peft_version,  # as PEFT records it: the release whose factor layout the tensors above use
     }
     (path / "adapter_config.json").write_text(json.dumps(config))
     return factors
 
 
+# H == 2I here: gate_up_proj's tensors have the same shapes in both layouts, only peft_version tells them apart.
+@pytest.mark.parametrize(("peft_version", "swapped"), [("0.18.1", False), ("0.19.1", True)])
 @pytest.mark.parametrize("gpu_experts", ["0", "3"], ids=["all-cpu", "first-3-gpu"])
-def test_expert_lora_from_peft_adapter(model_dir, tmp_path, gpu_experts):
+def test_expert_lora_from_peft_adapter(model_dir, tmp_path, gpu_experts, peft_version, swapped):
     r, alpha = 4, 8.0
-    factors = _write_peft_adapter(tmp_path / "adapter", r, alpha)
+    factors = _write_peft_adapter(tmp_path / "adapter", r, alpha, peft_version, swapped)
     scaling = alpha / r
     gate, up, down = _random_experts(torch.float32)
     # Reference: SGLang's own method on the merged weights W + scaling * B @ A.

@@ -4,7 +4,8 @@ read as files.
 
 keys.py       the one grammar of PEFT's LoRA state-dict keys: `...experts.[base_layer.]*lora_{A,B}[.<adapter>].weight`
 layout.py     PEFT's expert LoRA factors <-> ours (`kt_core.ExpertLoRA`), in the layouts of PEFT 0.18 and >= 0.19
-folder.py     the adapter-folder reader (adapter_config.json, adapter_model.safetensors / .bin)
+folder.py     the adapter-folder reader (adapter_config.json, adapter_model.safetensors / .bin; the factor layout
+              from the PEFT release recorded as `peft_version`)
 wrappers.py   PEFT's ParamWrappers around one experts module: recognized, unwrapped, their LoRA converted
 attach.py     that LoRA on a KTExperts: attached, saved and loaded under PEFT's keys, merged, dropped
 takeover.py   take_over_peft_model: a whole PEFT model's experts onto KTExperts, in the placement already made

@@ -5,7 +5,9 @@
     <folder>/adapter_model.safetensors  {key: tensor}, keys as in keys.py without the adapter name
     <folder>/adapter_model.bin          the same, torch.save'd (PEFT with safe_serialization=False)
 
-Only the LoRA weights are read (keys that keys.py parses); of a safetensors file only those asked for.
+Only the LoRA weights are read (keys that keys.py parses); of a safetensors file only those asked for. The
+factor layout of the expert LoRA is the one of the PEFT release that saved the folder (`peft_version`, see
+layout.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from kt_core.peft.keys import LoraKey, parse_lora_key
-from kt_core.peft.layout import peft_scaling
+from kt_core.peft.layout import SWAPPED_SINCE, peft_scaling, peft_version_layout_swapped
 
 __all__ = ["AdapterFolder"]
 
@@ -62,6 +64,27 @@ class AdapterFolder:
         rank = int(config["r"])
         alpha = float(config.get("lora_alpha", rank))
         return rank, peft_scaling(rank, alpha, bool(config.get("use_rslora", False)))
+
+    def expert_layout_swapped(self) -> bool:
+        """Whether the expert LoRA is saved in the in/out-swapped factor layout of PEFT >= 0.19 (layout.py).
+
+        Told by `peft_version` of adapter_config.json, which every PEFT release since 0.18.0 writes; never by the
+        shapes, which are the same in both layouts when H == 2*I or H == I.
+
+        Raises:
+            ValueError: `peft_version` is missing, or does not tell the layout; the message names the file.
+        """
+        config_file = self.path / CONFIG_FILE
+        version = self.config().get("peft_version")
+        swapped = peft_version_layout_swapped(version) if isinstance(version, str) else None
+        if swapped is None:
+            found = "no `peft_version`" if version is None else f"`peft_version` {version!r}"
+            raise ValueError(
+                f"{config_file}: {found}, which does not tell the factor layout of the expert LoRA (expected the "
+                f'PEFT release that saved the adapter, as PEFT >= 0.18 records it, e.g. "0.18.1": releases '
+                f"before {SWAPPED_SINCE} save lora_A [r*E, out], later ones lora_A [r*E, in])"
+            )
+        return swapped
 
     def lora_shapes(self) -> Iterator[tuple[str, LoraKey, tuple[int, ...]]]:
         """Every LoRA weight of the adapter: (key, parsed key, shape); of a safetensors file only the header is read."""

@@ -16,7 +16,13 @@ Transformers' experts use P = W (gate_up_proj [E, 2I, H], down_proj [E, H, I]), 
     0.18:  B[e] = lora_A[e].T,  A[e] = lora_B[:, :, e].T
     >= 0.19: B[e] = lora_B[:, :, e],  A[e] = lora_A[e]
 The layout is read off each wrapper (`swapped`) and kept with the converted module, so an adapter is saved
-in the layout of the PEFT that created it.
+in the layout of the PEFT that created it. An adapter folder tells its layout by the PEFT release that saved
+it, `peft_version` in adapter_config.json (`peft_version_layout_swapped`): shapes cannot, as the two layouts
+give both tensors the same shapes when H == 2*I (gate_up_proj) or H == I (down_proj).
+
+Which release writes which layout (PEFT's tuners/lora/layer.py, `ParamWrapper.update_layer`; config.py for
+`peft_version`): 0.17.x - 0.18.1 never swap, and 0.17.x records no `peft_version`; from 0.19.0 on (checked up to
+0.21.2) every 3-D parameter is swapped unless its experts module is `is_transposed`, which KTExperts refuses.
 
 Legend: E = experts, H = hidden, I = expert intermediate, r = rank.
 """
@@ -26,18 +32,24 @@ from __future__ import annotations
 import math
 
 import torch
+from packaging.version import InvalidVersion, Version
 from torch import nn
 
 __all__ = [
     "EXPERT_PARAMETERS",
+    "SWAPPED_SINCE",
     "expert_factors_from_peft",
     "expert_factors_to_peft",
     "peft_layout_swapped",
     "peft_scaling",
+    "peft_version_layout_swapped",
 ]
 
 # Fused parameter of a transformers experts module -> the ExpertLoRA factors that carry its update.
 EXPERT_PARAMETERS = {"gate_up_proj": ("gate_up_A", "gate_up_B"), "down_proj": ("down_A", "down_B")}
+
+# The first PEFT release that saves expert LoRA in the in/out-swapped layout.
+SWAPPED_SINCE = "0.19.0"
 
 
 def peft_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -107,3 +119,24 @@ def expert_factors_to_peft(
 def peft_layout_swapped(wrapper: nn.Module) -> bool:
     """Returns whether a ParamWrapper uses the in/out-swapped factor layout of PEFT >= 0.19."""
     return bool(getattr(wrapper, "_did_swap_in_out_features", False))
+
+
+def peft_version_layout_swapped(peft_version: str) -> bool | None:
+    """Returns whether PEFT `peft_version` saves expert LoRA in the swapped layout, or None when it cannot tell.
+
+    Args:
+        peft_version: as PEFT records it in adapter_config.json: "0.18.1"; a development build adds "@<commit>".
+
+    Returns:
+        True from 0.19.0 on; False before it; None for a string that is no version, and for a development or
+        pre-release build after 0.18.0 and before 0.19.0 (the swap landed on PEFT's main branch in between).
+    """
+    try:
+        version = Version(peft_version.partition("@")[0])
+    except InvalidVersion:
+        return None
+    if version >= Version(SWAPPED_SINCE):
+        return True
+    if version.is_prerelease and version > Version("0.18.0"):
+        return None  # built from PEFT's main branch between the releases: before or after the swap
+    return False
