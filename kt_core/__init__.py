@@ -7,8 +7,11 @@ Operator
     KTExperts            drop-in replacement for transformers' `*Experts` modules
     ExpertLoRA           per-expert LoRA factors in host memory
     experts_reference    plain-torch reference of the operator (tests, fallback)
+    GpuShare             what a GPU side of a layer provides (streaming, SGLang's GPU experts)
+    run_now              a GPU call's `submit_cpu` that runs the CPU share inline, on the caller's thread
 Kernels
     available_kernels    variants this CPU runs, best first (KT_KERNEL forces one)
+    resolve_kernel       "auto" or a name (KT_KERNEL first) -> the variant to run; fails listing what this CPU runs
     cpu_features         instruction-set extensions seen at run time
 Models
     load_model           checkpoint dir -> model with experts on the CPU, rest on the GPU(s), memory-planned
@@ -23,10 +26,18 @@ Plugins
 Runtime
     get_thread_pool      the process-wide pool of `cpu_infer` threads
     enable_streaming     split MoE layers between CPU compute and GPU compute on PCIe-streamed weights
+    ExpertTimer          wall time in a model's routed experts per training step, and its input tokens
+Loss
+    enable_efficient_loss, disable_efficient_loss, EfficientLoss    the causal-LM loss without [tokens x vocab] logits
+    normalize_loss_mode  a user's loss setting -> its mode ("off", "auto", a backend); errors name the key
+    loss_workspace_bytes the loss's peak GPU bytes per backend, for the memory plan
+Settings
+    settings             the validators of every kt-plugins setting (errors name the key as the user wrote it)
 PEFT (kt_core.peft)
     take_over_peft_model expert LoRA of a PEFT model onto KTExperts; PEFT's keys, layouts, adapter folders
 """
 
+from kt_core import settings
 from kt_core.architectures import (
     Architecture,
     ExpertProjections,
@@ -36,11 +47,18 @@ from kt_core.architectures import (
     register_architecture,
 )
 from kt_core.experts import GpuShare, KTExperts
+from kt_core.experts.share import run_now
 from kt_core.hookspecs import hookimpl
-from kt_core.kernels import available_kernels, cpu_features
+from kt_core.kernels import available_kernels, cpu_features, resolve_kernel
 from kt_core.loading import CheckpointError, MemoryPlan, MemoryPlanError, convert_model, load_model
 from kt_core.lora import ExpertLoRA
-from kt_core.loss import EfficientLoss, disable_efficient_loss, enable_efficient_loss, loss_workspace_bytes
+from kt_core.loss import (
+    EfficientLoss,
+    disable_efficient_loss,
+    enable_efficient_loss,
+    loss_workspace_bytes,
+    normalize_loss_mode,
+)
 from kt_core.placement import (
     PlacementPlan,
     PlacementRule,
@@ -55,6 +73,7 @@ from kt_core.placement import (
 )
 from kt_core.plugins import get_plugin_manager
 from kt_core.reference import experts_reference
+from kt_core.runtime.expert_time import ExpertTimer
 from kt_core.runtime.pool import get_thread_pool
 from kt_core.streaming import enable_streaming
 
@@ -64,6 +83,7 @@ __all__ = [
     "EfficientLoss",
     "ExpertLoRA",
     "ExpertProjections",
+    "ExpertTimer",
     "GpuShare",
     "KTExperts",
     "MemoryPlan",
@@ -91,7 +111,11 @@ __all__ = [
     "load_model",
     "load_rules",
     "loss_workspace_bytes",
+    "normalize_loss_mode",
     "register_architecture",
     "register_expert_backend",
+    "resolve_kernel",
     "resolve_rule_file",
+    "run_now",
+    "settings",
 ]

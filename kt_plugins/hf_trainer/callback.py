@@ -24,11 +24,9 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from kt_core import ExpertTimer, KTExperts, resolve_kernel
 from kt_core import settings as checks
-from kt_core.experts import KTExperts
-from kt_core.kernels import resolve_kernel
 from kt_core.placement import PlacementRule, resolve_rule_file
-from kt_core.runtime.expert_time import ExpertTimer
 from kt_plugins.hf_trainer.convert import expert_lora_parameters, kt_prepare
 
 __all__ = ["KTCallback"]
@@ -52,8 +50,7 @@ def _check_resume(args) -> None:
     `checkpoint-N` of the output folder, which `train(resume_from_checkpoint=True)` would pick, is checked
     and a warning names the complete one to resume from.
     """
-    from kt_core.loading import CheckpointError, check_training_checkpoint
-    from kt_core.loading.resume import last_good_checkpoint
+    from kt_core.loading import CheckpointError, check_training_checkpoint, last_good_checkpoint
 
     if isinstance(args.resume_from_checkpoint, str):
         check_training_checkpoint(args.resume_from_checkpoint)
@@ -108,7 +105,7 @@ class KTCallback(TrainerCallback):
         stream_keep_bytes: int | str = "1GiB",
         loss: str | bool = "auto",
     ):
-        from kt_core.loss import normalize_loss_mode
+        from kt_core import normalize_loss_mode
 
         self.loss_mode = normalize_loss_mode(loss, key="KTCallback(loss)")
         self.efficient_loss = None  # kt_core.loss.EfficientLoss once attached
@@ -153,7 +150,7 @@ class KTCallback(TrainerCallback):
                 )
             self._streaming = enable_streaming(model, device=device, **self.streaming_options)
         if self.loss_mode != "off" and self.efficient_loss is None:
-            from kt_core.loss import enable_efficient_loss
+            from kt_core import enable_efficient_loss
 
             self.efficient_loss = enable_efficient_loss(model, self.loss_mode)
         if self.log_speed and self._timer is None:

@@ -98,7 +98,7 @@ class KTSettings:
 
     def describe(self) -> str:
         """What will run, for the takeover log line: the kernel `kt_kernel` resolves to, the real chunking."""
-        from kt_core.kernels import resolve_kernel
+        from kt_core import resolve_kernel
 
         kernel = resolve_kernel(self.kt_kernel)
         parts = [
@@ -153,7 +153,7 @@ def _device_list(key: str, value: Any) -> str:
 
 
 def _kernel(key: str, value: Any) -> str:
-    from kt_core.kernels import resolve_kernel
+    from kt_core import resolve_kernel
 
     name = _text(key, value)
     try:
@@ -182,7 +182,7 @@ def _chunk_size(key: str, value: Any) -> int:
 
 
 def _loss_mode(key: str, value: Any) -> str:
-    from kt_core.loss import normalize_loss_mode  # YAML reads `off` as false: both mean "off"
+    from kt_core import normalize_loss_mode  # YAML reads `off` as false: both mean "off"
 
     return normalize_loss_mode(value, key=key)
 

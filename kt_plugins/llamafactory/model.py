@@ -89,7 +89,7 @@ def _enable_streaming(model, settings: KTSettings) -> None:
 
 def _enable_efficient_loss(model, settings: KTSettings, finetuning_args) -> None:
     """`kt_loss`: the loss of pt / sft training steps from hidden states, never [tokens x vocab] logits."""
-    from kt_core.loss import enable_efficient_loss, normalize_loss_mode
+    from kt_core import enable_efficient_loss, normalize_loss_mode
 
     mode = normalize_loss_mode(settings.kt_loss, key="kt_loss")
     if mode == "off":

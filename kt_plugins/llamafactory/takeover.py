@@ -152,9 +152,8 @@ def _training_callback():
     """A Trainer callback for use_kt runs: the resume check, and kt_tokens_per_s / kt_cpu_expert_share."""
     from transformers import TrainerCallback
 
-    from kt_core.experts import KTExperts
+    from kt_core import ExpertTimer, KTExperts
     from kt_core.loading import check_training_checkpoint
-    from kt_core.runtime.expert_time import ExpertTimer
 
     class KTTrainingCallback(TrainerCallback):
         timer: ExpertTimer | None = None

@@ -24,8 +24,7 @@ import torch
 from sglang.srt.layers.moe.kt_ep_wrapper import KTEPWrapperMethod
 from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 
-from kt_core import KTExperts
-from kt_core.experts.share import run_now
+from kt_core import KTExperts, run_now
 from kt_plugins.sglang.options import KTExpertsOptions
 
 __all__ = ["CUDA_GRAPH_MESSAGE", "KTExpertsLayerConfig", "KTExpertsMethod"]
