@@ -63,7 +63,7 @@ def run_stream(config, device, a, quantize):
     model = bench_sft.build_kt_model(config, device, kernel=a.kernel, cpu_infer=a.cpu_infer)
     model = kt_prepare(bench_sft.add_lora(model, a.rank))
     rt = kt_core.enable_streaming(
-        model, gpu_memory_budget=a.gpu_memory_budget, device=device, quantize=quantize, keep_bytes=a.keep_bytes
+        model, expert_gpu_memory=a.expert_gpu_memory, device=device, quantize=quantize, keep_bytes=a.keep_bytes
     )
     if a.loss_chunk:
         model.forward = chunked_loss_forward(model, a.loss_chunk)
@@ -136,7 +136,7 @@ def main():
         seq=a.seq,
         batch=a.batch,
         rank=a.rank,
-        gpu_memory_budget=a.gpu_memory_budget,
+        expert_gpu_memory=a.expert_gpu_memory,
         loss_chunk=a.loss_chunk,
         date=time.strftime("%Y-%m-%d"),
     )

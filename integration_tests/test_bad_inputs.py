@@ -82,9 +82,9 @@ ROWS = {
         ["rules.yaml: no rule puts a routed-experts module", "on the CPU operator"],
     ),
     "GPU budget without a GPU": (
-        {"kt_gpu_memory_budget": "10GiB"},
+        {"kt_expert_gpu_memory": "10GiB"},
         None,
-        ["kt_gpu_memory_budget: got '10GiB', but this process sees no CUDA GPU"],
+        ["kt_expert_gpu_memory: got '10GiB', but this process sees no CUDA GPU"],
     ),
     "GPU rules without a GPU": (
         {"kt_optimize_rule": LEGACY_GPU_RULES},

@@ -31,8 +31,8 @@ STEPS = 8
 SPLITS = {
     "cpu": None,
     "all-streamed": dict(mode="gpu"),
-    "half-streamed": dict(mode="gpu", gpu_memory_budget="0.5"),  # replaced by a per-model byte count below
-    "resident": dict(mode="gpu", gpu_memory_budget="resident"),
+    "half-streamed": dict(mode="gpu", expert_gpu_memory="0.5"),  # replaced by a per-model byte count below
+    "resident": dict(mode="gpu", expert_gpu_memory="resident"),
     "int8-streamed": dict(mode="gpu", quantize="int8"),
 }
 OPTIMIZERS = ["adamw_torch_fused", "adamw_torch", "sgd"] + (
@@ -64,11 +64,11 @@ class _SplitExperts(transformers.TrainerCallback):
         layers = [m for m in model.modules() if isinstance(m, KTExperts)]
         E = layers[0].num_experts
         expert_bytes = sum(t[0].numel() * t.element_size() for t in (layers[0].gate_up_proj, layers[0].down_proj))
-        budget = self.options.get("gpu_memory_budget")
+        budget = self.options.get("expert_gpu_memory")
         if budget == "0.5":  # one slot of half the experts
-            self.options["gpu_memory_budget"] = 2 * (E // 2) * expert_bytes
+            self.options["expert_gpu_memory"] = 2 * (E // 2) * expert_bytes
         elif budget == "resident":  # a full slot, plus 3 resident experts per layer
-            self.options["gpu_memory_budget"] = 2 * E * expert_bytes + 3 * len(layers) * expert_bytes
+            self.options["expert_gpu_memory"] = 2 * E * expert_bytes + 3 * len(layers) * expert_bytes
         self.runtime = enable_streaming(model, device="cpu", **self.options)
 
 

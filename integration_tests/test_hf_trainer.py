@@ -116,10 +116,10 @@ def test_optimizer_built_before_conversion_is_refused(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="streaming needs a CUDA GPU")
 def test_streaming_budget_keeps_the_loss_curve(tmp_path):
-    """gpu_memory_budget switches on the CPU / GPU split: the loss curve stays the stock one and the logs
+    """expert_gpu_memory switches on the CPU / GPU split: the loss curve stays the stock one and the logs
     carry the time split (without a GPU the same split is tested in integration_tests/test_expert_lora_trainer.py)."""
     _, _, ref_losses = _train("qwen3_moe", tmp_path / "ref", callbacks=[], use_cpu=False)
-    callback = KTCallback(gpu_memory_budget="64MiB", stream_keep_bytes="64KiB")
+    callback = KTCallback(expert_gpu_memory="64MiB", stream_keep_bytes="64KiB")
     _, trainer, losses = _train("qwen3_moe", tmp_path / "kt", callbacks=[callback], use_cpu=False)
     assert callback._streaming.keep_bytes == 64 * 2**10  # reached the runtime (pieces recomputed past it)
     # The streamed experts run through torch's grouped math, not our C++ kernel: two exact fp32 paths whose

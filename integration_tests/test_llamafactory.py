@@ -281,14 +281,14 @@ def test_rule_file_relative_to_the_yaml(checkpoints, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="streaming needs a CUDA GPU")
 def test_streaming_budget_keeps_the_loss_curve(checkpoints, tmp_path):
-    """kt_gpu_memory_budget turns on the CPU / GPU split of each MoE layer; results must not change."""
+    """kt_expert_gpu_memory turns on the CPU / GPU split of each MoE layer; results must not change."""
     ours, stock = tmp_path / "ours", tmp_path / "stock"
     streamed = train_config(
         checkpoints["qwen3_moe"],
         ours,
         use_kt=True,
         kt_expert_lora=False,
-        kt_gpu_memory_budget="64MiB",
+        kt_expert_gpu_memory="64MiB",
         kt_stream_keep_bytes="64KiB",
     )
     proc = run_cli("train", streamed, tmp_path)

@@ -1,5 +1,5 @@
 """The real `llamafactory-cli train` on a GPU with `use_kt: true`, the default optimizer (fused AdamW) and
-expert LoRA (`lora_target: all`): the streamed split (`kt_gpu_memory_budget`) gives the loss curve of the
+expert LoRA (`lora_target: all`): the streamed split (`kt_expert_gpu_memory`) gives the loss curve of the
 CPU-expert run, and both differ visibly from a run without expert LoRA (so a split that lost the expert-LoRA
 updates would fail).
 """
@@ -31,7 +31,7 @@ def _run(checkpoint, out, workdir, **extra):
 
 def test_streamed_split_matches_cpu_experts_under_the_default_optimizer(checkpoint, tmp_path):
     cpu, _ = _run(checkpoint, tmp_path / "cpu", tmp_path)
-    streamed, log = _run(checkpoint, tmp_path / "streamed", tmp_path, kt_gpu_memory_budget="1GiB")
+    streamed, log = _run(checkpoint, tmp_path / "streamed", tmp_path, kt_expert_gpu_memory="1GiB")
     frozen, _ = _run(checkpoint, tmp_path / "no-expert-lora", tmp_path, kt_expert_lora=False)
     assert "expert streaming on" in log
     gap = max(abs(a - b) for a, b in zip(streamed, cpu, strict=True))

@@ -204,3 +204,13 @@ def require_cuda(key: str, value: Any, why: str) -> None:
             f"{key}: got {value!r}, but this process sees no CUDA GPU (torch.cuda.is_available() is False) and "
             f"{why}; remove {key} to compute every routed expert on the CPU"
         )
+
+
+def renamed(old_key: str, old_value: Any, new_key: str, new_value: Any) -> Any:
+    """The value of a setting given under its former name (`old_key`), with a warning; both at once is an error."""
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise SettingError(f"{old_key} and {new_key} both given: {old_key} is the former name of {new_key}; keep one")
+    logging.getLogger("kt_core").warning("%s is now called %s (same meaning); please rename it", old_key, new_key)
+    return old_value

@@ -3,7 +3,7 @@ experts gives the loss curve of stock transformers + PEFT on the GPU, with exper
 
 One checkpoint on disk; the reference is `from_pretrained(device_map="cuda")` + PEFT + the Trainer, ours the
 same with the experts on the CPU operator (`kt_core.load_model` + KTCallback), all CPU or split with the GPU
-(`KTCallback(gpu_memory_budget=...)`: all streamed, half streamed, resident hot experts, int8 streamed).
+(`KTCallback(expert_gpu_memory=...)`: all streamed, half streamed, resident hot experts, int8 streamed).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ def _budget(split: str) -> dict:
     E, slot = SIZES["num_experts"], 2 * EXPERT_BYTES  # one expert of slot capacity (two slots)
     return {
         "cpu": {},
-        "all-streamed": {"gpu_memory_budget": E * slot},
-        "half-streamed": {"gpu_memory_budget": E // 2 * slot},
-        "resident": {"gpu_memory_budget": E * slot + 4 * LAYERS * EXPERT_BYTES},
-        "int8-streamed": {"gpu_memory_budget": E * slot, "stream_quantize": "int8"},
+        "all-streamed": {"expert_gpu_memory": E * slot},
+        "half-streamed": {"expert_gpu_memory": E // 2 * slot},
+        "resident": {"expert_gpu_memory": E * slot + 4 * LAYERS * EXPERT_BYTES},
+        "int8-streamed": {"expert_gpu_memory": E * slot, "stream_quantize": "int8"},
     }[split]
 
 

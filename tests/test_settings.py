@@ -119,9 +119,10 @@ LLAMAFACTORY_BAD = [
     ({"kt_optimize_rule": "no/such/rules.yaml"}, "kt_optimize_rule: Rule file no/such/rules.yaml not found"),
     ({"kt_loss": "fast"}, "`kt_loss` must be one of"),
     ({"kt_cpu_thread": 4}, "unknown kt-plugins key(s) kt_cpu_thread"),
+    ({"kt_gpu_memory_budget": "1GiB", "kt_expert_gpu_memory": "2GiB"}, "kt_gpu_memory_budget and kt_expert_gpu"),
 ]
 LLAMAFACTORY_NEEDS_GPU = [
-    ({"kt_gpu_memory_budget": "10GiB"}, "kt_gpu_memory_budget: got '10GiB', but this process sees no CUDA GPU"),
+    ({"kt_expert_gpu_memory": "10GiB"}, "kt_expert_gpu_memory: got '10GiB', but this process sees no CUDA GPU"),
     ({"kt_device": "cuda:0"}, "kt_device: got 'cuda:0', but this process sees no CUDA GPU"),
 ]
 
@@ -192,10 +193,12 @@ CALLBACK_BAD = [
     ({"log_speed": "sometimes"}, r"^KTCallback\(log_speed\): got 'sometimes'"),
     ({"kernel": "avx9000"}, r"kernel='avx9000': this kernel cannot run here"),
     ({"rules": "no/such/rules.yaml"}, r"Rule file no/such/rules.yaml not found"),
-    ({"gpu_memory_budget": "ten"}, r"^KTCallback\(gpu_memory_budget\): got 'ten', expected a size"),
-    ({"gpu_memory_budget": "1GiB", "stream_keep_bytes": "many"}, r"^KTCallback\(stream_keep_bytes\): got 'many'"),
-    ({"gpu_memory_budget": "1GiB", "stream_quantize": "int3"}, r"^KTCallback\(stream_quantize\): got 'int3'"),
+    ({"expert_gpu_memory": "ten"}, r"^KTCallback\(expert_gpu_memory\): got 'ten', expected a size"),
+    ({"expert_gpu_memory": "1GiB", "stream_keep_bytes": "many"}, r"^KTCallback\(stream_keep_bytes\): got 'many'"),
+    ({"expert_gpu_memory": "1GiB", "stream_quantize": "int3"}, r"^KTCallback\(stream_quantize\): got 'int3'"),
     ({"loss": "fast"}, r"`KTCallback\(loss\)` must be one of"),
+    ({"gpu_memory_limit": "lots"}, r"^KTCallback\(gpu_memory_limit\): got 'lots', expected a size"),
+    ({"gpu_memory_budget": "1GiB", "expert_gpu_memory": "1GiB"}, r"^KTCallback\(gpu_memory_budget\) and "),
 ]
 
 
@@ -211,8 +214,8 @@ def test_ktcallback_arguments_are_checked_when_built(kwargs, message):
 def test_ktcallback_streaming_without_cuda_is_refused():
     from kt_plugins.hf_trainer import KTCallback
 
-    with pytest.raises(SettingError, match=r"^KTCallback\(gpu_memory_budget\): got '10GiB', but .* no CUDA GPU"):
-        KTCallback(gpu_memory_budget="10GiB")
+    with pytest.raises(SettingError, match=r"^KTCallback\(expert_gpu_memory\): got '10GiB', but .* no CUDA GPU"):
+        KTCallback(expert_gpu_memory="10GiB")
 
 
 # ---- SGLang flags -------------------------------------------------------------------------------------
@@ -446,3 +449,34 @@ def test_no_peft_unsupported_layer_warning_for_our_layer(tiny_checkpoint):
         message = "Unsupported layer type '<class 'torch.nn.Foo'>' encountered, proceed at your own risk."
         warnings.warn(message, UserWarning, stacklevel=1)
     assert len(caught) == 1  # another layer type keeps PEFT's warning
+
+
+# `gpu_memory_budget` was renamed `expert_gpu_memory` (next to `gpu_memory_limit`, the whole run's cap): the
+# former name still works, with a warning.
+
+
+@no_cuda
+def test_former_llamafactory_key_still_works(caplog):
+    refused = pytest.raises(SettingError, match=r"^kt_expert_gpu_memory: got '1GiB', but this process sees no")
+    with caplog.at_level(logging.WARNING, logger="kt_core"), refused:
+        split_kt_args({"use_kt": True, "kt_gpu_memory_budget": "1GiB"})  # checked under its new name
+    assert "kt_gpu_memory_budget is now called kt_expert_gpu_memory" in caplog.text
+
+
+@no_cuda
+def test_former_ktcallback_argument_still_works(caplog):
+    from kt_plugins.hf_trainer import KTCallback
+
+    refused = pytest.raises(SettingError, match=r"^KTCallback\(expert_gpu_memory\): got '1GiB', but .* no CUDA")
+    with caplog.at_level(logging.WARNING, logger="kt_core"), refused:
+        KTCallback(gpu_memory_budget="1GiB")
+    assert "KTCallback(gpu_memory_budget) is now called KTCallback(expert_gpu_memory)" in caplog.text
+
+
+def test_former_enable_streaming_argument_still_works(caplog):
+    from kt_core import enable_streaming
+    from tests.test_streaming import ToyMoE
+
+    with caplog.at_level(logging.WARNING, logger="kt_core"):
+        runtime = enable_streaming(ToyMoE(1), device="cpu", gpu_memory_budget=0)
+    assert runtime.store.capacity == 0 and "gpu_memory_budget is now called expert_gpu_memory" in caplog.text

@@ -77,8 +77,8 @@ def train(model, steps: int = 4, lr: float = 0.05, seed: int = 0) -> list[float]
 SPLITS = {
     "cpu": dict(mode="cpu"),
     "all-streamed": dict(mode="gpu"),
-    "half-streamed": dict(mode="gpu", gpu_memory_budget=2 * 4 * (2 * I * H + H * I) * 4),
-    "resident": dict(mode="gpu", gpu_memory_budget=2 * E * (3 * I * H) * 4 + 3 * 3 * 3 * I * H * 4),
+    "half-streamed": dict(mode="gpu", expert_gpu_memory=2 * 4 * (2 * I * H + H * I) * 4),
+    "resident": dict(mode="gpu", expert_gpu_memory=2 * E * (3 * I * H) * 4 + 3 * 3 * 3 * I * H * 4),
     "planner": dict(mode="auto", cost=CostModel(pcie_bytes_per_s=2e7, cpu_flops=1e9, cpu_expert_s=0.0, cpu_call_s=0.0)),
 }
 
@@ -169,8 +169,8 @@ def test_planner_streams_the_hottest_experts():
 
 
 def test_budget_errors_name_the_argument():
-    with pytest.raises(ValueError, match="gpu_memory_budget"):
-        enable_streaming(ToyMoE(1), device="cpu", gpu_memory_budget="ten gigs")
+    with pytest.raises(ValueError, match="expert_gpu_memory"):
+        enable_streaming(ToyMoE(1), device="cpu", expert_gpu_memory="ten gigs")
     with pytest.raises(ValueError, match="keep_bytes"):
         enable_streaming(ToyMoE(1), device="cpu", keep_bytes="many")
     with pytest.raises(ValueError, match="quantize"):
@@ -335,15 +335,15 @@ EXPERT_BYTES = 3 * I * H * 4  # gate, up and down of one fp32 expert
 @pytest.mark.parametrize(
     ("budget", "peak", "limit", "residents"),
     [
-        (SPLITS["resident"]["gpu_memory_budget"], 0, 2**30, 3),  # room for all the budget allows
-        (SPLITS["resident"]["gpu_memory_budget"], 2**30 - 2**28 - 3 * 2 * EXPERT_BYTES, 2**30, 2),  # room for 2
+        (SPLITS["resident"]["expert_gpu_memory"], 0, 2**30, 3),  # room for all the budget allows
+        (SPLITS["resident"]["expert_gpu_memory"], 2**30 - 2**28 - 3 * 2 * EXPERT_BYTES, 2**30, 2),  # room for 2
         (None, 2**30 - 2**28 - 5 * 3 * EXPERT_BYTES, 2**30, 5),  # no budget: the limit alone decides
         (None, 2**31, 2**30, 0),  # step 1 alone is over the limit: no residents, a warning
     ],
 )
 def test_gpu_memory_limit_sizes_residents_from_the_first_step(budget, peak, limit, residents, caplog):
     ref, ours = ToyMoE(3), ToyMoE(3)
-    rt = enable_streaming(ours, device="cpu", mode="gpu", gpu_memory_budget=budget, gpu_memory_limit=limit)
+    rt = enable_streaming(ours, device="cpu", mode="gpu", expert_gpu_memory=budget, gpu_memory_limit=limit)
     rt.peak_bytes = lambda: peak  # what step 1 measured (torch.cuda.max_memory_allocated on a GPU)
     with caplog.at_level(logging.INFO, logger="kt_core.streaming"):
         assert train(ours) == pytest.approx(train(ref), rel=2e-4, abs=1e-6)

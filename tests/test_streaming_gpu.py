@@ -49,7 +49,7 @@ def test_bf16_loss_curve_matches_cpu_only(split):
     if split == "pieces":  # 40-slot pieces, two of the recomputation's kept for the backward (bf16: 2 bytes)
         kw["keep_bytes"] = 2 * 40 * (32 + 3 * 16) * 2
     if split == "half-streamed":
-        kw["gpu_memory_budget"] //= 2  # bf16 experts take half the bytes of the fp32 figure
+        kw["expert_gpu_memory"] //= 2  # bf16 experts take half the bytes of the fp32 figure
     rt = enable_streaming(model, device="cuda", **kw)
     if split == "pieces":
         rt.piece_rows = 40
@@ -69,7 +69,7 @@ def test_bf16_loss_curve_matches_cpu_only(split):
 
 def test_gradients_bf16_one_pass():
     ref, ours = to_bf16_experts(ToyMoE(2, seed=3)), to_bf16_experts(ToyMoE(2, seed=3))
-    rt = enable_streaming(ours, device="cuda", mode="gpu", gpu_memory_budget=4 * 3 * 32 * 16 * 2 * 2)
+    rt = enable_streaming(ours, device="cuda", mode="gpu", expert_gpu_memory=4 * 3 * 32 * 16 * 2 * 2)
     x = torch.randn(96, 32, device="cuda")
     xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
     ref(xr).backward()

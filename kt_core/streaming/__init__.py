@@ -1,6 +1,6 @@
 """Split each MoE layer between CPU compute and GPU compute on PCIe-streamed expert weights.
 
-    rt = kt_core.enable_streaming(model, gpu_memory_budget="10GiB", device="cuda:0")
+    rt = kt_core.enable_streaming(model, expert_gpu_memory="10GiB", device="cuda:0")
 
 planner.py      cost model and per-layer choice of the streamed experts
 store.py        pinned host store (cudaHostRegister in place), two device slots on a side stream, residents, int8

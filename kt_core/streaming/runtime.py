@@ -1,6 +1,6 @@
 """StreamingRuntime and `enable_streaming`: split every MoE layer of a model between CPU and GPU compute.
 
-    rt = kt_core.enable_streaming(model, gpu_memory_budget="10GiB", device="cuda:0")
+    rt = kt_core.enable_streaming(model, expert_gpu_memory="10GiB", device="cuda:0")
     ...train as usual...                      # each step logs the CPU / PCIe / GPU split (logger kt_core.streaming)
     rt.last_report                            # the last step's numbers, as a dict
     rt.disable()                              # back to CPU-only experts; unpins host memory
@@ -16,7 +16,7 @@ counts on the first step): the routing counts accumulate on the device during a 
 once, when the step closes. When a plan leaves the CPU nothing to do, the layer streams all its experts, so
 its calls take the device path (kt_core/streaming/share.py) (no host synchronisation, no CPU thread hand-off).
 
-`gpu_memory_budget` bounds the device bytes of expert weights (the two slots, the int8 scratch and the
+`expert_gpu_memory` bounds the device bytes of expert weights (the two slots, the int8 scratch and the
 resident experts); the rest of the model and the activations come on top. `gpu_memory_limit` bounds the
 whole run: the resident experts are sized from the first step's measured peak so that the total stays under it.
 """
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from kt_core.experts import KTExperts
-from kt_core.settings import optional_size, parse_size
+from kt_core.settings import optional_size, parse_size, renamed
 from kt_core.streaming.planner import CostModel, LayerPlan, plan_layer, slot_capacity
 from kt_core.streaming.share import StreamedShare
 from kt_core.streaming.store import ExpertStore
@@ -295,7 +295,7 @@ class StreamingRuntime:
             logger.warning(
                 "streaming: step 1 peaked at %.2f GiB, over gpu_memory_limit %.2f GiB, before any resident expert; "
                 "lower the batch size or the sequence length, or stream_keep_bytes (kept intermediates, now "
-                "%.2f GiB), or give the experts less (gpu_memory_budget)",
+                "%.2f GiB), or give the experts less (expert_gpu_memory)",
                 peak / gib, limit / gib, self.keep_bytes / gib,
             )  # fmt: skip
         logger.info(
@@ -316,7 +316,7 @@ class StreamingRuntime:
 
 def enable_streaming(
     model: nn.Module,
-    gpu_memory_budget: int | str | None = None,
+    expert_gpu_memory: int | str | None = None,
     device: str | torch.device | None = None,
     *,
     mode: str = "auto",
@@ -324,12 +324,13 @@ def enable_streaming(
     cost: CostModel | None = None,
     keep_bytes: int | str = "1GiB",
     gpu_memory_limit: int | str | None = None,
+    gpu_memory_budget: int | str | None = None,
 ) -> StreamingRuntime:
     """Splits every KTExperts layer of `model` between CPU compute and GPU compute on streamed weights.
 
     Args:
         model: a model whose routed experts are KTExperts (kt_core.load_model, convert_model, KTCallback).
-        gpu_memory_budget: device bytes for expert weights ("10GiB", bytes, or None: two full-layer slots).
+        expert_gpu_memory: device bytes for expert weights ("10GiB", bytes, or None: two full-layer slots).
             What two slots of all E experts leave over is spent on resident experts (the hottest of each layer).
         device: the GPU (default cuda:0). "cpu" runs the same code with the CPU standing in for the GPU
             (tests of the split on machines without one); it is only ever used when asked for by name.
@@ -344,7 +345,8 @@ def enable_streaming(
             loss and the experts together; the same limit `load_model` plans the weights with). The first
             step runs with the streaming slots alone; from its measured peak the runtime keeps only as many
             resident experts as fit under the limit (and warns, naming what to lower, when step 1 alone
-            exceeded it). None: residents fill what `gpu_memory_budget` leaves over the slots.
+            exceeded it). None: residents fill what `expert_gpu_memory` leaves over the slots.
+        gpu_memory_budget: the former name of `expert_gpu_memory` (accepted with a warning).
 
     Returns:
         The StreamingRuntime (per-step reports in `.history`; `.disable()` undoes it).
@@ -378,7 +380,8 @@ def enable_streaming(
         q_bytes = first.gate_up_proj[0].numel() + first.down_proj[0].numel()  # int8 weights
         q_bytes += 4 * (2 * first.intermediate_dim + first.hidden_dim)  # fp32 row scales
         per_expert = 2 * q_bytes + expert_bf
-    budget = optional_size(gpu_memory_budget, "gpu_memory_budget")
+    expert_gpu_memory = renamed("gpu_memory_budget", gpu_memory_budget, "expert_gpu_memory", expert_gpu_memory)
+    budget = optional_size(expert_gpu_memory, "expert_gpu_memory")
     limit = optional_size(gpu_memory_limit, "gpu_memory_limit")
     if mode == "cpu":
         capacity, resident = 0, 0

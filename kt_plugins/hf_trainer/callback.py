@@ -80,16 +80,20 @@ class KTCallback(TrainerCallback):
         device: where the non-expert tensors go when the callback converts the model; None leaves them
             where the Trainer put them.
         log_speed: add `kt_tokens_per_s` and `kt_cpu_expert_share` to the Trainer's logs.
-        gpu_memory_budget: when set ("10GiB"), split each MoE layer between CPU compute and GPU compute on
-            PCIe-streamed weights within this much GPU memory for expert weights
-            (`kt_core.enable_streaming`); the logs then carry the CPU / PCIe / GPU time split. Needs a CUDA
-            GPU, and the model on it.
+        expert_gpu_memory: GPU memory for expert weights only (streaming slots and resident experts). When
+            set ("10GiB"), each MoE layer is split between CPU compute and GPU compute on PCIe-streamed
+            weights (`kt_core.enable_streaming`); the logs then carry the CPU / PCIe / GPU time split. Needs
+            a CUDA GPU, and the model on it. The rest of the model, activations and the loss come on top.
+        gpu_memory_limit: the most GPU memory the whole run may hold, everything counted ("24GiB"). With
+            `expert_gpu_memory`, the resident experts are sized from the first step's measured peak so the
+            total stays under it (a warning names what to lower when the first step alone exceeds it).
         stream_quantize: None, or "int8" to halve the streamed bytes (see `kt_core.enable_streaming`).
         stream_keep_bytes: GPU bytes of a checkpointed layer's expert intermediates kept between its
             recomputation and its backward when streaming ("1GiB"; see `kt_core.enable_streaming`).
         loss: the causal-LM loss of training steps without [tokens x vocab] logits
-            (`kt_core.loss.enable_efficient_loss`): "auto" (Liger-Kernel or cut-cross-entropy on CUDA when
-            installed, our chunked loss otherwise), "liger", "cce", "chunked", or "off" (transformers' loss).
+            (`kt_core.loss.enable_efficient_loss`): "auto" (Liger-Kernel on CUDA when installed, our chunked
+            loss otherwise), "liger", "cce", "chunked", or "off" (transformers' loss).
+        gpu_memory_budget: the former name of `expert_gpu_memory` (accepted with a warning).
     """
 
     def __init__(
@@ -100,10 +104,12 @@ class KTCallback(TrainerCallback):
         cpu_infer: int | None = None,
         device: str | torch.device | None = None,
         log_speed: bool = True,
-        gpu_memory_budget: int | str | None = None,
+        expert_gpu_memory: int | str | None = None,
         stream_quantize: str | None = None,
         stream_keep_bytes: int | str = "1GiB",
         loss: str | bool = "auto",
+        gpu_memory_limit: int | str | None = None,
+        gpu_memory_budget: int | str | None = None,
     ):
         from kt_core import normalize_loss_mode
 
@@ -116,18 +122,27 @@ class KTCallback(TrainerCallback):
         resolve_kernel(kernel)  # a kernel this CPU cannot run fails here, listing the ones it can
         if isinstance(rules, (str, Path)):
             resolve_rule_file(rules)  # a missing rule file fails here, listing the paths tried
-        if gpu_memory_budget is not None:
-            checks.parse_size(gpu_memory_budget, "KTCallback(gpu_memory_budget)")
+        expert_gpu_memory = checks.renamed(
+            "KTCallback(gpu_memory_budget)", gpu_memory_budget, "KTCallback(expert_gpu_memory)", expert_gpu_memory
+        )
+        checks.optional_size(gpu_memory_limit, "KTCallback(gpu_memory_limit)")
+        if expert_gpu_memory is not None:
+            checks.parse_size(expert_gpu_memory, "KTCallback(expert_gpu_memory)")
             checks.parse_size(stream_keep_bytes, "KTCallback(stream_keep_bytes)")
             checks.choice("KTCallback(stream_quantize)", stream_quantize, (None, "int8"))
             checks.require_cuda(
-                "KTCallback(gpu_memory_budget)", gpu_memory_budget, "expert streaming computes on a CUDA GPU"
+                "KTCallback(expert_gpu_memory)", expert_gpu_memory, "expert streaming computes on a CUDA GPU"
             )
         self.options = {"rules": rules, "kernel": kernel, "cpu_infer": cpu_infer, "device": device}
         self.log_speed = log_speed
         self.streaming_options = (
-            {"gpu_memory_budget": gpu_memory_budget, "quantize": stream_quantize, "keep_bytes": stream_keep_bytes}
-            if gpu_memory_budget is not None
+            {
+                "expert_gpu_memory": expert_gpu_memory,
+                "gpu_memory_limit": gpu_memory_limit,
+                "quantize": stream_quantize,
+                "keep_bytes": stream_keep_bytes,
+            }
+            if expert_gpu_memory is not None
             else None
         )
         self._streaming = None
@@ -144,9 +159,9 @@ class KTCallback(TrainerCallback):
             device = torch.device(self.options["device"] or _model_device(model))  # where the model computes
             if device.type != "cuda":
                 raise checks.SettingError(
-                    f"KTCallback(gpu_memory_budget): got {self.streaming_options['gpu_memory_budget']!r}, but the "
+                    f"KTCallback(expert_gpu_memory): got {self.streaming_options['expert_gpu_memory']!r}, but the "
                     f"model computes on {device}: expert streaming computes on a CUDA GPU. Put the model on the "
-                    "GPU (device='cuda', or the Trainer's default) or leave gpu_memory_budget out."
+                    "GPU (device='cuda', or the Trainer's default) or leave expert_gpu_memory out."
                 )
             self._streaming = enable_streaming(model, device=device, **self.streaming_options)
         if self.loss_mode != "off" and self.efficient_loss is None:

@@ -55,16 +55,20 @@ class KTSettings:
         kt_kernel: CPU kernel ("auto", "avx512_bf16", ...; see kt_core.available_kernels()).
         kt_expert_lora: put LoRA on the routed experts when lora_target covers them ("all" does).
         kt_device: where the non-expert layers go ("cuda:0", "cpu", or a comma-separated list of GPUs).
-        kt_gpu_memory_limit / kt_host_memory_limit: budgets for the memory plan ("70GiB").
-        kt_gpu_memory_budget: when set ("10GiB"), each MoE layer is split between CPU compute and GPU
-            compute on PCIe-streamed expert weights within this much GPU memory (kt_core.enable_streaming);
-            needs a CUDA GPU.
+        kt_gpu_memory_limit / kt_host_memory_limit: the most GPU / host memory the run may hold ("70GiB"),
+            everything counted: the memory plan checks the weights against them before loading, and with
+            kt_expert_gpu_memory the resident experts are sized from the first step's measured peak to stay
+            under kt_gpu_memory_limit.
+        kt_expert_gpu_memory: GPU memory for expert weights only (streaming slots and resident experts).
+            When set ("10GiB"), each MoE layer is split between CPU compute and GPU compute on PCIe-streamed
+            expert weights (kt_core.enable_streaming); needs a CUDA GPU. `kt_gpu_memory_budget` is its former
+            name (accepted with a warning).
         kt_stream_quantize: None, or "int8" to halve the streamed bytes.
         kt_stream_keep_bytes: GPU bytes of a checkpointed layer's expert intermediates kept between its
             recomputation and its backward when streaming ("1GiB").
         kt_loss: the causal-LM loss of pt / sft training steps without [tokens x vocab] logits
-            (kt_core.loss): "auto" (Liger-Kernel or cut-cross-entropy on CUDA when installed, else our
-            chunked loss), "liger", "cce", "chunked", or "off" (false) for transformers' own loss.
+            (kt_core.loss): "auto" (Liger-Kernel on CUDA when installed, else our chunked loss), "liger",
+            "cce", "chunked", or "off" (false) for transformers' own loss.
     """
 
     use_kt: bool = False
@@ -80,7 +84,7 @@ class KTSettings:
     kt_device: str | None = None
     kt_gpu_memory_limit: str | None = None
     kt_host_memory_limit: str | None = None
-    kt_gpu_memory_budget: str | None = None
+    kt_expert_gpu_memory: str | None = None
     kt_stream_quantize: str | None = None
     kt_stream_keep_bytes: str = "1GiB"
     kt_loss: str = "auto"
@@ -112,9 +116,10 @@ class KTSettings:
         ]
         if self.kt_device:
             parts.append(f"device {self.kt_device}")
-        if self.kt_gpu_memory_budget is not None:
+        if self.kt_expert_gpu_memory is not None:
             quantized = f", {self.kt_stream_quantize}" if self.kt_stream_quantize else ""
-            parts.append(f"expert streaming: GPU budget {self.kt_gpu_memory_budget}{quantized}")
+            limit = f", whole run within {self.kt_gpu_memory_limit}" if self.kt_gpu_memory_limit else ""
+            parts.append(f"expert streaming: {self.kt_expert_gpu_memory} of GPU memory for experts{quantized}{limit}")
         return "; ".join(parts)
 
 
@@ -202,7 +207,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "kt_device": _optional(_device_list),
     "kt_gpu_memory_limit": _optional(_size_text),
     "kt_host_memory_limit": _optional(_size_text),
-    "kt_gpu_memory_budget": _optional(_size_text),
+    "kt_expert_gpu_memory": _optional(_size_text),
     "kt_stream_quantize": lambda key, value: checks.choice(key, value, (None, "int8")),
     "kt_stream_keep_bytes": _size_text,
     "kt_loss": _loss_mode,
@@ -218,14 +223,14 @@ def _check_values(found: dict[str, Any]) -> dict[str, Any]:
             logger.warning("kt-plugins keys %s have no effect without use_kt: true", ", ".join(ignored))
         return {"use_kt": False}
     values = {key: _CHECKS[key](key, value) if key in _CHECKS else value for key, value in found.items()}
-    budget = values.get("kt_gpu_memory_budget")
+    budget = values.get("kt_expert_gpu_memory")
     if budget is not None:
-        checks.require_cuda("kt_gpu_memory_budget", budget, "expert streaming computes on a CUDA GPU")
+        checks.require_cuda("kt_expert_gpu_memory", budget, "expert streaming computes on a CUDA GPU")
         device = values.get("kt_device")
         if device and not device.split(",")[0].strip().startswith("cuda"):
             raise checks.SettingError(
-                f"kt_gpu_memory_budget: got {budget!r} with kt_device {device!r}; expert streaming computes on "
-                "the GPU the model runs on: set kt_device to a CUDA device or remove kt_gpu_memory_budget"
+                f"kt_expert_gpu_memory: got {budget!r} with kt_device {device!r}; expert streaming computes on "
+                "the GPU the model runs on: set kt_device to a CUDA device or remove kt_expert_gpu_memory"
             )
     return values
 
@@ -294,6 +299,11 @@ def split_kt_args(
             cleaned["infer_backend"] = "huggingface"
     else:
         cleaned, found = _split_cli(list(args))
+    if "kt_gpu_memory_budget" in found:  # the former name of kt_expert_gpu_memory
+        found["kt_expert_gpu_memory"] = checks.renamed(
+            "kt_gpu_memory_budget", found.pop("kt_gpu_memory_budget"), "kt_expert_gpu_memory",
+            found.get("kt_expert_gpu_memory"),
+        )  # fmt: skip
     unknown = sorted(k for k in found if k not in KT_KEYS)
     if unknown:
         raise ValueError(

@@ -74,15 +74,16 @@ def _enable_streaming(model, settings: KTSettings) -> None:
     device = settings.kt_device.split(",")[0] if settings.kt_device else None
     runtime = kt_core.enable_streaming(
         model,
-        gpu_memory_budget=settings.kt_gpu_memory_budget,
+        expert_gpu_memory=settings.kt_expert_gpu_memory,
         device=device,
         quantize=settings.kt_stream_quantize,
         keep_bytes=settings.kt_stream_keep_bytes,
+        gpu_memory_limit=settings.kt_gpu_memory_limit,
     )
     model.kt_streaming = runtime  # kept alive with the model; per-step reports go to the kt_core.streaming log
     logger.info(
-        "expert streaming on: GPU budget %s for expert weights, %s of recomputed expert intermediates kept",
-        settings.kt_gpu_memory_budget,
+        "expert streaming on: %s of GPU memory for expert weights, %s of recomputed expert intermediates kept",
+        settings.kt_expert_gpu_memory,
         settings.kt_stream_keep_bytes,
     )
 
@@ -128,7 +129,7 @@ def kt_model_building(loader_module, settings: KTSettings, model_args, finetunin
         with expert_lora_setup(adapter_module, settings, finetuning_args_, is_trainable_):
             model = original_init_adapter(config, model, model_args_, finetuning_args_, is_trainable_)
         model = take_over(model, settings)
-        if settings.kt_gpu_memory_budget is not None:
+        if settings.kt_expert_gpu_memory is not None:
             _enable_streaming(model, settings)
         if is_trainable_:
             _enable_efficient_loss(model, settings, finetuning_args_)
