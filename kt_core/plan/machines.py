@@ -1,0 +1,42 @@
+"""Machines the projection knows. Speeds are effective ones (what our kernels reach), not data-sheet peaks.
+
+Measured on the H200 machine (benchmarks/RESULTS.md): 50-55 GB/s pinned host -> GPU, the CPU operator's
+~0.8 TFLOP/s on 16 AMX Xeon cores, the streamed experts' grouped GEMMs at ~300 TFLOP/s. Other machines
+scale these: CPU by AMX cores (the same kernels), GPU by the data-sheet bf16 peak (the same kernels at the
+same share of peak), PCIe by the link generation. Those scalings are assumptions until measured there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MACHINES", "Machine"]
+
+GIB = 2**30
+H200_EFFECTIVE_SHARE = 300e12 / 989e12  # our grouped GEMMs at training batch sizes vs the H200's bf16 dense peak
+CPU_FLOPS_PER_AMX_CORE = 0.8e12 / 16  # the CPU operator's LoRA forward + backward, 16 cores measured
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    gpus: int
+    gpu_bytes: int  # per GPU
+    gpu_flops: float  # per GPU, effective
+    pcie_bytes_per_s: float  # per GPU link, effective
+    cpu_flops: float  # the CPU operator, effective
+    host_bytes: int
+    about: str
+
+
+MACHINES = {
+    m.name: m
+    for m in (
+        Machine("h200-16c", 1, 140 * GIB, 300e12, 50e9, 16 * CPU_FLOPS_PER_AMX_CORE, 125 * GIB,
+                "the GPU test machine, measured: one H200, 16 AMX Xeon cores, 125 GiB"),
+        Machine("kt-2x4090-8488c", 2, 48 * GIB, 165e12 * H200_EFFECTIVE_SHARE, 25e9, 96 * CPU_FLOPS_PER_AMX_CORE,
+                1536 * GIB, "KTransformers' published class: 2 x RTX 4090 48 GB (PCIe 4), 2 x Xeon 8488C, 1.5 TiB"),
+        Machine("h200-2s", 1, 140 * GIB, 300e12, 50e9, 96 * CPU_FLOPS_PER_AMX_CORE, 1536 * GIB,
+                "one H200 + a 2-socket 96-core AMX server with 1.5 TiB"),
+    )
+}  # fmt: skip

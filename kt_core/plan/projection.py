@@ -1,0 +1,117 @@
+"""Projected LoRA fine-tuning speed and memory of a model on a machine, from the streaming planner's cost model.
+
+Per MoE layer and step the experts are split exactly as the runtime's planner splits them
+(`kt_core.streaming.planner.plan_layer`, the same `CostModel` and pass counts), with routing spread evenly
+over the experts; the GPU also runs the layer's attention and shared experts (forward, recomputation,
+backward: 4 passes of 2 FLOPs per weight and token, plus the attention scores over the sequence). A layer
+costs the attention, then the slower of its CPU and GPU expert shares; the next layer's copy runs under it
+and shows only where it takes longer (`max(attention + experts, PCIe)`). Layers are split over the GPUs in
+ranges, one GPU working at a time (today's runtime), each with its own PCIe link and two slots.
+
+GPU memory per GPU: its layers' non-expert weights, two slots of the experts it streams, the checkpointed
+layer inputs of its layers, one layer's working set (36 hidden-sized tensors of the step's tokens: measured
+4.8 GiB at 32,768 tokens x H 2048 on the H200 run of 2026-12-03) and, on the last GPU, the lm_head and the
+loss (`kt_core.loss.loss_workspace_bytes`, Liger). Host RAM: every routed expert in the stored dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kt_core.loss import loss_workspace_bytes
+from kt_core.plan.machines import Machine
+from kt_core.plan.models import ModelShape
+from kt_core.streaming.planner import CostModel, LayerPlan, plan_layer
+
+__all__ = ["Projection", "project"]
+
+WORKING_SET_TENSORS = 36  # one layer's recomputation + backward, in [tokens, H] bf16 tensors (measured, see above)
+BYTES_PER_WEIGHT = {"bf16": 2, "fp8": 1, "int8": 1}
+
+
+@dataclass
+class Projection:
+    """The projected step: time split, memory, and what does not fit."""
+
+    tokens_per_step: int
+    step_s: float
+    layer_s: float  # one MoE layer
+    plan: LayerPlan  # one MoE layer's split
+    experts_streamed: int  # per MoE layer
+    slot_capacity: int  # experts one slot holds
+    gpu_bytes: list[int]  # per GPU
+    host_bytes: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.step_s
+
+
+def project(
+    model: ModelShape,
+    machine: Machine,
+    *,
+    tokens_per_step: int,
+    seq: int = 2048,
+    expert_dtype: str = "bf16",
+    lora_rank: int = 8,
+) -> Projection:
+    """Projects one LoRA training step (gradient checkpointing, bf16 non-expert weights)."""
+    if expert_dtype not in BYTES_PER_WEIGHT:
+        raise ValueError(f"expert_dtype: got {expert_dtype!r}, expected one of {', '.join(BYTES_PER_WEIGHT)}")
+    n, h = tokens_per_step, model.hidden
+    expert_bytes = model.expert_params() * BYTES_PER_WEIGHT[expert_dtype]
+    cost = CostModel(
+        pcie_bytes_per_s=machine.pcie_bytes_per_s, cpu_flops=machine.cpu_flops, gpu_flops=machine.gpu_flops
+    )
+    layers_per_gpu = -(-model.layers // machine.gpus)
+    activations = layers_per_gpu * n * h * 2 + WORKING_SET_TENSORS * n * h * 2
+    lora = 4 * 4 * lora_rank * model.attention_params // h  # fp32 factors, grads, Adam moments (attention LoRA)
+    weights = layers_per_gpu * (model.layer_params_on_gpu(True) * 2 + lora)
+    head = 2 * model.vocab * h * 2 + loss_workspace_bytes(n, model.vocab, h, backend="liger")
+    room = machine.gpu_bytes - weights - activations - head
+    capacity = max(0, min(model.experts, room // (2 * expert_bytes)))
+
+    slots = n * model.experts_per_token / model.experts
+    plan = plan_layer(
+        [slots] * model.experts,
+        hidden=h,
+        intermediate=model.expert_intermediate,
+        expert_bytes=expert_bytes,
+        capacity=capacity,
+        cost=cost,
+    )
+    rest_s = _non_routed_s(model, machine, n, seq, moe=True)  # attention, shared experts, router
+    layer_s = max(rest_s + max(plan.cpu_s, plan.gpu_s), plan.pcie_s)
+    dense_s = _non_routed_s(model, machine, n, seq, moe=False)
+    head_s = 3 * 2 * n * model.vocab * h / machine.gpu_flops
+    step_s = model.moe_layers * layer_s + model.dense_layers * dense_s + head_s
+
+    used = weights + activations + 2 * capacity * expert_bytes
+    gpu_bytes = [used] * (machine.gpus - 1) + [used + head]
+    host_bytes = model.moe_layers * model.experts * expert_bytes
+    problems = []
+    if capacity == 0:
+        problems.append(
+            f"GPU: {_gib(machine.gpu_bytes)} per GPU leaves no room for a streaming slot after the non-expert "
+            f"weights ({_gib(weights)}), activations ({_gib(activations)}) and lm_head + loss ({_gib(head)}): "
+            "fewer tokens per step or more GPUs"
+        )
+    if host_bytes > machine.host_bytes:
+        problems.append(
+            f"host RAM: the routed experts take {_gib(host_bytes)} in {expert_dtype}, the machine has "
+            f"{_gib(machine.host_bytes)}: "
+            + ("store them in fp8 or int8, or use more RAM" if expert_dtype == "bf16" else "use more RAM")
+        )
+    return Projection(n, step_s, layer_s, plan, len(plan.stream), capacity, gpu_bytes, host_bytes, problems)
+
+
+def _non_routed_s(model: ModelShape, machine: Machine, tokens: int, seq: int, *, moe: bool) -> float:
+    """GPU seconds of a layer's non-routed work: forward, recomputation and backward (4 passes)."""
+    per_token = model.layer_params_on_gpu(moe) + model.attention_width * seq / 2  # causal attention scores
+    return 4 * 2 * tokens * per_token / machine.gpu_flops
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"

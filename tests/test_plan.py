@@ -1,0 +1,66 @@
+"""The projection tool (`python -m kt_core.plan`): model shapes, the planner's split, memory, the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from kt_core.plan import MACHINES, MODELS, project
+from kt_core.plan.__main__ import main
+
+
+@pytest.mark.parametrize(
+    ("model", "published_billions"),
+    [("deepseek-v3", 671), ("kimi-k2", 1026), ("qwen3-235b-a22b", 235), ("qwen3-30b-a3b", 30.5),
+     ("deepseek-v2-lite", 15.7)],
+)  # fmt: skip
+def test_model_shapes_add_up_to_the_published_sizes(model, published_billions):
+    assert MODELS[model].total_params() / 1e9 == pytest.approx(published_billions, rel=0.01)
+
+
+def test_matches_the_measured_trainer_run_on_the_gpu_machine():
+    """benchmarks/RESULTS.md 2026-12-03: DeepSeek-V2-Lite, 16 x 2048 tokens, streamed through the stock Trainer,
+    14,030 tok/s on the H200 machine (its figures feed the cost model)."""
+    p = project(MODELS["deepseek-v2-lite"], MACHINES["h200-16c"], tokens_per_step=16 * 2048)
+    assert p.tokens_per_s == pytest.approx(14_030, rel=0.15)
+    assert not p.problems and p.slot_capacity == 64
+
+
+def test_faster_parts_never_make_it_slower():
+    model, base = MODELS["deepseek-v3"], MACHINES["kt-2x4090-8488c"]
+    before = project(model, base, tokens_per_step=8192).tokens_per_s
+    for change in ({"pcie_bytes_per_s": 2 * base.pcie_bytes_per_s}, {"cpu_flops": 2 * base.cpu_flops},
+                   {"gpu_flops": 2 * base.gpu_flops}, {"gpu_bytes": 2 * base.gpu_bytes}):  # fmt: skip
+        assert project(model, dataclasses.replace(base, **change), tokens_per_step=8192).tokens_per_s >= before
+
+
+def test_splits_a_full_width_layer_between_cpu_and_pcie():
+    p = project(MODELS["deepseek-v3"], MACHINES["kt-2x4090-8488c"], tokens_per_step=8192)
+    assert 0 < p.experts_streamed < 256 and p.plan.cpu_s > 0 and p.plan.pcie_s > 0  # both sides work
+    assert p.slot_capacity < 256  # two 22.5 GB slots cannot fit a 48 GB card beside the rest
+    assert max(p.gpu_bytes) <= 48 * 2**30 and not p.problems
+
+
+def test_what_does_not_fit_is_named():
+    small = dataclasses.replace(MACHINES["kt-2x4090-8488c"], gpu_bytes=4 * 2**30)
+    problems = project(MODELS["deepseek-v3"], small, tokens_per_step=32768).problems
+    assert any(p.startswith("GPU: 4.0 GiB per GPU leaves no room for a streaming slot") for p in problems)
+    kimi = project(MODELS["kimi-k2"], MACHINES["kt-2x4090-8488c"], tokens_per_step=8192)
+    assert kimi.problems == [
+        "host RAM: the routed experts take 1890.0 GiB in bf16, the machine has 1536.0 GiB: store them in fp8 or "
+        "int8, or use more RAM"
+    ]
+    fp8 = project(MODELS["kimi-k2"], MACHINES["kt-2x4090-8488c"], tokens_per_step=8192, expert_dtype="fp8")
+    assert not fp8.problems
+
+
+def test_command_line(capsys):
+    assert main(["--model", "qwen3-235b-a22b", "--gpus", "2x24GiB", "--pcie", "25GB/s", "--host-ram", "1.5TiB"]) == 0
+    out = capsys.readouterr().out
+    assert "qwen3-235b-a22b on kt-2x4090-8488c (changed: gpu_bytes, gpus, host_bytes, pcie_bytes_per_s)" in out
+    assert main(["--model", "kimi-k2"]) == 1  # does not fit: exit status 1, the reason in the row
+    assert main(["--gpus", "24GiB"]) == 2
+    assert "--gpus: got '24GiB', expected COUNTxSIZE" in capsys.readouterr().err
+    assert main(["--table", "--tokens-per-step", "4096"]) == 0
+    assert capsys.readouterr().out.count("\n| ") == len(MODELS) * len(MACHINES) * 2  # rows after the header
