@@ -10,14 +10,14 @@ rows of `--seq` tokens. Modes (each in its own process, so each peak is its own)
   gpu-loss     the same with kt_core.enable_efficient_loss (the loss kt-plugins turns on), to separate
                what the loss saves from what the expert split saves
   kt-cpu       kt_core.load_model + PEFT + Trainer(callbacks=[KTCallback()]): routed experts on the CPU
-  kt-stream    the same with KTCallback(expert_gpu_memory=--budget): experts streamed to the GPU / split
+  kt-stream    the same with KTCallback(expert_gpu_memory=--expert-gpu-memory): experts streamed to the GPU / split
                by the planner; kt-stream-int8 streams int8 copies
 
   lf-gpu       LLaMA-Factory's own `run_exp` (what `llamafactory-cli train` calls) on the YAML keys of an SFT
                run (`lora_target: all`, bf16, its default optimizer and gradient checkpointing), all on the GPU
   lf-gpu-liger the same with LLaMA-Factory's `enable_liger_kernel: true` (its memory-efficient loss)
   lf-kt-cpu    `use_kt: true` (routed experts on the CPU), the plugin booted by its .pth hook as in the CLI
-  lf-kt-stream `use_kt: true` + `kt_expert_gpu_memory: --budget`
+  lf-kt-stream `use_kt: true` + `kt_expert_gpu_memory: --expert-gpu-memory`
   LLaMA-Factory modes train on generated long records truncated to `cutoff_len: --seq` (every sequence
   exactly --seq tokens); the checkpoint gets a small byte-level tokenizer for them.
 
@@ -26,8 +26,8 @@ tokens counted by the Trainer's `include_num_input_tokens_seen`),
 peak GPU memory (torch.cuda.max_memory_allocated over training), the loss curve, kt's split line.
 
     python benchmarks/bench_sft.py --shape dsv2-lite --batch 16 --modes gpu,gpu-loss,kt-stream --out sft.json
-    python benchmarks/bench_sft.py --shape qwen3-30b-a3b --batch 8 --checkpoint /data/q3 --budget 12GiB
-    python benchmarks/bench_sft.py --layers 8 --batch 8 --modes lf-gpu,lf-gpu-liger,lf-kt-stream --budget 4GiB
+    python benchmarks/bench_sft.py --shape qwen3-30b-a3b --batch 8 --checkpoint /data/q3 --expert-gpu-memory 12GiB
+    python benchmarks/bench_sft.py --layers 8 --batch 8 --modes lf-gpu,lf-kt-stream --expert-gpu-memory 4GiB
     python benchmarks/bench_sft.py --small --modes gpu,kt-cpu,lf-kt-cpu --device cpu   # tiny shapes, smoke test
 """
 
@@ -207,7 +207,11 @@ def run_trainer_mode(mode: str, a) -> dict:
     elif mode.startswith("kt"):
         streaming = {}
         if mode.startswith("kt-stream"):
-            streaming = dict(expert_gpu_memory=a.budget, stream_quantize="int8" if mode.endswith("int8") else None)
+            streaming = dict(
+                expert_gpu_memory=a.expert_gpu_memory,
+                gpu_memory_limit=a.gpu_memory_limit,
+                stream_quantize="int8" if mode.endswith("int8") else None,
+            )
         callbacks.append(KTCallback(cpu_infer=a.cpu_infer, **streaming))
     with tempfile.TemporaryDirectory() as out:
         args = transformers.TrainingArguments(
@@ -290,7 +294,9 @@ def run_llamafactory_mode(mode: str, a) -> dict:
             if a.cpu_infer:
                 config["cpu_infer"] = a.cpu_infer
         if mode == "lf-kt-stream":
-            config["kt_expert_gpu_memory"] = a.budget
+            config["kt_expert_gpu_memory"] = a.expert_gpu_memory
+            if a.gpu_memory_limit:
+                config["kt_gpu_memory_limit"] = a.gpu_memory_limit
         run_exp(args=config, callbacks=[meter.callback])
     return meter.result(mode, a.warmup)
 
@@ -321,7 +327,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     ap.add_argument("--steps", type=int, default=4, help="timed steps")
-    ap.add_argument("--budget", default="12GiB", help="kt-stream: KTCallback(expert_gpu_memory)")
+    ap.add_argument("--expert-gpu-memory", default="12GiB", help="kt[-lf]-stream modes: GPU memory for expert weights")
+    ap.add_argument("--gpu-memory-limit", default=None, help="kt[-lf]-stream modes: the whole run's GPU memory cap")
     ap.add_argument("--cpu-infer", type=int, default=None, help="CPU threads of the experts operator")
     ap.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (written when missing)")
     ap.add_argument("--device", default=None, help="default: cuda when there is one")
@@ -365,7 +372,8 @@ def main() -> None:
         batch=a.batch,
         seq=a.seq,
         rank=a.rank,
-        budget=a.budget,
+        expert_gpu_memory=a.expert_gpu_memory,
+        gpu_memory_limit=a.gpu_memory_limit,
         command=" ".join(sys.argv),
     )
     print(info, flush=True)
