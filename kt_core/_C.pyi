@@ -23,8 +23,25 @@ class _NumaTopology(TypedDict):
 def cpu_features() -> dict[str, bool]:
     """CPUID and OS support: avx2, fma, avx512f/bw/vl, avx512_bf16, avx512_vnni, amx_tile/bf16/int8, os_amx."""
 
+# The process-wide knobs of kt_core.config.RuntimeConfig that the C++ reads; kt_core.config hands them over.
 def set_phase_times(on: bool) -> None:
-    """Turns the per-phase wall-time booking of the packed forward and backward on or off."""
+    """Turns the per-phase wall-time booking of the packed forward and backward on or off (off by default)."""
+
+def phase_times_enabled() -> bool:
+    """Whether the per-phase wall times are being booked."""
+
+def set_backward_weight_cache(keep: bool | None) -> None:
+    """Whether the packed backward keeps a column-packed copy of the bf16 weights: always (True), never (False),
+    or when it takes under a quarter of the free memory (None, the default)."""
+
+def backward_weight_cache() -> bool | None:
+    """The backward's weight-copy choice: True always, False never, None by free memory."""
+
+def set_amx_emulation(on: bool) -> None:
+    """Offers the AMX variants on CPUs without AMX, on a scalar model of the tile instructions (off by default)."""
+
+def amx_emulation() -> bool:
+    """Whether the AMX variants are offered on their scalar model where the CPU has no AMX."""
 
 def reset_phase_times() -> None:
     """Forgets the booked phase times."""

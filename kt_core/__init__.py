@@ -24,6 +24,8 @@ Plugins
     hookimpl             marker for `kt` plugin hooks (see kt_core.hookspecs)
     register_architecture, get_architecture, list_architectures, register_expert_backend
 Runtime
+    RuntimeConfig        the process-wide knobs, each read from its KT_* environment variable (kt_core.config)
+    configure            sets knobs of the process's RuntimeConfig; they win over the environment
     get_thread_pool      the process-wide pool of `cpu_infer` threads
     enable_streaming     split MoE layers between CPU compute and GPU compute on PCIe-streamed weights
     ExpertTimer          wall time in a model's routed experts per training step, and its input tokens
@@ -46,6 +48,7 @@ from kt_core.architectures import (
     list_architectures,
     register_architecture,
 )
+from kt_core.config import RuntimeConfig, configure
 from kt_core.experts import GpuShare, KTExperts
 from kt_core.experts.share import run_now
 from kt_core.hookspecs import hookimpl
@@ -93,9 +96,11 @@ __all__ = [
     "RuleError",
     "RuleMatch",
     "RuleReplace",
+    "RuntimeConfig",
     "UnknownArchitectureError",
     "UnmatchedRuleWarning",
     "available_kernels",
+    "configure",
     "convert_model",
     "cpu_features",
     "default_rules",

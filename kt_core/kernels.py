@@ -9,12 +9,12 @@ Legend: T = tokens, K = experts per token, E = experts, H = hidden, I = expert i
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from kt_core.config import KERNEL_ENV, current
 from kt_core.reference import experts_reference
 from kt_core.runtime.buffers import host_buffers
 from kt_core.runtime.pack_cache import load_or_pack
@@ -41,7 +41,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-KERNEL_ENV = "KT_KERNEL"
 TORCH_KERNEL = "torch"  # the plain-torch reference, always available
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
@@ -76,25 +75,32 @@ def phase_times(reset: bool = False) -> dict[str, tuple[float, int]]:
 def record_phase_times(on: bool = True) -> None:
     """Turns the per-phase wall-time totals of `phase_times()` on or off (off by default: one branch per phase)."""
     if _C is not None:
+        current()  # KT_PHASE_TIMES is handed over first: this call has the last word
         _C.set_phase_times(on)
+
+
+def _kernel_variants() -> list[tuple[str, bool, str, bool]]:
+    current()  # hands the config's amx_emulate (KT_AMX_EMULATE) to the compiled module first
+    return _C.kernel_variants() if _C is not None else []
 
 
 def available_kernels() -> list[str]:
     """Exact kernel variants this CPU runs, best first; "torch" (the reference) is always last."""
-    variants = _C.kernel_variants() if _C is not None else []
+    variants = _kernel_variants()
     names = [name for name, runnable, _, quantized in variants if runnable and not quantized]
     return [*names, TORCH_KERNEL]
 
 
 def quantized_kernels() -> list[str]:
     """Variants this CPU runs that quantize the weights at load (int8): chosen only by name."""
-    variants = _C.kernel_variants() if _C is not None else []
+    variants = _kernel_variants()
     return [name for name, runnable, _, quantized in variants if runnable and quantized]
 
 
 def resolve_kernel(kernel: str = "auto") -> str:
-    """Maps "auto" (or the KT_KERNEL environment variable) to a concrete variant and checks it runs here."""
-    requested = os.environ.get(KERNEL_ENV) or kernel
+    """Maps "auto" (or the config's kernel: KT_KERNEL) to a concrete variant and checks it runs here."""
+    forced = current().kernel
+    requested = forced or kernel
     available = available_kernels()
     if requested == "auto":
         if _C is None:
@@ -103,8 +109,8 @@ def resolve_kernel(kernel: str = "auto") -> str:
     if requested in available or requested in quantized_kernels():
         return requested
     available = available + quantized_kernels()
-    known = {name: missing for name, _, missing, _ in _C.kernel_variants()} if _C is not None else {}
-    source = f"{KERNEL_ENV}={requested}" if os.environ.get(KERNEL_ENV) else f"kernel={requested!r}"
+    known = {name: missing for name, _, missing, _ in _kernel_variants()}
+    source = f"{KERNEL_ENV}={requested}" if forced else f"kernel={requested!r}"
     why = f" ({known[requested]})" if requested in known else ""
     raise ValueError(f"{source}: this kernel cannot run here{why}; available: {', '.join(available)}")
 

@@ -1,28 +1,34 @@
 """The plugin manager: one `pluggy.PluginManager("kt")` per process, entry points loaded once.
 
-Environment:
-    KT_PLUGINS: comma-separated allow-list of entry-point names to load; unset loads all of them.
-        The built-in plugins of kt-plugins itself are always loaded.
+Configuration (kt_core.config):
+    plugins (KT_PLUGINS): comma-separated allow-list of entry-point names to load; unset loads all of them.
+        The built-in plugins of kt-plugins itself are always loaded. Read once, when the plugins are loaded.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import os
 import threading
 from importlib.metadata import entry_points
 
 import pluggy
 
 from kt_core import hookspecs
+from kt_core.config import ALLOW_LIST_ENV, current
 
-__all__ = ["ALLOW_LIST_ENV", "ENTRY_POINT_GROUP", "get_plugin_manager", "load_plugins", "loaded_plugins"]
+__all__ = [
+    "ALLOW_LIST_ENV",
+    "ENTRY_POINT_GROUP",
+    "get_plugin_manager",
+    "load_plugins",
+    "loaded_plugins",
+    "plugins_loaded",
+]
 
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "kt"
-ALLOW_LIST_ENV = "KT_PLUGINS"
 _OWN_DISTRIBUTION = "kt-plugins"
 # Registered even when the package metadata lacks the entry points (a source tree run without install).
 _BUILTIN_PLUGINS = {
@@ -58,15 +64,13 @@ def loaded_plugins() -> dict[str, str]:
     return dict(_loaded)
 
 
-def _allow_list() -> set[str] | None:
-    raw = os.environ.get(ALLOW_LIST_ENV)
-    if raw is None:
-        return None
-    return {name.strip() for name in raw.split(",") if name.strip()}
+def plugins_loaded() -> bool:
+    """Whether this process has loaded its plugins (and read the allow-list) already."""
+    return _manager is not None
 
 
 def _load_entry_points(manager: pluggy.PluginManager) -> None:
-    allowed = _allow_list()
+    allowed = current().plugins
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist = getattr(ep, "dist", None)
         builtin = dist is not None and dist.name == _OWN_DISTRIBUTION

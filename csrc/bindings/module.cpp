@@ -167,7 +167,15 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
 
+  // The process-wide knobs of kt_core.config.RuntimeConfig that the C++ reads: Python hands them over when the
+  // config is first read and whenever it changes (configure(), a KT_* variable set later).
   m.def("set_phase_times", &kt::set_phase_times, py::arg("on"));
+  m.def("phase_times_enabled", &kt::phase_times_enabled);
+  m.def("set_backward_weight_cache", &kt::set_backward_weight_cache, py::arg("keep"));
+  m.def("backward_weight_cache", &kt::backward_weight_cache);
+  m.def("set_amx_emulation", &kt::set_amx_emulation, py::arg("on"));
+  m.def("amx_emulation", &kt::amx_emulation);
+
   m.def("reset_phase_times", &kt::reset_phase_times);
   m.def("phase_times", [] {
     py::list out;

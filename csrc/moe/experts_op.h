@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,12 @@
 #include "routing.h"
 
 namespace kt {
+
+// Whether the packed backward keeps a column-packed copy of the bf16 weights (ExpertsOp::project_columns_packed):
+// true always, false never, std::nullopt (the default) when it takes under a quarter of the free memory. Set
+// from Python (kt_core.config: KT_BACKWARD_WEIGHT_CACHE); read at each backward until a layer has kept its copy.
+void set_backward_weight_cache(std::optional<bool> keep);
+std::optional<bool> backward_weight_cache();
 
 struct ExpertWeights {
   int num_experts = 0;   // E
@@ -153,7 +160,7 @@ class ExpertsOp {
   // packed panels on column blocks repacked per task (no transposed copy kept).
   // `columns` keeps those column blocks of every expert once made (the weights are frozen): a second copy of
   // the weights in exchange for not re-reading them column-wise on every backward. Kept when it takes under a
-  // quarter of the free memory at the first backward; KT_BACKWARD_WEIGHT_CACHE=1 always, =0 never.
+  // quarter of the free memory at the first backward, unless set_backward_weight_cache() says always / never.
   // With R > 0, also c += p . A[e][:, cols] (p [S, R] by row, A [E, R, N]: a LoRA down-projection's factor).
   // The rows go to c as fp32 or, when c is null, to c16 as bf16.
   void project_columns_packed(ThreadPool& pool, const Routing& r, const bf16* a, int lda, const bf16* w, int K, int N,

@@ -7,8 +7,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -26,6 +26,9 @@ constexpr int64_t kLoraRowChunk = 64;  // rows per task of the rank-r products a
 // Tile pairs per task: few rows stream weights (small tasks spread them over all threads); many rows want
 // the activation chunk reused across several pairs.
 inline int pairs_per_task(int64_t rows_per_expert) { return rows_per_expert >= 64 ? 4 : 1; }
+
+// -1: decided by free memory (the default); 0: never; 1: always.
+std::atomic<int> g_backward_weight_cache{-1};
 
 thread_local std::vector<float> t_panel;
 thread_local std::vector<bf16> t_columns;
@@ -48,6 +51,15 @@ float* panel_buffer(int rows) {
 }
 
 }  // namespace
+
+void set_backward_weight_cache(std::optional<bool> keep) {
+  g_backward_weight_cache.store(keep ? static_cast<int>(*keep) : -1, std::memory_order_relaxed);
+}
+
+std::optional<bool> backward_weight_cache() {
+  const int keep = g_backward_weight_cache.load(std::memory_order_relaxed);
+  return keep < 0 ? std::nullopt : std::optional<bool>(keep == 1);
+}
 
 bool ExpertsOp::packed_forward(DType act) const {
   if (!pk_ || packed_gate_up_.data.size() == 0) return false;
@@ -378,11 +390,11 @@ void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const
   const int64_t blocks = static_cast<int64_t>(w_.num_experts) * col_blocks;
   const size_t copy_bytes = static_cast<size_t>(blocks * block_elems) * sizeof(bf16);
   bool keep = columns.size() != 0;
-  if (!keep) {  // "0": never; "1": always; unset: when the copy takes under a quarter of the free memory
-    const char* env = std::getenv("KT_BACKWARD_WEIGHT_CACHE");
+  if (!keep) {  // forced always / never, or by default when the copy takes under a quarter of the free memory
+    const std::optional<bool> forced = backward_weight_cache();
     const long pages = sysconf(_SC_AVPHYS_PAGES), page = sysconf(_SC_PAGESIZE);
     const double free_bytes = pages > 0 && page > 0 ? static_cast<double>(pages) * page : 0.0;
-    keep = env && *env ? std::strcmp(env, "1") == 0 : static_cast<double>(copy_bytes) * 4 < free_bytes;
+    keep = forced ? *forced : static_cast<double>(copy_bytes) * 4 < free_bytes;
   }
   if (keep && columns.size() == 0) {  // once: every expert's column blocks, in parallel
     AlignedBuffer made(copy_bytes);

@@ -1,7 +1,6 @@
 #include "kernel_registry.h"
 
-#include <cstdlib>
-#include <cstring>
+#include <atomic>
 #include <stdexcept>
 
 #include "../runtime/cpu_features.h"
@@ -9,20 +8,19 @@
 namespace kt {
 namespace {
 
-// KT_AMX_EMULATE=1 offers the AMX variants on CPUs without AMX, with a scalar model of the tile
-// instructions (gemm_amx_emulated.cpp): for testing the tile code path, never for speed.
-bool amx_emulation_requested() {
-  const char* v = std::getenv("KT_AMX_EMULATE");
-  return v && std::strcmp(v, "1") == 0;
-}
+std::atomic<bool> g_amx_emulation{false};
 
 }  // namespace
+
+void set_amx_emulation(bool on) { g_amx_emulation.store(on, std::memory_order_relaxed); }
+
+bool amx_emulation() { return g_amx_emulation.load(std::memory_order_relaxed); }
 
 std::vector<KernelVariant> kernel_variants() {
   const CpuFeatures& f = cpu_features();
   const bool avx512 = f.avx512f && f.avx512bw && f.avx512vl;
   const bool packed_avx512 = avx512 && f.avx512_bf16 && f.avx512_vnni;  // what gemm_packed_avx512.cpp uses
-  const bool emulate = !f.os_amx && packed_avx512 && amx_emulation_requested();
+  const bool emulate = !f.os_amx && packed_avx512 && amx_emulation();
   const char* amx_missing = "needs AMX-TILE/BF16/INT8 granted by the OS, with AVX512-BF16 and AVX512-VNNI";
 #ifdef KT_HAVE_AMX
   const bool amx = packed_avx512 && f.os_amx && f.amx_bf16 && f.amx_int8;

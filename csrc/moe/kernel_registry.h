@@ -21,6 +21,12 @@ struct KernelVariant {
   bool quantized;  // the weights are quantized at load: outside the operator's exactness contract
 };
 
+// Whether the AMX variants are offered on CPUs without AMX, on a scalar model of the tile instructions
+// (gemm_amx_emulated.cpp): for testing the tile code path, never for speed. Off by default; set from Python
+// (kt_core.config: KT_AMX_EMULATE).
+void set_amx_emulation(bool on);
+bool amx_emulation();
+
 // Every variant this build knows, best first (exact ones, then quantized ones).
 std::vector<KernelVariant> kernel_variants();
 

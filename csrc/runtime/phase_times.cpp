@@ -1,30 +1,20 @@
 #include "phase_times.h"
 
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <mutex>
 
 namespace kt {
 namespace {
 
-std::atomic<int> g_enabled{-1};  // -1: not read from the environment yet
+std::atomic<bool> g_enabled{false};
 std::mutex g_mutex;
 std::vector<PhaseTime> g_times;
 
 }  // namespace
 
-bool phase_times_enabled() {
-  int on = g_enabled.load(std::memory_order_relaxed);
-  if (on < 0) {
-    const char* env = std::getenv("KT_PHASE_TIMES");
-    on = env && std::strcmp(env, "1") == 0 ? 1 : 0;
-    g_enabled.store(on, std::memory_order_relaxed);
-  }
-  return on == 1;
-}
+bool phase_times_enabled() { return g_enabled.load(std::memory_order_relaxed); }
 
-void set_phase_times(bool on) { g_enabled.store(on ? 1 : 0, std::memory_order_relaxed); }
+void set_phase_times(bool on) { g_enabled.store(on, std::memory_order_relaxed); }
 
 void add_phase_time(const std::string& name, double seconds) {
   std::lock_guard<std::mutex> lock(g_mutex);

@@ -1,6 +1,7 @@
 // Wall time of each phase of the experts' forward and backward (one pool job or a few), summed over calls:
 // where a layer's time goes, without a profiler. Off by default (one branch per phase); on with
-// KT_PHASE_TIMES=1 or set_phase_times(true); from Python, kt_core.kernels.record_phase_times() and phase_times().
+// set_phase_times(true), which Python calls for KT_PHASE_TIMES=1 (kt_core.config) and
+// kt_core.kernels.record_phase_times(); read back with kt_core.kernels.phase_times().
 #pragma once
 
 #include <chrono>

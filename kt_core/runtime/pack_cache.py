@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kt_core.config import PACK_CACHE_ENV, current
+
 if TYPE_CHECKING:
     from kt_core.experts import KTExperts
 
@@ -37,15 +39,14 @@ __all__ = ["PACK_CACHE_ENV", "cache_dir", "cache_path", "load_or_pack", "weights
 
 logger = logging.getLogger(__name__)
 
-PACK_CACHE_ENV = "KT_PACK_CACHE"
 _FILE_VERSION = "1"  # of this file format (metadata keys, blob naming), next to the C++ layout tag
 _SAMPLES = 4096  # strided samples per weight tensor in the fingerprint
 _EDGE = 64  # first and last elements always sampled
 
 
 def cache_dir(module: KTExperts) -> Path | None:
-    """The module's cache folder: its `pack_cache`, else KT_PACK_CACHE; None when neither is set (off)."""
-    folder = getattr(module, "pack_cache", None) or os.environ.get(PACK_CACHE_ENV)
+    """The module's cache folder: its `pack_cache`, else the config's (KT_PACK_CACHE); None when neither is set."""
+    folder = getattr(module, "pack_cache", None) or current().pack_cache
     return Path(folder) if folder else None
 
 

@@ -8,25 +8,20 @@ Sizes are checked by kt_core.settings: a positive integer; more than the CPUs th
 
 from __future__ import annotations
 
-import os
 import threading
 
-from kt_core.settings import CPU_INFER_CAP_FACTOR, cpu_threads, positive_int, usable_cpus
+from kt_core.config import CPU_INFER_ENV, current
+from kt_core.settings import CPU_INFER_CAP_FACTOR, positive_int, usable_cpus
 
 __all__ = ["CPU_INFER_ENV", "current_threads", "default_cpu_infer", "get_thread_pool"]
-
-CPU_INFER_ENV = "KT_CPU_INFER"
 
 _lock = threading.Lock()
 _pool = None
 
 
 def default_cpu_infer() -> int:
-    """KT_CPU_INFER if set (checked as any `cpu_infer`), else the CPUs this process may use."""
-    env = os.environ.get(CPU_INFER_ENV)
-    if env:
-        return cpu_threads(CPU_INFER_ENV, env)
-    return usable_cpus()
+    """The config's cpu_infer (KT_CPU_INFER or configure(cpu_infer=...)) if set, else the CPUs this process may use."""
+    return current().cpu_infer or usable_cpus()
 
 
 def get_thread_pool(cpu_infer: int | None = None):

@@ -15,10 +15,10 @@ Legend: S = sorted slots of a piece, T = tokens, K = experts per token, H = hidd
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from kt_core.config import current
 
 try:
     import triton
@@ -32,7 +32,7 @@ ROWS = 8192  # rows per piece of the plain-torch fp32 work (bounds its temporari
 
 
 def triton_enabled(t: torch.Tensor) -> bool:
-    return triton is not None and t.is_cuda and os.environ.get("KT_STREAM_TRITON", "1") != "0"
+    return triton is not None and t.is_cuda and current().stream_triton
 
 
 # ---- public steps (dispatch) ----------------------------------------------------------------------------
