@@ -1,10 +1,12 @@
-"""Mapping checkpoint tensor names to the model: non-expert tensors, expert tensors, FP8 scales.
+"""Mapping checkpoint tensor names to the model: non-expert tensors, expert tensors, FP8 scales, packed ints.
 
 Expert tensors come in two namings, both read here:
 - per expert, as DeepSeek, Qwen, GLM and Mixtral publish them (and as transformers 5 saves them):
   `model.layers.3.mlp.experts.7.gate_proj.weight` (Mixtral: `block_sparse_moe.experts.7.w1.weight`);
 - fused, as the transformers 5 module holds them: `model.layers.3.mlp.experts.gate_up_proj` [E, 2I, H]
   and `model.layers.3.mlp.experts.down_proj` [E, H, I].
+A compressed-tensors pack-quantized weight (`<name>.weight_packed` with `_scale` / `_shape` companions) maps as
+`<name>.weight` would; its key stays the packed one, which the loader dequantizes (kt_core/loading/packed_int.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from kt_core.architectures.spec import Architecture
 from kt_core.loading.checkpoint import Checkpoint
+from kt_core.loading.packed_int import COMPANIONS, PACKED_SUFFIX
 
 __all__ = ["CheckpointMap", "ExpertTensor", "map_checkpoint"]
 
@@ -67,6 +70,12 @@ def _expert_regexes(arch: Architecture) -> tuple[re.Pattern, re.Pattern]:
     return per_expert, fused
 
 
+def _packed_companion(key: str, keys: set[str]) -> bool:
+    """`<name>.weight_scale` / `_shape` / ... next to a `<name>.weight_packed`: read with it, not mapped."""
+    stem, _, suffix = key.rpartition(".weight")
+    return f"_{suffix.lstrip('_')}" in COMPANIONS and f"{stem}.weight{PACKED_SUFFIX}" in keys
+
+
 def map_checkpoint(checkpoint: Checkpoint, model: nn.Module, arch: Architecture) -> CheckpointMap:
     """Classifies every checkpoint tensor against a (meta) model.
 
@@ -88,7 +97,10 @@ def map_checkpoint(checkpoint: Checkpoint, model: nn.Module, arch: Architecture)
             if weight_key in keys:
                 out.scales[weight_key] = key
                 continue
-        name = arch.rename_checkpoint_key(key)
+        if _packed_companion(key, keys):
+            continue
+        packed = key.endswith(".weight" + PACKED_SUFFIX)
+        name = arch.rename_checkpoint_key(key.removesuffix(PACKED_SUFFIX) if packed else key)
         m = per_expert.match(name)
         if m and m["module"] in experts_modules:
             out.experts[m["module"]].append(ExpertTensor(key, int(m["expert"]), roles[m["proj"]]))

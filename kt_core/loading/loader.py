@@ -26,6 +26,7 @@ from kt_core.loading.keys import CheckpointMap, ExpertTensor, map_checkpoint
 from kt_core.loading.memory import MemoryPlan
 from kt_core.loading.meta import build_meta_model, set_tensor, still_on_meta
 from kt_core.loading.multi_gpu import device_boundaries, install_device_hooks
+from kt_core.loading.packed_int import PACKED_SUFFIX, dequantize_packed, packed_args
 from kt_core.placement import (
     PlacementPlan,
     PlacementRule,
@@ -208,8 +209,9 @@ def load_model(
     with Checkpoint(path) as checkpoint:
         arch = get_architecture(checkpoint.config_dict)
         fp8_block = fp8_block_size(checkpoint.config_dict)
+        dequantized = fp8_block is not None or _packed_args(checkpoint) is not None  # to bf16 as it is read
         config_dict = {
-            k: v for k, v in checkpoint.config_dict.items() if not (fp8_block and k == "quantization_config")
+            k: v for k, v in checkpoint.config_dict.items() if not (dequantized and k == "quantization_config")
         }
         config = arch.build_config(config_dict) if config is None else config
         dtype = _resolve_dtype(dtype, config, checkpoint, fp8_block is not None)
@@ -257,6 +259,8 @@ def _meta_tensor(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def _read(checkpoint: Checkpoint, key: str, scale_key: str | None, block, device: str) -> torch.Tensor:
+    if key.endswith(".weight" + PACKED_SUFFIX):
+        return _read_packed(checkpoint, key)
     tensor = checkpoint.get(key)
     if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         if scale_key is None:
@@ -265,6 +269,30 @@ def _read(checkpoint: Checkpoint, key: str, scale_key: str | None, block, device
         compute = device if torch.device(device).type == "cuda" else "cpu"
         tensor = dequantize_fp8_blockwise(tensor.to(compute), scale, block or (128, 128))
     return tensor
+
+
+def _packed_args(checkpoint: Checkpoint):
+    try:
+        return packed_args(checkpoint.config_dict)
+    except ValueError as exc:
+        raise CheckpointError(f"{checkpoint.path / 'config.json'}: {exc}") from None
+
+
+def _read_packed(checkpoint: Checkpoint, key: str) -> torch.Tensor:
+    """A compressed-tensors pack-quantized weight, dequantized to bf16 (kt_core/loading/packed_int.py)."""
+    where = f"{checkpoint.tensors[key].file}: {key}"
+    args = _packed_args(checkpoint)
+    if args is None:
+        raise CheckpointError(f"{where} is packed, but config.json has no pack-quantized quantization_config")
+    stem = key.removesuffix(PACKED_SUFFIX)
+    missing = [stem + s for s in ("_scale", "_shape") if stem + s not in checkpoint.tensors]
+    if missing:
+        raise CheckpointError(f"{where}: its companion tensor(s) {', '.join(missing)} are missing")
+    try:
+        shape = checkpoint.get(stem + "_shape").tolist()
+        return dequantize_packed(checkpoint.get(key), checkpoint.get(stem + "_scale"), shape, args)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
 
 
 def _stream_experts(model, module_name, tensors: list[ExpertTensor], checkpoint, plan, fp8_block, dtype, config):
