@@ -95,24 +95,21 @@ def route_adapter_switch(model: nn.Module) -> None:
     tuner = _tuner(model)
     if tuner is None or not hasattr(tuner, "disable_adapter_layers"):
         return
-    peft_disable, peft_enable = tuner.disable_adapter_layers, tuner.enable_adapter_layers
+    tuner.disable_adapter_layers = _then_switch_expert_lora(tuner, tuner.disable_adapter_layers, on=False)
+    tuner.enable_adapter_layers = _then_switch_expert_lora(tuner, tuner.enable_adapter_layers, on=True)
 
-    def disable_adapter_layers(*args, **kwargs):
-        result = peft_disable(*args, **kwargs)
+
+def _then_switch_expert_lora(tuner: nn.Module, peft_switch, *, on: bool):
+    """PEFT's switch of its adapter layers, then the same for the KTExperts' LoRA."""
+
+    def switch(*args, **kwargs):
+        result = peft_switch(*args, **kwargs)
         for experts in peft_lora_experts(tuner):
-            experts.lora_enabled = False
+            experts.lora_enabled = on
         return result
 
-    def enable_adapter_layers(*args, **kwargs):
-        result = peft_enable(*args, **kwargs)
-        for experts in peft_lora_experts(tuner):
-            experts.lora_enabled = True
-        return result
-
-    disable_adapter_layers.__doc__ = peft_disable.__doc__
-    enable_adapter_layers.__doc__ = peft_enable.__doc__
-    tuner.disable_adapter_layers = disable_adapter_layers
-    tuner.enable_adapter_layers = enable_adapter_layers
+    switch.__doc__ = peft_switch.__doc__
+    return switch
 
 
 def keep_expert_lora_trainable(model: nn.Module) -> None:
