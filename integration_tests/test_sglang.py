@@ -132,6 +132,19 @@ def test_fused_moe_matches_sglang_native(model_dir, dtype, placement, T):
     torch.testing.assert_close(actual, expected, **TOLERANCE[dtype])
 
 
+def test_cpu_experts_stay_in_host_memory_under_a_device_context(model_dir):
+    """SGLang builds the model under its device context (a CUDA device on a GPU); the CPU experts are built in
+    host memory whatever it is, and hold only their own experts (no host copy of the GPU-resident ones)."""
+    with torch.device("meta"):  # stands in for the GPU's context on a machine without one
+        layer = _build_layer(torch.float32, _ours(KTExpertsOptions(gpu_experts="3")))
+    method = layer.quant_method
+    assert layer.w13_weight.device.type == "meta" and layer.w13_weight.shape[0] == 3  # the context did apply
+    cpu = method.cpu_experts
+    assert cpu.gate_up_proj.device.type == "cpu" and cpu.down_proj.device.type == "cpu"
+    assert cpu.gate_up_proj.shape[0] == E - 3 and cpu.total_experts == E
+    assert cpu.rows_of(torch.tensor([method.cpu_ids])).tolist() == [list(range(E - 3))]
+
+
 def test_chunked_prefill_and_cpu_threads(model_dir):
     gate, up, down = _random_experts(torch.float32)
     native = _build_layer(torch.float32)
