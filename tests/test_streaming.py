@@ -350,3 +350,22 @@ def test_gpu_memory_limit_sizes_residents_from_the_first_step(budget, peak, limi
     assert rt.history[-1]["resident_per_layer"] == [residents] * 3
     assert f"{residents} resident experts per layer" in caplog.text
     assert ("over gpu_memory_limit" in caplog.text) == (peak > limit)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_autograd_grad_gets_the_device_paths_lora_gradients(checkpointing):
+    """All experts streamed (the device path defers LoRA gradients to `.grad` at the end of `backward()`):
+    `torch.autograd.grad` with the factors as inputs returns them, and `.grad` stays untouched either way."""
+    ref, ours = ToyMoE(2, seed=4, checkpointing=checkpointing), ToyMoE(2, seed=4, checkpointing=checkpointing)
+    enable_streaming(ours, device="cpu", **SPLITS["all-streamed"])
+    x = torch.randn(30, H, generator=torch.Generator().manual_seed(6))
+    want = torch.autograd.grad(ref(x), lora_params(ref))
+    got = torch.autograd.grad(ours(x), lora_params(ours))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    x_leaf = x.clone().requires_grad_()
+    torch.autograd.grad(ours(x_leaf), [x_leaf])  # the factors are not asked for
+    assert all(p.grad is None for p in lora_params(ours))
+    ours(x).backward()  # and backward() still fills .grad
+    for p, w in zip(lora_params(ours), want, strict=True):
+        torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-6)

@@ -10,10 +10,11 @@ receives one gradient, the sum of both sides'. The GPU side computes with a devi
 from the host master copy at every forward call (and kept on the autograd context for the backward), so an
 in-place update of the factors, whoever makes it, is always seen: no cache, nothing that can go stale.
 
-On the device path the factor gradients are not returned through autograd (that would wait for the device
-in every layer): their device-to-host copy is queued on the stream and one callback at the end of the
-backward pass adds them to the factors' `.grad`, as autograd would. `loss.backward()` (what every trainer
-calls) sees them; `torch.autograd.grad` with expert-LoRA factors as inputs does not receive that part.
+On the device path, under `backward()` (what every trainer calls), the factor gradients are not returned
+through autograd (that would wait for the device in every layer): their device-to-host copy is queued on the
+stream and one callback at the end of the backward pass adds them to the factors' `.grad`, as autograd would.
+Where the pass does not accumulate into the factors (`torch.autograd.grad`, `backward(inputs=...)` without
+them) they are returned through autograd, waiting for the device once per layer.
 
 Legend: T = tokens, K = experts per token, E = experts, H = hidden, I = expert intermediate, r = LoRA rank.
 """
@@ -174,9 +175,13 @@ def _split_backward(ctx, dy):
     if call.covers_all:
         dx, dw, gpu_grads = call.backward(x, ids, w, dy, None, ctx.lora_dev)
         call.end()
-        if gpu_grads:
-            _deferred.add(module.lora.factors(), gpu_grads, ctx.needs_input_grad[4:], dy.device)
-        return _grads(ctx, dx, dw, x, [None] * len(lora))
+        if not gpu_grads:
+            return _grads(ctx, dx, dw, x, [None] * len(lora))
+        factors, needs = module.lora.factors(), ctx.needs_input_grad[4:]
+        if _engine_accumulates(factors, needs):  # backward(): to `.grad` when the pass ends, one wait in all
+            _deferred.add(factors, gpu_grads, needs, dy.device)
+            return _grads(ctx, dx, dw, x, [None] * len(lora))
+        return _grads(ctx, dx, dw, x, _lora_grads_on_host(lora, gpu_grads))  # autograd.grad: returned now
     x_host, ids_host, w_host, dy_host = stage_to_host(x, ids, w, dy)
     ids_host, w_host = ids_host.to(torch.int64), w_host.to(torch.float32)
     cpu_ids, parts = _host_split(module, call, ids_host, x.device)
@@ -198,11 +203,7 @@ def _split_backward(ctx, dy):
     if parts or call.weight_sets is None:
         dx, dw, gpu_grads = call.backward(x, ids, w, dy, parts, ctx.lora_dev)
     call.end()
-    lora_grads = [torch.zeros_like(f) for f in lora] if lora else None  # host fp32, [E, ...]
-    for experts, grads in gpu_grads or ():  # device -> host, into the factors' gradients
-        idx = torch.tensor(experts)
-        for total, g in zip(lora_grads, _to_host_fp32(grads), strict=True):
-            total.index_add_(0, idx, g.to(total.dtype))
+    lora_grads = _lora_grads_on_host(lora, gpu_grads)
     if future is not None:
         dx_cpu, dw_cpu, cpu_lora = future.result()
         dx += to_device(dx_cpu, x.device).float()
@@ -210,6 +211,31 @@ def _split_backward(ctx, dy):
         for total, g in zip(lora_grads or (), cpu_lora or (), strict=True):
             total.add_(g)
     return _grads(ctx, dx, dw, x, lora_grads)
+
+
+def _lora_grads_on_host(lora, gpu_grads) -> list[torch.Tensor] | None:
+    """The factors' gradients (host, like the factors, [E, ...]) with the GPU side's parts added in."""
+    lora_grads = [torch.zeros_like(f) for f in lora] if lora else None
+    for experts, grads in gpu_grads or ():  # device -> host, into the factors' gradients
+        idx = torch.tensor(experts)
+        for total, g in zip(lora_grads, _to_host_fp32(grads), strict=True):
+            total.index_add_(0, idx, g.to(total.dtype))
+    return lora_grads
+
+
+def _engine_accumulates(factors, needs) -> bool:
+    """Whether this backward pass accumulates into every needed factor's `.grad` (`backward()`), rather than
+    returning gradients (`torch.autograd.grad`) or leaving the factors out (`backward(inputs=...)`)."""
+    try:
+        return all(
+            torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(f).node)
+            for f, need in zip(factors, needs, strict=True)
+            if need
+        )
+    except RuntimeError as exc:  # the engine refuses to answer for leaves exactly when autograd.grad runs
+        if "autograd.grad" not in str(exc):
+            raise
+        return False
 
 
 def _to_host_fp32(grads: list[torch.Tensor]) -> list[torch.Tensor]:
