@@ -10,6 +10,7 @@ parameters in place without bumping their version counters.
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ SPLITS = {
     "resident": dict(mode="gpu", expert_gpu_memory="resident"),
     "int8-streamed": dict(mode="gpu", quantize="int8"),
 }
-OPTIMIZERS = ["adamw_torch_fused", "adamw_torch", "sgd"] + (
+OPTIMIZERS = ["adamw_torch_fused", "adamw_torch", "sgd", "adagrad"] + (
     ["adamw_bnb_8bit"] if importlib.util.find_spec("bitsandbytes") else []
 )
 
@@ -128,3 +129,16 @@ def test_gradient_accumulation_under_the_default_optimizer(split, stock_curves, 
     stock = stock_curves("adamw_torch_fused", **options)
     ours = _train(_peft_model(), "adamw_torch_fused", tmp_path, [KTCallback(), _SplitExperts(SPLITS[split])], **options)
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(stock), rtol=1e-5, atol=0)
+
+
+def test_shape_dependent_optimizer_is_named(stock_curves, tmp_path, caplog):
+    """Adafactor factors its moments by a parameter's shape; our expert-LoRA factors are one matrix per expert,
+    PEFT's one per projection, so the curves differ, and the run says so instead of differing silently."""
+    with caplog.at_level(logging.WARNING, logger="kt_core.peft"):
+        ours = _train(_peft_model(), "adafactor", tmp_path, [KTCallback()])
+    assert "Adafactor updates a parameter according to its shape" in caplog.text
+    assert ours != pytest.approx(stock_curves("adafactor"), rel=1e-5)  # the difference the warning is about
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kt_core.peft"):
+        _train(_peft_model(), "adagrad", tmp_path / "adagrad", [KTCallback()])
+    assert "according to its shape" not in caplog.text

@@ -22,6 +22,7 @@ Public (what the plugins use):
 from kt_core.peft.folder import AdapterFolder
 from kt_core.peft.keys import LoraKey, parse_lora_key
 from kt_core.peft.layout import EXPERT_PARAMETERS, expert_factors_from_peft, expert_factors_to_peft
+from kt_core.peft.optimizers import warn_if_shape_dependent
 from kt_core.peft.patches import ignore_peft_layer_warning, peft_layer_warning_filtered
 from kt_core.peft.takeover import expert_lora_parameters, is_prepared, take_over_peft_model
 from kt_core.peft.wrappers import is_peft_param_wrapper
@@ -39,4 +40,5 @@ __all__ = [
     "parse_lora_key",
     "peft_layer_warning_filtered",
     "take_over_peft_model",
+    "warn_if_shape_dependent",
 ]

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from kt_core import ExpertTimer, KTExperts, resolve_kernel
 from kt_core import settings as checks
+from kt_core.peft import warn_if_shape_dependent
 from kt_core.placement import PlacementRule, resolve_rule_file
 from kt_plugins.hf_trainer.convert import expert_lora_parameters, kt_prepare
 
@@ -174,7 +175,9 @@ class KTCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if optimizer is not None and model is not None:
             in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            missing = [p for p in expert_lora_parameters(model) if id(p) not in in_optimizer]
+            factors = expert_lora_parameters(model)
+            warn_if_shape_dependent(optimizer, factors)
+            missing = [p for p in factors if id(p) not in in_optimizer]
             if missing:
                 raise ValueError(
                     f"KTCallback: the optimizer does not hold {len(missing)} expert-LoRA factors; it was built "

@@ -154,6 +154,7 @@ def _training_callback():
 
     from kt_core import ExpertTimer, KTExperts
     from kt_core.loading import check_training_checkpoint
+    from kt_core.peft import expert_lora_parameters, warn_if_shape_dependent
 
     class KTTrainingCallback(TrainerCallback):
         timer: ExpertTimer | None = None
@@ -167,9 +168,11 @@ def _training_callback():
                 check_training_checkpoint(args.resume_from_checkpoint)
             self.timer = ExpertTimer(model)
 
-        def on_train_begin(self, args, state, control, **kwargs):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
             if self.timer is not None:
                 self.timer.start_steps()
+            if model is not None:
+                warn_if_shape_dependent(optimizer, expert_lora_parameters(model))
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.timer is not None:
