@@ -115,7 +115,7 @@ def main():
     ap.add_argument("--kernel", default="auto")
     ap.add_argument("--cpu-infer", type=int, default=None)
     ap.add_argument("--experts-implementation", default="grouped_mm")
-    ap.add_argument("--gpu-memory-budget", default=None, help="expert weights on the GPU, e.g. 4GiB")
+    ap.add_argument("--expert-gpu-memory", default=None, help="expert weights on the GPU, e.g. 4GiB")
     ap.add_argument("--keep-bytes", default="1GiB", help="recomputed expert intermediates kept for the backward")
     ap.add_argument("--loss-chunk", type=int, default=1024, help="stream modes: tokens per loss chunk (0: off)")
     ap.add_argument("--device", default=None)
