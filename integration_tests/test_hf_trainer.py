@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kt_core.experts import KTExperts
-from tests.tiny_models import build_tiny_model, eval_logits, token_dataset, trainer_args
+from tests.tiny_models import build_tiny_model, eval_logits, randomize_lora, token_dataset, trainer_args
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -85,11 +85,7 @@ def test_kt_callback_matches_stock_trainer(family, tmp_path):
 
 
 def test_adapter_loads_back_into_converted_model(tmp_path):
-    model = _peft_model("qwen3_moe")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.1)
+    model = randomize_lora(_peft_model("qwen3_moe"), std=0.1)
     expected = eval_logits(model)
     model.save_pretrained(tmp_path / "adapter")
 

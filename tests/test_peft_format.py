@@ -10,7 +10,7 @@ from kt_core.peft import expert_factors_from_peft, expert_factors_to_peft
 from kt_core.peft.attach import expert_lora_to_peft_state_dict, install_peft_state_dict_hooks, load_expert_lora_
 from kt_core.peft.layout import peft_layout_swapped
 from kt_core.peft.wrappers import take_over_peft_experts
-from tests.tiny_models import build_tiny_model
+from tests.tiny_models import build_tiny_model, randomize_lora
 
 peft = pytest.importorskip("peft")
 
@@ -22,13 +22,7 @@ EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 def _peft_model(family="qwen3_moe", *, targets=EXPERT_TARGETS, r=4, alpha=8, use_rslora=False):
     model = build_tiny_model(family, num_layers=2)
     config = peft.LoraConfig(r=r, lora_alpha=alpha, target_parameters=targets, use_rslora=use_rslora)
-    peft_model = peft.get_peft_model(model, config)
-    torch.manual_seed(1)
-    with torch.no_grad():  # B starts at zero in PEFT too: make every factor matter
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.2)
-    return peft_model
+    return randomize_lora(peft.get_peft_model(model, config))
 
 
 def _experts_name(peft_model):

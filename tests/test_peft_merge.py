@@ -9,7 +9,7 @@ import kt_core
 from kt_core.experts import KTExperts
 from kt_core.peft import take_over_peft_model
 from kt_core.peft.attach import merge_expert_lora_
-from tests.tiny_models import build_tiny_model, save_fused_checkpoint
+from tests.tiny_models import build_tiny_model, randomize_lora, save_fused_checkpoint
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -24,13 +24,7 @@ ATTENTION_TARGETS = {
 
 def _with_lora(model, family, targets=("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION_TARGETS[family], target_parameters=targets)
-    peft_model = peft.get_peft_model(model, config)
-    torch.manual_seed(1)
-    with torch.no_grad():  # B starts at zero: make every factor matter
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.2)
-    return peft_model
+    return randomize_lora(peft.get_peft_model(model, config))
 
 
 def _logits(model, seed=5):

@@ -14,7 +14,7 @@ import kt_core
 import kt_core.loading.convert
 from kt_core.experts import KTExperts
 from kt_core.peft import is_peft_param_wrapper, take_over_peft_model
-from tests.tiny_models import build_tiny_model, save_fused_checkpoint
+from tests.tiny_models import build_tiny_model, randomize_lora, save_fused_checkpoint
 
 peft = pytest.importorskip("peft")
 
@@ -44,13 +44,7 @@ def write_kept_layer_rules(path, layer: int, device: str):
 
 def _with_lora(model):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=EXPERT_TARGETS)
-    peft_model = peft.get_peft_model(model, config)
-    g = torch.Generator().manual_seed(1)  # drawn on the CPU: the same factors wherever PEFT put them
-    with torch.no_grad():  # B starts at zero: make every factor matter
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return peft_model
+    return randomize_lora(peft.get_peft_model(model, config))
 
 
 def _logits(model) -> torch.Tensor:

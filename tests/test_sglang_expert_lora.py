@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from kt_core.peft import EXPERT_PARAMETERS, expert_factors_to_peft, is_peft_param_wrapper
 from kt_plugins.sglang.lora import read_expert_lora
-from tests.tiny_models import build_tiny_model
+from tests.tiny_models import build_tiny_model, randomize_lora
 
 E, R, ALPHA = 4, 2, 8.0
 LAYERS = (1, 3)
@@ -100,12 +100,7 @@ def test_reads_what_the_installed_peft_saves(tmp_path, moe_intermediate_size):
     config = peft.LoraConfig(
         r=R, lora_alpha=ALPHA, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     )
-    peft_model = peft.get_peft_model(model, config)
-    torch.manual_seed(1)
-    with torch.no_grad():  # lora_B starts at zero: make every factor matter
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.2)
+    peft_model = randomize_lora(peft.get_peft_model(model, config))
     peft_model.save_pretrained(tmp_path)
 
     H, I = model.config.hidden_size, moe_intermediate_size

@@ -107,6 +107,17 @@ def save_fused_checkpoint(model, path: Path) -> None:
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
+def randomize_lora(peft_model, std: float = 0.2, seed: int = 1):
+    """Gives every LoRA factor random values (PEFT starts B at zero: then every factor matters); drawn on the CPU,
+    so the factors are the same wherever PEFT put them. Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return peft_model
+
+
 def token_dataset(n: int = 64, seq: int = 16, vocab: int = 64) -> list[dict[str, torch.Tensor]]:
     """A fixed language-modelling dataset of random token rows (labels = inputs) for Trainer tests."""
     g = torch.Generator().manual_seed(3)
