@@ -32,9 +32,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["CostModel", "LayerPlan", "plan_layer"]
+__all__ = [
+    "PIECE_ROWS",
+    "CostModel",
+    "LayerPlan",
+    "allocator_margin",
+    "expert_memory_split",
+    "plan_layer",
+    "slot_bytes_per_expert",
+    "slot_capacity",
+]
 
 MODES = ("auto", "cpu", "gpu")
+PIECE_ROWS = 32768  # sorted slots per piece of a device-path call (bounds its intermediates)
+
+
+def allocator_margin(limit: int) -> int:
+    """Bytes of a gpu_memory_limit left unplanned for the CUDA allocator's rounding and fragmentation."""
+    return max(2**28, limit // 50)
 
 
 @dataclass
@@ -142,3 +157,52 @@ def plan_layer(
 def slot_capacity(budget_bytes: int, num_experts: int, expert_gpu_bytes: int, slots: int = 2) -> int:
     """Experts per streaming slot that `slots` slots fit in `budget_bytes` (at most E)."""
     return max(0, min(num_experts, budget_bytes // max(1, slots * expert_gpu_bytes)))
+
+
+def slot_bytes_per_expert(hidden: int, intermediate: int, item: int, quantize: str | None = None) -> int:
+    """Device bytes per expert of slot capacity: the expert in both slots, plus the int8 dequantization scratch.
+
+    Args:
+        hidden, intermediate: H, I of one expert (gate_up [2I, H], down [H, I]).
+        item: bytes per weight as stored on the host (2 for bf16).
+        quantize: None, or "int8" (int8 weights and fp32 row scales streamed; a bf16 scratch to dequantize into).
+    """
+    expert = 3 * hidden * intermediate * item
+    if quantize is None:
+        return 2 * expert
+    q_bytes = 3 * hidden * intermediate + 4 * (2 * intermediate + hidden)  # int8 weights, fp32 row scales
+    return 2 * q_bytes + expert
+
+
+def expert_memory_split(
+    expert_gpu_memory: int | None,
+    limit_left: int | None,
+    *,
+    experts: int,
+    layers: int,
+    expert_bytes: int,
+    per_expert: int,
+    mode: str = "auto",
+) -> tuple[int, int]:
+    """(slot capacity, resident experts per layer) that enable_streaming gives the expert weights.
+
+    Args:
+        expert_gpu_memory: bytes for expert weights (slots and residents); None: two full-layer slots.
+        limit_left: what gpu_memory_limit leaves once the model is on the device (None: no limit). Without
+            expert_gpu_memory, the slots may take half of it, and the residents are sized after step 1.
+        experts: E; layers: streamed MoE layers; expert_bytes: one expert's weights as stored;
+        per_expert: slot bytes per expert of capacity (slot_bytes_per_expert).
+        mode: "cpu" gives the experts no device memory.
+    """
+    if mode == "cpu":
+        return 0, 0
+    if expert_gpu_memory is None:
+        if limit_left is None:
+            return experts, 0
+        capacity = slot_capacity(max(0, limit_left) // 2, experts, per_expert, slots=1)
+        return capacity, experts if capacity == experts else 0  # residents: as many as fit after step 1
+    capacity = slot_capacity(expert_gpu_memory, experts, per_expert, slots=1)
+    if capacity < experts:
+        return capacity, 0
+    left = expert_gpu_memory - capacity * per_expert
+    return capacity, min(experts, left // max(1, expert_bytes * layers))

@@ -33,7 +33,15 @@ from torch import nn
 
 from kt_core.experts import KTExperts
 from kt_core.settings import optional_size, parse_size, renamed
-from kt_core.streaming.planner import CostModel, LayerPlan, plan_layer, slot_capacity
+from kt_core.streaming.planner import (
+    PIECE_ROWS,
+    CostModel,
+    LayerPlan,
+    allocator_margin,
+    expert_memory_split,
+    plan_layer,
+    slot_bytes_per_expert,
+)
 from kt_core.streaming.share import StreamedShare
 from kt_core.streaming.store import ExpertStore
 
@@ -54,7 +62,7 @@ class StreamingRuntime:
         cost: CostModel,
         resident_per_layer: int,
         keep_bytes: int = 2**30,
-        piece_rows: int = 32768,
+        piece_rows: int = PIECE_ROWS,
         gpu_memory_limit: int | None = None,
     ):
         self.device = torch.device(device)
@@ -287,7 +295,7 @@ class StreamingRuntime:
         """
         peak, limit = self.peak_bytes(), self.gpu_memory_limit
         per_resident = len(self.layers) * self.store.expert_bytes_bf(0)  # one more resident in every layer
-        margin = max(2**28, limit // 50)  # allocator rounding and fragmentation
+        margin = allocator_margin(limit)
         fit = max(0, (limit - peak - margin) // max(1, per_resident))
         chosen = min(self.resident_per_layer, fit)
         gib = 2**30
@@ -373,30 +381,24 @@ def enable_streaming(
     first = layers[0]
     E = first.num_experts
     expert_bf = sum(t[0].numel() * t.element_size() for t in (first.gate_up_proj, first.down_proj))
-    # Device bytes per expert of slot capacity: two slots, plus the dequantization scratch for int8.
-    if quantize is None:
-        per_expert = 2 * expert_bf
-    else:
-        q_bytes = first.gate_up_proj[0].numel() + first.down_proj[0].numel()  # int8 weights
-        q_bytes += 4 * (2 * first.intermediate_dim + first.hidden_dim)  # fp32 row scales
-        per_expert = 2 * q_bytes + expert_bf
+    per_expert = slot_bytes_per_expert(
+        first.hidden_dim, first.intermediate_dim, first.gate_up_proj.element_size(), quantize
+    )
     expert_gpu_memory = renamed("gpu_memory_budget", gpu_memory_budget, "expert_gpu_memory", expert_gpu_memory)
     budget = optional_size(expert_gpu_memory, "expert_gpu_memory")
     limit = optional_size(gpu_memory_limit, "gpu_memory_limit")
-    if mode == "cpu":
-        capacity, resident = 0, 0
-    elif budget is None:
-        capacity, resident = E, (E if limit is not None else 0)  # with a limit: as many as fit after step 1
-        if limit is not None:  # the two slots may take half of what the limit leaves now; activations need the rest
-            held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-            capacity = slot_capacity(max(0, limit - held) // 2, E, per_expert, slots=1)
-            resident = resident if capacity == E else 0
-    else:
-        capacity = slot_capacity(budget, E, per_expert, slots=1)
-        left = budget - capacity * per_expert
-        resident = min(E, left // max(1, expert_bf * len(layers))) if capacity == E else 0
-        if capacity == 0:
-            logger.warning("enable_streaming: a budget of %d bytes holds no expert; the CPU computes all", budget)
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    capacity, resident = expert_memory_split(
+        budget,
+        None if limit is None else limit - held,
+        experts=E,
+        layers=len(layers),
+        expert_bytes=expert_bf,
+        per_expert=per_expert,
+        mode=mode,
+    )
+    if budget is not None and capacity == 0 and mode != "cpu":
+        logger.warning("enable_streaming: a budget of %d bytes holds no expert; the CPU computes all", budget)
     store = ExpertStore(device, capacity, quantize=quantize)
     rt = StreamingRuntime(
         device,
