@@ -369,3 +369,31 @@ def test_autograd_grad_gets_the_device_paths_lora_gradients(checkpointing):
     ours(x).backward()  # and backward() still fills .grad
     for p, w in zip(lora_params(ours), want, strict=True):
         torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("budget", "quantize", "limit"),
+    [
+        (SPLITS["half-streamed"]["expert_gpu_memory"], None, None),
+        (SPLITS["resident"]["expert_gpu_memory"], None, None),
+        (SPLITS["resident"]["expert_gpu_memory"] + 12345, "int8", None),
+        (None, None, None),
+        (None, None, 6 * EXPERT_BYTES * 2 + 7),  # the limit alone sizes the slots: half of it, 3 experts
+    ],
+)
+def test_memory_plan_sizes_the_expert_memory_as_enable_streaming_does(budget, quantize, limit):
+    """The plan made before loading (kt_core.streaming.memory_plan) gives the slots and residents their bytes."""
+    from kt_core.streaming import memory_plan as mp
+
+    rt = enable_streaming(
+        ToyMoE(3), device="cpu", mode="gpu", expert_gpu_memory=budget, quantize=quantize, gpu_memory_limit=limit
+    )
+    dims = mp.ModelDims(hidden=H, vocab=1, heads=1, layers=(), experts=E, top_k=K, expert_intermediate=I,
+                        expert_item=4, moe_layers=3)  # fmt: skip
+    streaming = mp.StreamingSizes(expert_gpu_memory=budget, quantize=quantize, mode="gpu")
+    inputs = mp.PlanInputs(dims, mp.RunShape(batch=1, seq_len=None), weights_bytes=0, streaming=streaming, device="cpu")
+    plan = mp.plan_gpu_memory(inputs, limit)
+    assert (plan.capacity, plan.parts["streaming slots"]) == (rt.store.capacity, rt.store.gpu_bytes())
+    if limit is None:  # (under a limit the plan fits the residents itself; the runtime does after step 1)
+        assert plan.residents == rt.resident_per_layer
+    rt.disable()

@@ -2,6 +2,10 @@
 
 Host RAM holds the expert stores (their full size once loaded) plus one experts layer being read
 (the staging peak), plus any non-expert tensor placed on the CPU.
+
+This plan covers loading (the weights). What a training run adds on the GPU (LoRA state, streaming slots and
+residents, activations, the loss) is planned in kt_core/streaming/memory_plan.py, which raises the same
+MemoryPlanError.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ __all__ = ["MemoryPlan", "MemoryPlanError", "available_gpu_bytes", "available_ho
 
 
 class MemoryPlanError(RuntimeError):
-    """The model does not fit the GPUs or host RAM at hand; raised before anything is loaded."""
+    """The model, or the training run, does not fit the GPUs or host RAM at hand; raised before it allocates."""
 
 
 def format_bytes(n: int) -> str:

@@ -7,11 +7,13 @@ store.py        pinned host store (cudaHostRegister in place), two device slots 
 gpu_experts.py  grouped-GEMM expert MLP + LoRA with a hand-written backward
 share.py        StreamedShare: the GPU share attached to each KTExperts layer (device path, GPU parts)
 runtime.py      StreamingRuntime (prefetch order, statistics, per-step logs) and enable_streaming
+memory_plan.py  the GPU memory of a training run, planned before it allocates (public as a module)
 
 The split itself (which slots go to the CPU, staging, the autograd bridge) belongs to the layer:
 kt_core/experts/.
 """
 
+from kt_core.streaming import memory_plan
 from kt_core.streaming.planner import CostModel, LayerPlan, plan_layer
 from kt_core.streaming.runtime import StreamingRuntime, enable_streaming
 from kt_core.streaming.share import StreamedShare
@@ -24,5 +26,6 @@ __all__ = [
     "StreamedShare",
     "StreamingRuntime",
     "enable_streaming",
+    "memory_plan",
     "plan_layer",
 ]

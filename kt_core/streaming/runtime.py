@@ -19,6 +19,7 @@ its calls take the device path (kt_core/streaming/share.py) (no host synchronisa
 `expert_gpu_memory` bounds the device bytes of expert weights (the two slots, the int8 scratch and the
 resident experts); the rest of the model and the activations come on top. `gpu_memory_limit` bounds the
 whole run: the resident experts are sized from the first step's measured peak so that the total stays under it.
+The front ends check the whole run against it before streaming starts (kt_core/streaming/memory_plan.py).
 """
 
 from __future__ import annotations
