@@ -12,6 +12,11 @@ and `kt_cpu_expert_share` (fraction of that time spent inside the experts operat
 backward per layer and step, gradient checkpointing's recomputation not counted; kt_core.runtime.expert_time).
 
 The arguments are checked when the callback is built (kt_core.settings); the errors name them.
+
+GPU memory: before the experts stream (end of `Trainer.__init__`), the callback plans what the GPU will hold for
+the whole run (kt_core.streaming.memory_plan: weights, LoRA state, streaming slots and residents, activations,
+the loss) for `per_device_train_batch_size` sequences of `max_seq_length` tokens, logs the table, and refuses a
+plan over `gpu_memory_limit` (or CUDA's free memory) with a MemoryPlanError naming what to change.
 """
 
 from __future__ import annotations
@@ -42,6 +47,32 @@ def _model_device(model: nn.Module) -> torch.device:
             for p in module.parameters(recurse=False):
                 return p.device
     return torch.device("cpu")
+
+
+def _on_device(t: torch.Tensor, device: torch.device) -> bool:
+    return t.device == device
+
+
+def _device_tensors(model: nn.Module, on_device) -> list[torch.Tensor]:
+    """Parameters and buffers of `model` on the planned GPU, outside the routed experts (host memory)."""
+    seen, out = set(), []
+    for module in model.modules():
+        if isinstance(module, KTExperts):
+            continue
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if id(t) not in seen and on_device(t):
+                seen.add(id(t))
+                out.append(t)
+    return out
+
+
+def _compute_dtype(args, model: nn.Module) -> torch.dtype:
+    """The activations' dtype: the Trainer's autocast (bf16 / fp16), else the weights'."""
+    if getattr(args, "bf16", False):
+        return torch.bfloat16
+    if getattr(args, "fp16", False):
+        return torch.float16
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _check_resume(args) -> None:
@@ -81,13 +112,20 @@ class KTCallback(TrainerCallback):
         device: where the non-expert tensors go when the callback converts the model; None leaves them
             where the Trainer put them.
         log_speed: add `kt_tokens_per_s` and `kt_cpu_expert_share` to the Trainer's logs.
-        expert_gpu_memory: GPU memory for expert weights only (streaming slots and resident experts). When
-            set ("10GiB"), each MoE layer is split between CPU compute and GPU compute on PCIe-streamed
-            weights (`kt_core.enable_streaming`); the logs then carry the CPU / PCIe / GPU time split. Needs
-            a CUDA GPU, and the model on it. The rest of the model, activations and the loss come on top.
-        gpu_memory_limit: the most GPU memory the whole run may hold, everything counted ("24GiB"). With
-            `expert_gpu_memory`, the resident experts are sized from the first step's measured peak so the
-            total stays under it (a warning names what to lower when the first step alone exceeds it).
+        expert_gpu_memory: GPU memory for the EXPERT WEIGHTS ONLY: the two streaming slots plus the resident
+            experts ("10GiB"). Setting it turns streaming on: each MoE layer is split between CPU compute and
+            GPU compute on PCIe-streamed weights (`kt_core.enable_streaming`); the logs then carry the CPU /
+            PCIe / GPU time split. Needs a CUDA GPU, and the model on it. It is not a cap on the run: the
+            non-expert weights, the LoRA state, the activations and the loss come on top of it.
+        gpu_memory_limit: the most GPU memory the WHOLE RUN may hold, everything counted ("24GiB"): the weights,
+            the LoRA state, expert_gpu_memory's slots and residents, the activations and the loss. The memory
+            plan checks it before streaming allocates anything and refuses a run that does not fit, naming the
+            setting to change and the value; with `expert_gpu_memory` the residents are trimmed to what fits.
+            None: the free memory CUDA reports (plus what this process holds there already).
+        max_seq_length: the longest sequence, in tokens, of a training batch, for the memory plan (with
+            per_device_train_batch_size it gives the activations and the loss workspace). None: TRL's
+            `args.max_length` / `args.max_seq_length` when the TrainingArguments have one; otherwise the plan
+            leaves activations and the loss out (and says so in its table).
         stream_quantize: None, or "int8" to halve the streamed bytes (see `kt_core.enable_streaming`).
         stream_keep_bytes: GPU bytes of a checkpointed layer's expert intermediates kept between its
             recomputation and its backward when streaming ("1GiB"; see `kt_core.enable_streaming`).
@@ -110,6 +148,7 @@ class KTCallback(TrainerCallback):
         stream_keep_bytes: int | str = "1GiB",
         loss: str | bool = "auto",
         gpu_memory_limit: int | str | None = None,
+        max_seq_length: int | None = None,
         gpu_memory_budget: int | str | None = None,
     ):
         from kt_core import normalize_loss_mode
@@ -127,6 +166,8 @@ class KTCallback(TrainerCallback):
             "KTCallback(gpu_memory_budget)", gpu_memory_budget, "KTCallback(expert_gpu_memory)", expert_gpu_memory
         )
         checks.optional_size(gpu_memory_limit, "KTCallback(gpu_memory_limit)")
+        if max_seq_length is not None:
+            checks.positive_int("KTCallback(max_seq_length)", max_seq_length, what="tokens of the longest sequence")
         if expert_gpu_memory is not None:
             checks.parse_size(expert_gpu_memory, "KTCallback(expert_gpu_memory)")
             checks.parse_size(stream_keep_bytes, "KTCallback(stream_keep_bytes)")
@@ -146,6 +187,9 @@ class KTCallback(TrainerCallback):
             if expert_gpu_memory is not None
             else None
         )
+        self.gpu_memory_limit = gpu_memory_limit
+        self.max_seq_length = max_seq_length
+        self.memory_plan = None  # kt_core.streaming.memory_plan.GpuMemoryPlan, once planned
         self._streaming = None
         self._timer: ExpertTimer | None = None
 
@@ -154,23 +198,57 @@ class KTCallback(TrainerCallback):
             raise ValueError("KTCallback: the Trainer passed no model to on_init_end")
         _check_resume(args)
         kt_prepare(model, **self.options)
-        if self.streaming_options is not None and self._streaming is None:
-            from kt_core import enable_streaming
-
-            device = torch.device(self.options["device"] or _model_device(model))  # where the model computes
-            if device.type != "cuda":
-                raise checks.SettingError(
-                    f"KTCallback(expert_gpu_memory): got {self.streaming_options['expert_gpu_memory']!r}, but the "
-                    f"model computes on {device}: expert streaming computes on a CUDA GPU. Put the model on the "
-                    "GPU (device='cuda', or the Trainer's default) or leave expert_gpu_memory out."
-                )
-            self._streaming = enable_streaming(model, device=device, **self.streaming_options)
         if self.loss_mode != "off" and self.efficient_loss is None:
             from kt_core import enable_efficient_loss
 
             self.efficient_loss = enable_efficient_loss(model, self.loss_mode)
+        device = torch.device(self.options["device"] or _model_device(model))  # where the model computes
+        if self.streaming_options is not None and device.type != "cuda":
+            raise checks.SettingError(
+                f"KTCallback(expert_gpu_memory): got {self.streaming_options['expert_gpu_memory']!r}, but the "
+                f"model computes on {device}: expert streaming computes on a CUDA GPU. Put the model on the "
+                "GPU (device='cuda', or the Trainer's default) or leave expert_gpu_memory out."
+            )
+        if device.type == "cuda" and self.memory_plan is None:
+            self.memory_plan = self._plan_memory(args, model, device)  # refuses before streaming allocates
+        if self.streaming_options is not None and self._streaming is None:
+            from kt_core import enable_streaming
+
+            self._streaming = enable_streaming(model, device=device, **self.streaming_options)
         if self.log_speed and self._timer is None:
             self._timer = ExpertTimer(model)
+
+    def _plan_memory(self, args, model: nn.Module, device: torch.device):
+        """The GPU memory plan of this run on `device`, logged, checked (MemoryPlanError when it does not fit)."""
+        from kt_core.streaming import memory_plan as mp
+
+        def on_device(t: torch.Tensor) -> bool:
+            return _on_device(t, device)
+
+        lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = getattr(lm_head, "weight", None)
+        backend = self.efficient_loss.backend if self.efficient_loss is not None else "off"
+        run = mp.RunShape(
+            batch=args.per_device_train_batch_size,
+            seq_len=self.max_seq_length or getattr(args, "max_length", None) or getattr(args, "max_seq_length", None),
+            gradient_checkpointing=bool(args.gradient_checkpointing),
+            dtype=_compute_dtype(args, model),
+            loss_backend=backend,
+            lm_head_trainable=head is not None and head.requires_grad,
+            loss_on_device=head is None or on_device(head),
+        )
+        held = _device_tensors(model, on_device)
+        s = self.streaming_options
+        inputs = mp.PlanInputs(
+            mp.model_dims(model, include=lambda name, linear: on_device(linear.weight)),
+            run,
+            weights_bytes=sum(t.numel() * t.element_size() for t in held),
+            trainable_bytes=sum(t.numel() * t.element_size() for t in held if t.requires_grad),
+            optimizer_states=mp.optimizer_states(args.optim),
+            streaming=None if s is None else mp.StreamingSizes(s["expert_gpu_memory"], s["quantize"], s["keep_bytes"]),
+            device=str(device),
+        )
+        return mp.check_and_log(mp.plan_gpu_memory(inputs, self.gpu_memory_limit), mp.TRAINER_KNOBS, logger)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if optimizer is not None and model is not None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from kt_core import settings as checks
 
-__all__ = ["KT_KEYS", "KTSettings", "check_training_args", "split_kt_args"]
+__all__ = ["KT_KEYS", "MEMORY_KNOBS", "KTSettings", "check_training_args", "split_kt_args"]
 
 logger = logging.getLogger("llamafactory.kt_plugins")  # under LLaMA-Factory's own log handlers
 
@@ -55,14 +55,19 @@ class KTSettings:
         kt_kernel: CPU kernel ("auto", "avx512_bf16", ...; see kt_core.available_kernels()).
         kt_expert_lora: put LoRA on the routed experts when lora_target covers them ("all" does).
         kt_device: where the non-expert layers go ("cuda:0", "cpu", or a comma-separated list of GPUs).
-        kt_gpu_memory_limit / kt_host_memory_limit: the most GPU / host memory the run may hold ("70GiB"),
-            everything counted: the memory plan checks the weights against them before loading, and with
-            kt_expert_gpu_memory the resident experts are sized from the first step's measured peak to stay
-            under kt_gpu_memory_limit.
-        kt_expert_gpu_memory: GPU memory for expert weights only (streaming slots and resident experts).
-            When set ("10GiB"), each MoE layer is split between CPU compute and GPU compute on PCIe-streamed
-            expert weights (kt_core.enable_streaming); needs a CUDA GPU. `kt_gpu_memory_budget` is its former
-            name (accepted with a warning).
+        kt_gpu_memory_limit: the most GPU memory the WHOLE RUN may hold ("70GiB"), everything counted: the
+            non-expert weights, the LoRA factors with their gradients and optimizer state, the expert weights
+            kt_expert_gpu_memory gives (slots and residents), the activations of per_device_train_batch_size x
+            cutoff_len tokens and the loss. The memory plan (kt_core.streaming.memory_plan) checks it at parse
+            time, before anything is loaded, and refuses with the key and value to change; with
+            kt_expert_gpu_memory the resident experts are trimmed to what fits. Unset: CUDA's free memory.
+        kt_host_memory_limit: the most host memory the run may hold ("400GiB"): the expert stores, one layer
+            being read, CPU-placed modules; checked before loading. Unset: MemAvailable.
+        kt_expert_gpu_memory: GPU memory for the EXPERT WEIGHTS ONLY: the two streaming slots plus the resident
+            experts ("10GiB"); not a cap on the run (kt_gpu_memory_limit is). Setting it turns streaming on:
+            each MoE layer is split between CPU compute and GPU compute on PCIe-streamed expert weights
+            (kt_core.enable_streaming); needs a CUDA GPU. `kt_gpu_memory_budget` is its former name (accepted
+            with a warning).
         kt_stream_quantize: None, or "int8" to halve the streamed bytes.
         kt_stream_keep_bytes: GPU bytes of a checkpointed layer's expert intermediates kept between its
             recomputation and its backward when streaming ("1GiB").
@@ -118,12 +123,21 @@ class KTSettings:
             parts.append(f"device {self.kt_device}")
         if self.kt_expert_gpu_memory is not None:
             quantized = f", {self.kt_stream_quantize}" if self.kt_stream_quantize else ""
-            limit = f", whole run within {self.kt_gpu_memory_limit}" if self.kt_gpu_memory_limit else ""
-            parts.append(f"expert streaming: {self.kt_expert_gpu_memory} of GPU memory for experts{quantized}{limit}")
+            parts.append(f"expert streaming: {self.kt_expert_gpu_memory} of GPU memory for expert weights{quantized}")
+        if self.kt_gpu_memory_limit:
+            parts.append(f"the whole run within {self.kt_gpu_memory_limit} of GPU memory")
         return "; ".join(parts)
 
 
 KT_KEYS = tuple(f.name for f in dataclasses.fields(KTSettings) if f.name not in ("config_dir", "given"))
+# The keys a GPU memory plan refusal asks to change (kt_core.streaming.memory_plan.Knobs).
+MEMORY_KNOBS = {
+    "limit": "kt_gpu_memory_limit",
+    "batch": "per_device_train_batch_size",
+    "seq_len": "cutoff_len",
+    "experts": "kt_expert_gpu_memory",
+    "keep": "kt_stream_keep_bytes",
+}
 
 
 def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:

@@ -14,9 +14,9 @@ import logging
 
 import torch
 
-from kt_plugins.llamafactory.config import KTSettings
+from kt_plugins.llamafactory.config import MEMORY_KNOBS, KTSettings
 
-__all__ = ["kt_model_building"]
+__all__ = ["kt_model_building", "plan_gpu_memory"]
 
 logger = logging.getLogger("llamafactory.kt_plugins")  # under LLaMA-Factory's own log handlers
 
@@ -88,19 +88,27 @@ def _enable_streaming(model, settings: KTSettings) -> None:
     )
 
 
-def _enable_efficient_loss(model, settings: KTSettings, finetuning_args) -> None:
-    """`kt_loss`: the loss of pt / sft training steps from hidden states, never [tokens x vocab] logits."""
-    from kt_core import enable_efficient_loss, normalize_loss_mode
+def _loss_mode(settings: KTSettings, finetuning_args) -> tuple[str, str | None]:
+    """The kt_loss mode this run attaches, and why not when it is "off" for a reason other than kt_loss: off."""
+    from kt_core import normalize_loss_mode
 
     mode = normalize_loss_mode(settings.kt_loss, key="kt_loss")
-    if mode == "off":
-        return
     stage = getattr(finetuning_args, "stage", "sft")
     # Losses of LLaMA-Factory's own that read the training step's logits (use_asft_loss, use_dft_loss, ...)
     custom = sorted(k for k, v in vars(finetuning_args).items() if k.startswith("use_") and k.endswith("_loss") and v)
-    if stage not in ("pt", "sft") or custom:
-        reason = f"stage {stage}" if stage not in ("pt", "sft") else ", ".join(custom)
+    if mode != "off" and (stage not in ("pt", "sft") or custom):
+        return "off", f"stage {stage}" if stage not in ("pt", "sft") else ", ".join(custom)
+    return mode, None
+
+
+def _enable_efficient_loss(model, settings: KTSettings, finetuning_args) -> None:
+    """`kt_loss`: the loss of pt / sft training steps from hidden states, never [tokens x vocab] logits."""
+    from kt_core import enable_efficient_loss
+
+    mode, reason = _loss_mode(settings, finetuning_args)
+    if reason is not None:
         logger.info("kt_loss: %s reads the logits; transformers' loss stays", reason)
+    if mode == "off":
         return
     attached = enable_efficient_loss(model, mode)
     if attached is None:
@@ -111,6 +119,63 @@ def _enable_efficient_loss(model, settings: KTSettings, finetuning_args) -> None
             "restores transformers' loss)",
             attached.backend,
         )
+
+
+def plan_gpu_memory(settings: KTSettings, model_args, data_args, training_args, finetuning_args):
+    """The GPU memory plan of a use_kt training run, made from config.json before anything is loaded.
+
+    Reads per_device_train_batch_size x cutoff_len, gradient checkpointing (on unless
+    disable_gradient_checkpointing), bf16 / fp16 / pure_bf16, the optimizer, lora_rank / lora_target /
+    lora_dropout, kt_loss (or enable_liger_kernel), the placement (kt_optimize_rule, kt_device) and the streaming
+    keys; logs the table and refuses a plan over kt_gpu_memory_limit (or CUDA's free memory). Plans the first GPU
+    of kt_device (else this rank's GPU, as load_model picks it); returns None when the model goes to the CPU.
+
+    Raises:
+        MemoryPlanError: naming the key to change and the value that fits.
+    """
+    from kt_core.streaming import memory_plan as mp
+    from kt_plugins.llamafactory.adapter import expert_lora_requested
+
+    mode, _ = _loss_mode(settings, finetuning_args)
+    if getattr(model_args, "enable_liger_kernel", False) and mode != "off":
+        mode = "liger"  # LLaMA-Factory's own Liger patch computes it; kt_loss leaves it in place
+    lora = None
+    if finetuning_args.finetuning_type == "lora":
+        lora = mp.LoraSizes(
+            rank=finetuning_args.lora_rank,
+            targets=tuple(t.strip() for t in finetuning_args.lora_target or ()),
+            dropout=finetuning_args.lora_dropout,
+            item=2 if finetuning_args.pure_bf16 else 4,  # LLaMA-Factory casts trainable parameters to fp32
+            experts=expert_lora_requested(settings, finetuning_args),
+        )
+    if training_args.bf16 or finetuning_args.pure_bf16:
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float16 if training_args.fp16 else None
+    run = mp.RunShape(
+        batch=training_args.per_device_train_batch_size,
+        seq_len=data_args.cutoff_len,
+        gradient_checkpointing=not getattr(model_args, "disable_gradient_checkpointing", False),
+    )
+    streaming = None
+    if settings.kt_expert_gpu_memory is not None:
+        streaming = mp.StreamingSizes(
+            settings.kt_expert_gpu_memory, settings.kt_stream_quantize, settings.kt_stream_keep_bytes
+        )
+    inputs = mp.checkpoint_inputs(
+        model_args.model_name_or_path,
+        run,
+        device=_devices(settings),
+        rules=settings.resolve_rule(),
+        dtype=dtype,
+        lora=lora,
+        loss_mode=mode,
+        optimizer_states=mp.optimizer_states(training_args.optim),
+        streaming=streaming,
+    )
+    if inputs is None:
+        return None
+    return mp.check_and_log(mp.plan_gpu_memory(inputs, settings.kt_gpu_memory_limit), mp.Knobs(**MEMORY_KNOBS), logger)
 
 
 @contextlib.contextmanager

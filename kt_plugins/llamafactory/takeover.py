@@ -1,7 +1,8 @@
 """Patches applied to stock LLaMA-Factory right after its modules are imported (see boot.py).
 
 - `llamafactory.hparams.parser`: `_parse_train_args / _parse_infer_args / _parse_eval_args` drop our keys
-  (config.py) before LLaMA-Factory's own parser sees them and remember the settings on `model_args`.
+  (config.py) before LLaMA-Factory's own parser sees them and remember the settings on `model_args`; a
+  training run's GPU memory plan is checked there, before anything is loaded (model.py, plan_gpu_memory).
   LLaMA-Factory therefore never sees `use_kt: true` and runs its plain Hugging Face path: its trainer,
   stock PEFT, chat / api / webchat engine and export all stay LLaMA-Factory's.
 - `llamafactory.model.loader`: `load_model` builds the model through kt_core when the settings ask for it.
@@ -74,6 +75,7 @@ def _wrap_parse(parser_module, original):
             version = check_version()
             _check_local_checkpoint(parsed[0].model_name_or_path)
             _check_training(parsed, settings)
+            _plan_gpu_memory(parsed, settings)
             logger.info("kt-plugins takes over use_kt (LLaMA-Factory %s): %s", version, settings.describe())
             setattr(parsed[0], SETTINGS_ATTR, settings)  # parsed[0] is ModelArguments
             _apply_generation_settings(parsed, settings)
@@ -88,6 +90,15 @@ def _check_training(parsed, settings) -> None:
     do_train = any(getattr(a, "do_train", False) for a in parsed)
     if finetuning is not None:
         check_training_args(settings, finetuning, do_train)
+
+
+def _plan_gpu_memory(parsed, settings) -> None:
+    """A training run's GPU memory plan, before anything is loaded (model.py); refuses one that cannot fit."""
+    if len(parsed) < 4 or not getattr(parsed[2], "do_train", False):
+        return  # (model, data, training, finetuning, generating) arguments of a training run only
+    from kt_plugins.llamafactory.model import plan_gpu_memory
+
+    plan_gpu_memory(settings, *parsed[:4])
 
 
 def _check_local_checkpoint(path: str) -> None:
