@@ -23,7 +23,8 @@ rows of `--seq` tokens. Modes (each in its own process, so each peak is its own)
 
 Reported per mode: tokens/s (median step after --warmup steps, timed between the Trainer's step callbacks,
 tokens counted by the Trainer's `include_num_input_tokens_seen`),
-peak GPU memory (torch.cuda.max_memory_allocated over training), the loss curve, kt's split line.
+peak GPU memory (torch.cuda.max_memory_allocated over training) and, for the kt modes, the peak the memory plan
+gave before the run ("planned", kt_core.streaming.memory_plan), the loss curve, kt's split line.
 
     python benchmarks/bench_sft.py --shape dsv2-lite --batch 16 --modes gpu,gpu-loss,kt-stream --out sft.json
     python benchmarks/bench_sft.py --shape qwen3-30b-a3b --batch 8 --checkpoint /data/q3 --expert-gpu-memory 12GiB
@@ -127,8 +128,11 @@ class StepMeter:
             torch.cuda.synchronize()
 
     def result(self, mode: str, warmup: int, **extra) -> dict:
+        from kt_core.streaming.memory_plan import last_plan
+
         timed = list(zip(self.step_s, self.step_tokens, strict=True))[warmup:]
         step_s = statistics.median(t for t, _ in timed)
+        plan = last_plan()  # kt modes: the GPU memory plan made before the run, to set beside the measured peak
         return dict(
             mode=mode,
             step_ms=step_s * 1e3,
@@ -136,6 +140,7 @@ class StepMeter:
             tokens_per_step=statistics.median(n for _, n in timed),
             tok_s=sum(n for _, n in timed) / sum(t for t, _ in timed),
             peak_gib=torch.cuda.max_memory_allocated() / 2**30 if self.cuda else float("nan"),
+            planned_gib=plan.peak / 2**30 if plan is not None else None,
             losses=[log["loss"] for log in self.logs if "loss" in log],
             kt_logs=[
                 {k: v for k, v in log.items() if k.startswith("kt_")} for log in self.logs if "kt_tokens_per_s" in log
@@ -212,7 +217,7 @@ def run_trainer_mode(mode: str, a) -> dict:
                 gpu_memory_limit=a.gpu_memory_limit,
                 stream_quantize="int8" if mode.endswith("int8") else None,
             )
-        callbacks.append(KTCallback(cpu_infer=a.cpu_infer, **streaming))
+        callbacks.append(KTCallback(cpu_infer=a.cpu_infer, max_seq_length=a.seq, **streaming))
     with tempfile.TemporaryDirectory() as out:
         args = transformers.TrainingArguments(
             output_dir=out,
@@ -386,15 +391,18 @@ def main() -> None:
         runs.append(run_child(mode, a, argv))
         Path(a.out).write_text(json.dumps(dict(info=info, runs=runs), indent=1))
     base = next((r for r in runs if r["mode"] == "gpu" and "error" not in r), None)
-    print(f"\n{'mode':16s}{'step ms':>9s}{'tok/s':>9s}{'peak GiB':>10s}{'x gpu tok/s':>12s}{'x gpu peak':>11s}")
+    print(f"\n{'mode':16s}{'step ms':>9s}{'tok/s':>9s}{'peak GiB':>10s}{'planned':>9s}", end="")
+    print(f"{'x gpu tok/s':>12s}{'x gpu peak':>11s}")
     for r in runs:
         if "error" in r:
             print(f"{r['mode']:16s} FAILED: {r['error']}")
             continue
         ratio = (r["tok_s"] / base["tok_s"], r["peak_gib"] / base["peak_gib"]) if base else (float("nan"),) * 2
         r["vs_gpu"] = dict(tok_s=ratio[0], peak=ratio[1])
+        planned = f"{r['planned_gib']:9.2f}" if r.get("planned_gib") is not None else f"{'-':>9s}"
         print(
-            f"{r['mode']:16s}{r['step_ms']:9.0f}{r['tok_s']:9.0f}{r['peak_gib']:10.2f}{ratio[0]:12.3f}{ratio[1]:11.3f}"
+            f"{r['mode']:16s}{r['step_ms']:9.0f}{r['tok_s']:9.0f}{r['peak_gib']:10.2f}{planned}"
+            f"{ratio[0]:12.3f}{ratio[1]:11.3f}"
         )
         print(f"{'':16s}loss {[round(v, 4) for v in r['losses']]}")
     Path(a.out).write_text(json.dumps(dict(info=info, runs=runs), indent=1))
