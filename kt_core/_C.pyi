@@ -49,6 +49,11 @@ def reset_phase_times() -> None:
 def phase_times() -> list[tuple[str, float, int]]:
     """[(phase, seconds, calls)] booked since the last reset, in the order the phases were first seen."""
 
+# Layouts Python sizes buffers by, computed by the C++ so that they have one definition.
+def cache_row_floats(intermediate: int, rank: int, dtype: str) -> int:
+    """fp32 elements per routed row of the forward's cache for the backward, for activations of `dtype`
+    (rank 0 without LoRA; csrc/moe/experts_op.h: ForwardCache)."""
+
 def kernel_variants() -> list[tuple[str, bool, str, bool]]:
     """[(name, runnable, why not when not runnable, quantized)] of every kernel variant, best first."""
 
@@ -68,6 +73,20 @@ class ThreadPool:
     @property
     def pinned_cpus(self) -> list[int]:
         """CPU of each worker; empty when not pinned (pin=False, or more threads than CPUs)."""
+
+class StreamForward:
+    """An experts forward over fixed buffers, run as a host function on a CUDA stream (capturable)."""
+
+    def enqueue(self, launch_host_func: int, stream: int) -> None:
+        """One run on `stream` through cuLaunchHostFunc at address `launch_host_func`; RuntimeError if refused."""
+
+    @property
+    def error(self) -> str:
+        """What the last failed run threw ('' if none); a failed run leaves NaN in y."""
+
+    @property
+    def runs(self) -> int:
+        """Runs that completed."""
 
 class ExpertsOp:
     """One layer's routed experts on the CPU: weights gate_up [E, 2I, H] and down [E, H, I], borrowed by pointer."""
@@ -98,6 +117,21 @@ class ExpertsOp:
         lora: _Lora | None,
     ) -> None:
         """y [T, H] (dtype of x) = sum_k w [T, K] * expert ids [T, K] (int64) of x [T, H]; fills the cache if given."""
+
+    def stream_forward(
+        self,
+        pool: ThreadPool,
+        T: int,
+        K: int,
+        x_ptr: int,
+        dtype: str,
+        ids_ptr: int,
+        w_ptr: int,
+        y_ptr: int,
+        lora: _Lora | None,
+        chunk: int,
+    ) -> StreamForward:
+        """The forward above over fixed buffers (borrowed), to enqueue on a CUDA stream; chunk 0: whole batch."""
 
     def backward(
         self,

@@ -30,8 +30,10 @@ __all__ = [
     "cache_row_floats",
     "check_expert_ids",
     "cpu_features",
+    "dtype_name",
     "experts_backward",
     "experts_forward",
+    "lora_args",
     "phase_times",
     "quantization_error",
     "quantized_kernels",
@@ -147,7 +149,15 @@ def check_expert_ids(ids: torch.Tensor, num_experts: int) -> None:
         )
 
 
-def _lora_args(lora: Sequence[torch.Tensor] | None, module: KTExperts):
+def dtype_name(dtype: torch.dtype) -> str:
+    """The compiled module's name of an activation / weight dtype ("float32" or "bfloat16")."""
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"experts: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    return _DTYPE_NAMES[dtype]
+
+
+def lora_args(lora: Sequence[torch.Tensor] | None, module: KTExperts):
+    """The compiled module's LoRA argument: (rank, scaling, 4 factor addresses), or None without factors."""
     if not lora:
         return None
     for t in lora:
@@ -204,12 +214,13 @@ def cache_row_floats(module: KTExperts, lora, dtype: torch.dtype | None = None) 
 
     The gate_up pre-activations [2I] (for bf16 activations 24 of their 32 bits, as 2 + 1 bytes each with the
     1-byte part's row padded to 4-byte units; fp32 otherwise), then the scaled LoRA inputs of gate_up and down [r]
-    each, fp32; each section holds all rows of a chunk before the next starts (csrc/moe/experts_op.h: ForwardCache).
+    each, fp32; each section holds all rows of a chunk before the next starts. The compiled module computes it
+    (csrc/moe/experts_op.h: ForwardCache::row_floats), so the layout has one definition.
     """
+    if _C is None:
+        raise RuntimeError(f"kt_core._C is not built ({_IMPORT_ERROR}); only kernel='torch' runs here")
     dtype = dtype or module.gate_up_proj.dtype
-    I = module.intermediate_dim
-    pre_activations = I + (I + 1) // 2 if dtype == torch.bfloat16 else 2 * I
-    return pre_activations + (2 * module.lora.rank if lora else 0)
+    return _C.cache_row_floats(module.intermediate_dim, module.lora.rank if lora else 0, _DTYPE_NAMES[dtype])
 
 
 def experts_forward(
@@ -249,7 +260,7 @@ def experts_forward(
     row_floats = cache_row_floats(module, lora, x.dtype)
     # Recycled: a fresh buffer this size costs a page fault per 4 KB on first touch (see runtime/buffers.py).
     cache = host_buffers.empty(T * K * row_floats) if save_for_backward else None
-    op, pool, lora_args = module.operator(), get_thread_pool(module.cpu_infer), _lora_args(lora, module)
+    op, pool, factors = module.operator(), get_thread_pool(module.cpu_infer), lora_args(lora, module)
     for t0, t1 in _chunks(module, T):
         op.forward(
             pool,
@@ -261,7 +272,7 @@ def experts_forward(
             w[t0:t1].data_ptr(),
             y[t0:t1].data_ptr(),
             cache[t0 * K * row_floats :].data_ptr() if cache is not None else 0,
-            lora_args,
+            factors,
         )
     return y, cache
 
@@ -303,7 +314,7 @@ def experts_backward(
             f"experts: cache must be the contiguous fp32 tensor experts_forward returned for these inputs "
             f"(at least {T * K * row_floats} elements), got {cache.dtype} with {cache.numel()}"
         )
-    op, pool, lora_args = module.operator(), get_thread_pool(module.cpu_infer), _lora_args(lora, module)
+    op, pool, factors = module.operator(), get_thread_pool(module.cpu_infer), lora_args(lora, module)
     for i, (t0, t1) in enumerate(chunks):
         op.backward(
             pool,
@@ -317,7 +328,7 @@ def experts_backward(
             dx[t0:t1].data_ptr(),
             dw[t0:t1].data_ptr(),
             cache[t0 * K * row_floats :].data_ptr() if cache is not None else 0,
-            lora_args,
+            factors,
             tuple(g.data_ptr() for g in chunk_grads) if chunk_grads else None,
         )
         if chunk_grads is not lora_grads:

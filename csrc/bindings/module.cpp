@@ -18,6 +18,7 @@
 #include "../runtime/phase_times.h"
 #include "../runtime/thread_pool.h"
 #include "bench.h"
+#include "stream_forward.h"
 
 namespace py = pybind11;
 using kt::DType;
@@ -89,6 +90,15 @@ class PyExpertsOp {
     void* out = pointer<void>(y, "output");
     py::gil_scoped_release release;
     op_.forward(pool, a, f, out, reinterpret_cast<float*>(cache));
+  }
+
+  // The forward above, fixed to these buffers, to enqueue on a CUDA stream (see stream_forward.h).
+  kt::StreamForward* stream_forward(kt::ThreadPool& pool, int T, int K, uintptr_t x, const std::string& dtype,
+                                    uintptr_t ids, uintptr_t w, uintptr_t y, const std::optional<LoraTuple>& lora,
+                                    int chunk) {
+    if (T < 1) throw std::invalid_argument("experts: a stream forward needs T >= 1 tokens");
+    return new kt::StreamForward(op_, pool, parse_activations(T, K, dtype, x, ids, w), parse_lora(lora),
+                                 pointer<void>(y, "output"), chunk);
   }
 
   void backward(kt::ThreadPool& pool, int T, int K, uintptr_t x, const std::string& dtype, uintptr_t ids, uintptr_t w,
@@ -183,6 +193,17 @@ PYBIND11_MODULE(_C, m) {
     return out;
   });
 
+  // Layouts Python sizes buffers by, computed here so that they have one definition.
+  m.def(
+      "cache_row_floats",
+      [](int intermediate, int rank, const std::string& dtype) {
+        if (intermediate <= 0 || rank < 0)
+          throw std::invalid_argument("cache_row_floats: need intermediate > 0 and rank >= 0");
+        return kt::ForwardCache::row_floats(intermediate, rank, parse_dtype(dtype, "activations"));
+      },
+      py::arg("intermediate"), py::arg("rank"), py::arg("dtype"),
+      "fp32 elements per routed row of the forward's cache for the backward (experts_op.h: ForwardCache).");
+
   m.def("kernel_variants", [] {
     py::list out;
     for (const auto& k : kt::kernel_variants()) out.append(py::make_tuple(k.name, k.runnable, k.missing, k.quantized));
@@ -209,6 +230,12 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("pinned_cpus", &kt::ThreadPool::pinned_cpus);
   kt::bind_bench(m);
 
+  py::class_<kt::StreamForward>(m, "StreamForward")
+      .def("enqueue", &kt::StreamForward::enqueue, py::arg("launch_host_func"), py::arg("stream"),
+           "Enqueues one run on the CUDA stream `stream` through cuLaunchHostFunc at `launch_host_func`.")
+      .def_property_readonly("error", &kt::StreamForward::error, "What the last failed run threw ('' if none).")
+      .def_property_readonly("runs", &kt::StreamForward::runs, "Runs that completed.");
+
   py::class_<PyExpertsOp>(m, "ExpertsOp")
       .def(py::init<const std::string&, int, int, int, uintptr_t, uintptr_t, const std::string&>(), py::arg("kernel"),
            py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("gate_up_ptr"),
@@ -219,6 +246,10 @@ PYBIND11_MODULE(_C, m) {
       .def("backward", &PyExpertsOp::backward, py::arg("pool"), py::arg("T"), py::arg("K"), py::arg("x_ptr"),
            py::arg("dtype"), py::arg("ids_ptr"), py::arg("w_ptr"), py::arg("dy_ptr"), py::arg("dx_ptr"),
            py::arg("dw_ptr"), py::arg("cache_ptr"), py::arg("lora"), py::arg("lora_grads"))
+      .def("stream_forward", &PyExpertsOp::stream_forward, py::arg("pool"), py::arg("T"), py::arg("K"),
+           py::arg("x_ptr"), py::arg("dtype"), py::arg("ids_ptr"), py::arg("w_ptr"), py::arg("y_ptr"), py::arg("lora"),
+           py::arg("chunk"), py::keep_alive<0, 1>(), py::keep_alive<0, 2>(),
+           "A StreamForward over these buffers (borrowed: keep them alive as long as it).")
       .def("pack", &PyExpertsOp::pack, py::arg("pool"))
       .def_property_readonly("kernel", &PyExpertsOp::kernel)
       .def_property_readonly(

@@ -25,6 +25,7 @@ from sglang.srt.layers.moe.kt_ep_wrapper import KTEPWrapperMethod
 from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 
 from kt_core import KTExperts, run_now
+from kt_core.experts import PinnedArenas, StreamOrderedForward
 from kt_plugins.sglang.options import KTExpertsOptions
 
 __all__ = ["CUDA_GRAPH_MESSAGE", "KTExpertsLayerConfig", "KTExpertsMethod"]
@@ -32,10 +33,11 @@ __all__ = ["CUDA_GRAPH_MESSAGE", "KTExpertsLayerConfig", "KTExpertsMethod"]
 logger = logging.getLogger(__name__)
 
 CUDA_GRAPH_MESSAGE = (
-    "kt-plugins --kt-experts: the CPU experts cannot run inside a CUDA graph capture yet (decode graphs need "
-    "stream-ordered host work). Relaunch with --disable-cuda-graph (in sglang >= 0.5.20 also spelled "
-    "--cuda-graph-backend-decode disabled --cuda-graph-backend-prefill disabled)."
+    "kt-plugins --kt-experts: a CUDA graph of {tokens} tokens is being captured, over the {max_tokens} tokens "
+    "that the CPU experts serve stream-ordered. Capture smaller batches (--cuda-graph-max-bs) or relaunch with "
+    "--disable-cuda-graph."
 )
+STREAM_ORDERED_MAX_TOKENS = 1024  # larger batches (prefill) wait for their routing on the host instead
 
 _SHARDS = {"w1": "gate", "w3": "up", "w2": "down"}  # SGLang's shard ids -> KTExperts.load_expert_ keywords
 
@@ -78,6 +80,7 @@ class KTExpertsMethod(KTEPWrapperMethod):
         self.cpu_ids: list[int] = []
         self.gpu_share: SGLangGpuShare | None = None
         self._pending: set | None = None
+        self._stream_ordered: StreamOrderedForward | None = None  # the CPU experts' capturable path
 
     # ---- weights -------------------------------------------------------------------------------------
 
@@ -221,8 +224,6 @@ class KTExpertsMethod(KTEPWrapperMethod):
         from sglang.srt.layers.moe.token_dispatcher import StandardCombineInput
 
         x = dispatch_output.hidden_states  # [T, H]
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(CUDA_GRAPH_MESSAGE)
         topk_output = dispatch_output.topk_output
         if not hasattr(topk_output, "topk_ids"):
             raise NotImplementedError(
@@ -236,6 +237,10 @@ class KTExpertsMethod(KTEPWrapperMethod):
         ids, weights = topk_output.topk_ids, topk_output.topk_weights  # [T, K], [T, K]
         cpu_dtype = self.cpu_experts.gate_up_proj.dtype
         x_in = x if x.dtype in (torch.float32, torch.bfloat16) else x.to(cpu_dtype)  # the operator's dtypes
+        if x.is_cuda and 0 < x.shape[0] <= STREAM_ORDERED_MAX_TOKENS:
+            return StandardCombineInput(hidden_states=self._apply_stream_ordered(layer, dispatch_output, x_in))
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(CUDA_GRAPH_MESSAGE.format(tokens=x.shape[0], max_tokens=STREAM_ORDERED_MAX_TOKENS))
         if self.gpu_share is not None:
             self.gpu_share.current = (layer, dispatch_output)
         try:
@@ -244,6 +249,26 @@ class KTExpertsMethod(KTEPWrapperMethod):
             if self.gpu_share is not None:
                 self.gpu_share.current = None
         return StandardCombineInput(hidden_states=out.to(x.dtype))
+
+    def _apply_stream_ordered(self, layer, dispatch_output, x: torch.Tensor) -> torch.Tensor:
+        """Both halves without a host wait (decode, CUDA graphs): the CPU experts' work enqueued on a side stream
+        (kt_core/experts/stream_ordered.py) while SGLang's GPU experts run on the current one; [T, H] in x's
+        dtype on the current stream."""
+        topk_output = dispatch_output.topk_output
+        ids, weights = topk_output.topk_ids, topk_output.topk_weights  # [T, K], [T, K]
+        if self._stream_ordered is None:
+            self._stream_ordered = StreamOrderedForward(self.cpu_experts, _arenas(x, ids.shape[1]))
+        main = torch.cuda.current_stream(x.device)
+        out = torch.empty_like(x)  # on the current stream, which waits below for the side stream to fill it
+        if self.num_gpu_experts == 0:
+            return self._stream_ordered(x, ids, weights, out)
+        side = _side_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self._stream_ordered(x, ids, weights, out)
+        gpu = self._gpu_apply(layer, dispatch_output)  # [T, H], meanwhile on the current stream
+        main.wait_stream(side)
+        return out.add_(gpu.to(out.dtype)).to(dispatch_output.hidden_states.dtype)
 
     def _gpu_apply(self, layer, dispatch_output) -> torch.Tensor:
         """SGLang's method over the GPU experts only (the other slots masked), [T, H] in x's dtype."""
@@ -305,6 +330,23 @@ class SGLangGpuShare:
 
     def end(self) -> None:
         pass
+
+
+_ARENAS: dict[tuple, PinnedArenas] = {}  # (H, K, dtype) -> the pinned buffers shared by the model's layers
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _arenas(x: torch.Tensor, top_k: int) -> PinnedArenas:
+    key = (x.shape[1], top_k, x.dtype)
+    if key not in _ARENAS:
+        _ARENAS[key] = PinnedArenas(*key, max_tokens=STREAM_ORDERED_MAX_TOKENS)
+    return _ARENAS[key]
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 def _tp_rank() -> int:
