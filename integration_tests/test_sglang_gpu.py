@@ -48,6 +48,7 @@ SHAPES = {
         "qk_nope_head_dim": 64,
         "qk_rope_head_dim": 32,
         "v_head_dim": 64,
+        "moe_layer_freq": 1,  # SGLang's DeepSeek model reads it; DeepSeek's own config.json has it
     },
 }
 BASE_FLAGS = [

@@ -37,7 +37,9 @@ CUDA_GRAPH_MESSAGE = (
     "that the CPU experts serve stream-ordered. Capture smaller batches (--cuda-graph-max-bs) or relaunch with "
     "--disable-cuda-graph."
 )
-STREAM_ORDERED_MAX_TOKENS = 1024  # larger batches (prefill) wait for their routing on the host instead
+# Batches up to this many tokens (decode, and prefill up to SGLang's largest prefill graph: 8192 by default)
+# take the stream-ordered path; larger ones wait for their routing on the host.
+STREAM_ORDERED_MAX_TOKENS = 8192
 
 _SHARDS = {"w1": "gate", "w3": "up", "w2": "down"}  # SGLang's shard ids -> KTExperts.load_expert_ keywords
 
@@ -81,6 +83,7 @@ class KTExpertsMethod(KTEPWrapperMethod):
         self.gpu_share: SGLangGpuShare | None = None
         self._pending: set | None = None
         self._stream_ordered: StreamOrderedForward | None = None  # the CPU experts' capturable path
+        self.params_dtype = torch.bfloat16  # set in create_weights
 
     # ---- weights -------------------------------------------------------------------------------------
 
@@ -112,6 +115,7 @@ class KTExpertsMethod(KTEPWrapperMethod):
             )
 
         E = num_experts
+        self.params_dtype = params_dtype
         self.gpu_ids = self.options.gpu_expert_list(self.kt_config.layer_idx, E)
         gpu_set = set(self.gpu_ids)
         self.cpu_ids = [e for e in range(E) if e not in gpu_set]
@@ -193,6 +197,10 @@ class KTExpertsMethod(KTEPWrapperMethod):
             apply_expert_lora(self, layer, self.options.lora_path)
         if self.num_gpu_experts > 0 and hasattr(self.gpu_method, "process_weights_after_loading"):
             self.gpu_method.process_weights_after_loading(layer)
+        if self.cpu_experts is not None and torch.cuda.is_available() and getattr(layer, "top_k", None):
+            # Pinned buffers now, before SGLang captures any CUDA graph (no pinning is allowed during a capture).
+            arenas = _arenas(layer.hidden_size, layer.top_k, _activation_dtype(self.cpu_experts, self.params_dtype))
+            self._stream_ordered = StreamOrderedForward(self.cpu_experts, arenas)
 
     # ---- compute -------------------------------------------------------------------------------------
 
@@ -257,7 +265,7 @@ class KTExpertsMethod(KTEPWrapperMethod):
         topk_output = dispatch_output.topk_output
         ids, weights = topk_output.topk_ids, topk_output.topk_weights  # [T, K], [T, K]
         if self._stream_ordered is None:
-            self._stream_ordered = StreamOrderedForward(self.cpu_experts, _arenas(x, ids.shape[1]))
+            self._stream_ordered = StreamOrderedForward(self.cpu_experts, _arenas(x.shape[1], ids.shape[1], x.dtype))
         main = torch.cuda.current_stream(x.device)
         out = torch.empty_like(x)  # on the current stream, which waits below for the side stream to fill it
         if self.num_gpu_experts == 0:
@@ -336,11 +344,17 @@ _ARENAS: dict[tuple, PinnedArenas] = {}  # (H, K, dtype) -> the pinned buffers s
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _arenas(x: torch.Tensor, top_k: int) -> PinnedArenas:
-    key = (x.shape[1], top_k, x.dtype)
+def _arenas(hidden: int, top_k: int, dtype: torch.dtype) -> PinnedArenas:
+    key = (hidden, top_k, dtype)
     if key not in _ARENAS:
         _ARENAS[key] = PinnedArenas(*key, max_tokens=STREAM_ORDERED_MAX_TOKENS)
+        _ARENAS[key].for_tokens(STREAM_ORDERED_MAX_TOKENS)  # all of it at once: no capture finds it too small
     return _ARENAS[key]
+
+
+def _activation_dtype(cpu_experts: KTExperts, params_dtype: torch.dtype) -> torch.dtype:
+    # As apply() hands activations to the operator: fp32 / bf16 as they come, others in the weights' dtype.
+    return params_dtype if params_dtype in (torch.float32, torch.bfloat16) else cpu_experts.gate_up_proj.dtype
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
