@@ -25,29 +25,6 @@ ExpertsOp::ExpertsOp(const ExpertWeights& weights, const GemmKernels* kernels, c
   if (!w_.gate_up || !w_.down) throw std::invalid_argument("experts: null weight pointer");
 }
 
-float* ExpertsOp::scratch(int slot, int64_t n) {
-  auto& v = scratch_[slot];
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-  return v.data();
-}
-
-uint8_t* ExpertsOp::scratch_bytes(int slot, int64_t n) {
-  auto& v = scratch_bytes_[slot];
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-  return v.data();
-}
-
-float* ExpertsOp::scratch_scales(int slot, int64_t n) {
-  auto& v = scratch_scales_[slot];
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-  return v.data();
-}
-
-bf16* ExpertsOp::scratch_bf16(int64_t n) {
-  if (static_cast<int64_t>(scratch_bf16_.size()) < n) scratch_bf16_.resize(n);
-  return scratch_bf16_.data();
-}
-
 const void* ExpertsOp::weight_element(const void* base, int64_t i) const {
   return w_.dtype == DType::kF32 ? static_cast<const void*>(static_cast<const float*>(base) + i)
                                  : static_cast<const void*>(static_cast<const bf16*>(base) + i);
@@ -181,7 +158,7 @@ void ExpertsOp::gate_up(ThreadPool& pool, const Routing& r, DType act, const flo
   const bool bf16_dot = use_bf16_dot(act);
   bf16* xb = nullptr;
   if (bf16_dot) {  // exact: the rows came from bf16 activations
-    xb = scratch_bf16(S * H);
+    xb = scratch_.bf16_operand.get(S * H);
     for (int64_t i = 0; i < S * H; ++i) xb[i] = f32_to_bf16(xg[i]);
   }
   for_each_block(pool, r, I2, [&](int e, int64_t row0, int rows, int col0, int ncols) {
@@ -225,7 +202,7 @@ void ExpertsOp::down(ThreadPool& pool, const Routing& r, DType act, const float*
   const bool bf16_dot = use_bf16_dot(act);
   bf16* hb = nullptr;
   if (bf16_dot) {  // rounds h to bf16, as the bf16 reference does between its two matmuls
-    hb = scratch_bf16(S * I);
+    hb = scratch_.bf16_operand.get(S * I);
     for (int64_t i = 0; i < S * I; ++i) hb[i] = f32_to_bf16(h[i]);
   }
   for_each_block(pool, r, H, [&](int e, int64_t row0, int rows, int col0, int ncols) {
@@ -273,12 +250,12 @@ void ExpertsOp::forward(ThreadPool& pool, const Activations& act, const LoraFact
   const int H = w_.hidden, I = w_.intermediate, R = lora.rank;
   const int64_t S = r.num_rows();
   const ForwardCache kept = ForwardCache::at(cache, S, I, R, act.dtype);
-  float* xg = scratch(0, S * H);
-  float* gu = kept.gu ? kept.gu : scratch(1, S * 2 * I);
-  float* h = scratch(2, S * I);
-  float* out = scratch(3, S * H);
-  float* xa = R > 0 ? (kept.xa ? kept.xa : scratch(4, S * R)) : nullptr;
-  float* ha = R > 0 ? (kept.ha ? kept.ha : scratch(5, S * R)) : nullptr;  // kept for backward
+  float* xg = scratch_.x_rows.get(S * H);
+  float* gu = kept.gu ? kept.gu : scratch_.pre_activations.get(S * 2 * I);
+  float* h = scratch_.h.get(S * I);
+  float* out = scratch_.out_rows.get(S * H);
+  float* xa = R > 0 ? (kept.xa ? kept.xa : scratch_.xa.get(S * R)) : nullptr;
+  float* ha = R > 0 ? (kept.ha ? kept.ha : scratch_.ha.get(S * R)) : nullptr;  // kept for backward
   gather_rows(pool, r, act.x, act.dtype, xg);
   gate_up(pool, r, act.dtype, xg, lora, xa, gu);
   if (kept.gu_hi) split_pre_activations(pool, S, gu, kept);

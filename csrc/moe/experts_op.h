@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../runtime/thread_pool.h"
+#include "experts_scratch.h"
 #include "gemm.h"
 #include "packed.h"
 #include "routing.h"
@@ -67,7 +68,7 @@ struct Activations {
 // 8 bits [S, lo_stride] bytes. 3/4 of the fp32 bytes the forward writes and the backward reads (208 MB instead
 // of 277 for a DeepSeek-V2-Lite layer at T=4096) at 2^-16 relative precision: plain bf16 (2^-9) put the
 // routing-weight gradient dw = dh . h, a dot product with cancellation, past 1e-2 on single tokens. fp32
-// otherwise. kt_core/kernels.py (_cache_row_floats) sizes the buffer from row_floats.
+// otherwise. Python sizes the buffer from row_floats (kt_core._C.cache_row_floats, kt_core.kernels.cache_row_floats).
 struct ForwardCache {
   float* gu = nullptr;       // [S, 2I] fp32, or null
   bf16* gu_hi = nullptr;     // [S, 2I] high halves, or null
@@ -201,21 +202,19 @@ class ExpertsOp {
   const void* down_weights(int e, int row) const;
   bool use_bf16_dot(DType act) const;
 
+  // One call of each long pass, as the phases it books with PhaseLaps (experts_backward.cpp, experts_packed.cpp).
+  struct ExactBackward;
+  struct PackedForward;
+  struct PackedBackward;
+
   ExpertWeights w_;
   const GemmKernels* k_;
   const PackedKernels* pk_ = nullptr;
   PackedTensor packed_gate_up_, packed_down_;
   int pack_count_ = 0;
   AlignedBuffer down_columns_, gate_up_columns_;  // the backward's column blocks of W_d and W_gu
-  std::mutex call_mutex_;  // scratch buffers below serve one call at a time
-  std::vector<float> scratch_[12];
-  std::vector<bf16> scratch_bf16_;
-  std::vector<uint8_t> scratch_bytes_[4];
-  std::vector<float> scratch_scales_[2];
-  float* scratch(int slot, int64_t n);
-  bf16* scratch_bf16(int64_t n);
-  uint8_t* scratch_bytes(int slot, int64_t n);
-  float* scratch_scales(int slot, int64_t n);
+  std::mutex call_mutex_;  // scratch_ serves one call at a time
+  ExpertsScratch scratch_;
 };
 
 }  // namespace kt

@@ -190,70 +190,216 @@ void ExpertsOp::gather_packed(ThreadPool& pool, const Routing& r, const void* sr
   });
 }
 
-void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora,
-                               void* y, float* cache) {
-  const int H = w_.hidden, I = w_.intermediate, I2 = 2 * I, R = lora.rank;
-  const int64_t S = r.num_rows();
-  const bool int8 = int_activations(pk_->format);  // int8 activation rows (int8 or int4 weights)
-  const bool int4 = pk_->format == PackedFormat::kInt4;
-  const int elem = int8 ? 1 : 2;
-  const PackedTensor& gu_w = packed_gate_up_;
-  const PackedTensor& d_w = packed_down_;
-  const int Hp = gu_w.padded_inputs(), Ip = d_w.padded_inputs();
-  const int ldx = tile_row_stride(Hp, elem), ldh = tile_row_stride(Ip, elem);  // row strides of x and h
-  PhaseLaps laps("forward");
+// One call of the packed forward, phase by phase.
+struct ExpertsOp::PackedForward {
+  ExpertsOp& op;
+  ThreadPool& pool;
+  const Routing& r;
+  const Activations& act;
+  const LoraFactors& lora;
+  const int H, I, I2, R;
+  const int64_t S;
+  const bool int8;                  // int8 activation rows (int8 or int4 weights)
+  const bool int4;
+  const int elem;                   // bytes per element of the activation rows
+  const PackedTensor& gu_w;
+  const PackedTensor& d_w;
+  const int ldx, ldh;               // row strides of x and h
+  const ForwardCache kept;          // the cache for the backward (all null without one)
+  uint8_t* xq = nullptr;            // x rows [S + 32, ldx], bf16 or int8, zero past H
+  float* xs = nullptr;              // their int8 scales
+  float* xa = nullptr;              // scaled LoRA input of gate_up [S, r]
+  float* ha = nullptr;              // scaled LoRA input of down [S, r]
+  bf16* hb = nullptr;               // h as bf16 rows [S + 32, ldh]: the bf16 down panels' (and LoRA ha's) rows
+  float* hf = nullptr;              // h as fp32 [S, I], when int8 re-quantizes it
+  const uint8_t* h_rows = nullptr;  // the rows the down panels read: hb, or h as int8
+  float* hs = nullptr;              // int8 scales of h_rows
+  float* out = nullptr;             // expert outputs [S, H] as fp32 (fp32 activations)
+  bf16* out16 = nullptr;            // or as bf16 (bf16 activations)
 
-  uint8_t* xq = scratch_bytes(0, (S + 32) * ldx * elem);  // [S + 32, ldx] bf16 or int8, zero past H
-  float* xs = int8 ? scratch_scales(0, S + 32) : nullptr;
-  gather_packed(pool, r, act.x, act.dtype, H, ldx, xq, xs);
-  laps.mark("gather x");
-  const ForwardCache kept = ForwardCache::at(cache, S, I, R, act.dtype);
-  float* xa = R > 0 ? (kept.xa ? kept.xa : scratch(4, S * R)) : nullptr;
-  float* ha = R > 0 ? (kept.ha ? kept.ha : scratch(5, S * R)) : nullptr;  // kept for backward
-  if (R > 0 && !int8) {  // xa [S, r] = scaling * x @ A_gu^T on the gathered bf16 rows (copies of x)
-    const bf16* xb = reinterpret_cast<const bf16*>(xq);
-    for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
-      packed_avx512::rows_times_bt_bf16(rows, H, xb + row0 * ldx, ldx, lora.gate_up_a + static_cast<int64_t>(e) * R * H,
-                                        R, lora.scaling, xa + row0 * R);
-    });
-  } else if (R > 0) {  // int8 rows: on fp32 rows, as the exact path does
-    float* xg = scratch(0, S * H);
-    gather_rows(pool, r, act.x, act.dtype, xg);
-    for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
-      if (rows == 0) return;
-      k_->nt(rows, R, H, xg + row0 * H, H, lora.gate_up_a + static_cast<int64_t>(e) * R * H, DType::kF32, H,
-             xa + row0 * R, R, false);
-      for (int64_t i = row0 * R; i < (row0 + rows) * R; ++i) xa[i] *= lora.scaling;
+  PackedForward(ExpertsOp& op, ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora,
+                float* cache)
+      : op(op),
+        pool(pool),
+        r(r),
+        act(act),
+        lora(lora),
+        H(op.w_.hidden),
+        I(op.w_.intermediate),
+        I2(2 * I),
+        R(lora.rank),
+        S(r.num_rows()),
+        int8(int_activations(op.pk_->format)),
+        int4(op.pk_->format == PackedFormat::kInt4),
+        elem(int8 ? 1 : 2),
+        gu_w(op.packed_gate_up_),
+        d_w(op.packed_down_),
+        ldx(tile_row_stride(gu_w.padded_inputs(), elem)),
+        ldh(tile_row_stride(d_w.padded_inputs(), elem)),
+        kept(ForwardCache::at(cache, S, I, R, act.dtype)) {}
+
+  // gather x: as bf16 rows, or int8 with a scale per row.
+  void gather_x() {
+    xq = op.scratch_.x_panel_rows.get((S + 32) * ldx * elem);
+    xs = int8 ? op.scratch_.x_scales.get(S + 32) : nullptr;
+    op.gather_packed(pool, r, act.x, act.dtype, H, ldx, xq, xs);
+  }
+
+  // lora xa: xa [S, r] = scaling * x @ A_gu^T.
+  void lora_xa() {
+    xa = R > 0 ? (kept.xa ? kept.xa : op.scratch_.xa.get(S * R)) : nullptr;
+    ha = R > 0 ? (kept.ha ? kept.ha : op.scratch_.ha.get(S * R)) : nullptr;  // kept for backward
+    if (R > 0 && !int8) {  // on the gathered bf16 rows (copies of x)
+      const bf16* xb = reinterpret_cast<const bf16*>(xq);
+      op.for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
+        packed_avx512::rows_times_bt_bf16(rows, H, xb + row0 * ldx, ldx,
+                                          lora.gate_up_a + static_cast<int64_t>(e) * R * H, R, lora.scaling,
+                                          xa + row0 * R);
+      });
+    } else if (R > 0) {  // int8 rows: on fp32 rows, as the exact path does
+      float* xg = op.scratch_.x_rows.get(S * H);
+      op.gather_rows(pool, r, act.x, act.dtype, xg);
+      op.for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
+        if (rows == 0) return;
+        op.k_->nt(rows, R, H, xg + row0 * H, H, lora.gate_up_a + static_cast<int64_t>(e) * R * H, DType::kF32, H,
+                  xa + row0 * R, R, false);
+        for (int64_t i = row0 * R; i < (row0 + rows) * R; ++i) xa[i] *= lora.scaling;
+      });
+    }
+  }
+
+  // gate_up + silu: gate and up together (tile pairs), then h = silu(gate) * up, and the cache.
+  void gate_up_silu() {
+    hb = int8 ? nullptr : reinterpret_cast<bf16*>(op.scratch_.h_panel_rows.get((S + 32) * ldh * 2));
+    hf = int8 ? op.scratch_.h.get(S * I) : nullptr;
+    const int gu_pairs = gu_w.n_tiles / 2;
+    for_each_pair_group(gu_pairs, [&](int e, int64_t row0, int rows, int p0, int p1) {
+      for (int m0 = 0; m0 < rows; m0 += kRowChunk) {
+        const int mrows = std::min(kRowChunk, rows - m0);
+        float* c = panel_buffer(mrows);
+        for (int p = p0; p < p1; ++p) {
+          const int64_t first = row0 + m0;
+          panel(gu_w, xq + first * ldx * elem, ldx, xs ? xs + first : nullptr, e, p, mrows, c);
+          const int col0 = p * 16, ncols = std::min(16, I - col0);
+          gate_up_pair_epilogue(e, first, mrows, col0, ncols, c);
+          if (hb && p == gu_pairs - 1)  // the padding columns the down panels read as zero
+            for (int m = 0; m < mrows; ++m)
+              std::fill(hb + (first + m) * ldh + col0 + ncols, hb + (first + m) * ldh + ldh, bf16(0));
+        }
+      }
     });
   }
-  laps.mark("lora xa");
-  // h: bf16 rows for the bf16 down projection (LoRA's ha reads them too); fp32 when int8 re-quantizes it.
-  bf16* hb = int8 ? nullptr : reinterpret_cast<bf16*>(scratch_bytes(1, (S + 32) * ldh * 2));
-  float* hf = int8 ? scratch(2, S * I) : nullptr;
+
+  // The epilogue of one tile pair's panel c [rows][32] (gate and up columns col0.. of rows first..): LoRA, the
+  // cache, h.
+  void gate_up_pair_epilogue(int e, int64_t first, int rows, int col0, int ncols, float* c) {
+    const float* bt = nullptr;
+    if (R > 0) {  // LoRA B rows of this pair's gate and up columns, transposed (r x 32, reused by all rows)
+      int64_t rows_of[32];
+      for (int n = 0; n < 16; ++n) {
+        const bool valid = col0 + n < I;
+        rows_of[n] = valid ? static_cast<int64_t>(e) * I2 + col0 + n : -1;
+        rows_of[16 + n] = valid ? static_cast<int64_t>(e) * I2 + I + col0 + n : -1;
+      }
+      bt = lora_slice(lora.gate_up_b, R, rows_of);
+    }
+    const int64_t ld_lo = ForwardCache::lo_stride(I);
+    packed_avx512::gate_up_epilogue(
+        rows, ncols, c, R > 0 ? xa + first * R : nullptr, R, bt, kept.gu ? kept.gu + first * I2 + col0 : nullptr,
+        kept.gu_hi ? kept.gu_hi + first * I2 + col0 : nullptr, kept.gu_lo ? kept.gu_lo + first * ld_lo + col0 : nullptr,
+        I2, ld_lo, I, hb ? hb + first * ldh + col0 : nullptr, ldh, hf ? hf + first * I + col0 : nullptr, I);
+  }
+
+  // lora ha, int8 h: h as int8 rows for int8 panels; ha [S, r] = scaling * h @ A_d^T.
+  void lora_ha_int8_h() {
+    h_rows = reinterpret_cast<const uint8_t*>(hb);
+    if (int8) {  // per-row scales of h need whole rows: a second quantization pass
+      uint8_t* hq = op.scratch_.h_panel_rows.get((S + 32) * ldh);
+      hs = op.scratch_.h_scales.get(S + 32);
+      Routing identity;  // rows in place: row i reads h row i
+      identity.row_token.resize(S);
+      for (int64_t i = 0; i < S; ++i) identity.row_token[i] = static_cast<int32_t>(i);
+      identity.offsets = {0, S};
+      op.gather_packed(pool, identity, hf, DType::kF32, I, ldh, hq, hs);
+      h_rows = hq;
+    }
+    if (R > 0 && hb) {  // on the bf16 rows the down projection reads
+      op.for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
+        packed_avx512::rows_times_bt_bf16(rows, I, hb + row0 * ldh, ldh, lora.down_a + static_cast<int64_t>(e) * R * I,
+                                          R, lora.scaling, ha + row0 * R);
+      });
+    } else if (R > 0) {
+      op.for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
+        if (rows == 0) return;
+        op.k_->nt(rows, R, I, hf + row0 * I, I, lora.down_a + static_cast<int64_t>(e) * R * I, DType::kF32, I,
+                  ha + row0 * R, R, false);
+        for (int64_t i = row0 * R; i < (row0 + rows) * R; ++i) ha[i] *= lora.scaling;
+      });
+    }
+  }
+
+  // down: out [S, H], bf16 for bf16 activations (as a bf16 graph rounds each expert's output; half the bytes
+  // written here and read by the combine, S * H * 2 = 134 MB less for a Qwen3-30B-A3B layer at T=4096), fp32
+  // otherwise.
+  void down() {
+    const bool out_bf16 = act.dtype == DType::kBF16;
+    out = out_bf16 ? nullptr : op.scratch_.out_rows.get(S * H);
+    out16 = out_bf16 ? op.scratch_.out_rows16.get(S * H) : nullptr;
+    for_each_pair_group(d_w.n_tiles / 2, [&](int e, int64_t row0, int rows, int p0, int p1) {
+      for (int m0 = 0; m0 < rows; m0 += kRowChunk) {
+        const int mrows = std::min(kRowChunk, rows - m0);
+        float* c = panel_buffer(mrows);
+        for (int p = p0; p < p1; ++p) {
+          const int64_t first = row0 + m0;
+          panel(d_w, h_rows + first * ldh * elem, ldh, hs ? hs + first : nullptr, e, p, mrows, c);
+          const int col0 = p * 32, ncols = std::min(32, H - col0);
+          const float* bt = nullptr;
+          if (R > 0) {
+            int64_t rows_of[32];
+            for (int n = 0; n < 32; ++n) rows_of[n] = n < ncols ? static_cast<int64_t>(e) * H + col0 + n : -1;
+            bt = lora_slice(lora.down_b, R, rows_of);
+          }
+          packed_avx512::down_epilogue(mrows, ncols, c, R > 0 ? ha + first * R : nullptr, R, bt,
+                                       out ? out + first * H + col0 : nullptr,
+                                       out16 ? out16 + first * H + col0 : nullptr, H);
+        }
+      }
+    });
+  }
+
+  // combine
+  void combine(void* y) {
+    if (out16)
+      op.combine_bf16_rows(pool, r, out16, act.w, static_cast<bf16*>(y));
+    else
+      op.combine(pool, r, out, act.w, act.dtype, y);
+  }
 
   // Panel on rows [row0, row0 + rows) of an activation buffer against packed tile pair (b0, b1).
-  auto panel = [&](const PackedTensor& w, const uint8_t* a, int lda, const float* a_scale, int e, int pair, int rows,
-                   float* c) {
+  void panel(const PackedTensor& w, const uint8_t* a, int lda, const float* a_scale, int e, int pair, int rows,
+             float* c) const {
     const uint8_t* b0 = w.tile(e, 2 * pair);
     const uint8_t* b1 = w.tile(e, 2 * pair + 1);
+    const PackedKernels& pk = *op.pk_;
     if (int4)
-      pk_->int4_panel(rows, w.k_blocks, reinterpret_cast<const int8_t*>(a), lda, a_scale, b0, b1,
-                      w.group_scales(e, 2 * pair), w.group_scale_zeros(e, 2 * pair), c);
+      pk.int4_panel(rows, w.k_blocks, reinterpret_cast<const int8_t*>(a), lda, a_scale, b0, b1,
+                    w.group_scales(e, 2 * pair), w.group_scale_zeros(e, 2 * pair), c);
     else if (int8)
-      pk_->int8_panel(rows, w.k_blocks, reinterpret_cast<const int8_t*>(a), lda, a_scale,
-                      reinterpret_cast<const int8_t*>(b0), reinterpret_cast<const int8_t*>(b1), w.scales(e, 2 * pair),
-                      w.colsums(e, 2 * pair), c);
+      pk.int8_panel(rows, w.k_blocks, reinterpret_cast<const int8_t*>(a), lda, a_scale,
+                    reinterpret_cast<const int8_t*>(b0), reinterpret_cast<const int8_t*>(b1), w.scales(e, 2 * pair),
+                    w.colsums(e, 2 * pair), c);
     else
-      pk_->bf16_panel(rows, w.k_blocks, reinterpret_cast<const bf16*>(a), lda, reinterpret_cast<const bf16*>(b0),
-                      reinterpret_cast<const bf16*>(b1), c);
-  };
+      pk.bf16_panel(rows, w.k_blocks, reinterpret_cast<const bf16*>(a), lda, reinterpret_cast<const bf16*>(b0),
+                    reinterpret_cast<const bf16*>(b1), c);
+  }
+
   // Tasks over (expert, group of tile pairs) for every expert with rows.
-  auto for_each_pair_group = [&](int pairs, const std::function<void(int, int64_t, int, int, int)>& fn) {
+  void for_each_pair_group(int pairs, const std::function<void(int, int64_t, int, int, int)>& fn) const {
     struct Task {
       int e, p0;
     };
     std::vector<Task> tasks;
-    for (int e = 0; e < w_.num_experts; ++e) {
+    for (int e = 0; e < op.w_.num_experts; ++e) {
       const int64_t rows = r.rows(e);
       if (rows == 0) continue;
       for (int p = 0; p < pairs; p += pairs_per_task(rows)) tasks.push_back({e, p});
@@ -263,101 +409,24 @@ void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activat
       const int rows = static_cast<int>(r.rows(t.e));
       fn(t.e, r.offsets[t.e], rows, t.p0, std::min(pairs, t.p0 + pairs_per_task(rows)));
     });
-  };
+  }
+};
 
-  // Pass 1: gate and up together, then h = silu(gate) * up.
-  const int gu_pairs = gu_w.n_tiles / 2;
-  for_each_pair_group(gu_pairs, [&](int e, int64_t row0, int rows, int p0, int p1) {
-    for (int m0 = 0; m0 < rows; m0 += kRowChunk) {
-      const int mrows = std::min(kRowChunk, rows - m0);
-      float* c = panel_buffer(mrows);
-      for (int p = p0; p < p1; ++p) {
-        const int64_t first = row0 + m0;
-        panel(gu_w, xq + first * ldx * elem, ldx, xs ? xs + first : nullptr, e, p, mrows, c);
-        const int col0 = p * 16, ncols = std::min(16, I - col0);
-        const float* bt = nullptr;
-        if (R > 0) {  // LoRA B rows of this pair's gate and up columns, transposed (r x 32, reused by mrows rows)
-          int64_t rows_of[32];
-          for (int n = 0; n < 16; ++n) {
-            const bool valid = col0 + n < I;
-            rows_of[n] = valid ? static_cast<int64_t>(e) * I2 + col0 + n : -1;
-            rows_of[16 + n] = valid ? static_cast<int64_t>(e) * I2 + I + col0 + n : -1;
-          }
-          bt = lora_slice(lora.gate_up_b, R, rows_of);
-        }
-        packed_avx512::gate_up_epilogue(mrows, ncols, c, R > 0 ? xa + first * R : nullptr, R, bt,
-                                        kept.gu ? kept.gu + first * I2 + col0 : nullptr,
-                                        kept.gu_hi ? kept.gu_hi + first * I2 + col0 : nullptr,
-                                        kept.gu_lo ? kept.gu_lo + first * ForwardCache::lo_stride(I) + col0 : nullptr,
-                                        I2, ForwardCache::lo_stride(I), I, hb ? hb + first * ldh + col0 : nullptr, ldh,
-                                        hf ? hf + first * I + col0 : nullptr, I);
-        if (hb && p == gu_pairs - 1)  // the padding columns the down panels read as zero
-          for (int m = 0; m < mrows; ++m)
-            std::fill(hb + (first + m) * ldh + col0 + ncols, hb + (first + m) * ldh + ldh, bf16(0));
-      }
-    }
-  });
-
+void ExpertsOp::forward_packed(ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora,
+                               void* y, float* cache) {
+  PackedForward call(*this, pool, r, act, lora, cache);
+  PhaseLaps laps("forward");
+  call.gather_x();
+  laps.mark("gather x");
+  call.lora_xa();
+  laps.mark("lora xa");
+  call.gate_up_silu();
   laps.mark("gate_up + silu");
-  const uint8_t* ha_rows = reinterpret_cast<const uint8_t*>(hb);
-  float* hs = nullptr;
-  if (int8) {  // per-row scales of h need whole rows: a second quantization pass
-    uint8_t* hq = scratch_bytes(1, (S + 32) * ldh);
-    hs = scratch_scales(1, S + 32);
-    Routing identity;  // rows in place: row i reads h row i
-    identity.row_token.resize(S);
-    for (int64_t i = 0; i < S; ++i) identity.row_token[i] = static_cast<int32_t>(i);
-    identity.offsets = {0, S};
-    gather_packed(pool, identity, hf, DType::kF32, I, ldh, hq, hs);
-    ha_rows = hq;
-  }
-  if (R > 0 && hb) {  // ha [S, r] = scaling * h @ A_d^T on the bf16 rows the down projection reads
-    for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
-      packed_avx512::rows_times_bt_bf16(rows, I, hb + row0 * ldh, ldh, lora.down_a + static_cast<int64_t>(e) * R * I, R,
-                                        lora.scaling, ha + row0 * R);
-    });
-  } else if (R > 0) {
-    for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
-      if (rows == 0) return;
-      k_->nt(rows, R, I, hf + row0 * I, I, lora.down_a + static_cast<int64_t>(e) * R * I, DType::kF32, I, ha + row0 * R,
-             R, false);
-      for (int64_t i = row0 * R; i < (row0 + rows) * R; ++i) ha[i] *= lora.scaling;
-    });
-  }
-
+  call.lora_ha_int8_h();
   laps.mark("lora ha, int8 h");
-  // Pass 2: down, out [S, H]: bf16 for bf16 activations (as a bf16 graph rounds each expert's output; half the
-  // bytes written here and read by the combine, S * H * 2 = 134 MB less for a Qwen3-30B-A3B layer at T=4096).
-  // Its slot is the backward's dy rows: a backward that recomputes the forward is done with it before it
-  // gathers dy.
-  const bool out_bf16 = act.dtype == DType::kBF16;
-  float* out = out_bf16 ? nullptr : scratch(3, S * H);
-  bf16* out16 = out_bf16 ? reinterpret_cast<bf16*>(scratch_bytes(2, S * H * 2)) : nullptr;
-  for_each_pair_group(d_w.n_tiles / 2, [&](int e, int64_t row0, int rows, int p0, int p1) {
-    for (int m0 = 0; m0 < rows; m0 += kRowChunk) {
-      const int mrows = std::min(kRowChunk, rows - m0);
-      float* c = panel_buffer(mrows);
-      for (int p = p0; p < p1; ++p) {
-        const int64_t first = row0 + m0;
-        panel(d_w, ha_rows + first * ldh * elem, ldh, hs ? hs + first : nullptr, e, p, mrows, c);
-        const int col0 = p * 32, ncols = std::min(32, H - col0);
-        const float* bt = nullptr;
-        if (R > 0) {
-          int64_t rows_of[32];
-          for (int n = 0; n < 32; ++n) rows_of[n] = n < ncols ? static_cast<int64_t>(e) * H + col0 + n : -1;
-          bt = lora_slice(lora.down_b, R, rows_of);
-        }
-        packed_avx512::down_epilogue(mrows, ncols, c, R > 0 ? ha + first * R : nullptr, R, bt,
-                                     out ? out + first * H + col0 : nullptr, out16 ? out16 + first * H + col0 : nullptr,
-                                     H);
-      }
-    }
-  });
+  call.down();
   laps.mark("down");
-  if (out16)
-    combine_bf16_rows(pool, r, out16, act.w, static_cast<bf16*>(y));
-  else
-    combine(pool, r, out, act.w, act.dtype, y);
+  call.combine(y);
   laps.mark("combine");
 }
 
