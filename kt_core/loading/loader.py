@@ -5,7 +5,9 @@ Steps, none of which holds more than one experts layer beyond the expert stores:
 2. build the model on the meta device and resolve the placement (rules or built-in defaults);
 3. compute the memory plan and refuse, before loading anything, when it cannot fit;
 4. load the non-expert tensors to their devices;
-5. stream the expert tensors layer by layer into the expert stores (`KTExperts`), dequantizing FP8;
+5. stream the expert tensors layer by layer into the expert stores (`KTExperts`), dequantizing FP8; with several
+   ranks on the node (torchrun), local rank 0 streams them into one file in host memory that every rank of the
+   node maps, and the other ranks read no expert tensor (kt_core/distributed/shared_store.py);
 6. tie weights, check that nothing is missing, hook activations across devices.
 """
 
@@ -20,6 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kt_core.architectures import Architecture, get_architecture
+from kt_core.distributed import SharedExperts, local_ranks
+from kt_core.distributed.shared_store import DEFAULT_FOLDER
 from kt_core.loading.checkpoint import Checkpoint, CheckpointError
 from kt_core.loading.fp8 import dequantize_fp8_blockwise, fp8_block_size
 from kt_core.loading.keys import CheckpointMap, ExpertTensor, map_checkpoint
@@ -44,9 +48,12 @@ _STORE_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def resolve_devices(device: str | torch.device | Sequence[str] | None) -> list[str]:
-    """Normalizes `device` into a list; None means cuda:0 when there is a GPU, else cpu."""
+    """Normalizes `device` into a list; None means this rank's GPU when there is one (cuda:0 for a single process,
+    cuda:LOCAL_RANK under torchrun, as the Trainer picks it), else cpu."""
     if device is None:
-        return ["cuda:0" if torch.cuda.is_available() else "cpu"]
+        if not torch.cuda.is_available():
+            return ["cpu"]
+        return [f"cuda:{local_ranks().rank % torch.cuda.device_count()}"]
     devices = [str(device)] if isinstance(device, (str, torch.device)) else [str(d) for d in device]
     if not devices:
         raise ValueError("device: give at least one device")
@@ -180,6 +187,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     progress: bool = True,
     config=None,
+    shared_experts: bool | str | Path | None = None,
 ) -> nn.Module:
     """Loads a local MoE checkpoint with its routed experts on the CPU operator.
 
@@ -198,6 +206,10 @@ def load_model(
         progress: show a progress bar.
         config: a transformers config to build the model from instead of the checkpoint's config.json
             (a host framework that patched it, e.g. attention implementation or use_cache).
+        shared_experts: with several ranks on this node (torchrun's LOCAL_WORLD_SIZE > 1), the expert weights
+            live once per node in a file that every rank maps: None or True puts it in /dev/shm, a folder puts
+            it there (host memory, e.g. a tmpfs or hugetlbfs mount, keeps it off the disk), False gives every
+            rank its own copy. Ignored with one rank per node.
 
     Returns:
         The transformers model (eval mode) whose experts modules are expert-backend modules.
@@ -222,6 +234,7 @@ def load_model(
         memory = plan_memory(checkpoint, model, plan, mapping, store_dtype)
         memory.check(gpu_memory_limit=gpu_memory_limit, host_memory_limit=host_memory_limit)
         logger.info("%s: %s", checkpoint.path.name, memory)
+        shared = _open_shared(checkpoint, model, plan, mapping, store_dtype, shared_experts)
 
         total = sum(checkpoint.tensors[k].nbytes for k in mapping.tensors.values())
         total += sum(checkpoint.tensors[t.key].nbytes for ts in mapping.experts.values() for t in ts)
@@ -238,11 +251,35 @@ def load_model(
                 set_tensor(model, name, tensor.to(plan.device_of(name), target.dtype))
                 bar.update(checkpoint.tensors[key].nbytes)
             for module_name, tensors in mapping.experts.items():  # layer by layer
-                _stream_experts(model, module_name, tensors, checkpoint, plan, fp8_block, store_dtype, config)
+                _stream_experts(model, module_name, tensors, checkpoint, plan, fp8_block, store_dtype, config, shared)
                 bar.update(sum(checkpoint.tensors[t.key].nbytes for t in tensors))
+        if shared is not None:
+            shared.publish()
     _finish(model, plan, str(path))
     _expect_peft()
     return model
+
+
+def _open_shared(checkpoint, model, plan, mapping, dtype, option) -> SharedExperts | None:
+    """The node's shared expert file (kt_core/distributed/shared_store.py), or None: one rank per node, the
+    caller's shared_experts=False, or no layer on a KTExperts store."""
+    from kt_core.experts import KTExperts
+
+    if option is False or not local_ranks().shared:
+        return None
+    if not (option is None or option is True or isinstance(option, (str, Path))):
+        raise ValueError(f"shared_experts: got {option!r}, expected None, True, False or a folder path")
+    folder = DEFAULT_FOLDER if option is None or option is True else Path(option)
+    shapes = {}
+    for name in mapping.experts:
+        placement = plan.experts.get(name)
+        if placement is None or not issubclass(placement.cls, KTExperts):
+            continue
+        E, two_I, H = model.get_submodule(name).gate_up_proj.shape
+        shapes[name] = {"gate_up_proj": ((E, two_I, H), dtype), "down_proj": ((E, H, two_I // 2), dtype)}
+    config_file = checkpoint.path / "config.json"
+    key = f"{checkpoint.path.resolve()}|{config_file.stat().st_mtime_ns}|{dtype}"
+    return SharedExperts.open(folder, key, shapes)
 
 
 def _expect_peft() -> None:
@@ -295,8 +332,14 @@ def _read_packed(checkpoint: Checkpoint, key: str) -> torch.Tensor:
         raise CheckpointError(f"{where}: {exc}") from None
 
 
-def _stream_experts(model, module_name, tensors: list[ExpertTensor], checkpoint, plan, fp8_block, dtype, config):
-    """Reads one layer's expert tensors into its store (a backend module, or HF's module kept on a GPU)."""
+def _stream_experts(
+    model, module_name, tensors: list[ExpertTensor], checkpoint, plan, fp8_block, dtype, config, shared=None
+):
+    """Reads one layer's expert tensors into its store (a backend module, or HF's module kept on a GPU).
+
+    With a node's shared file (`shared`), the store's weights are views of it: local rank 0 reads the tensors
+    into them, the other ranks find them written and read nothing.
+    """
     hf_experts = model.get_submodule(module_name)
     E, two_I, H = hf_experts.gate_up_proj.shape
     I = two_I // 2
@@ -304,6 +347,13 @@ def _stream_experts(model, module_name, tensors: list[ExpertTensor], checkpoint,
     if placement is not None:
         options = {"hidden_act": getattr(config, "hidden_act", "silu"), **placement.options}
         store = placement.cls(E, H, I, dtype=dtype, **options)
+        if shared is not None and module_name in shared:
+            for name, view in shared.tensors(module_name).items():
+                setattr(store, name, nn.Parameter(view, requires_grad=False))
+            if not shared.writer:  # local rank 0 read this layer into the shared file
+                parent_name, _, attr = module_name.rpartition(".")
+                setattr(model.get_submodule(parent_name), attr, store)
+                return
     else:  # experts kept as Hugging Face's module: materialize its fused parameters on their device
         device = plan.device_of(module_name)
         for attr in ("gate_up_proj", "down_proj"):

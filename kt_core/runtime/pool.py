@@ -4,6 +4,8 @@ One pool per process: layers run one after another, so sharing it keeps `cpu_inf
 `cpu_infer` per layer. The pool counts the calling thread: `cpu_infer=16` runs 15 workers plus the caller.
 Sizes are checked by kt_core.settings: a positive integer; more than the CPUs this process may use warns
 (where the setting enters), more than CPU_INFER_CAP_FACTOR times them runs one thread per CPU.
+With several ranks on the node (torchrun), each rank first takes its share of the node's CPUs
+(kt_core.distributed.cpus): the default size is then that share, and the ranks' workers never share a core.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import threading
 
 from kt_core.config import CPU_INFER_ENV, current
+from kt_core.distributed.cpus import claim_cpu_share
 from kt_core.settings import CPU_INFER_CAP_FACTOR, positive_int, usable_cpus
 
 __all__ = ["CPU_INFER_ENV", "current_threads", "default_cpu_infer", "get_thread_pool"]
@@ -20,7 +23,9 @@ _pool = None
 
 
 def default_cpu_infer() -> int:
-    """The config's cpu_infer (KT_CPU_INFER or configure(cpu_infer=...)) if set, else the CPUs this process may use."""
+    """The config's cpu_infer (KT_CPU_INFER or configure(cpu_infer=...)) if set, else the CPUs this process may use
+    (with several ranks on the node: this rank's share of them, at least one)."""
+    claim_cpu_share()
     return current().cpu_infer or usable_cpus()
 
 
@@ -33,6 +38,7 @@ def get_thread_pool(cpu_infer: int | None = None):
     from kt_core import _C
 
     global _pool
+    claim_cpu_share()  # before the pool pins its workers, and before sizes are checked (once per process)
     with _lock:
         if cpu_infer is not None:
             cpu_infer = _capped(positive_int("cpu_infer", cpu_infer, what="CPU threads of the experts operator"))

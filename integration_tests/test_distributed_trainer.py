@@ -1,0 +1,123 @@
+"""The stock Trainer with KTCallback under torchrun: two ranks (gloo, CPU) give the single process's loss curve.
+
+The same script runs three ways: one process at per-device batch 4; `python -m torch.distributed.run
+--nproc-per-node 2` at per-device batch 2 (the same global batch of 4; DDP averages the gradients, the expert LoRA
+factors among them), saving a checkpoint at step 2; one process resuming from that two-rank checkpoint. The model
+comes from kt_core.load_model, so both ranks map one expert file, and the CPUs are split between them.
+Legend of a report: losses = the Trainer's logged loss per step (averaged over the ranks by the Trainer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+GLOBAL_BATCH = 4
+
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:Unsupported layer type")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(checkpoint: Path, out: Path, *, ranks: int, resume: Path | None = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(free_port())]
+    command = [*launcher, __file__, str(checkpoint), str(out), str(resume or "")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    report = json.loads((out / "report.json").read_text())
+    report["log"] = done.stdout + done.stderr
+    return report
+
+
+def test_two_ranks_match_one_process_and_resume_on_one(tmp_path):
+    from tests.tiny_models import build_tiny_model, save_fused_checkpoint
+
+    save_fused_checkpoint(build_tiny_model("qwen3_moe", num_layers=2), tmp_path / "ckpt")
+    one = _run(tmp_path / "ckpt", tmp_path / "one", ranks=1)
+    two = _run(tmp_path / "ckpt", tmp_path / "two", ranks=2)
+
+    assert len(one["losses"]) == len(two["losses"]) == STEPS
+    assert one["losses"][-1] != one["losses"][0]  # the curve moves: the comparison means something
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
+    assert two["world_size"] == 2 and two["ddp_ignores_experts"] and two["expert_lora_factors"] > 0
+    assert "local rank 1 of 2 on this node: the CPU experts run on CPUs" in two["log"]
+    assert "expert weights of this node's 2 ranks in one shared file" in two["log"]
+
+    # Saved once (rank 0), resumed on one rank: the rest of the single process's curve.
+    saved = tmp_path / "two" / "checkpoint-2"
+    assert len(list(saved.glob("adapter_model.safetensors"))) == 1 and (saved / "optimizer.pt").is_file()
+    resumed = _run(tmp_path / "ckpt", tmp_path / "resumed", ranks=1, resume=saved)
+    assert resumed["losses"][:2] == two["losses"][:2]  # the history the two ranks saved
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
+
+
+# ---- the training script (one process, or each torchrun worker) ---------------------------------------------------
+
+
+def _train(checkpoint: str, out: str, resume: str) -> None:
+    import logging
+
+    import peft
+    import transformers
+    from torch.nn.parallel import DistributedDataParallel
+
+    import kt_core
+    from kt_plugins.hf_trainer import KTCallback
+    from tests.tiny_models import randomize_lora, token_dataset, trainer_args
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model = kt_core.load_model(checkpoint, device="cpu", progress=False).train()
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    model = randomize_lora(peft.get_peft_model(model, config))
+    args = trainer_args(
+        out,
+        max_steps=STEPS,
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        ddp_backend="gloo" if world > 1 else None,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=token_dataset(n=32), callbacks=[KTCallback(cpu_infer=None)]
+    )
+    trainer.train(resume_from_checkpoint=resume or None)
+    wrapped = trainer.model_wrapped
+    ignored = wrapped.parameters_to_ignore if isinstance(wrapped, DistributedDataParallel) else set()
+    if trainer.is_world_process_zero():
+        report = {
+            "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+            "world_size": trainer.args.world_size,
+            "ddp_ignores_experts": any(name.endswith("experts.gate_up_proj") for name in ignored),
+            "expert_lora_factors": sum(1 for n, p in model.named_parameters() if ".experts.lora." in n),
+        }
+        Path(out, "report.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    _train(*sys.argv[1:4])
