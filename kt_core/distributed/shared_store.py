@@ -12,7 +12,7 @@ a file older than the waiting process is a leftover and is not taken. Removal: w
 initialized while loading, every rank maps the file, a barrier passes and local rank 0 removes the name at once
 (the mappings keep the pages until the last rank exits); otherwise local rank 0 removes it when it exits.
 
-Layout: per layer (in load order) gate_up_proj [E, 2I, H] then down_proj [E, H, I], each starting on a page.
+Layout: per layer (sorted by name) down_proj [E, H, I] then gate_up_proj [E, 2I, H], each starting on a page.
 Legend: E = experts, I = expert intermediate, H = hidden.
 """
 
@@ -65,9 +65,10 @@ class _Slot:
 def _layout(shapes: Shapes) -> tuple[dict[str, dict[str, _Slot]], int]:
     slots: dict[str, dict[str, _Slot]] = {}
     offset = 0
-    for layer, weights in shapes.items():
+    # Sorted: every rank must find a layer at the same offset, whatever order its own load visits them in.
+    for layer, weights in sorted(shapes.items()):
         slots[layer] = {}
-        for name, (shape, dtype) in weights.items():
+        for name, (shape, dtype) in sorted(weights.items()):
             slot = _Slot(offset, tuple(shape), dtype)
             slots[layer][name] = slot
             offset += -(-slot.nbytes // _ALIGN) * _ALIGN
