@@ -19,8 +19,6 @@ args=(
   --kt-experts
   --kt-experts-gpu-experts "${GPU_EXPERTS:-0}"
   --kt-experts-kernel "${KERNEL:-auto}"
-  # Decode CUDA graphs do not capture the CPU experts yet.
-  --disable-cuda-graph
   --port "${PORT:-30000}"
 )
 [ -n "${CPU_THREADS:-}" ] && args+=(--kt-experts-cpu-threads "$CPU_THREADS")

@@ -234,7 +234,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--kt-experts",
         action="store_true",
-        help="Turn the CPU experts backend on (needs --disable-cuda-graph for now).",
+        help="Turn the CPU experts backend on (routed experts computed by kt-plugins on the CPU).",
     )
     defaults = {f.name: f.default for f in fields(KTExpertsOptions)}  # no instance: `--help` checks nothing
     for flag, (field, kwargs) in _FLAGS.items():
