@@ -1,15 +1,18 @@
-"""Several ranks on one node: each rank's place (torchrun's variables), its share of the CPUs, and DDP leaving
-the frozen experts alone (two ranks sharing the expert file: integration_tests/test_distributed_store.py)."""
+"""Several ranks on one node: each rank's place (torchrun's variables), its share of the CPUs, and DDP leaving the
+experts alone, their LoRA averaged by ExpertLoraAverager (two ranks sharing the expert file:
+integration_tests/test_distributed_store.py; two ranks training: integration_tests/test_distributed_trainer.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
 
 import pytest
 
-from kt_core.distributed import LocalRanks, ignore_frozen_experts, local_ranks
+from kt_core.distributed import LocalRanks, ignore_frozen_experts, local_ranks, prepare_data_parallel
+from kt_core.distributed import ddp as ddp_module
 from kt_core.distributed.cpus import _ranges, cpu_share
 
 
@@ -37,10 +40,7 @@ def test_local_ranks_from_torchrun_variables(monkeypatch):
     assert local_ranks() == LocalRanks(0, 1) and not local_ranks().shared
 
 
-def test_ddp_ignores_the_frozen_experts_only():
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
+def _tiny_with_expert_lora():
     from kt_core import convert_model
     from tests.tiny_models import build_tiny_model
 
@@ -48,17 +48,93 @@ def test_ddp_ignores_the_frozen_experts_only():
     for module in model.modules():
         if hasattr(module, "add_lora") and hasattr(module, "gate_up_proj"):
             module.add_lora(2, 4.0)
-    ignored = ignore_frozen_experts(model)
-    assert ignored == sorted(
-        f"model.layers.{i}.mlp.experts.{w}" for i in range(2) for w in ("down_proj", "gate_up_proj")
-    )
+    return model
+
+
+@contextlib.contextmanager
+def _one_rank_group():
+    import torch.distributed as dist
+
     store = dist.FileStore(str(Path(os.environ.get("TMPDIR", "/tmp")) / f"kt-ddp-{uuid.uuid4().hex}"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
+        yield
+    finally:
+        ddp_module._gloo_group = None
+        dist.destroy_process_group()
+
+
+def test_ddp_ignores_the_experts_and_their_lora():
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _tiny_with_expert_lora()
+    ignored = ignore_frozen_experts(model)
+    factors = [f"model.layers.{i}.mlp.experts.lora.{f}" for i in range(2) for f in ("down_A", "down_B")]
+    factors += [f"model.layers.{i}.mlp.experts.lora.{f}" for i in range(2) for f in ("gate_up_A", "gate_up_B")]
+    frozen = [f"model.layers.{i}.mlp.experts.{w}" for i in range(2) for w in ("down_proj", "gate_up_proj")]
+    assert ignored == sorted(frozen + factors)
+    with _one_rank_group():
         ddp = DistributedDataParallel(model)
         assert ddp.parameters_to_ignore == set(ignored)
         booked = {id(p) for p in ddp._module_parameters}
-        factors = [p for n, p in model.named_parameters() if ".lora." in n]
-        assert factors and all(id(p) in booked for p in factors)  # expert LoRA: reduced like any other gradient
-    finally:
-        dist.destroy_process_group()
+        named = dict(model.named_parameters())
+        assert all(id(named[n]) not in booked for n in factors)  # the averager's, on the host whatever DDP's device
+        assert any(id(p) in booked for p in model.parameters())
+
+
+def test_expert_lora_averaged_once_per_optimizer_step():
+    """Two optimizer steps of two micro-batches each: one broadcast, then one all_reduce per step, on the last
+    micro-batch's backward (outside no_sync()), before anything reads the gradients; the gradients keep the local
+    accumulation (one rank: the average of one)."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _tiny_with_expert_lora().train()
+    averager = prepare_data_parallel(model)
+    assert averager is model.kt_lora_averager and prepare_data_parallel(model) is averager
+    assert len(averager.factors) == 8
+    ids = torch.randint(3, 64, (4, 2, 8), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    with _one_rank_group():
+        ddp = DistributedDataParallel(model)
+        dist.all_reduce = counting_all_reduce
+        try:
+            for step in range(2):
+                with ddp.no_sync():
+                    ddp(input_ids=ids[2 * step], labels=ids[2 * step]).loss.backward()
+                assert averager.reductions == step  # accumulating: nothing reduced
+                local = [p.grad.clone() for p in averager.factors]
+                ddp(input_ids=ids[2 * step + 1], labels=ids[2 * step + 1]).loss.backward()
+                assert averager.reductions == step + 1
+                model.zero_grad(set_to_none=True)
+        finally:
+            dist.all_reduce = real_all_reduce
+        assert averager.broadcasts == 1
+        total = sum(p.numel() for p in averager.factors)
+        assert calls.count(total) == 2  # one flat buffer per step, every factor in it
+        assert all(g is not None for g in local)
+
+
+def test_a_factor_without_gradient_is_refused_at_the_next_step():
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from kt_core import KTExperts
+
+    model = _tiny_with_expert_lora().train()
+    averager = prepare_data_parallel(model)
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with _one_rank_group():
+        ddp = DistributedDataParallel(model, find_unused_parameters=True)
+        next(m for m in model.modules() if isinstance(m, KTExperts)).lora_enabled = False
+        ddp(input_ids=ids, labels=ids).loss.backward()
+        assert averager.reductions == 0
+        with pytest.raises(RuntimeError, match=r"no gradient to 4 of 8 expert LoRA factors \(model\.layers\.0"):
+            ddp(input_ids=ids, labels=ids)

@@ -5,19 +5,22 @@ ranks.py         this process's place among the ranks of its node (LOCAL_RANK / 
 shared_store.py  the frozen expert weights of every CPU-experts layer in one file under /dev/shm, written by local
                  rank 0 and mapped by every rank of the node (kt_core.load_model)
 cpus.py          each rank's share of the node's CPUs for its experts thread pool
-ddp.py           the frozen experts kept out of DistributedDataParallel (its own params-to-ignore hook)
+ddp.py           the experts kept out of DistributedDataParallel (its own params-to-ignore hook): the frozen
+                 weights, and the expert LoRA factors, whose gradients ExpertLoraAverager averages over gloo
 """
 
 from kt_core.distributed.cpus import claim_cpu_share
-from kt_core.distributed.ddp import ignore_frozen_experts
+from kt_core.distributed.ddp import ExpertLoraAverager, ignore_frozen_experts, prepare_data_parallel
 from kt_core.distributed.ranks import LocalRanks, local_ranks
 from kt_core.distributed.shared_store import SharedExperts, SharedExpertsError
 
 __all__ = [
+    "ExpertLoraAverager",
     "LocalRanks",
     "SharedExperts",
     "SharedExpertsError",
     "claim_cpu_share",
     "ignore_frozen_experts",
     "local_ranks",
+    "prepare_data_parallel",
 ]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kt_core.distributed import ignore_frozen_experts
+from kt_core.distributed import prepare_data_parallel
 from kt_core.experts import KTExperts
 from kt_core.loading.convert import convert_model
 from kt_core.peft.attach import install_peft_state_dict_hooks, load_expert_lora_
@@ -136,7 +136,7 @@ def take_over_peft_model(
     route_adapter_switch(model)
     keep_expert_lora_trainable(model)
     route_adapter_state_dict(model)
-    ignore_frozen_experts(model)  # DDP (torchrun) neither broadcasts nor books the frozen expert weights
+    prepare_data_parallel(model)  # DDP (torchrun) ignores the experts; their LoRA gradients are averaged over gloo
     model.kt_prepared = True
     return model
 
