@@ -29,6 +29,7 @@ Runtime
     get_thread_pool      the process-wide pool of `cpu_infer` threads
     enable_streaming     split MoE layers between CPU compute and GPU compute on PCIe-streamed weights
     ExpertTimer          wall time in a model's routed experts per training step, and its input tokens
+    speed_logs           what the training plugins log per step: tokens/s, the CPU experts' share, the stream split
 Loss
     enable_efficient_loss, disable_efficient_loss, EfficientLoss    the causal-LM loss without [tokens x vocab] logits
     normalize_loss_mode  a user's loss setting -> its mode ("off", "auto", a backend); errors name the key
@@ -76,7 +77,7 @@ from kt_core.placement import (
 )
 from kt_core.plugins import get_plugin_manager
 from kt_core.reference import experts_reference
-from kt_core.runtime.expert_time import ExpertTimer
+from kt_core.runtime.expert_time import ExpertTimer, speed_logs
 from kt_core.runtime.pool import get_thread_pool
 from kt_core.streaming import enable_streaming
 
@@ -123,4 +124,5 @@ __all__ = [
     "resolve_rule_file",
     "run_now",
     "settings",
+    "speed_logs",
 ]

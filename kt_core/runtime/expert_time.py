@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["ExpertTimer"]
+__all__ = ["ExpertTimer", "speed_logs"]
 
 
 def _in_backward() -> bool:
@@ -97,14 +97,18 @@ class ExpertTimer:
         """Stops the step clock (at the end of training)."""
         self._last = None
 
-    def report(self) -> dict[str, float] | None:
+    def report(self, cpu_expert_s: float | None = None) -> dict[str, float] | None:
         """`kt_tokens_per_s` and `kt_cpu_expert_share` over the steps since the last report (None: no step).
 
-        The share is expert seconds over step wall time, forward and backward counted once per layer.
+        The share is expert seconds over step wall time, forward and backward counted once per layer, or
+        `cpu_expert_s` over it when the caller knows the CPU operator's own seconds (streaming: see
+        `speed_logs`).
         """
         if self._step_s <= 0.0:
             return None
         expert_s, tokens = self.take()
+        if cpu_expert_s is not None:
+            expert_s = cpu_expert_s
         step_s, self._step_s = self._step_s, 0.0
         return {
             "kt_tokens_per_s": round(tokens / step_s, 2),
@@ -116,3 +120,28 @@ class ExpertTimer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def speed_logs(timer: ExpertTimer, streaming=None) -> dict[str, float] | None:
+    """What the training plugins log (KTCallback, `use_kt`), over the steps since their last log; None: no step.
+
+    `kt_tokens_per_s`, and `kt_cpu_expert_share`: the fraction of step wall time the CPU experts operator
+    computed. Without streaming that is the time inside the expert layers. With streaming (`streaming`, the
+    StreamingRuntime) it is the CPU operator's own seconds as the runtime measures them, since there a layer's
+    wall time also covers launching its GPU share and waiting for copies; the per-step split is added as
+    `kt_stream_cpu_ms`, `kt_stream_pcie_ms`, `kt_stream_gpu_ms` (means per step) and `kt_stream_cpu_slot_share`
+    (the CPU's share of the routed slots).
+    """
+    totals = streaming.take_totals() if streaming is not None else None
+    cpu_s = None if streaming is None else (totals["cpu_s"] if totals else 0.0)
+    speed = timer.report(cpu_expert_s=cpu_s)
+    if speed is None or not totals:
+        return speed
+    per_step = 1e3 / totals["steps"]
+    speed.update(
+        kt_stream_cpu_ms=round(totals["cpu_s"] * per_step, 1),
+        kt_stream_pcie_ms=round(totals["pcie_s"] * per_step, 1),
+        kt_stream_gpu_ms=round(totals["gpu_s"] * per_step, 1),
+        kt_stream_cpu_slot_share=round(totals["cpu_slot_share"], 4),
+    )
+    return speed

@@ -81,6 +81,7 @@ class StreamingRuntime:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-cpu-experts")
         self.history: list[dict] = []
         self.last_report: dict | None = None
+        self._taken = 0  # history entries take_totals() has summed already
         self._fresh: list[bool] = []  # plans[i] made for this step
         self._step_counts: list[torch.Tensor | None] = []  # [E] routed slots per expert this step (device)
         self._positions: dict[tuple, torch.Tensor] = {}  # expert list -> [E] position map on the device
@@ -221,6 +222,18 @@ class StreamingRuntime:
             self._gpu.append(time.perf_counter() - t0)
 
     # ---- per step ---------------------------------------------------------------------------------
+
+    def take_totals(self) -> dict | None:
+        """The steps closed since the last call, summed (None when none closed): `steps`, `cpu_s` (the CPU
+        operator's seconds), `pcie_s`, `pcie_gb`, `gpu_s`, and `cpu_slot_share` (mean over those steps)."""
+        new = self.history[self._taken :]
+        self._taken = len(self.history)
+        if not new:
+            return None
+        totals = {key: sum(r[key] for r in new) for key in ("cpu_s", "pcie_s", "pcie_gb", "gpu_s")}
+        totals["steps"] = len(new)
+        totals["cpu_slot_share"] = sum(r["cpu_slot_share"] for r in new) / len(new)
+        return totals
 
     def end_step(self) -> dict:
         """Closes a step (called on the first layer's next forward, or by the training loop): logs and re-plans."""

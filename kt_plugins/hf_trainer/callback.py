@@ -8,8 +8,9 @@ has already moved the model to its device by then: for a model larger than the G
 on it before building the Trainer (the callback then finds it prepared).
 
 Logged with every `logs` entry: `kt_tokens_per_s` (input tokens per second of training-step wall time)
-and `kt_cpu_expert_share` (fraction of that time spent inside the experts operator: one forward and one
-backward per layer and step, gradient checkpointing's recomputation not counted; kt_core.runtime.expert_time).
+and `kt_cpu_expert_share` (fraction of that time the CPU experts operator computed: one forward and one
+backward per layer and step, gradient checkpointing's recomputation not counted; with streaming, the CPU
+operator's own seconds, beside the per-step CPU / PCIe / GPU split; kt_core.speed_logs).
 
 The arguments are checked when the callback is built (kt_core.settings); the errors name them.
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from kt_core import ExpertTimer, KTExperts, resolve_kernel
+from kt_core import ExpertTimer, KTExperts, resolve_kernel, speed_logs
 from kt_core import settings as checks
 from kt_core.peft import warn_if_shape_dependent
 from kt_core.placement import PlacementRule, resolve_rule_file
@@ -271,17 +272,9 @@ class KTCallback(TrainerCallback):
             self._timer.end_step()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        speed = self._timer.report() if self._timer is not None and logs is not None else None
+        speed = speed_logs(self._timer, self._streaming) if self._timer is not None and logs is not None else None
         if speed is None:
             return
-        report = self._streaming.last_report if self._streaming is not None else None
-        if report:
-            speed.update(
-                kt_stream_cpu_ms=round(report["cpu_s"] * 1e3, 1),
-                kt_stream_pcie_ms=round(report["pcie_s"] * 1e3, 1),
-                kt_stream_gpu_ms=round(report["gpu_s"] * 1e3, 1),
-                kt_stream_cpu_slot_share=round(report["cpu_slot_share"], 4),
-            )
         # Callbacks after this one (the progress printer) see `logs`; the Trainer has already copied it
         # into the history, so update that entry too.
         logs.update(speed)

@@ -163,7 +163,7 @@ def _training_callback():
     """A Trainer callback for use_kt runs: the resume check, and kt_tokens_per_s / kt_cpu_expert_share."""
     from transformers import TrainerCallback
 
-    from kt_core import ExpertTimer, KTExperts
+    from kt_core import ExpertTimer, KTExperts, speed_logs
     from kt_core.loading import check_training_checkpoint
     from kt_core.peft import expert_lora_parameters, warn_if_shape_dependent
 
@@ -189,8 +189,9 @@ def _training_callback():
             if self.timer is not None:
                 self.timer.end_step()
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            speed = self.timer.report() if self.timer is not None and logs is not None else None
+        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+            streaming = getattr(model, "kt_streaming", None)  # kt_plugins/llamafactory/model.py sets it
+            speed = speed_logs(self.timer, streaming) if self.timer is not None and logs is not None else None
             if speed is None:
                 return
             logs.update(speed)  # the progress printer runs after this callback
