@@ -1,10 +1,16 @@
 """The stock Trainer with KTCallback under torchrun: two ranks (gloo, CPU) give the single process's loss curve.
 
 The same script runs three ways: one process at per-device batch 4; `python -m torch.distributed.run
---nproc-per-node 2` at per-device batch 2 (the same global batch of 4; DDP averages the gradients, the expert LoRA
-factors among them), saving a checkpoint at step 2; one process resuming from that two-rank checkpoint. The model
-comes from kt_core.load_model, so both ranks map one expert file, and the CPUs are split between them.
-Legend of a report: losses = the Trainer's logged loss per step (averaged over the ranks by the Trainer).
+--nproc-per-node 2` at per-device batch 2 (the same global batch of 4; DDP averages the gradients of the attention
+LoRA, kt_core.distributed.ExpertLoraAverager those of the expert LoRA factors, which DDP ignores), saving a checkpoint
+at step 2; one process resuming from that two-rank checkpoint. A second pair runs gradient accumulation (2
+micro-batches per step: one rank at per-device batch 2, two ranks at 1, the same global batch) with the gradient
+norm clipped hard (max_grad_norm 0.02, below every step's norm): the norms and curves agree only when the expert
+LoRA gradients are averaged on the last micro-batch, before the Trainer clips. The model comes from
+kt_core.load_model, so both ranks map one expert file, and the CPUs are split between them.
+Legend of a report: losses / grad_norms = the Trainer's logged loss (averaged over the ranks by the Trainer) and
+gradient norm before clipping, per step; reductions / broadcasts = the averager's all_reduce calls (one per
+optimizer step) and broadcasts of the factors from rank 0 (one).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 GLOBAL_BATCH = 4
+CLIP = 0.02
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:Unsupported layer type")]
 
@@ -32,14 +39,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(checkpoint: Path, out: Path, *, ranks: int, resume: Path | None = None) -> dict:
+def _run(checkpoint: Path, out: Path, *, ranks: int, resume: Path | None = None, accumulate: int = 1) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     launcher = [sys.executable]
     if ranks > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(free_port())]
-    command = [*launcher, __file__, str(checkpoint), str(out), str(resume or "")]
+    command = [*launcher, __file__, str(checkpoint), str(out), str(resume or ""), str(accumulate)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
     report = json.loads((out / "report.json").read_text())
@@ -58,6 +65,7 @@ def test_two_ranks_match_one_process_and_resume_on_one(tmp_path):
     assert one["losses"][-1] != one["losses"][0]  # the curve moves: the comparison means something
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
     assert two["world_size"] == 2 and two["ddp_ignores_experts"] and two["expert_lora_factors"] > 0
+    assert two["reductions"] == STEPS and two["broadcasts"] == 1 and one["reductions"] == 0
     assert "local rank 1 of 2 on this node: the CPU experts run on CPUs" in two["log"]
     assert "expert weights of this node's 2 ranks in one shared file" in two["log"]
 
@@ -69,10 +77,24 @@ def test_two_ranks_match_one_process_and_resume_on_one(tmp_path):
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
 
 
+def test_two_ranks_match_one_process_with_accumulation_and_clipping(tmp_path):
+    from tests.tiny_models import build_tiny_model, save_fused_checkpoint
+
+    save_fused_checkpoint(build_tiny_model("qwen3_moe", num_layers=2), tmp_path / "ckpt")
+    one = _run(tmp_path / "ckpt", tmp_path / "one", ranks=1, accumulate=2)
+    two = _run(tmp_path / "ckpt", tmp_path / "two", ranks=2, accumulate=2)
+
+    assert len(one["losses"]) == len(two["losses"]) == STEPS
+    assert min(one["grad_norms"]) > 5 * CLIP  # every step clipped: the norm decides the update
+    assert two["reductions"] == STEPS  # once per optimizer step, not per micro-batch
+    torch.testing.assert_close(torch.tensor(two["grad_norms"]), torch.tensor(one["grad_norms"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
+
+
 # ---- the training script (one process, or each torchrun worker) ---------------------------------------------------
 
 
-def _train(checkpoint: str, out: str, resume: str) -> None:
+def _train(checkpoint: str, out: str, resume: str, accumulate: str) -> None:
     import logging
 
     import peft
@@ -94,10 +116,13 @@ def _train(checkpoint: str, out: str, resume: str) -> None:
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )
     model = randomize_lora(peft.get_peft_model(model, config))
+    micro_batches = int(accumulate)
     args = trainer_args(
         out,
         max_steps=STEPS,
-        per_device_train_batch_size=GLOBAL_BATCH // world,
+        per_device_train_batch_size=GLOBAL_BATCH // world // micro_batches,
+        gradient_accumulation_steps=micro_batches,
+        max_grad_norm=CLIP if micro_batches > 1 else 1.0,
         logging_steps=1,
         save_strategy="steps",
         save_steps=2,
@@ -112,6 +137,9 @@ def _train(checkpoint: str, out: str, resume: str) -> None:
     if trainer.is_world_process_zero():
         report = {
             "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+            "grad_norms": [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e],
+            "reductions": model.kt_lora_averager.reductions,
+            "broadcasts": model.kt_lora_averager.broadcasts,
             "world_size": trainer.args.world_size,
             "ddp_ignores_experts": any(name.endswith("experts.gate_up_proj") for name in ignored),
             "expert_lora_factors": sum(1 for n, p in model.named_parameters() if ".experts.lora." in n),
@@ -120,4 +148,4 @@ def _train(checkpoint: str, out: str, resume: str) -> None:
 
 
 if __name__ == "__main__":
-    _train(*sys.argv[1:4])
+    _train(*sys.argv[1:5])
