@@ -18,11 +18,7 @@ import concurrent.futures
 import importlib.util
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,6 +31,9 @@ if not torch.cuda.is_available() or importlib.util.find_spec("sglang") is None:
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples" / "tiny_moe"))
 from make_checkpoint import write_checkpoint  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sglang_server import SGLangServer  # noqa: E402
 
 # Sizes SGLang's GPU kernels take (head dims of 64, hidden 256), still tiny.
 SHAPES = {
@@ -51,10 +50,7 @@ SHAPES = {
         "moe_layer_freq": 1,  # SGLang's DeepSeek model reads it; DeepSeek's own config.json has it
     },
 }
-BASE_FLAGS = [
-    "--attention-backend", "triton", "--sampling-backend", "pytorch", "--skip-tokenizer-init",
-    "--mem-fraction-static", "0.15", "--cuda-graph-max-bs", "16", "--tp-size", "1", "--log-level", "warning",
-]  # fmt: skip
+SERVER_FLAGS = ["--mem-fraction-static", "0.15", "--cuda-graph-max-bs", "16", "--log-level", "warning"]
 VARIANTS = {  # the plain server first: the others are compared with it
     "plain": [],
     "kt-quarter-gpu": ["--kt-experts", "--kt-experts-gpu-experts", "0.25"],
@@ -69,71 +65,11 @@ def _prompts(vocab: int, n: int = 8) -> list[list[int]]:
     return [torch.randint(3, vocab, (int(L),), generator=g).tolist() for L in torch.linspace(5, 60, n)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read())
-
-
-class Server:
-    def __init__(self, checkpoint: Path, name: str, flags: list[str]):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        LOGS.mkdir(parents=True, exist_ok=True)
-        self.log = LOGS / f"{checkpoint.name}-{name}.log"
-        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(checkpoint), "--port", str(self.port)]
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(cmd + BASE_FLAGS + flags, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 420
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server {name} exited:\n" + self.log.read_text()[-4000:])
-            try:
-                urllib.request.urlopen(self.url + "/health_generate", timeout=5)
-                return
-            except OSError:
-                time.sleep(2)
-        self.stop()
-        raise RuntimeError(f"server {name} did not start within 420 s:\n" + self.log.read_text()[-4000:])
-
-    def generate(self, prompt: list[int]) -> list[int]:
-        body = {
-            "input_ids": prompt,
-            "sampling_params": {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True},
-        }
-        return _post(self.url + "/generate", body)["output_ids"]
-
-    def top1(self, sequence: list[int]) -> list[int]:
-        """The server's argmax next token at each position of `sequence` (teacher forcing)."""
-        body = {
-            "input_ids": sequence,
-            "sampling_params": {"temperature": 0, "max_new_tokens": 1},
-            "return_logprob": True,
-            "logprob_start_len": 0,
-            "top_logprobs_num": 1,
-        }
-        rows = _post(self.url + "/generate", body)["meta_info"]["input_top_logprobs"]
-        return [row[0][1] for row in rows if row]
-
-    def answers(self, prompts: list[list[int]]) -> dict[str, list]:
-        single = [self.generate(p) for p in prompts]
-        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-            batched = list(pool.map(self.generate, prompts))
-        return {"single": single, "batched": batched}
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(20)
+def _answers(server: SGLangServer, prompts: list[list[int]]) -> dict[str, list]:
+    single = [server.generate(p, NEW_TOKENS) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        batched = list(pool.map(lambda p: server.generate(p, NEW_TOKENS), prompts))
+    return {"single": single, "batched": batched}
 
 
 def _exact(a: list[list[int]], b: list[list[int]]) -> float:
@@ -157,14 +93,11 @@ def test_kt_experts_answer_like_the_plain_server(family, tmp_path):
 
     results, report, failures = {}, {}, []
     for name, flags in VARIANTS.items():
-        server = Server(checkpoint, name, flags)
-        try:
-            results[name] = server.answers(prompts)
+        with SGLangServer(checkpoint, name, SERVER_FLAGS + flags, LOGS) as server:
+            results[name] = _answers(server, prompts)
             if name == "plain":
                 sequences = [p + out for p, out in zip(prompts, results[name]["single"], strict=True)]
             results[name]["top1"] = [server.top1(s) for s in sequences]
-        finally:
-            server.stop()
         plain, ours = results["plain"], results[name]
         if name == "plain":
             row = {"single vs batched exact": _exact(plain["single"], plain["batched"])}
