@@ -2,8 +2,9 @@
 
 For tiny Qwen3-MoE and DeepSeek-V3 checkpoints (random weights, bf16), one plain server and two with the
 routed experts on the CPU: a quarter kept on SGLang's GPU method with decode under CUDA graphs (the default),
-and all of them on the CPU without graphs. Each answers the same prompts, one at a time and 8 at once. Compared with the
-plain server:
+and all of them on the CPU without graphs; and an expert-LoRA adapter served by `--kt-experts-lora` against
+the plain server on the same adapter merged into the checkpoint by PEFT. Each answers the same prompts, one
+at a time and 8 at once. Compared with the reference server:
 - greedy continuations token for token where bf16 allows it (reported), and
 - next-token agreement with teacher forcing: both servers score the plain server's own sequences
   (`input_top_logprobs`), and their top-1 tokens agree at >= 95% of positions (the plain server against
@@ -18,6 +19,7 @@ import concurrent.futures
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -81,35 +83,66 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in pairs) / len(pairs)
 
 
-@pytest.mark.parametrize("family", sorted(SHAPES))
-def test_kt_experts_answer_like_the_plain_server(family, tmp_path):
-    config_dir = tmp_path / "config"
-    config_dir.mkdir()
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def checkpoint(request, tmp_path_factory):
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
     config = json.loads((REPO / "examples" / "tiny_moe" / family / "config.json").read_text())
     config.update(SHAPES[family])
-    (config_dir / "config.json").write_text(json.dumps(config))
-    checkpoint = write_checkpoint(tmp_path / f"tiny-{family}", config_dir, dtype=torch.bfloat16)
-    prompts = _prompts(config["vocab_size"])
+    (root / "config").mkdir()
+    (root / "config" / "config.json").write_text(json.dumps(config))
+    return write_checkpoint(root / f"tiny-{family}", root / "config", dtype=torch.bfloat16)
 
+
+def _compare(checkpoint: Path, variants: dict[str, tuple[Path, list[str]]], tag: str) -> None:
+    """Serves each variant (the first is the reference) and asserts top-1 agreement >= 95% with the first."""
+    vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+    prompts = _prompts(vocab)
     results, report, failures = {}, {}, []
-    for name, flags in VARIANTS.items():
-        with SGLangServer(checkpoint, name, SERVER_FLAGS + flags, LOGS) as server:
+    reference = next(iter(variants))
+    for name, (path, flags) in variants.items():
+        with SGLangServer(path, name, SERVER_FLAGS + flags, LOGS) as server:
             results[name] = _answers(server, prompts)
-            if name == "plain":
+            if name == reference:
                 sequences = [p + out for p, out in zip(prompts, results[name]["single"], strict=True)]
             results[name]["top1"] = [server.top1(s) for s in sequences]
-        plain, ours = results["plain"], results[name]
-        if name == "plain":
-            row = {"single vs batched exact": _exact(plain["single"], plain["batched"])}
+        ref, ours = results[reference], results[name]
+        if name == reference:
+            row = {"single vs batched exact": _exact(ref["single"], ref["batched"])}
         else:
             row = {
-                "single exact": _exact(ours["single"], plain["single"]),
-                "batched exact": _exact(ours["batched"], plain["batched"]),
-                "top1 agreement": _agreement(ours["top1"], plain["top1"]),
+                "single exact": _exact(ours["single"], ref["single"]),
+                "batched exact": _exact(ours["batched"], ref["batched"]),
+                "top1 agreement": _agreement(ours["top1"], ref["top1"]),
             }
             if row["top1 agreement"] < 0.95:
                 failures.append(f"{name}: top-1 agreement {row['top1 agreement']:.3f} < 0.95")
         report[name] = row
-        print(f"{family} {name}: {json.dumps(row)}", flush=True)  # as it comes: a long run may be cut
-        (LOGS / f"{family}-report.json").write_text(json.dumps(report, indent=1))
+        print(f"{tag} {name}: {json.dumps(row)}", flush=True)  # as it comes: a long run may be cut
+        (LOGS / f"{tag}-report.json").write_text(json.dumps(report, indent=1))
     assert not failures, failures
+
+
+def test_kt_experts_answer_like_the_plain_server(checkpoint):
+    _compare(checkpoint, {name: (checkpoint, flags) for name, flags in VARIANTS.items()}, checkpoint.name)
+
+
+def test_expert_lora_serves_like_the_merged_checkpoint(checkpoint, tmp_path):
+    """`--kt-experts-lora` (a quarter of the experts on the GPU: merged there, applied on the CPU for the rest)
+    against the plain server on the same adapter merged into the checkpoint by PEFT."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import randomize_lora
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    peft_model = randomize_lora(peft.get_peft_model(model, lora), std=0.05)
+    adapter, merged = tmp_path / "adapter", tmp_path / f"{checkpoint.name}-merged"
+    peft_model.save_pretrained(adapter)
+    peft_model.merge_and_unload().to(torch.bfloat16).save_pretrained(merged)
+    for tokenizer_file in checkpoint.glob("*token*"):  # as shipped beside the weights
+        shutil.copy(tokenizer_file, merged)
+    kt_flags = ["--kt-experts", "--kt-experts-gpu-experts", "0.25", "--kt-experts-lora", str(adapter)]
+    variants = {"merged-plain": (merged, []), "kt-lora-quarter-gpu": (checkpoint, kt_flags)}
+    _compare(checkpoint, variants, f"{checkpoint.name}-lora")
