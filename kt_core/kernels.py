@@ -33,6 +33,7 @@ __all__ = [
     "dtype_name",
     "experts_backward",
     "experts_forward",
+    "fp8_kernels",
     "lora_args",
     "phase_times",
     "quantization_error",
@@ -45,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 TORCH_KERNEL = "torch"  # the plain-torch reference, always available
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+# Expert weights may also be block-quantized fp8 (DeepSeek-V3's release), on the kernels fp8_kernels() lists.
+FP8 = torch.float8_e4m3fn
+_WEIGHT_DTYPE_NAMES = {**_DTYPE_NAMES, FP8: "float8_e4m3fn"}
 
 try:
     from kt_core import _C
@@ -99,10 +103,21 @@ def quantized_kernels() -> list[str]:
     return [name for name, runnable, _, quantized in variants if runnable and quantized]
 
 
-def resolve_kernel(kernel: str = "auto") -> str:
-    """Maps "auto" (or the config's kernel: KT_KERNEL) to a concrete variant and checks it runs here."""
+def fp8_kernels() -> list[str]:
+    """Kernel variants this CPU runs on fp8 expert weights (converted to fp32 in registers), best first; "torch"
+    (the reference, on weights dequantized per call) is always last. The packed variants (amx_*, *_packed, the
+    quantized ones) pack bf16 weights and are not among them."""
+    current()
+    return [*(_C.fp8_kernels() if _C is not None else []), TORCH_KERNEL]
+
+
+def resolve_kernel(kernel: str = "auto", weight_dtype: torch.dtype | None = None) -> str:
+    """Maps "auto" (or the config's kernel: KT_KERNEL) to a concrete variant and checks it runs here, and on
+    expert weights of `weight_dtype` (fp8 runs on `fp8_kernels()` only; None: any)."""
     forced = current().kernel
     requested = forced or kernel
+    if weight_dtype == FP8:
+        return _resolve_fp8_kernel(requested, forced)
     available = available_kernels()
     if requested == "auto":
         if _C is None:
@@ -115,6 +130,21 @@ def resolve_kernel(kernel: str = "auto") -> str:
     source = f"{KERNEL_ENV}={requested}" if forced else f"kernel={requested!r}"
     why = f" ({known[requested]})" if requested in known else ""
     raise ValueError(f"{source}: this kernel cannot run here{why}; available: {', '.join(available)}")
+
+
+def _resolve_fp8_kernel(requested: str, forced: str | None) -> str:
+    available = fp8_kernels()
+    if requested == "auto":
+        return available[0]
+    if requested in available:
+        return requested
+    resolve_kernel(requested)  # a kernel that does not run here at all says so first
+    source = f"{KERNEL_ENV}={requested}" if forced else f"kernel={requested!r}"
+    raise ValueError(
+        f"{source} takes no fp8 expert weights (dtype=torch.float8_e4m3fn): its packed format is made from bf16 "
+        f"weights. fp8 weights run on: {', '.join(available)}; for {requested} keep the experts in bf16 "
+        "(KTExperts(dtype=torch.bfloat16), load_model(expert_dtype=torch.bfloat16): twice the host RAM)"
+    )
 
 
 def _check(name: str, t: torch.Tensor, shape: Sequence[int], dtypes: tuple[torch.dtype, ...]) -> None:
@@ -173,8 +203,18 @@ def build_operator(module: KTExperts):
     if _C is None:
         raise RuntimeError(f"kt_core._C is not built ({_IMPORT_ERROR}); only kernel='torch' runs here")
     E, H, I = module.num_experts, module.hidden_dim, module.intermediate_dim
-    _check("gate_up_proj", module.gate_up_proj, (E, 2 * I, H), tuple(_DTYPE_NAMES))
-    _check("down_proj", module.down_proj, (E, H, I), tuple(_DTYPE_NAMES))
+    _check("gate_up_proj", module.gate_up_proj, (E, 2 * I, H), tuple(_WEIGHT_DTYPE_NAMES))
+    _check("down_proj", module.down_proj, (E, H, I), (module.gate_up_proj.dtype,))
+    scales = {}
+    if module.gate_up_proj.dtype == FP8:
+        gate_up_scale, down_scale = module.gate_up_proj_scale_inv, module.down_proj_scale_inv
+        _check("gate_up_proj_scale_inv", gate_up_scale, module.fp8_scale_shape("gate_up_proj"), (torch.float32,))
+        _check("down_proj_scale_inv", down_scale, module.fp8_scale_shape("down_proj"), (torch.float32,))
+        scales = dict(
+            gate_up_scale_ptr=gate_up_scale.data_ptr(),
+            down_scale_ptr=down_scale.data_ptr(),
+            block=tuple(module.weight_block_size),
+        )
     op = _C.ExpertsOp(
         module.kernel,
         E,
@@ -182,7 +222,8 @@ def build_operator(module: KTExperts):
         I,
         module.gate_up_proj.data_ptr(),
         module.down_proj.data_ptr(),
-        _DTYPE_NAMES[module.gate_up_proj.dtype],
+        _WEIGHT_DTYPE_NAMES[module.gate_up_proj.dtype],
+        **scales,
     )
     load_or_pack(module, op, get_thread_pool(module.cpu_infer))
     gate_up_err, down_err = op.quantization_error
@@ -219,7 +260,7 @@ def cache_row_floats(module: KTExperts, lora, dtype: torch.dtype | None = None) 
     """
     if _C is None:
         raise RuntimeError(f"kt_core._C is not built ({_IMPORT_ERROR}); only kernel='torch' runs here")
-    dtype = dtype or module.gate_up_proj.dtype
+    dtype = dtype or (module.gate_up_proj.dtype if module.gate_up_proj.dtype in _DTYPE_NAMES else torch.bfloat16)
     return _C.cache_row_floats(module.intermediate_dim, module.lora.rank if lora else 0, _DTYPE_NAMES[dtype])
 
 
@@ -250,7 +291,7 @@ def experts_forward(
     if module.kernel == TORCH_KERNEL:
         check_expert_ids(ids, module.num_experts)  # the C++ operator checks them itself
         with torch.no_grad():
-            y = experts_reference(x, ids, w, module.gate_up_proj, module.down_proj, lora, _scaling(module))
+            y = experts_reference(x, ids, w, *module.reference_weights(), lora, _scaling(module))
         return y, None
     # Recycled like the cache below (pinned outputs are not: pinning is the caller's own allocation).
     if pin_output:
@@ -346,7 +387,7 @@ def _reference_backward(module, x, ids, w, dy, lora):
         xr = x.detach().requires_grad_()
         wr = w.detach().requires_grad_()
         factors = [t.detach().requires_grad_() for t in lora] if lora else None
-        y = experts_reference(xr, ids, wr, module.gate_up_proj, module.down_proj, factors, _scaling(module))
+        y = experts_reference(xr, ids, wr, *module.reference_weights(), factors, _scaling(module))
         inputs = [xr, wr, *(factors or [])]
         # No routed slot at all leaves y outside the graph: every gradient is zero.
         grads = torch.autograd.grad(y, inputs, dy, allow_unused=True) if y.requires_grad else [None] * len(inputs)

@@ -34,6 +34,14 @@ DType parse_dtype(const std::string& name, const char* what) {
   throw std::invalid_argument(std::string(what) + ": dtype must be 'float32' or 'bfloat16', got '" + name + "'");
 }
 
+// Expert weights: the activation dtypes, or block-quantized fp8 (torch.float8_e4m3fn).
+DType parse_weight_dtype(const std::string& name) {
+  if (name == "float8_e4m3fn") return DType::kFP8E4M3;
+  if (name == "float32" || name == "bfloat16") return parse_dtype(name, "expert weights");
+  throw std::invalid_argument("expert weights: dtype must be 'float32', 'bfloat16' or 'float8_e4m3fn', got '" + name +
+                              "'");
+}
+
 template <typename T>
 T* pointer(uintptr_t address, const char* what) {
   if (address == 0) throw std::invalid_argument(std::string("experts: null pointer for ") + what);
@@ -67,15 +75,33 @@ kt::Activations parse_activations(int T, int K, const std::string& dtype, uintpt
   return a;
 }
 
+kt::ExpertWeights expert_weights(int num_experts, int hidden, int intermediate, uintptr_t gate_up, uintptr_t down,
+                                 const std::string& dtype, uintptr_t gate_up_scale, uintptr_t down_scale,
+                                 std::pair<int, int> block) {
+  kt::ExpertWeights w{num_experts,
+                      hidden,
+                      intermediate,
+                      pointer<const void>(gate_up, "gate_up_proj"),
+                      pointer<const void>(down, "down_proj"),
+                      parse_weight_dtype(dtype)};
+  if (w.dtype == DType::kFP8E4M3) {
+    w.gate_up_scale = pointer<const float>(gate_up_scale, "gate_up_proj_scale_inv");
+    w.down_scale = pointer<const float>(down_scale, "down_proj_scale_inv");
+    w.block_rows = block.first;
+    w.block_cols = block.second;
+  }
+  return w;
+}
+
 class PyExpertsOp {
  public:
   PyExpertsOp(const std::string& kernel, int num_experts, int hidden, int intermediate, uintptr_t gate_up,
-              uintptr_t down, const std::string& dtype)
+              uintptr_t down, const std::string& dtype, uintptr_t gate_up_scale, uintptr_t down_scale,
+              std::pair<int, int> block)
       : kernel_(kernel),
         variant_(kt::find_variant(kernel)),
-        op_(kt::ExpertWeights{num_experts, hidden, intermediate, pointer<const void>(gate_up, "gate_up_proj"),
-                              pointer<const void>(down, "down_proj"), parse_dtype(dtype, "expert weights")},
-            variant_.kernels, variant_.packed) {}
+        op_(expert_weights(num_experts, hidden, intermediate, gate_up, down, dtype, gate_up_scale, down_scale, block),
+            variant_.kernels, variant_.packed, variant_.fp8) {}
 
   void pack(kt::ThreadPool& pool) {
     py::gil_scoped_release release;
@@ -210,6 +236,13 @@ PYBIND11_MODULE(_C, m) {
     return out;
   });
 
+  m.def("fp8_kernels", [] {
+    py::list out;
+    for (const auto& k : kt::kernel_variants())
+      if (k.runnable && k.fp8) out.append(k.name);
+    return out;
+  });
+
   m.def("numa_topology", [] {
     const kt::NumaTopology& t = kt::numa_topology();
     py::dict d;
@@ -237,9 +270,11 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("runs", &kt::StreamForward::runs, "Runs that completed.");
 
   py::class_<PyExpertsOp>(m, "ExpertsOp")
-      .def(py::init<const std::string&, int, int, int, uintptr_t, uintptr_t, const std::string&>(), py::arg("kernel"),
-           py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("gate_up_ptr"),
-           py::arg("down_ptr"), py::arg("dtype"))
+      .def(py::init<const std::string&, int, int, int, uintptr_t, uintptr_t, const std::string&, uintptr_t, uintptr_t,
+                    std::pair<int, int>>(),
+           py::arg("kernel"), py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"),
+           py::arg("gate_up_ptr"), py::arg("down_ptr"), py::arg("dtype"), py::arg("gate_up_scale_ptr") = 0,
+           py::arg("down_scale_ptr") = 0, py::arg("block") = std::pair<int, int>(128, 128))
       .def("forward", &PyExpertsOp::forward, py::arg("pool"), py::arg("T"), py::arg("K"), py::arg("x_ptr"),
            py::arg("dtype"), py::arg("ids_ptr"), py::arg("w_ptr"), py::arg("y_ptr"), py::arg("cache_ptr"),
            py::arg("lora"))

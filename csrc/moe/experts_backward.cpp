@@ -127,9 +127,7 @@ struct ExpertsOp::ExactBackward {
   void dh_from_dy() {
     op.for_each_block(pool, r, I, [&](int e, int64_t row0, int rows, int col0, int ncols) {
       float* c = dh + row0 * I + col0;
-      // W_d[e] is [H, I]: its columns col0.. start col0 elements into the expert's block.
-      const void* w_cols = op.weight_element(op.w_.down, static_cast<int64_t>(e) * H * I + col0);
-      op.k_->nn(rows, ncols, H, dyg + row0 * H, H, w_cols, op.w_.dtype, I, c, I, false);
+      op.project_back(false, e, col0, rows, ncols, dyg + row0 * H, H, c, I);  // W_d[e] [H, I], columns col0..
       if (R > 0)
         op.k_->nn(rows, ncols, R, dyb + row0 * R, R, lora.down_a + static_cast<int64_t>(e) * R * I + col0, DType::kF32,
                   I, c, I, true);
@@ -181,9 +179,7 @@ struct ExpertsOp::ExactBackward {
     }
     op.for_each_block(pool, r, H, [&](int e, int64_t row0, int rows, int col0, int ncols) {
       float* c = dxg + row0 * H + col0;
-      const void* w_cols =
-          op.weight_element(op.w_.gate_up, static_cast<int64_t>(e) * I2 * H + col0);  // W_gu[e] [2I, H]
-      op.k_->nn(rows, ncols, I2, dgu + row0 * I2, I2, w_cols, op.w_.dtype, H, c, H, false);
+      op.project_back(true, e, col0, rows, ncols, dgu + row0 * I2, I2, c, H);  // W_gu[e] [2I, H], columns col0..
       if (R > 0)
         op.k_->nn(rows, ncols, R, dgb + row0 * R, R, lora.gate_up_a + static_cast<int64_t>(e) * R * H + col0,
                   DType::kF32, H, c, H, true);

@@ -18,16 +18,52 @@ inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 
 }  // namespace
 
-ExpertsOp::ExpertsOp(const ExpertWeights& weights, const GemmKernels* kernels, const PackedKernels* packed)
-    : w_(weights), k_(kernels), pk_(packed) {
+ExpertsOp::ExpertsOp(const ExpertWeights& weights, const GemmKernels* kernels, const PackedKernels* packed,
+                     const Fp8Kernels* fp8)
+    : w_(weights), k_(kernels), pk_(packed), fp8_(fp8) {
   if (w_.num_experts <= 0 || w_.hidden <= 0 || w_.intermediate <= 0)
     throw std::invalid_argument("experts: num_experts, hidden and intermediate must be positive");
   if (!w_.gate_up || !w_.down) throw std::invalid_argument("experts: null weight pointer");
+  if (w_.dtype == DType::kFP8E4M3) {
+    if (!fp8_ || pk_)
+      throw std::invalid_argument(std::string("experts: kernel '") + k_->name +
+                                  "' takes no fp8 weights (its packed format is made from bf16 weights); use one of "
+                                  "the unpacked exact kernels (avx512_bf16, avx512, avx2, portable) or bf16 weights");
+    if (!w_.gate_up_scale || !w_.down_scale)
+      throw std::invalid_argument(
+          "experts: fp8 weights need their block scales (gate_up_proj_scale_inv, "
+          "down_proj_scale_inv)");
+    if (w_.block_rows <= 0 || w_.block_cols <= 0)
+      throw std::invalid_argument("experts: the fp8 block size must be positive, got " + std::to_string(w_.block_rows) +
+                                  " x " + std::to_string(w_.block_cols));
+  }
 }
 
 const void* ExpertsOp::weight_element(const void* base, int64_t i) const {
-  return w_.dtype == DType::kF32 ? static_cast<const void*>(static_cast<const float*>(base) + i)
-                                 : static_cast<const void*>(static_cast<const bf16*>(base) + i);
+  switch (w_.dtype) {
+    case DType::kF32: return static_cast<const float*>(base) + i;
+    case DType::kBF16: return static_cast<const bf16*>(base) + i;
+    default: return static_cast<const uint8_t*>(base) + i;
+  }
+}
+
+Fp8View ExpertsOp::fp8_view(bool gate_up, int e, int row0, int col0) const {
+  const int64_t rows = gate_up ? 2 * w_.intermediate : w_.hidden, cols = gate_up ? w_.hidden : w_.intermediate;
+  // gate_up: gate's block rows, then up's (gate_up_proj_scale_inv [E, 2 ceil(I / block_rows), ...]).
+  const int64_t scale_rows = gate_up ? 2 * ((w_.intermediate + w_.block_rows - 1) / w_.block_rows)
+                                     : (rows + w_.block_rows - 1) / w_.block_rows;
+  const int64_t scale_cols = (cols + w_.block_cols - 1) / w_.block_cols;
+  Fp8View v;
+  v.q = static_cast<const uint8_t*>(gate_up ? w_.gate_up : w_.down) + e * rows * cols;
+  v.scale = (gate_up ? w_.gate_up_scale : w_.down_scale) + e * scale_rows * scale_cols;
+  v.ld = static_cast<int>(cols);
+  v.ld_scale = static_cast<int>(scale_cols);
+  v.block_rows = w_.block_rows;
+  v.block_cols = w_.block_cols;
+  v.row0 = row0;
+  v.col0 = col0;
+  v.split = gate_up ? w_.intermediate : 0;
+  return v;
 }
 
 const void* ExpertsOp::gate_up_weights(int e, int row) const {
@@ -43,12 +79,23 @@ bool ExpertsOp::use_bf16_dot(DType act) const {
   return k_->nt_bf16 != nullptr && w_.dtype == DType::kBF16 && act == DType::kBF16;
 }
 
-void ExpertsOp::project(bool bf16_dot, int rows, int cols, int in, const float* a, const bf16* a_bf16, const void* w,
-                        float* c, int ldc) const {
+void ExpertsOp::project(bool bf16_dot, bool gate_up, int e, int row0, int rows, int cols, const float* a,
+                        const bf16* a_bf16, float* c, int ldc) const {
+  const int in = gate_up ? w_.hidden : w_.intermediate;
+  if (w_.dtype == DType::kFP8E4M3) return fp8_->nt(rows, cols, in, a, in, fp8_view(gate_up, e, row0, 0), c, ldc, false);
+  const void* w = gate_up ? gate_up_weights(e, row0) : down_weights(e, row0);
   if (bf16_dot)
     k_->nt_bf16(rows, cols, in, a_bf16, in, static_cast<const bf16*>(w), in, c, ldc, false);
   else
     k_->nt(rows, cols, in, a, in, w, w_.dtype, in, c, ldc, false);
+}
+
+void ExpertsOp::project_back(bool gate_up, int e, int col0, int rows, int cols, const float* a, int lda, float* c,
+                             int ldc) const {
+  const int K = gate_up ? 2 * w_.intermediate : w_.hidden, N = gate_up ? w_.hidden : w_.intermediate;
+  if (w_.dtype == DType::kFP8E4M3) return fp8_->nn(rows, cols, K, a, lda, fp8_view(gate_up, e, 0, col0), c, ldc, false);
+  const void* w_cols = weight_element(gate_up ? w_.gate_up : w_.down, static_cast<int64_t>(e) * K * N + col0);
+  k_->nn(rows, cols, K, a, lda, w_cols, w_.dtype, N, c, ldc, false);
 }
 
 void ExpertsOp::for_each_block(ThreadPool& pool, const Routing& r, int cols,
@@ -163,7 +210,7 @@ void ExpertsOp::gate_up(ThreadPool& pool, const Routing& r, DType act, const flo
   }
   for_each_block(pool, r, I2, [&](int e, int64_t row0, int rows, int col0, int ncols) {
     float* c = gu + row0 * I2 + col0;
-    project(bf16_dot, rows, ncols, H, xg + row0 * H, xb ? xb + row0 * H : nullptr, gate_up_weights(e, col0), c, I2);
+    project(bf16_dot, true, e, col0, rows, ncols, xg + row0 * H, xb ? xb + row0 * H : nullptr, c, I2);
     if (R > 0)
       k_->nt(rows, ncols, R, xa + row0 * R, R, lora.gate_up_b + (static_cast<int64_t>(e) * I2 + col0) * R, DType::kF32,
              R, c, I2, true);
@@ -207,7 +254,7 @@ void ExpertsOp::down(ThreadPool& pool, const Routing& r, DType act, const float*
   }
   for_each_block(pool, r, H, [&](int e, int64_t row0, int rows, int col0, int ncols) {
     float* c = out + row0 * H + col0;
-    project(bf16_dot, rows, ncols, I, h + row0 * I, hb ? hb + row0 * I : nullptr, down_weights(e, col0), c, H);
+    project(bf16_dot, false, e, col0, rows, ncols, h + row0 * I, hb ? hb + row0 * I : nullptr, c, H);
     if (R > 0)
       k_->nt(rows, ncols, R, ha + row0 * R, R, lora.down_b + (static_cast<int64_t>(e) * H + col0) * R, DType::kF32, R,
              c, H, true);

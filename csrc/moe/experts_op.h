@@ -3,7 +3,9 @@
 // Legend: T = tokens, K = experts per token, E = experts, H = hidden, I = expert intermediate,
 // S = routed (token, slot) rows, r = LoRA rank. Weights use transformers' fused layout:
 // gate_up [E, 2I, H] (gate rows first), down [E, H, I]. Activations are fp32 or bf16, routing weights
-// fp32, accumulation fp32. The weights are borrowed (the Python side owns and keeps them alive).
+// fp32, accumulation fp32. Weights are fp32, bf16 or block-quantized fp8 (e4m3 with fp32 block scales, as
+// DeepSeek-V3 ships them; the unpacked exact kernels only). The weights are borrowed (the Python side owns and
+// keeps them alive).
 #pragma once
 
 #include <cstdint>
@@ -33,6 +35,13 @@ struct ExpertWeights {
   const void* gate_up = nullptr;  // [E, 2I, H]
   const void* down = nullptr;     // [E, H, I]
   DType dtype = DType::kBF16;
+  // kFP8E4M3 only: the block scales (weight_scale_inv) of blocks [block_rows, block_cols], fp32,
+  // gate_up [E, 2 ceil(I / block_rows), ceil(H / block_cols)] (gate's block rows, then up's: the two are quantized
+  // apart; 2I / block_rows when block_rows divides I) and down [E, ceil(H / block_rows), ceil(I / block_cols)].
+  const float* gate_up_scale = nullptr;
+  const float* down_scale = nullptr;
+  int block_rows = 128;
+  int block_cols = 128;
 };
 
 // Per-expert LoRA: each projection W [out, in] gains scaling * B @ A. fp32, borrowed.
@@ -103,7 +112,9 @@ class ExpertsOp {
  public:
   // `packed`, when given, computes the projections on weights packed by pack(); `kernels` serves the rest
   // (LoRA factors, and every call the packed format does not cover: fp32 weights or activations for bf16).
-  ExpertsOp(const ExpertWeights& weights, const GemmKernels* kernels, const PackedKernels* packed = nullptr);
+  // `fp8` computes the projections on fp8 weights (required for them; no packed kernels with fp8 weights).
+  ExpertsOp(const ExpertWeights& weights, const GemmKernels* kernels, const PackedKernels* packed = nullptr,
+            const Fp8Kernels* fp8 = nullptr);
 
   // Packs (and for int8 quantizes) the weights for the packed kernels; once, at load.
   void pack(ThreadPool& pool);
@@ -176,9 +187,16 @@ class ExpertsOp {
   void activate(ThreadPool& pool, const Routing& r, const float* gu, float* h) const;
   void down(ThreadPool& pool, const Routing& r, DType act, const float* h, const LoraFactors& lora, float* ha,
             float* out);
-  // C[rows, cols] (+)= A[rows, in] @ W[cols, in]^T, through the bf16 dot kernel when `bf16_dot`.
-  void project(bool bf16_dot, int rows, int cols, int in, const float* a, const bf16* a_bf16, const void* w, float* c,
-               int ldc) const;
+  // C[rows, cols] = A[rows, in] @ W[cols, in]^T for rows row0.. of W_gu[e] (gate_up) or W_d[e], through the
+  // bf16 dot kernel when `bf16_dot`.
+  void project(bool bf16_dot, bool gate_up, int e, int row0, int rows, int cols, const float* a, const bf16* a_bf16,
+               float* c, int ldc) const;
+  // C[rows, cols] = A[rows, K] @ W[:, col0 : col0 + cols] for W = W_gu[e] [2I, H] (gate_up) or W_d[e] [H, I]:
+  // the backward's products against the weights, without a transposed copy.
+  void project_back(bool gate_up, int e, int col0, int rows, int cols, const float* a, int lda, float* c,
+                    int ldc) const;
+  // W_gu[e] or W_d[e] (fp8 weights) seen from (row0, col0).
+  Fp8View fp8_view(bool gate_up, int e, int row0, int col0) const;
   void combine(ThreadPool& pool, const Routing& r, const float* rows, const float* scale, DType t, void* out) const;
   // combine for bf16 expert rows [S, H] and a bf16 output (the packed forward and backward; AVX-512); a null
   // scale weighs every row 1.
@@ -210,6 +228,7 @@ class ExpertsOp {
   ExpertWeights w_;
   const GemmKernels* k_;
   const PackedKernels* pk_ = nullptr;
+  const Fp8Kernels* fp8_ = nullptr;
   PackedTensor packed_gate_up_, packed_down_;
   int pack_count_ = 0;
   AlignedBuffer down_columns_, gate_up_columns_;  // the backward's column blocks of W_d and W_gu

@@ -37,13 +37,15 @@ std::vector<KernelVariant> kernel_variants() {
   std::vector<KernelVariant> v;
   v.push_back({"amx_bf16", amx || emulate, amx_missing, &kAvx512Bf16Kernels, amx_bf16, false});
   v.push_back({"avx512_bf16", avx512 && f.avx512_bf16, "needs AVX-512 F/BW/VL and AVX512-BF16", &kAvx512Bf16Kernels,
-               nullptr, false});
+               nullptr, false, &kFp8Avx512Kernels});
   // The decode path without AMX (Zen 4, Cooper Lake): packed weights streamed by vdpbf16ps.
   v.push_back({"avx512_bf16_packed", packed_avx512, "needs AVX-512 F/BW/VL, AVX512-BF16 and AVX512-VNNI",
                &kAvx512Bf16Kernels, &kAvx512Bf16Packed, false});
-  v.push_back({"avx512", avx512, "needs AVX-512 F/BW/VL", &kAvx512Kernels, nullptr, false});
-  v.push_back({"avx2", f.avx2 && f.fma, "needs AVX2 and FMA", &kAvx2Kernels, nullptr, false});
-  v.push_back({"portable", true, "", &kPortableKernels, nullptr, false});
+  v.push_back({"avx512", avx512, "needs AVX-512 F/BW/VL", &kAvx512Kernels, nullptr, false, &kFp8Avx512Kernels});
+  // AVX2 CPUs all have F16C (the fp8 kernels' e4m3 -> fp32 conversion); checked all the same.
+  v.push_back(
+      {"avx2", f.avx2 && f.fma && f.f16c, "needs AVX2, FMA and F16C", &kAvx2Kernels, nullptr, false, &kFp8Avx2Kernels});
+  v.push_back({"portable", true, "", &kPortableKernels, nullptr, false, &kFp8PortableKernels});
   v.push_back({"amx_int8", amx || emulate, amx_missing, &kAvx512Bf16Kernels, amx_int8, true});
   v.push_back({"avx512_vnni_int8", packed_avx512, "needs AVX-512 F/BW/VL, AVX512-BF16 and AVX512-VNNI",
                &kAvx512Bf16Kernels, &kAvx512VnniInt8Packed, true});

@@ -28,6 +28,8 @@ from kt_core.lora import ExpertLoRA
 __all__ = ["KTExperts"]
 
 _SUPPORTED_ACTIVATIONS = ("silu", "swish")
+FP8 = torch.float8_e4m3fn
+_WEIGHT_DTYPES = (torch.bfloat16, torch.float32, FP8)
 
 
 class KTExperts(nn.Module):
@@ -37,7 +39,11 @@ class KTExperts(nn.Module):
         num_experts: E.
         hidden_size: H.
         intermediate_size: I (per expert).
-        dtype: weight dtype in host memory, torch.bfloat16 or torch.float32.
+        dtype: weight dtype in host memory: torch.bfloat16, torch.float32, or torch.float8_e4m3fn for experts kept
+            block-quantized as DeepSeek-V3 / Kimi ship them (half of bf16's host RAM; the weights gain fp32 block
+            scales `gate_up_proj_scale_inv` / `down_proj_scale_inv`, and run on `kernels.fp8_kernels()`, which
+            convert them in registers: the result is that of the fp32-dequantized weights).
+        weight_block_size: the fp8 quantization block (rows, columns), as the checkpoint's quantization_config.
         kernel: "auto" (best this CPU runs, or the KT_KERNEL environment variable), or a name from
             `kt_core.kernels.available_kernels()`, or "torch" for the plain-torch reference.
         cpu_infer: CPU threads of the shared pool; None keeps the pool's current size.
@@ -62,6 +68,7 @@ class KTExperts(nn.Module):
         intermediate_size: int,
         *,
         dtype: torch.dtype = torch.bfloat16,
+        weight_block_size: Sequence[int] = (128, 128),
         kernel: str = "auto",
         cpu_infer: int | None = None,
         lora_rank: int = 0,
@@ -79,8 +86,13 @@ class KTExperts(nn.Module):
                 f"KTExperts: chunk_size must be a positive number of tokens per CPU call (or None: the whole "
                 f"batch at once), got {chunk_size!r}"
             )
-        if dtype not in (torch.bfloat16, torch.float32):
-            raise ValueError(f"KTExperts: weight dtype must be torch.bfloat16 or torch.float32, got {dtype}")
+        if dtype not in _WEIGHT_DTYPES:
+            raise ValueError(
+                f"KTExperts: weight dtype must be torch.bfloat16, torch.float32 or torch.float8_e4m3fn, got {dtype}"
+            )
+        block = tuple(int(b) for b in weight_block_size)
+        if len(block) != 2 or min(block) <= 0:
+            raise ValueError(f"KTExperts: weight_block_size must be two positive sizes, got {weight_block_size!r}")
         if hidden_act not in _SUPPORTED_ACTIVATIONS:
             raise ValueError(
                 f"KTExperts: activation {hidden_act!r} is not supported (expected one of {_SUPPORTED_ACTIVATIONS})"
@@ -88,7 +100,8 @@ class KTExperts(nn.Module):
         self.num_experts = num_experts
         self.hidden_dim = hidden_size
         self.intermediate_dim = intermediate_size
-        self.kernel = kernels.resolve_kernel(kernel)
+        self.kernel = kernels.resolve_kernel(kernel, dtype)
+        self.weight_block_size = block
         self.cpu_infer = cpu_infer
         # Tokens per call into the C++ operator (None: the whole batch at once); bounds scratch memory.
         self.chunk_size = chunk_size
@@ -100,6 +113,11 @@ class KTExperts(nn.Module):
         # Frozen base weights, named as in transformers so that state dicts line up.
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, dtype=dtype), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(E, H, I, dtype=dtype), requires_grad=False)
+        if dtype == FP8:  # the block scales (weight_scale_inv), named as transformers' FP8 experts name them
+            self.gate_up_proj_scale_inv = nn.Parameter(
+                torch.ones(self.fp8_scale_shape("gate_up_proj")), requires_grad=False
+            )
+            self.down_proj_scale_inv = nn.Parameter(torch.ones(self.fp8_scale_shape("down_proj")), requires_grad=False)
         self.lora: ExpertLoRA | None = None
         # False while the adapter is switched off (PEFT's `with model.disable_adapter():`): base experts only.
         self.lora_enabled = True
@@ -118,14 +136,56 @@ class KTExperts(nn.Module):
 
     # ---- construction -------------------------------------------------------------------------------
 
+    @property
+    def is_fp8(self) -> bool:
+        """Whether the weights are kept block-quantized (float8_e4m3fn with fp32 block scales)."""
+        return self.gate_up_proj.dtype == FP8
+
+    def fp8_scale_shape(self, name: str) -> tuple[int, int, int]:
+        """Shape of the block scales of `name` ("gate_up_proj" or "down_proj"): gate_up [E, 2 ceil(I / b0),
+        ceil(H / b1)] (gate's block rows, then up's: the checkpoint quantizes them apart), down [E, ceil(H / b0),
+        ceil(I / b1)]."""
+        from kt_core.loading.fp8 import expert_scale_shapes
+
+        shapes = expert_scale_shapes(self.num_experts, self.hidden_dim, self.intermediate_dim, self.weight_block_size)
+        return shapes[0] if name == "gate_up_proj" else shapes[1]
+
+    def reference_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up_proj, down_proj) as the plain-torch reference takes them: the weights, or for fp8 weights their
+        fp32 dequantization (made per call)."""
+        if not self.is_fp8:
+            return self.gate_up_proj, self.down_proj
+        from kt_core.loading.fp8 import dequantize_experts_fp8
+
+        return dequantize_experts_fp8(
+            self.gate_up_proj,
+            self.gate_up_proj_scale_inv,
+            self.down_proj,
+            self.down_proj_scale_inv,
+            self.weight_block_size,
+            torch.float32,
+        )
+
     @classmethod
-    def from_tensors(cls, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, **kwargs) -> KTExperts:
+    def from_tensors(
+        cls,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        *,
+        gate_up_proj_scale_inv: torch.Tensor | None = None,
+        down_proj_scale_inv: torch.Tensor | None = None,
+        **kwargs,
+    ) -> KTExperts:
         """Builds the module around existing weights (shared, not copied, when already CPU-contiguous).
 
         Args:
             gate_up_proj: [E, 2I, H], gate rows first.
             down_proj: [E, H, I].
-            **kwargs: as for the constructor (kernel, cpu_infer, lora_rank, ...).
+            gate_up_proj_scale_inv, down_proj_scale_inv: the block scales of fp8 weights (shapes as
+                `fp8_scale_shape`), required with them. fp8 weights are kept as fp8 unless `dtype` says otherwise
+                (then dequantized); bf16 / fp32 weights with dtype=torch.float8_e4m3fn are quantized as DeepSeek's
+                release quantizes (per expert, gate and up apart).
+            **kwargs: as for the constructor (dtype, weight_block_size, kernel, cpu_infer, lora_rank, ...).
         """
         if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
             raise ValueError(
@@ -141,9 +201,35 @@ class KTExperts(nn.Module):
         kwargs.setdefault("dtype", gate_up_proj.dtype)
         module = cls.__new__(cls)
         cls.__init__(module, E, H, two_I // 2, **kwargs)
-        dtype = module.gate_up_proj.dtype
+        dtype, block = module.gate_up_proj.dtype, module.weight_block_size
+        from kt_core.loading.fp8 import dequantize_experts_fp8, quantize_experts_fp8
+
+        scales = None
+        if gate_up_proj.dtype == FP8 or down_proj.dtype == FP8:
+            if gate_up_proj.dtype != down_proj.dtype or gate_up_proj_scale_inv is None or down_proj_scale_inv is None:
+                raise ValueError(
+                    "KTExperts.from_tensors: fp8 weights need both gate_up_proj and down_proj as fp8 with their "
+                    "gate_up_proj_scale_inv and down_proj_scale_inv"
+                )
+            scales = (gate_up_proj_scale_inv.detach().cpu(), down_proj_scale_inv.detach().cpu())
+            if dtype != FP8:
+                gate_up_proj, down_proj = dequantize_experts_fp8(
+                    gate_up_proj.detach().cpu(), scales[0], down_proj.detach().cpu(), scales[1], block, dtype
+                )
+        elif dtype == FP8:
+            q_gu, s_gu, q_d, s_d = quantize_experts_fp8(gate_up_proj.detach().cpu(), down_proj.detach().cpu(), block)
+            gate_up_proj, down_proj, scales = q_gu, q_d, (s_gu, s_d)
         module.gate_up_proj = nn.Parameter(_host_contiguous(gate_up_proj, dtype), requires_grad=False)
         module.down_proj = nn.Parameter(_host_contiguous(down_proj, dtype), requires_grad=False)
+        if dtype == FP8:
+            for name, scale in zip(("gate_up_proj", "down_proj"), scales, strict=True):
+                if tuple(scale.shape) != module.fp8_scale_shape(name):
+                    raise ValueError(
+                        f"KTExperts.from_tensors: {name}_scale_inv has shape {tuple(scale.shape)}, expected "
+                        f"{module.fp8_scale_shape(name)} for {block} blocks"
+                    )
+                param = nn.Parameter(_host_contiguous(scale, torch.float32), requires_grad=False)
+                setattr(module, f"{name}_scale_inv", param)
         return module
 
     @classmethod
@@ -168,6 +254,9 @@ class KTExperts(nn.Module):
         act = getattr(getattr(experts, "config", None), "hidden_act", None)
         if act is not None:
             kwargs.setdefault("hidden_act", act)
+        for name in ("gate_up_proj_scale_inv", "down_proj_scale_inv"):  # transformers' FP8 experts
+            if isinstance(getattr(experts, name, None), torch.Tensor):
+                kwargs.setdefault(name, getattr(experts, name).detach())
         return cls.from_tensors(experts.gate_up_proj.detach(), experts.down_proj.detach(), **kwargs)
 
     def add_lora(self, rank: int, alpha: float) -> ExpertLoRA:
@@ -209,6 +298,11 @@ class KTExperts(nn.Module):
 
     def attach_gpu_share(self, share: GpuShare) -> None:
         """Lets `share` compute some experts on a GPU from now on (see kt_core/experts/share.py)."""
+        if self.is_fp8:
+            raise NotImplementedError(
+                "KTExperts: fp8 expert weights are computed on the CPU only (a GPU share takes bf16 / fp32 weights); "
+                "keep this layer's experts in bf16 to stream or split them to a GPU"
+            )
         if self.gpu_share is not None and self.gpu_share is not share:
             raise RuntimeError(
                 f"KTExperts: a GPU share ({type(self.gpu_share).__name__}) is already attached; detach it first"
@@ -222,6 +316,8 @@ class KTExperts(nn.Module):
     def operator(self):
         """The C++ operator over this layer's weights (built, and packed, on first use or when they were replaced)."""
         key = (self.kernel, self.gate_up_proj.data_ptr(), self.down_proj.data_ptr())
+        if self.is_fp8:
+            key += (self.gate_up_proj_scale_inv.data_ptr(), self.down_proj_scale_inv.data_ptr())
         if self._op_key != key:
             self._op = kernels.build_operator(self)
             self._op_key = key
@@ -238,9 +334,19 @@ class KTExperts(nn.Module):
         gate: torch.Tensor | None = None,
         up: torch.Tensor | None = None,
         down: torch.Tensor | None = None,
+        gate_scale_inv: torch.Tensor | None = None,
+        up_scale_inv: torch.Tensor | None = None,
+        down_scale_inv: torch.Tensor | None = None,
     ) -> None:
-        """Copies one expert's weights in (checkpoint layout: gate / up [I, H], down [H, I])."""
+        """Copies one expert's weights in (checkpoint layout: gate / up [I, H], down [H, I]).
+
+        fp8 weights come with their block scales (`*_scale_inv`, [ceil(rows / b0), ceil(cols / b1)]): an fp8 layer
+        keeps both, a bf16 / fp32 one takes their dequantization.
+        """
         I = self.intermediate_dim
+        given = {"gate": (gate, gate_scale_inv), "up": (up, up_scale_inv), "down": (down, down_scale_inv)}
+        if self.is_fp8 or any(w is not None and w.dtype == FP8 for w, _ in given.values()):
+            return self._load_fp8_expert(expert, given)
         with torch.no_grad():
             if gate is not None:
                 self.gate_up_proj[expert, :I].copy_(gate)
@@ -248,6 +354,41 @@ class KTExperts(nn.Module):
                 self.gate_up_proj[expert, I:].copy_(up)
             if down is not None:
                 self.down_proj[expert].copy_(down)
+
+    def _load_fp8_expert(self, expert: int, given: dict) -> None:
+        from kt_core.loading.fp8 import dequantize_fp8_blockwise
+
+        I, block = self.intermediate_dim, self.weight_block_size
+        half = self.fp8_scale_shape("gate_up_proj")[1] // 2
+        for proj, (weight, scale) in given.items():
+            if weight is None:
+                continue
+            if weight.dtype != FP8 or scale is None:
+                raise ValueError(
+                    f"KTExperts.load_expert_: expert {expert} {proj}: an fp8 layer takes float8_e4m3fn weights with "
+                    f"their {proj}_scale_inv, got {weight.dtype}" + (" without scales" if scale is None else "")
+                )
+            if not self.is_fp8:  # a bf16 / fp32 layer: dequantized
+                self.load_expert_(expert, **{proj: dequantize_fp8_blockwise(weight, scale, block, torch.float32)})
+                continue
+            target, scales = (
+                (self.down_proj[expert], self.down_proj_scale_inv[expert])
+                if proj == "down"
+                else (
+                    self.gate_up_proj[expert, :I] if proj == "gate" else self.gate_up_proj[expert, I:],
+                    self.gate_up_proj_scale_inv[expert, :half]
+                    if proj == "gate"
+                    else self.gate_up_proj_scale_inv[expert, half:],
+                )
+            )
+            if tuple(scale.shape) != tuple(scales.shape):
+                raise ValueError(
+                    f"KTExperts.load_expert_: expert {expert} {proj}_scale_inv has shape {tuple(scale.shape)}, "
+                    f"expected {tuple(scales.shape)} for {block} blocks"
+                )
+            with torch.no_grad():
+                target.copy_(weight)
+                scales.copy_(scale)
 
     # ---- compute -------------------------------------------------------------------------------------
 

@@ -1,13 +1,28 @@
 """DeepSeek's FP8 checkpoints: e4m3 weights with one fp32 scale per 128 x 128 block (`weight_scale_inv`).
 
-Dequantized to bf16 at load time: w[o, i] = q[o, i] * scale_inv[o // 128, i // 128].
+w[o, i] = q[o, i] * scale_inv[o // 128, i // 128]. Non-expert weights are dequantized to bf16 at load time; routed
+experts may stay FP8 in host RAM (KTExperts(dtype=torch.float8_e4m3fn)), the CPU kernels converting in registers.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-__all__ = ["DEFAULT_BLOCK", "dequantize_fp8_blockwise", "fp8_block_size", "quantize_fp8_blockwise"]
+__all__ = [
+    "DEFAULT_BLOCK",
+    "dequantize_experts_fp8",
+    "dequantize_fp8_blockwise",
+    "expert_scale_shapes",
+    "expert_store_dtype",
+    "fp8_block_size",
+    "quantize_experts_fp8",
+    "quantize_fp8_blockwise",
+    "write_fp8_expert",
+]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BLOCK = (128, 128)
 _E4M3_MAX = 448.0
@@ -74,3 +89,133 @@ def quantize_fp8_blockwise(
     scale_inv = amax / _E4M3_MAX
     q = (blocks / scale_inv[:, None, :, None]).view(P0, P1)[:O, :I].to(torch.float8_e4m3fn)
     return q.contiguous(), scale_inv
+
+
+# ---- routed experts kept as FP8 (KTExperts(dtype=torch.float8_e4m3fn)) --------------------------------------------
+# gate_up [E, 2I, H] fuses gate [I, H] and up [I, H], which the checkpoint quantizes apart: its scales are gate's
+# ceil(I / b0) block rows, then up's ([E, 2I / b0, H / b1] when b0 divides I, as DeepSeek-V3 and Kimi have it).
+
+
+def expert_scale_shapes(
+    num_experts: int, hidden: int, intermediate: int, block: tuple[int, int] = DEFAULT_BLOCK
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Shapes of the block scales of FP8 experts: gate_up_proj_scale_inv and down_proj_scale_inv.
+
+    Returns:
+        ([E, 2 ceil(I / b0), ceil(H / b1)], [E, ceil(H / b0), ceil(I / b1)]).
+    """
+    b0, b1 = block
+    E, H, I = num_experts, hidden, intermediate
+    return (E, 2 * -(-I // b0), -(-H // b1)), (E, -(-H // b0), -(-I // b1))
+
+
+def quantize_experts_fp8(
+    gate_up: torch.Tensor, down: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantizes fused expert weights as DeepSeek's release quantizes each expert's gate, up and down.
+
+    Args:
+        gate_up: [E, 2I, H]. down: [E, H, I].
+
+    Returns:
+        (gate_up q [E, 2I, H] e4m3, its scales, down q [E, H, I] e4m3, its scales), shapes as expert_scale_shapes.
+    """
+    I = gate_up.shape[1] // 2
+    parts = [[quantize_fp8_blockwise(w[:I], block), quantize_fp8_blockwise(w[I:], block)] for w in gate_up]
+    q_gu = torch.stack([torch.cat([g[0], u[0]]) for g, u in parts])
+    s_gu = torch.stack([torch.cat([g[1], u[1]]) for g, u in parts])
+    down_parts = [quantize_fp8_blockwise(w, block) for w in down]
+    return q_gu, s_gu, torch.stack([q for q, _ in down_parts]), torch.stack([s for _, s in down_parts])
+
+
+def dequantize_experts_fp8(
+    gate_up: torch.Tensor,
+    gate_up_scale_inv: torch.Tensor,
+    down: torch.Tensor,
+    down_scale_inv: torch.Tensor,
+    block: tuple[int, int] = DEFAULT_BLOCK,
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of quantize_experts_fp8: (gate_up [E, 2I, H], down [E, H, I]) in `dtype`."""
+    E, two_I, H = gate_up.shape
+    I = two_I // 2
+    gu_shape, d_shape = expert_scale_shapes(E, H, I, block)
+    for name, scale, shape in (("gate_up_proj", gate_up_scale_inv, gu_shape), ("down_proj", down_scale_inv, d_shape)):
+        if tuple(scale.shape) != shape:
+            raise ValueError(
+                f"{name}_scale_inv: shape {tuple(scale.shape)}, expected {shape} for {tuple(block)} blocks"
+            )
+    half = gu_shape[1] // 2
+    gu = torch.stack(
+        [
+            torch.cat(
+                [
+                    dequantize_fp8_blockwise(gate_up[e, :I], gate_up_scale_inv[e, :half], block, dtype),
+                    dequantize_fp8_blockwise(gate_up[e, I:], gate_up_scale_inv[e, half:], block, dtype),
+                ]
+            )
+            for e in range(E)
+        ]
+    )
+    d = torch.stack([dequantize_fp8_blockwise(down[e], down_scale_inv[e], block, dtype) for e in range(E)])
+    return gu, d
+
+
+def expert_store_dtype(
+    expert_dtype: torch.dtype | str | None, checkpoint_fp8: bool, kernel: str, fallback: torch.dtype
+) -> torch.dtype:
+    """The dtype of the routed-expert stores in host RAM (load_model's / convert_model's expert_dtype).
+
+    Args:
+        expert_dtype: the caller's choice (torch.float8_e4m3fn or "fp8", torch.bfloat16, torch.float32), or None:
+            FP8 checkpoints keep FP8 (half of bf16's host RAM) unless `kernel` names a kernel that takes no fp8
+            (the packed ones, e.g. amx_bf16, and the plain-torch reference "torch": their experts are dequantized
+            to `fallback`, as before).
+        checkpoint_fp8: the checkpoint's experts are FP8.
+        kernel: the experts' kernel ("auto" or a name; KT_KERNEL has the last word, as for the layers).
+        fallback: the store dtype otherwise (bf16, or fp32 when the model is loaded in fp32).
+    """
+    from kt_core import kernels  # the loader imports this module before the experts exist
+
+    if isinstance(expert_dtype, str):
+        names = {"fp8": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn}
+        name = expert_dtype.removeprefix("torch.")
+        expert_dtype = names.get(name) or getattr(torch, name, None)
+    if expert_dtype is not None:
+        if expert_dtype not in (torch.float8_e4m3fn, torch.bfloat16, torch.float32):
+            raise ValueError(
+                "expert_dtype: expected torch.float8_e4m3fn ('fp8'), torch.bfloat16 or torch.float32, "
+                f"got {expert_dtype}"
+            )
+        if expert_dtype == torch.float8_e4m3fn and not checkpoint_fp8:
+            raise ValueError(
+                "expert_dtype=fp8 keeps an FP8 checkpoint's experts as shipped; this checkpoint is not FP8"
+            )
+        return expert_dtype
+    if not checkpoint_fp8:
+        return fallback
+    requested = kernels.current().kernel or kernel
+    if requested == "auto" or requested in kernels.fp8_kernels()[:-1]:  # not "torch": the reference dequantizes
+        return torch.float8_e4m3fn
+    logger.info("experts: kernel %s takes no fp8 weights; FP8 experts are dequantized to %s", requested, fallback)
+    return fallback
+
+
+def write_fp8_expert(store, proj: str, expert: int | None, q: torch.Tensor, scale_inv: torch.Tensor | None, where: str):
+    """One checkpoint tensor of FP8 experts into an fp8 store, as shipped (no dequantization): one expert's gate,
+    up or down (`expert` given), or fused [E, 2I, H] / [E, H, I] with its [E, ...] scales."""
+    if q.dtype != torch.float8_e4m3fn or scale_inv is None:
+        raise ValueError(f"{where}: an fp8 expert store takes float8_e4m3fn weights with their weight_scale_inv")
+    if expert is not None:
+        store.load_expert_(expert, **{proj: q, f"{proj}_scale_inv": scale_inv})
+        return
+    name = "gate_up_proj" if proj == "gate_up" else "down_proj"
+    target, scales = getattr(store, name), getattr(store, f"{name}_scale_inv")
+    if tuple(q.shape) != tuple(target.shape) or tuple(scale_inv.shape) != tuple(scales.shape):
+        raise ValueError(
+            f"{where}: shapes {tuple(q.shape)} and scales {tuple(scale_inv.shape)}, expected {tuple(target.shape)} "
+            f"and {tuple(scales.shape)}"
+        )
+    with torch.no_grad():
+        target.copy_(q)
+        scales.copy_(scale_inv)

@@ -25,9 +25,9 @@ from kt_core.architectures import Architecture, get_architecture
 from kt_core.distributed import SharedExperts, local_ranks
 from kt_core.distributed.shared_store import DEFAULT_FOLDER
 from kt_core.loading.checkpoint import Checkpoint, CheckpointError
-from kt_core.loading.fp8 import dequantize_fp8_blockwise, fp8_block_size
+from kt_core.loading.fp8 import dequantize_fp8_blockwise, expert_store_dtype, fp8_block_size, write_fp8_expert
 from kt_core.loading.keys import CheckpointMap, ExpertTensor, map_checkpoint
-from kt_core.loading.memory import MemoryPlan
+from kt_core.loading.memory import MemoryPlan, expert_store_bytes
 from kt_core.loading.meta import build_meta_model, set_tensor, still_on_meta
 from kt_core.loading.multi_gpu import device_boundaries, install_device_hooks
 from kt_core.loading.packed_int import PACKED_SUFFIX, dequantize_packed, packed_args
@@ -165,10 +165,9 @@ def plan_memory(
             continue
         device = plan.device_of(name)
         memory.device_bytes[device] = memory.device_bytes.get(device, 0) + t.numel() * t.element_size()
-    item = torch.empty((), dtype=store_dtype).element_size()
     for name in plan.experts:
-        experts = model.get_submodule(name)
-        memory.expert_bytes += (experts.gate_up_proj.numel() + experts.down_proj.numel()) * item
+        E, two_I, H = model.get_submodule(name).gate_up_proj.shape
+        memory.expert_bytes += expert_store_bytes(E, H, two_I // 2, store_dtype, fp8_block_size(checkpoint.config_dict))
     for tensors in mapping.experts.values():
         layer = sum(checkpoint.tensors[t.key].nbytes for t in tensors)
         memory.staging_bytes = max(memory.staging_bytes, layer)
@@ -188,6 +187,7 @@ def load_model(
     progress: bool = True,
     config=None,
     shared_experts: bool | str | Path | None = None,
+    expert_dtype: torch.dtype | str | None = None,
 ) -> nn.Module:
     """Loads a local MoE checkpoint with its routed experts on the CPU operator.
 
@@ -210,6 +210,10 @@ def load_model(
             live once per node in a file that every rank maps: None or True puts it in /dev/shm, a folder puts
             it there (host memory, e.g. a tmpfs or hugetlbfs mount, keeps it off the disk), False gives every
             rank its own copy. Ignored with one rank per node.
+        expert_dtype: the routed experts' dtype in host RAM. None: FP8 checkpoints keep their experts FP8 (half of
+            bf16's RAM) unless `kernel` takes no fp8 (the packed amx_* / *_packed ones: dequantized to bf16); others
+            follow `dtype`. torch.float8_e4m3fn ("fp8"), torch.bfloat16 or torch.float32 force it
+            (kt_core/loading/fp8.py: expert_store_dtype).
 
     Returns:
         The transformers model (eval mode) whose experts modules are expert-backend modules.
@@ -228,13 +232,15 @@ def load_model(
         config = arch.build_config(config_dict) if config is None else config
         dtype = _resolve_dtype(dtype, config, checkpoint, fp8_block is not None)
         store_dtype = dtype if dtype in _STORE_DTYPES else torch.bfloat16
+        store_dtype = expert_store_dtype(expert_dtype, fp8_block is not None, kernel, store_dtype)
         model = build_meta_model(config, dtype)
         plan = plan_placement(model, rules, arch, devices, kernel=kernel, cpu_infer=cpu_infer)
         mapping = map_checkpoint(checkpoint, model, arch)
         memory = plan_memory(checkpoint, model, plan, mapping, store_dtype)
         memory.check(gpu_memory_limit=gpu_memory_limit, host_memory_limit=host_memory_limit)
         logger.info("%s: %s", checkpoint.path.name, memory)
-        shared = _open_shared(checkpoint, model, plan, mapping, store_dtype, shared_experts)
+        fp8 = store_dtype == torch.float8_e4m3fn  # the shared file holds no block scales: a copy per rank
+        shared = None if fp8 else _open_shared(checkpoint, model, plan, mapping, store_dtype, shared_experts)
 
         total = sum(checkpoint.tensors[k].nbytes for k in mapping.tensors.values())
         total += sum(checkpoint.tensors[t.key].nbytes for ts in mapping.experts.values() for t in ts)
@@ -346,6 +352,8 @@ def _stream_experts(
     placement = plan.experts.get(module_name)
     if placement is not None:
         options = {"hidden_act": getattr(config, "hidden_act", "silu"), **placement.options}
+        if dtype == torch.float8_e4m3fn:
+            options["weight_block_size"] = fp8_block
         store = placement.cls(E, H, I, dtype=dtype, **options)
         if shared is not None and module_name in shared:
             for name, view in shared.tensors(module_name).items():
@@ -363,8 +371,11 @@ def _stream_experts(
     seen: set[tuple[int | None, str]] = set()
     for t in tensors:
         where = f"{checkpoint.tensors[t.key].file.name}: {t.key}"
-        value = _read(checkpoint, t.key, t.scale_key, fp8_block, "cpu")
-        _write_expert(store, t, value, I, where)
+        if getattr(store, "is_fp8", False):  # kept as shipped
+            scale = checkpoint.get(t.scale_key) if t.scale_key else None
+            write_fp8_expert(store, t.proj, t.expert, checkpoint.get(t.key), scale, where)
+        else:
+            _write_expert(store, t, _read(checkpoint, t.key, t.scale_key, fp8_block, "cpu"), I, where)
         seen.add((t.expert, t.proj))
     _check_complete(module_name, seen, E, checkpoint.path)
     if placement is not None:

@@ -17,7 +17,14 @@ import torch
 
 from kt_core.settings import parse_size  # the one size parser; importable from here too
 
-__all__ = ["MemoryPlan", "MemoryPlanError", "available_gpu_bytes", "available_host_bytes", "parse_size"]
+__all__ = [
+    "MemoryPlan",
+    "MemoryPlanError",
+    "available_gpu_bytes",
+    "available_host_bytes",
+    "expert_store_bytes",
+    "parse_size",
+]
 
 
 class MemoryPlanError(RuntimeError):
@@ -26,6 +33,22 @@ class MemoryPlanError(RuntimeError):
 
 def format_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**26 else f"{n / 2**20:.2f} MiB"
+
+
+def expert_store_bytes(
+    num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype, block: tuple[int, int] | None = None
+) -> int:
+    """Host bytes of one layer's routed-expert store: gate_up [E, 2I, H] and down [E, H, I] in `dtype`, and for
+    fp8 (float8_e4m3fn: 1 byte a weight) their fp32 block scales (`block`, default 128 x 128)."""
+    from kt_core.loading.fp8 import DEFAULT_BLOCK, expert_scale_shapes
+
+    E, H, I = num_experts, hidden, intermediate
+    item = torch.empty((), dtype=dtype).element_size()
+    total = 3 * E * H * I * item
+    if dtype == torch.float8_e4m3fn:
+        for shape in expert_scale_shapes(E, H, I, block or DEFAULT_BLOCK):
+            total += shape[0] * shape[1] * shape[2] * 4
+    return total
 
 
 def available_host_bytes() -> int | None:
