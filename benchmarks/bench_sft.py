@@ -29,6 +29,7 @@ gave before the run ("planned", kt_core.streaming.memory_plan), the loss curve, 
     python benchmarks/bench_sft.py --shape dsv2-lite --batch 16 --modes gpu,gpu-loss,kt-stream --out sft.json
     python benchmarks/bench_sft.py --shape qwen3-30b-a3b --batch 8 --checkpoint /data/q3 --expert-gpu-memory 12GiB
     python benchmarks/bench_sft.py --layers 8 --batch 8 --modes lf-gpu,lf-kt-stream --expert-gpu-memory 4GiB
+    python benchmarks/bench_sft.py --shape deepseek-v3 --batch 2 --seq 4096 --modes gpu-loss,kt-cpu,kt-stream
     python benchmarks/bench_sft.py --small --modes gpu,kt-cpu,lf-kt-cpu --device cpu   # tiny shapes, smoke test
 """
 
