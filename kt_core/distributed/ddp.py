@@ -113,14 +113,23 @@ class ExpertLoraAverager:
         self._ready: set[int] = set()
         self._trainable: set[int] = set()
         self._group = None
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.factors]
-        self._handles.append(model.register_forward_pre_hook(self._on_forward))
+        self._hooked: set[int] = set()
+        self._handles = [model.register_forward_pre_hook(self._on_forward)]
+        self._hook_trainable()
+
+    def _hook_trainable(self) -> None:
+        """The gradient hook on every factor that trains (a frozen one takes no hook; one unfrozen later gets it
+        at the next DDP forward)."""
+        for p in self.factors:
+            if p.requires_grad and id(p) not in self._hooked:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+                self._hooked.add(id(p))
 
     def remove(self) -> None:
         """Takes the hooks off (the factors then accumulate local gradients only)."""
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        self._handles, self._hooked = [], set()
 
     # ---- hooks ----------------------------------------------------------------------------------------------------
 
@@ -148,6 +157,7 @@ class ExpertLoraAverager:
         if self._group is None:
             self._group = _gloo_group_for(ddp)
             self._broadcast()
+        self._hook_trainable()
         if ddp.require_backward_grad_sync:
             self._trainable = {id(p) for p in self.factors if p.requires_grad}
             self._ready = set()

@@ -18,7 +18,7 @@ from typing import Any
 
 from kt_core import settings as checks
 
-__all__ = ["KT_KEYS", "MEMORY_KNOBS", "KTSettings", "check_training_args", "split_kt_args"]
+__all__ = ["KT_KEYS", "MEMORY_KNOBS", "KTSettings", "check_per_rank", "check_training_args", "split_kt_args"]
 
 logger = logging.getLogger("llamafactory.kt_plugins")  # under LLaMA-Factory's own log handlers
 
@@ -54,7 +54,16 @@ class KTSettings:
         kt_force_think: start every answer with "<think>\\n".
         kt_kernel: CPU kernel ("auto", "avx512_bf16", ...; see kt_core.available_kernels()).
         kt_expert_lora: put LoRA on the routed experts when lora_target covers them ("all" does).
-        kt_device: where the non-expert layers go ("cuda:0", "cpu", or a comma-separated list of GPUs).
+        kt_device: where the non-expert layers go ("cuda:0", "cpu", or a comma-separated list of GPUs). Unset:
+            this rank's device (cuda:LOCAL_RANK under torchrun / FORCE_TORCHRUN=1, cuda:0 for one process; cpu
+            without a GPU). Under torchrun every rank trains a whole copy on its own device: a list of GPUs, or a
+            device that is not this rank's, is refused (check_per_rank), and so is a kt_optimize_rule that names
+            several GPUs or another rank's GPU.
+        kt_shared_experts: with several ranks on a node (FORCE_TORCHRUN=1 NPROC_PER_NODE=n), where the node's one
+            copy of the frozen expert weights lives: unset or true, a file in /dev/shm that local rank 0 writes and
+            every rank maps; a folder (an existing one in host memory: a tmpfs or hugetlbfs mount) puts the file
+            there; false gives every rank its own copy (n times the host memory). No effect with one rank per
+            node (kt_core.load_model(shared_experts=...)).
         kt_gpu_memory_limit: the most GPU memory the WHOLE RUN may hold ("70GiB"), everything counted: the
             non-expert weights, the LoRA factors with their gradients and optimizer state, the expert weights
             kt_expert_gpu_memory gives (slots and residents), the activations of per_device_train_batch_size x
@@ -87,6 +96,7 @@ class KTSettings:
     kt_kernel: str = "auto"
     kt_expert_lora: bool = True
     kt_device: str | None = None
+    kt_shared_experts: bool | str | None = None
     kt_gpu_memory_limit: str | None = None
     kt_host_memory_limit: str | None = None
     kt_expert_gpu_memory: str | None = None
@@ -171,6 +181,22 @@ def _device_list(key: str, value: Any) -> str:
     return text
 
 
+def _shared_experts(key: str, value: Any) -> bool | str:
+    if isinstance(value, (bool, int)) or (isinstance(value, str) and not value.strip().startswith(("/", ".", "~"))):
+        try:
+            return checks.boolean(key, value)
+        except checks.SettingError:
+            if not isinstance(value, str):
+                raise
+    folder = Path(_text(key, value)).expanduser()
+    if not folder.is_dir():
+        raise checks.SettingError(
+            f"{key}: got {value!r}, expected true, false or an existing folder in host memory (/dev/shm, a tmpfs "
+            "or hugetlbfs mount) for the node's shared expert file"
+        )
+    return str(folder)
+
+
 def _kernel(key: str, value: Any) -> str:
     from kt_core import resolve_kernel
 
@@ -219,6 +245,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "kt_kernel": _kernel,
     "kt_expert_lora": checks.boolean,
     "kt_device": _optional(_device_list),
+    "kt_shared_experts": _optional(_shared_experts),
     "kt_gpu_memory_limit": _optional(_size_text),
     "kt_host_memory_limit": _optional(_size_text),
     "kt_expert_gpu_memory": _optional(_size_text),
@@ -263,6 +290,70 @@ def check_rule_file(settings: KTSettings) -> None:
         resolve_rule_file(settings.resolve_rule())
     except FileNotFoundError as exc:
         raise checks.SettingError(f"kt_optimize_rule: {exc}") from None
+
+
+def _cuda_devices(value: Any) -> set[str]:
+    """The CUDA devices a rule's options name, wherever they sit (device, devices, a legacy transfer_map)."""
+    if isinstance(value, str):
+        return {value.strip()} if value.strip().startswith("cuda") else set()
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_cuda_devices(v) for v in value)) if value else set()
+    return set()
+
+
+def check_per_rank(settings: KTSettings) -> None:
+    """Under torchrun (WORLD_SIZE > 1: FORCE_TORCHRUN=1, NNODES, ...), refuses what cannot hold on every rank.
+
+    Each rank trains a whole copy of the non-expert layers on its own device (cuda:LOCAL_RANK, as the Trainer
+    puts it; cpu without a GPU) and DDP keeps the copies equal: a layer split over several GPUs, or a device named
+    in the YAML (one YAML serves every rank, so it names another rank's GPU on all but one of them), cannot.
+    With one rank per node, kt_shared_experts has no effect and says so.
+
+    Raises:
+        SettingError: naming the key, the value, and what to write instead.
+    """
+    import os
+
+    import torch
+
+    from kt_core.distributed import local_ranks
+
+    ranks = local_ranks()
+    if "kt_shared_experts" in settings.given and not ranks.shared:
+        logger.warning("kt_shared_experts has no effect with one rank on this node (LOCAL_WORLD_SIZE unset or 1)")
+    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    if not world.isdigit() or int(world) <= 1:
+        return
+    # This rank's device, as kt_core.load_model and the Trainer pick it (device=None).
+    mine = f"cuda:{ranks.rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    why = (
+        f"under torchrun (WORLD_SIZE={world}) each rank trains the non-expert layers on its own device "
+        f"(cuda:LOCAL_RANK; here local rank {ranks.rank} of {ranks.size}: {mine})"
+    )
+
+    def fits(devices: set[str]) -> bool:  # the same answer on every rank: one YAML names one device for all
+        return not devices or (devices == {mine} and (not ranks.shared or mine == "cpu"))
+
+    if settings.kt_device is not None:
+        devices = {str(torch.device(d.strip())) for d in settings.kt_device.split(",")}
+        if not fits(devices):
+            raise checks.SettingError(
+                f"kt_device: got {settings.kt_device!r}; {why}. Remove kt_device (each rank then takes its own), "
+                "or, to split the layers over several GPUs, run one process per node (no FORCE_TORCHRUN)"
+            )
+    if settings.kt_optimize_rule:
+        from kt_core.placement import load_rules, resolve_rule_file
+
+        rule_file = resolve_rule_file(settings.resolve_rule())
+        named = set().union(*(_cuda_devices(rule.replace.kwargs) for rule in load_rules(rule_file)))
+        if not fits(named):
+            raise checks.SettingError(
+                f"kt_optimize_rule: {rule_file} puts layers on {', '.join(sorted(named))}; {why}. Use rules that "
+                "name no GPU (the default device is each rank's: e.g. cpu-only.yaml for the experts, or no "
+                "kt_optimize_rule), or run one process per node (no FORCE_TORCHRUN) to split the layers over GPUs"
+            )
 
 
 def check_training_args(settings: KTSettings, finetuning_args, do_train: bool) -> None:
@@ -329,6 +420,7 @@ def split_kt_args(
         return cleaned, None
     settings = KTSettings(**values, config_dir=config_dir, given=frozenset(values))
     check_rule_file(settings)
+    check_per_rank(settings)
     return cleaned, settings
 
 

@@ -57,6 +57,7 @@ class _KTAutoModel:
             host_memory_limit=s.kt_host_memory_limit,
             dtype=self.compute_dtype,
             config=config,
+            shared_experts=s.kt_shared_experts,
         )
         if "chunk_size" in s.given:  # tokens per CPU-experts call in long prefills
             for module in model.modules():
