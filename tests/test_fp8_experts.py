@@ -239,8 +239,8 @@ def test_fp8_checkpoint_keeps_fp8_experts(fp8_checkpoint, monkeypatch):
     plans = []
     check = MemoryPlan.check
     monkeypatch.setattr(MemoryPlan, "check", lambda self, **kw: (plans.append(self), check(self, **kw))[1])
-    fp8 = load_model(fp8_checkpoint, device="cpu", progress=False)
-    bf16 = load_model(fp8_checkpoint, device="cpu", progress=False, expert_dtype=torch.bfloat16)
+    fp8 = load_model(fp8_checkpoint, device="cpu", progress=False, expert_dtype="fp8")
+    bf16 = load_model(fp8_checkpoint, device="cpu", progress=False)  # the default: dequantized at load
     tensors = load_file(fp8_checkpoint / "model.safetensors")
     experts = fp8.model.layers[1].mlp.experts
     assert isinstance(experts, KTExperts) and experts.is_fp8 and experts.weight_block_size == (16, 16)
@@ -270,10 +270,12 @@ def test_fp8_checkpoint_keeps_fp8_experts(fp8_checkpoint, monkeypatch):
 def test_expert_dtype_choice(fp8_checkpoint):
     from kt_core.loading.fp8 import expert_store_dtype
 
-    assert expert_store_dtype(None, True, "auto", torch.bfloat16) == FP8
-    assert expert_store_dtype(None, True, "amx_bf16", torch.bfloat16) == torch.bfloat16  # packed: dequantized
+    assert expert_store_dtype(None, True, "auto", torch.bfloat16) == torch.bfloat16  # by default: dequantized
     assert expert_store_dtype(None, False, "auto", torch.float32) == torch.float32
     assert expert_store_dtype("fp8", True, "auto", torch.bfloat16) == FP8
+    assert expert_store_dtype("fp8", True, "avx2", torch.bfloat16) == FP8
+    with pytest.raises(ValueError, match="takes no fp8 weights"):
+        expert_store_dtype("fp8", True, "amx_bf16", torch.bfloat16)  # a packed kernel
     with pytest.raises(ValueError, match="not FP8"):
         expert_store_dtype("fp8", False, "auto", torch.bfloat16)
     with pytest.raises(ValueError, match="expert_dtype"):
@@ -310,8 +312,8 @@ def test_trainer_loss_curve_matches_bf16_dequantized(fp8_checkpoint, tmp_path):
         transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[KTCallback()]).train()
         return losses, model
 
-    fp8_losses, fp8_model = train(None, tmp_path / "fp8")
-    bf16_losses, _ = train(torch.bfloat16, tmp_path / "bf16")
+    fp8_losses, fp8_model = train("fp8", tmp_path / "fp8")
+    bf16_losses, _ = train(None, tmp_path / "bf16")
     assert any(m.is_fp8 for m in fp8_model.modules() if isinstance(m, KTExperts))
     assert len(fp8_losses) == 6 and fp8_losses[-1] < fp8_losses[0] - 0.05  # it learns
     gap = max(abs(a - b) for a, b in zip(fp8_losses, bf16_losses, strict=True))

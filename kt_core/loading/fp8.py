@@ -168,9 +168,10 @@ def expert_store_dtype(
 
     Args:
         expert_dtype: the caller's choice (torch.float8_e4m3fn or "fp8", torch.bfloat16, torch.float32), or None:
-            FP8 checkpoints keep FP8 (half of bf16's host RAM) unless `kernel` names a kernel that takes no fp8
-            (the packed ones, e.g. amx_bf16, and the plain-torch reference "torch": their experts are dequantized
-            to `fallback`, as before).
+            `fallback` (FP8 experts dequantized at load). FP8 stores halve the host RAM but run only on the
+            unpacked kernels (kt_core.kernels.fp8_kernels(), slower than the packed AMX / AVX-512 ones) and on
+            the CPU (no streaming to a GPU yet): they are kept only when asked for, and a `kernel` that takes no
+            fp8 is refused with them.
         checkpoint_fp8: the checkpoint's experts are FP8.
         kernel: the experts' kernel ("auto" or a name; KT_KERNEL has the last word, as for the layers).
         fallback: the store dtype otherwise (bf16, or fp32 when the model is loaded in fp32).
@@ -191,13 +192,19 @@ def expert_store_dtype(
             raise ValueError(
                 "expert_dtype=fp8 keeps an FP8 checkpoint's experts as shipped; this checkpoint is not FP8"
             )
+        requested = kernels.current().kernel or kernel
+        if expert_dtype == torch.float8_e4m3fn and requested not in ("auto", *kernels.fp8_kernels()[:-1]):
+            raise ValueError(
+                f"expert_dtype=fp8: kernel {requested!r} takes no fp8 weights; use one of "
+                f"{kernels.fp8_kernels()[:-1]} (or 'auto'), or let the experts be dequantized (expert_dtype=None)"
+            )
         return expert_dtype
-    if not checkpoint_fp8:
-        return fallback
-    requested = kernels.current().kernel or kernel
-    if requested == "auto" or requested in kernels.fp8_kernels()[:-1]:  # not "torch": the reference dequantizes
-        return torch.float8_e4m3fn
-    logger.info("experts: kernel %s takes no fp8 weights; FP8 experts are dequantized to %s", requested, fallback)
+    if checkpoint_fp8:
+        logger.info(
+            "experts: FP8 checkpoint, experts dequantized to %s at load; expert_dtype='fp8' keeps them as shipped "
+            "(half the host RAM, unpacked kernels, CPU only)",
+            fallback,
+        )
     return fallback
 
 

@@ -210,10 +210,10 @@ def load_model(
             live once per node in a file that every rank maps: None or True puts it in /dev/shm, a folder puts
             it there (host memory, e.g. a tmpfs or hugetlbfs mount, keeps it off the disk), False gives every
             rank its own copy. Ignored with one rank per node.
-        expert_dtype: the routed experts' dtype in host RAM. None: FP8 checkpoints keep their experts FP8 (half of
-            bf16's RAM) unless `kernel` takes no fp8 (the packed amx_* / *_packed ones: dequantized to bf16); others
-            follow `dtype`. torch.float8_e4m3fn ("fp8"), torch.bfloat16 or torch.float32 force it
-            (kt_core/loading/fp8.py: expert_store_dtype).
+        expert_dtype: the routed experts' dtype in host RAM. None: `dtype`'s (bf16 for FP8 checkpoints, whose
+            experts are dequantized at load). "fp8" (torch.float8_e4m3fn) keeps an FP8 checkpoint's experts as
+            shipped: half the host RAM, computed by the unpacked kernels (kt_core.kernels.fp8_kernels()), CPU only
+            (no streaming to a GPU yet). kt_core/loading/fp8.py: expert_store_dtype.
 
     Returns:
         The transformers model (eval mode) whose experts modules are expert-backend modules.
