@@ -11,7 +11,6 @@ on PATH: the virtual environment's bin folder goes first.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -26,37 +25,15 @@ pytestmark = pytest.mark.integration
 if importlib.util.find_spec("llamafactory") is None:
     pytest.skip("needs LLaMA-Factory: make setup installs it", allow_module_level=True)
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples" / "tiny_moe"))
-from make_checkpoint import write_checkpoint  # noqa: E402
+from test_llamafactory import REPO, losses, train_config, write_checkpoint  # noqa: E402
 
 BIN = Path(sys.executable).parent
 GLOBAL_BATCH = 2
 
 
 def _train(model: Path, out: Path, workdir: Path, *, ranks: int) -> tuple[list[float], str]:
-    config = {
-        "model_name_or_path": str(model),
-        "stage": "sft",
-        "do_train": True,
-        "finetuning_type": "lora",
-        "lora_rank": 4,
-        "lora_alpha": 8,
-        "lora_target": "all",
-        "dataset": "kt_identity",
-        "dataset_dir": str(REPO / "examples" / "llamafactory" / "data"),
-        "template": "qwen3_nothink",
-        "cutoff_len": 64,
-        "output_dir": str(out),
-        "logging_steps": 1,
-        "max_steps": 4,
-        "per_device_train_batch_size": GLOBAL_BATCH // ranks,
-        "learning_rate": 1.0e-3,
-        "report_to": "none",
-        "seed": 0,
-        "save_strategy": "no",
-        "use_kt": True,
-    }
+    config = train_config(model, out, use_kt=True, per_device_train_batch_size=GLOBAL_BATCH // ranks)
+    config.pop("cpu_infer")  # each rank's share of the CPUs
     if ranks > 1:
         config["ddp_backend"] = "gloo"  # (accelerate refuses it in a single process)
     path = workdir / f"train-{ranks}.yaml"
@@ -75,8 +52,7 @@ def _train(model: Path, out: Path, workdir: Path, *, ranks: int) -> tuple[list[f
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-8000:]
-    lines = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
-    return [line["loss"] for line in lines if "loss" in line], log
+    return losses(out), log
 
 
 def test_force_torchrun_two_ranks_match_one_process(tmp_path):
