@@ -177,6 +177,21 @@ def test_without_a_limit_the_free_memory_is_the_limit(monkeypatch):
     assert _big(limit=None).fits
 
 
+def test_an_estimate_just_over_the_free_memory_only_warns(monkeypatch, caplog):
+    # (a gpu_memory_limit given is enforced to the byte: test_refusal_names_the_knob_and_the_number)
+    needs = _big(limit=None)
+    need = needs.peak + mp.allocator_margin(needs.peak)
+    monkeypatch.setattr(mp, "usable_gpu_bytes", lambda device: int(need / 1.05))  # 5% short: within the estimate
+    plan = _big(limit=None)
+    assert not plan.fits
+    with caplog.at_level("WARNING", logger=mp.logger.name):
+        plan.check()  # goes on
+    assert "within the estimate's error, so the run goes on" in caplog.text
+    monkeypatch.setattr(mp, "usable_gpu_bytes", lambda device: int(need / 1.2))  # 20% short: refused
+    with pytest.raises(MemoryPlanError):
+        _big(limit=None).check()
+
+
 def test_model_dims_of_a_tiny_model():
     dims = mp.model_dims(build_tiny_model("deepseek_v3", num_layers=3))
     # layer 0 dense (MLP 32 -> 48 -> 32), layers 1-2 MoE with one shared expert (16); MLA attention:
