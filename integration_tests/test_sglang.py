@@ -226,6 +226,20 @@ def test_expert_lora_from_peft_adapter(model_dir, tmp_path, gpu_experts, peft_ve
     torch.testing.assert_close(ours(x.clone(), topk), native(x.clone(), topk), rtol=1e-4, atol=1e-4)
 
 
+def test_routing_is_recorded_per_layer(model_dir, tmp_path):
+    from kt_plugins.sglang.routing import routing_recorder
+
+    path = tmp_path / "routing.json"
+    gate, up, down = _random_experts(torch.float32)
+    ours = _build_layer(torch.float32, _ours(KTExpertsOptions(gpu_experts="2", record_routing=str(path))))
+    _load(ours, gate, up, down)
+    x, topk = _routing(9, torch.float32)
+    ours(x, topk)
+    routing_recorder(str(path)).write()
+    counts = json.loads(path.read_text())["counts"]["0"]
+    assert counts == torch.bincount(topk.topk_ids.long().flatten(), minlength=E).tolist()
+
+
 def test_options_parse_and_validate(tmp_path):
     assert KTExpertsOptions(gpu_experts="3").gpu_expert_list(0, 8) == [0, 1, 2]
     assert KTExpertsOptions(gpu_experts="0.25").gpu_expert_list(0, 8) == [0, 1]
@@ -324,6 +338,7 @@ def test_options_reach_spawned_scheduler_and_swap_the_method(tmp_path):
         "kernel": "auto",
         "chunk_size": 16,
         "lora_path": None,
+        "record_routing": None,
     }
     assert report["method"] == "KTExpertsMethod"
     assert report["is_sglang_kt_method"]  # SGLang's own isinstance special cases see it

@@ -27,6 +27,7 @@ from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 from kt_core import KTExperts, run_now
 from kt_core.experts import PinnedArenas, StreamOrderedForward
 from kt_plugins.sglang.options import KTExpertsOptions
+from kt_plugins.sglang.routing import RoutingRecorder, routing_recorder
 
 __all__ = ["CUDA_GRAPH_MESSAGE", "KTExpertsLayerConfig", "KTExpertsMethod"]
 
@@ -83,6 +84,7 @@ class KTExpertsMethod(KTEPWrapperMethod):
         self.gpu_share: SGLangGpuShare | None = None
         self._pending: set | None = None
         self._stream_ordered: StreamOrderedForward | None = None  # the CPU experts' capturable path
+        self._routing: torch.Tensor | None = None  # [E + 1] routing counts (--kt-experts-record-routing)
         self.params_dtype = torch.bfloat16  # set in create_weights
 
     # ---- weights -------------------------------------------------------------------------------------
@@ -197,6 +199,10 @@ class KTExpertsMethod(KTEPWrapperMethod):
             apply_expert_lora(self, layer, self.options.lora_path)
         if self.num_gpu_experts > 0 and hasattr(self.gpu_method, "process_weights_after_loading"):
             self.gpu_method.process_weights_after_loading(layer)
+        if self.options.record_routing and self.tp_rank == 0:  # counts made now: before any CUDA graph capture
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+            recorder = routing_recorder(self.options.record_routing)
+            self._routing = recorder.counter(self.kt_config.layer_idx, self.global_num_experts, device)
         if self.cpu_experts is not None and torch.cuda.is_available() and getattr(layer, "top_k", None):
             # Pinned buffers now, before SGLang captures any CUDA graph (no pinning is allowed during a capture).
             arenas = _arenas(layer.hidden_size, layer.top_k, _activation_dtype(self.cpu_experts, self.params_dtype))
@@ -239,6 +245,8 @@ class KTExpertsMethod(KTEPWrapperMethod):
                 f"--kt-experts: routing output {type(topk_output).__name__} is not supported; use the default "
                 "--moe-runner-backend"
             )
+        if self._routing is not None:
+            RoutingRecorder.record(self._routing, topk_output.topk_ids)
         if self.cpu_experts is None:  # no CPU experts on this rank: SGLang's method alone
             if self.num_gpu_experts == 0:
                 return StandardCombineInput(hidden_states=torch.zeros_like(x))

@@ -71,6 +71,16 @@ _FLAGS = {
             "help": "Tokens per CPU kernel call in long prefills; bounds scratch memory (default: whole batch).",
         },
     ),
+    "--kt-experts-record-routing": (
+        "record_routing",
+        {
+            "type": str,
+            "metavar": "FILE",
+            "help": "Count how often each routed expert is chosen, per layer, and write the counts to FILE every "
+            "30 s and at exit; pass FILE back with --kt-experts-gpu-expert-ids and --kt-experts-gpu-experts N "
+            "to keep each layer's N most routed experts on the GPU.",
+        },
+    ),
     "--kt-experts-lora": (
         "lora_path",
         {
@@ -91,10 +101,12 @@ class KTExpertsOptions:
     Attributes:
         cpu_threads: threads of kt_core's pool; None keeps its default.
         gpu_experts: "N" (experts 0..N-1 on the GPU) or "RATIO" in [0, 1); "0" puts every expert on the CPU.
-        gpu_expert_ids: comma-separated ids, or a JSON file {layer: [ids]}; overrides gpu_experts.
+        gpu_expert_ids: comma-separated ids, a JSON file {layer: [ids]}, or a routing-counts file written by
+            record_routing (each layer's gpu_experts most routed experts); overrides gpu_experts otherwise.
         kernel: kt_core kernel name or "auto".
         chunk_size: tokens per kernel call; None = whole batch.
         lora_path: PEFT adapter directory whose expert LoRA the CPU experts apply.
+        record_routing: file to write the per-layer routing counts to (kt_plugins/sglang/routing.py).
     """
 
     cpu_threads: int | None = None
@@ -103,6 +115,7 @@ class KTExpertsOptions:
     kernel: str = "auto"
     chunk_size: int | None = None
     lora_path: str | None = None
+    record_routing: str | None = None
 
     def __post_init__(self):
         from kt_core import settings as checks
@@ -117,9 +130,19 @@ class KTExpertsOptions:
         _parse_count_or_ratio(self.gpu_experts)
         if self.gpu_expert_ids is not None:
             if Path(self.gpu_expert_ids).is_file():
-                _read_id_file(self.gpu_expert_ids)
+                _, ranked = _read_id_file(self.gpu_expert_ids)
+                if ranked and _parse_count_or_ratio(self.gpu_experts) in ((0, None), (None, 0.0)):
+                    raise ValueError(
+                        f"--kt-experts-gpu-expert-ids {self.gpu_expert_ids}: a routing-counts file ranks the experts; "
+                        "say how many of each layer stay on the GPU with --kt-experts-gpu-experts N (or a ratio)"
+                    )
             else:
                 _parse_ids(self.gpu_expert_ids, "--kt-experts-gpu-expert-ids")
+        if self.record_routing is not None and not Path(self.record_routing).resolve().parent.is_dir():
+            raise ValueError(
+                f"--kt-experts-record-routing: the folder of {self.record_routing!r} does not exist (the counts are "
+                "written there)"
+            )
         if self.lora_path is not None and not Path(self.lora_path).is_dir():
             raise ValueError(f"--kt-experts-lora: {self.lora_path!r} is not a directory (expected a PEFT adapter)")
 
@@ -132,8 +155,11 @@ class KTExpertsOptions:
         """
         if self.gpu_expert_ids is not None:
             if Path(self.gpu_expert_ids).is_file():
-                ids = _read_id_file(self.gpu_expert_ids).get(layer_idx, [])
+                per_layer, ranked = _read_id_file(self.gpu_expert_ids)
+                ids = per_layer.get(layer_idx, [])
                 where = f"--kt-experts-gpu-expert-ids {self.gpu_expert_ids} (layer {layer_idx})"
+                if ranked:  # routing counts: the first N of the ranking, N from --kt-experts-gpu-experts
+                    ids = ids[: self._gpu_count(num_experts)]
             else:
                 ids, where = (
                     _parse_ids(self.gpu_expert_ids, "--kt-experts-gpu-expert-ids"),
@@ -143,11 +169,14 @@ class KTExpertsOptions:
             if bad:
                 raise ValueError(f"{where}: expert ids {bad} are out of range [0, {num_experts})")
             return sorted({int(e) for e in ids})
+        return list(range(self._gpu_count(num_experts)))
+
+    def _gpu_count(self, num_experts: int) -> int:
         count, ratio = _parse_count_or_ratio(self.gpu_experts)
         n = count if count is not None else round(ratio * num_experts)
         if n > num_experts:
             raise ValueError(f"--kt-experts-gpu-experts {n}: the layer has only {num_experts} experts")
-        return list(range(n))
+        return n
 
     def to_env(self) -> str:
         """Serializes the options for ENV_VAR."""
@@ -187,8 +216,10 @@ def _parse_count_or_ratio(spec: str) -> tuple[int | None, float | None]:
     return None, ratio
 
 
-def _read_id_file(path: str) -> dict[int, list[int]]:
-    """{layer: [expert ids]} from a JSON file of the form {"0": [3, 17], "1": [5]}.
+def _read_id_file(path: str) -> tuple[dict[int, list[int]], bool]:
+    """({layer: [expert ids]}, False) from a JSON file of the form {"0": [3, 17], "1": [5]}, or ({layer: every
+    expert id, most routed first}, True) from a routing-counts file {"counts": {"0": [count per expert], ...}}
+    (--kt-experts-record-routing).
 
     Raises:
         ValueError: naming the flag and the file: unreadable, not JSON, or not that shape.
@@ -203,6 +234,9 @@ def _read_id_file(path: str) -> dict[int, list[int]]:
         raise ValueError(f'{where}: not valid JSON ({exc}); expected {{"layer": [expert ids]}}') from None
     if not isinstance(data, dict):
         raise ValueError(f'{where}: expected a JSON object {{"layer": [expert ids]}}, got {type(data).__name__}')
+    ranked = isinstance(data.get("counts"), dict)
+    if ranked:
+        data = {layer: _ranking(counts, f"{where}: layer {layer}") for layer, counts in data["counts"].items()}
     per_layer: dict[int, list[int]] = {}
     for layer, ids in data.items():
         if not str(layer).strip().isdigit():
@@ -211,7 +245,14 @@ def _read_id_file(path: str) -> dict[int, list[int]]:
         if not good:
             raise ValueError(f"{where}: layer {layer}: expected a list of expert ids (integers >= 0), got {ids!r}")
         per_layer[int(layer)] = ids
-    return per_layer
+    return per_layer, ranked
+
+
+def _ranking(counts, where: str) -> list[int]:
+    """Expert ids by routing count, most routed first (ties: lower id first)."""
+    if not isinstance(counts, list) or not all(isinstance(c, int) and c >= 0 for c in counts):
+        raise ValueError(f"{where}: expected a list of routing counts (integers >= 0), got {counts!r}")
+    return sorted(range(len(counts)), key=lambda e: (-counts[e], e))
 
 
 def _parse_ids(text: str, flag: str) -> list[int]:
