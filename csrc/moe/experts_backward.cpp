@@ -34,14 +34,7 @@ void transpose_into(int M, int N, const float* in, float* out) {
 }  // namespace
 
 // One call of the exact backward (fp32 rows, any kernel), in the phases the packed backward books.
-struct ExpertsOp::ExactBackward {
-  ExpertsOp& op;
-  ThreadPool& pool;
-  const Routing& r;
-  const Activations& act;
-  const LoraFactors& lora;
-  const int H, I, I2, R;
-  const int64_t S;
+struct ExpertsOp::ExactBackward : PassContext {
   float* xg;                  // x rows [S, H]
   float* dyg;                 // dy rows [S, H]
   const float* gu = nullptr;  // pre-activations [S, 2I]: the cache's (widened from 24 bits) or recomputed
@@ -55,16 +48,7 @@ struct ExpertsOp::ExactBackward {
   float* dxg;                 // dx rows [S, H]
 
   ExactBackward(ExpertsOp& op, ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora)
-      : op(op),
-        pool(pool),
-        r(r),
-        act(act),
-        lora(lora),
-        H(op.w_.hidden),
-        I(op.w_.intermediate),
-        I2(2 * I),
-        R(lora.rank),
-        S(r.num_rows()) {
+      : PassContext(op, pool, r, act, lora) {
     ExpertsScratch& s = op.scratch_;
     xg = s.x_rows.get(S * H);
     h = s.h.get(S * I);
@@ -229,14 +213,7 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
 }
 
 // One call of the packed backward (bf16 weights and activations), phase by phase.
-struct ExpertsOp::PackedBackward {
-  ExpertsOp& op;
-  ThreadPool& pool;
-  const Routing& r;
-  const Activations& act;
-  const LoraFactors& lora;
-  const int H, I, I2, R;
-  const int64_t S;
+struct ExpertsOp::PackedBackward : PassContext {
   const int ldy, ldg;        // row strides of the dy and dgu panel rows
   ForwardCache kept;         // the forward's cache (act is bf16: the 24-bit planes), xa and ha
   bf16* dy16 = nullptr;      // dy rows [S + 32, ldy]
@@ -250,16 +227,7 @@ struct ExpertsOp::PackedBackward {
   bf16* dx16 = nullptr;      // dx rows [S, H]
 
   PackedBackward(ExpertsOp& op, ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora)
-      : op(op),
-        pool(pool),
-        r(r),
-        act(act),
-        lora(lora),
-        H(op.w_.hidden),
-        I(op.w_.intermediate),
-        I2(2 * I),
-        R(lora.rank),
-        S(r.num_rows()),
+      : PassContext(op, pool, r, act, lora),
         ldy(tile_row_stride((H + 31) / 32 * 32, 2)),
         ldg(tile_row_stride((I2 + 31) / 32 * 32, 2)) {}
 

@@ -220,7 +220,9 @@ class ExpertsOp {
   const void* down_weights(int e, int row) const;
   bool use_bf16_dot(DType act) const;
 
-  // One call of each long pass, as the phases it books with PhaseLaps (experts_backward.cpp, experts_packed.cpp).
+  // One call of each long pass, as the phases it books with PhaseLaps (experts_backward.cpp, experts_packed.cpp),
+  // on top of what every pass reads (PassContext, below the class).
+  struct PassContext;
   struct ExactBackward;
   struct PackedForward;
   struct PackedBackward;
@@ -234,6 +236,29 @@ class ExpertsOp {
   AlignedBuffer down_columns_, gate_up_columns_;  // the backward's column blocks of W_d and W_gu
   std::mutex call_mutex_;  // scratch_ serves one call at a time
   ExpertsScratch scratch_;
+};
+
+// What one call of a pass works on: the op, the pool, the routing, the inputs, the LoRA factors and the sizes.
+struct ExpertsOp::PassContext {
+  ExpertsOp& op;
+  ThreadPool& pool;
+  const Routing& r;
+  const Activations& act;
+  const LoraFactors& lora;
+  const int H, I, I2, R;  // hidden, intermediate, 2 * intermediate, LoRA rank
+  const int64_t S;        // routed rows of the call
+
+  PassContext(ExpertsOp& op, ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora)
+      : op(op),
+        pool(pool),
+        r(r),
+        act(act),
+        lora(lora),
+        H(op.w_.hidden),
+        I(op.w_.intermediate),
+        I2(2 * I),
+        R(lora.rank),
+        S(r.num_rows()) {}
 };
 
 }  // namespace kt

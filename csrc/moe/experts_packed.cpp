@@ -191,14 +191,7 @@ void ExpertsOp::gather_packed(ThreadPool& pool, const Routing& r, const void* sr
 }
 
 // One call of the packed forward, phase by phase.
-struct ExpertsOp::PackedForward {
-  ExpertsOp& op;
-  ThreadPool& pool;
-  const Routing& r;
-  const Activations& act;
-  const LoraFactors& lora;
-  const int H, I, I2, R;
-  const int64_t S;
+struct ExpertsOp::PackedForward : PassContext {
   const bool int8;                  // int8 activation rows (int8 or int4 weights)
   const bool int4;
   const int elem;                   // bytes per element of the activation rows
@@ -219,16 +212,7 @@ struct ExpertsOp::PackedForward {
 
   PackedForward(ExpertsOp& op, ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora,
                 float* cache)
-      : op(op),
-        pool(pool),
-        r(r),
-        act(act),
-        lora(lora),
-        H(op.w_.hidden),
-        I(op.w_.intermediate),
-        I2(2 * I),
-        R(lora.rank),
-        S(r.num_rows()),
+      : PassContext(op, pool, r, act, lora),
         int8(int_activations(op.pk_->format)),
         int4(op.pk_->format == PackedFormat::kInt4),
         elem(int8 ? 1 : 2),
