@@ -7,8 +7,11 @@ at a time, each with the same KV-cache size:
 - gpu:     every weight on the GPU (the speed ceiling, and the memory the others save);
 - offload: `--cpu-offload-gb X`, X = the bytes of the routed experts that `kt` keeps in host memory, so both
            hold the same weights on the GPU;
-- kt:      `--kt-experts --kt-experts-gpu-experts R` (R of each layer's experts on the GPU, the rest computed
-           on the CPU by kt-plugins), CUDA graphs on.
+- kt:      `--kt-experts --kt-experts-gpu-experts R` (the first R of each layer's experts on the GPU, the rest
+           computed on the CPU by kt-plugins), CUDA graphs on; it records the routing it serves
+           (`--kt-experts-record-routing`);
+- kt-hot:  the same number of experts on the GPU, chosen per layer as the most routed in kt's recording
+           (`--kt-experts-gpu-expert-ids <recording>`): what a user does after serving real traffic for a while.
 Per server: prefill tokens/s (2048-token prompts, one at a time, 1 new token), decode tokens/s with 1 stream and
 with 8 concurrent streams (short prompts, `--new-tokens` each, timed from each stream's first token to its last),
 the GPU memory the server reports after loading (from its log), and its start time.
@@ -36,12 +39,15 @@ from sglang_server import SGLangServer  # noqa: E402
 from shapes import SHAPES, build_config  # noqa: E402
 
 
+def routed_experts(config) -> int:
+    """E, the routed experts of each MoE layer."""
+    return getattr(config, "n_routed_experts", None) or config.num_experts
+
+
 def routed_expert_bytes(config) -> int:
     """bf16 bytes of every routed expert of the model: L x E x 3 x H x I x 2."""
-    E = getattr(config, "n_routed_experts", None) or config.num_experts
-    first_dense = getattr(config, "first_k_dense_replace", 0)
-    layers = config.num_hidden_layers - first_dense
-    return layers * E * 3 * config.hidden_size * config.moe_intermediate_size * 2
+    layers = config.num_hidden_layers - getattr(config, "first_k_dense_replace", 0)
+    return layers * routed_experts(config) * 3 * config.hidden_size * config.moe_intermediate_size * 2
 
 
 def prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
@@ -64,7 +70,8 @@ def measure(server: SGLangServer, vocab: int, new_tokens: int) -> dict:
         last = max(r[1] for r in runs)
         return sum(r[2] - 1 for r in runs) / max(last - first, 1e-9)
 
-    decode_rate(1)  # warm-up
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # warm-up (a few tokens: offload's are slow)
+        pool.submit(server.timed_stream, prompts(vocab, 1, 32, seed=3)[0], 8).result()
     return {"prefill_tok_s": prefill_tok_s, "decode_1_tok_s": decode_rate(1), "decode_8_tok_s": decode_rate(8)}
 
 
@@ -80,8 +87,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the real model's)")
     ap.add_argument("--gpu-experts", type=float, default=0.25, help="kt: ratio of each layer's experts on the GPU")
     ap.add_argument("--cpu-threads", type=int, default=None, help="kt: --kt-experts-cpu-threads")
-    ap.add_argument("--modes", default="gpu,offload,kt")
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--modes", default="gpu,offload,kt,kt-hot")
+    ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--max-total-tokens", type=int, default=65536, help="the KV cache of every server")
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--logs", type=Path, default=Path("bench_serve_logs"))
@@ -92,6 +99,11 @@ def main() -> None:
     checkpoint = a.checkpoint or Path("/tmp") / f"kt-bench-{a.shape}-{config.num_hidden_layers}"
     write_checkpoint(config, checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
     offload_gb = routed_expert_bytes(config) * (1 - a.gpu_experts) / 1e9
+    a.logs.mkdir(parents=True, exist_ok=True)
+    routing = (a.logs / "routing.json").resolve()  # written by kt while it serves, read by kt-hot
+    routing.unlink(missing_ok=True)
+    kt = ["--kt-experts"] + (["--kt-experts-cpu-threads", str(a.cpu_threads)] if a.cpu_threads else [])
+    hot = round(a.gpu_experts * routed_experts(config))
     common = [
         "--max-total-tokens",
         str(a.max_total_tokens),
@@ -103,8 +115,8 @@ def main() -> None:
     flags = {
         "gpu": [],
         "offload": ["--cpu-offload-gb", f"{offload_gb:.0f}"],
-        "kt": ["--kt-experts", "--kt-experts-gpu-experts", str(a.gpu_experts)]
-        + (["--kt-experts-cpu-threads", str(a.cpu_threads)] if a.cpu_threads else []),
+        "kt": [*kt, "--kt-experts-gpu-experts", str(a.gpu_experts), "--kt-experts-record-routing", str(routing)],
+        "kt-hot": [*kt, "--kt-experts-gpu-experts", str(hot), "--kt-experts-gpu-expert-ids", str(routing)],
     }
     results = {
         "command": " ".join(sys.argv),
@@ -116,6 +128,11 @@ def main() -> None:
         "runs": [],
     }
     for mode in a.modes.split(","):
+        if mode == "kt-hot" and not routing.exists():
+            row = {"mode": mode, "error": f"no routing recorded: {routing} (run the kt mode first)"}
+            results["runs"].append(row)
+            print(json.dumps(row), flush=True)
+            continue
         try:
             with SGLangServer(checkpoint, mode, common + flags[mode], a.logs, start_timeout=900) as server:
                 row = {"mode": mode, "start_s": server.started_s, **measure(server, config.vocab_size, a.new_tokens)}
@@ -140,14 +157,15 @@ def summarize(runs: list[dict]) -> None:
         print(
             f"{r['mode']:10s}{r['prefill_tok_s']:10.0f}{r['decode_1_tok_s']:11.1f}{r['decode_8_tok_s']:11.1f}{gib:>17s}"
         )
-    if "kt" in ok and "offload" in ok:
-        kt, off = ok["kt"], ok["offload"]
-        print(
-            f"kt / offload decode: x1 {kt['decode_1_tok_s'] / off['decode_1_tok_s']:.2f}, "
-            f"x8 {kt['decode_8_tok_s'] / off['decode_8_tok_s']:.2f} (target >= 1.5)"
-        )
-    if "kt" in ok and "gpu" in ok:
-        print(f"kt / gpu prefill: {ok['kt']['prefill_tok_s'] / ok['gpu']['prefill_tok_s']:.2f} (target >= 0.5)")
+    for name in ("kt", "kt-hot"):
+        if name in ok and "offload" in ok:
+            kt, off = ok[name], ok["offload"]
+            print(
+                f"{name} / offload decode: x1 {kt['decode_1_tok_s'] / off['decode_1_tok_s']:.2f}, "
+                f"x8 {kt['decode_8_tok_s'] / off['decode_8_tok_s']:.2f} (target >= 1.5)"
+            )
+        if name in ok and "gpu" in ok:
+            print(f"{name} / gpu prefill: {ok[name]['prefill_tok_s'] / ok['gpu']['prefill_tok_s']:.2f} (target >= 0.5)")
 
 
 if __name__ == "__main__":
