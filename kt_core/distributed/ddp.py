@@ -30,24 +30,37 @@ When the averaging happens, and why this way:
 - Like DDP without find_unused_parameters, every factor must receive a gradient in a syncing backward: a step
   where one did not is refused at the next forward, naming it, instead of stepping on gradients that differ
   between ranks.
+
+FSDP2 (kt_core.distributed.fsdp) keeps the same tensors out of its sharding (`ignored_params`) and the same averager
+averages the factors: there the decision is FSDP2's own gradient-sync flag (`set_requires_gradient_sync`, which
+accelerate's no_sync() sets), read from the FSDP2 module the hooked model is (`_engine_sync`).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["FROZEN_EXPERT_WEIGHTS", "ExpertLoraAverager", "ignore_frozen_experts", "prepare_data_parallel"]
+__all__ = [
+    "FROZEN_EXPERT_WEIGHTS",
+    "EngineSync",
+    "ExpertLoraAverager",
+    "ignore_frozen_experts",
+    "prepare_data_parallel",
+]
 
 logger = logging.getLogger(__name__)
 
 FROZEN_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
-_gloo_group = None  # this process's gloo group for the expert LoRA factors, made at the first DDP forward
+_gloo_group = None  # this process's gloo group for the expert LoRA factors, made at the first DDP / FSDP2 forward
 
 
 def _expert_lora_factors(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -90,7 +103,7 @@ def ignore_frozen_experts(model: nn.Module, *, expert_lora: bool = True) -> list
 
 class _State(enum.Enum):
     LOCAL = "local"  # gradients accumulate on this rank only (no DDP, or DDP inside no_sync())
-    ARMED = "armed"  # a syncing DDP forward ran: the coming backward averages the factors
+    ARMED = "armed"  # a syncing DDP / FSDP2 forward ran: the coming backward averages the factors
     DONE = "done"  # this step's factors are averaged; another gradient before the next forward is an error
 
 
@@ -101,7 +114,7 @@ class ExpertLoraAverager:
 
     Attributes:
         reductions: the all_reduce calls made so far (one per optimizer step under DDP).
-        broadcasts: the broadcasts of the factors from rank 0 (one, at the first DDP forward).
+        broadcasts: the broadcasts of the factors from rank 0 (one, at the first DDP / FSDP2 forward).
     """
 
     def __init__(self, model: nn.Module, factors: list[tuple[str, nn.Parameter]]):
@@ -113,13 +126,15 @@ class ExpertLoraAverager:
         self._ready: set[int] = set()
         self._trainable: set[int] = set()
         self._group = None
+        self._engine = "DDP"  # the data-parallel engine of the last syncing forward (for the messages)
+        self._window = None  # EngineSync.window, held from a syncing forward to the next forward
         self._hooked: set[int] = set()
         self._handles = [model.register_forward_pre_hook(self._on_forward)]
         self._hook_trainable()
 
     def _hook_trainable(self) -> None:
         """The gradient hook on every factor that trains (a frozen one takes no hook; one unfrozen later gets it
-        at the next DDP forward)."""
+        at the next DDP / FSDP2 forward)."""
         for p in self.factors:
             if p.requires_grad and id(p) not in self._hooked:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
@@ -127,6 +142,7 @@ class ExpertLoraAverager:
 
     def remove(self) -> None:
         """Takes the hooks off (the factors then accumulate local gradients only)."""
+        self._leave_window()
         for handle in self._handles:
             handle.remove()
         self._handles, self._hooked = [], set()
@@ -134,34 +150,37 @@ class ExpertLoraAverager:
     # ---- hooks ----------------------------------------------------------------------------------------------------
 
     def _on_forward(self, module, args) -> None:
+        self._leave_window()
         if not torch.is_grad_enabled():
             return
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel._active_ddp_module
-        if ddp is None:
+        engine = _engine_sync(module)
+        if engine is None:
             if self._state is not _State.ARMED:
                 self._state = _State.LOCAL
             return
+        self._engine = engine.name
         if self._state is _State.ARMED:
             lacking = self._trainable - self._ready
             missing = [n for n, p in zip(self.names, self.factors, strict=True) if id(p) in lacking]
             listed = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
             raise RuntimeError(
-                f"expert LoRA under DDP: the previous step's backward gave no gradient to {len(missing)} of "
+                f"expert LoRA under {engine.name}: the previous step's backward gave no gradient to {len(missing)} of "
                 f"{len(self._trainable)} expert LoRA factors ({listed}), "
                 "so their gradients were not averaged over the ranks. Like DDP without find_unused_parameters, "
                 "every trainable factor must take part in every step's loss (freeze the factors of experts that do "
                 "not: requires_grad_(False))."
             )
         if self._group is None:
-            self._group = _gloo_group_for(ddp)
+            self._group = _gloo_group_for(engine)
             self._broadcast()
         self._hook_trainable()
-        if ddp.require_backward_grad_sync:
+        if engine.syncs:
             self._trainable = {id(p) for p in self.factors if p.requires_grad}
             self._ready = set()
             self._state = _State.ARMED if self._trainable else _State.LOCAL
+            if self._state is _State.ARMED and engine.window is not None:
+                self._window = engine.window()
+                self._window.__enter__()
         else:
             self._state = _State.LOCAL
 
@@ -170,13 +189,19 @@ class ExpertLoraAverager:
             return
         if self._state is _State.DONE:
             raise RuntimeError(
-                "expert LoRA under DDP: a factor received a gradient after this step's averaging (a second "
-                "backward through one DDP forward, or a factor used twice in a backward); DDP allows neither"
+                f"expert LoRA under {self._engine}: a factor received a gradient after this step's averaging (a "
+                f"second backward through one {self._engine} forward, or a factor used twice in a backward); "
+                "DDP allows neither, and the factors are averaged as DDP's parameters"
             )
         self._ready.add(id(param))
         if len(self._ready) == len(self._trainable):
             self._average()
             self._state = _State.DONE
+
+    def _leave_window(self) -> None:
+        if self._window is not None:
+            window, self._window = self._window, None
+            window.__exit__(None, None, None)
 
     # ---- collectives ----------------------------------------------------------------------------------------------
 
@@ -213,18 +238,47 @@ class ExpertLoraAverager:
             self.reductions += 1
 
 
-def _gloo_group_for(ddp) -> object:
-    """The process's gloo group for the factors (made once); DDP's group must span every rank."""
+@dataclass(frozen=True)
+class EngineSync:
+    """What a data-parallel engine decided for the forward now running.
+
+    name: the engine, for messages ("DDP", "FSDP2"); syncs: its coming backward reduces gradients (False inside
+    DDP's no_sync(), or after FSDP2's set_requires_gradient_sync(False)); ranks: the ranks it averages over;
+    window: a context the averager holds from a syncing forward to the model's next forward: around the backward
+    that averages the factors, the gradient clipping and the optimizer step (entered outside the backward, since the
+    autograd engine restores the thread's state after it).
+    """
+
+    name: str
+    syncs: bool
+    ranks: int
+    window: Callable[[], AbstractContextManager] | None = None
+
+
+def _engine_sync(module: nn.Module) -> EngineSync | None:
+    """The engine running `module`'s forward now: DDP (around it), FSDP2 (applied to it), or None."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel._active_ddp_module
+    if ddp is not None:
+        return EngineSync("DDP", ddp.require_backward_grad_sync, ddp.process_group.size())
+    from kt_core.distributed.fsdp import fsdp2_sync
+
+    return fsdp2_sync(module)
+
+
+def _gloo_group_for(engine: EngineSync) -> object:
+    """The process's gloo group for the factors (made once); the engine's group must span every rank."""
     global _gloo_group
     world = dist.get_world_size()
-    if ddp.process_group.size() != world:
+    if engine.ranks != world:
         raise NotImplementedError(
-            f"expert LoRA under DDP: DDP averages over a group of {ddp.process_group.size()} of the {world} ranks; "
-            "the expert LoRA factors are averaged over every rank (DDP over the whole world only)"
+            f"expert LoRA under {engine.name}: {engine.name} averages over a group of {engine.ranks} of the {world} "
+            f"ranks; the expert LoRA factors are averaged over every rank ({engine.name} over the whole world only)"
         )
     if _gloo_group is None:
         _gloo_group = dist.new_group(backend="gloo")
-        logger.info("expert LoRA gradients averaged over a gloo group of %d ranks (outside DDP)", world)
+        logger.info("expert LoRA gradients averaged over a gloo group of %d ranks (outside %s)", world, engine.name)
     return _gloo_group
 
 

@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 
 from kt_core import ExpertTimer, KTExperts, resolve_kernel, speed_logs
 from kt_core import settings as checks
+from kt_core.distributed import prepare_fsdp2
 from kt_core.peft import warn_if_shape_dependent
 from kt_core.placement import PlacementRule, resolve_rule_file
 from kt_plugins.hf_trainer.convert import expert_lora_parameters, kt_prepare
@@ -199,6 +200,7 @@ class KTCallback(TrainerCallback):
             raise ValueError("KTCallback: the Trainer passed no model to on_init_end")
         _check_resume(args)
         kt_prepare(model, **self.options)
+        prepare_fsdp2(model)  # when the Trainer's accelerator runs FSDP: the experts stay out of FSDP2's sharding
         if self.loss_mode != "off" and self.efficient_loss is None:
             from kt_core import enable_efficient_loss
 

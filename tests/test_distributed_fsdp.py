@@ -1,0 +1,331 @@
+"""FSDP2 with the routed experts in host memory: the experts and their LoRA factors stay out of FSDP2's sharding
+(its ignored_params), the factors' gradients are averaged by ExpertLoraAverager, the FSDP settings we do not run
+are refused, naming the setting.
+
+The two-rank run drives the stock Trainer (`fsdp="full_shard"`, `fsdp_config={"fsdp_version": 2}`) over gloo on
+the CPU, through accelerate's own FSDP2 preparation (fully_shard with the plugin's ignored_modules, no_sync() by
+set_requires_gradient_sync, FSDP2 gradient clipping). accelerate (1.11) turns FSDP on for GPU-type runs only (on
+the CPU an Accelerator given an FSDP plugin runs DDP), so the training script gives the CPU run the state accelerate
+gives a GPU run (`_fsdp_on_the_cpu`); the GPU test runs the same script unchanged over NCCL.
+Legend of a report: losses / grad_norms = the Trainer's logged loss and gradient norm before clipping, per step;
+reductions / broadcasts = the averager's all_reduce calls (one per optimizer step) and broadcasts of the factors
+from rank 0 (one); sharded / unsharded = parameter names that are / are not DTensors after accelerate.prepare.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from integration_tests.test_distributed_trainer import free_port
+from kt_core.distributed import fsdp_ignored_params, prepare_data_parallel, prepare_fsdp2
+from kt_core.distributed.fsdp import check_fsdp_plugin
+from kt_core.settings import SettingError
+from tests.test_distributed import _one_rank_group, _tiny_with_expert_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+GLOBAL_BATCH = 4
+CLIP = 0.02
+
+pytestmark = pytest.mark.filterwarnings("ignore:Unsupported layer type")
+
+
+def _run(checkpoint: Path, out: Path, *, ranks: int, fsdp: bool, accumulate: int = 1, device: str = "cpu") -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(free_port())]
+    command = [*launcher, __file__, str(checkpoint), str(out), str(int(fsdp)), str(accumulate), device]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    report = json.loads((out / "report.json").read_text())
+    report["log"] = done.stdout + done.stderr
+    return report
+
+
+def _factors(out: Path, rank: int) -> dict[str, torch.Tensor]:
+    return torch.load(out / f"factors-{rank}.pt")
+
+
+def _check_two_ranks(one: dict, two: dict, out: Path) -> None:
+    assert len(one["losses"]) == len(two["losses"]) == STEPS
+    assert one["losses"][-1] != one["losses"][0]  # the curve moves: the comparison means something
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(two["grad_norms"]), torch.tensor(one["grad_norms"]), rtol=1e-5, atol=0)
+    assert two["engine"] == "FSDP2" and two["world_size"] == 2
+    assert two["reductions"] == STEPS and two["broadcasts"] == 1  # once per optimizer step, not per micro-batch
+    # The experts are not sharded: every tensor of theirs is whole on each rank; the attention LoRA is FSDP2's.
+    assert two["expert_tensors"] and not set(two["expert_tensors"]) & set(two["sharded"])
+    assert any(".self_attn." in n and "lora_A" in n for n in two["sharded"])
+    # The factors (trained, so moved from their start) are the same on both ranks, bit for bit.
+    first, second = _factors(out, 0), _factors(out, 1)
+    assert first.keys() == second.keys() and len(first) == 16  # 2 layers x 4 factors x (value, gradient)
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=0, atol=0, msg=name)
+    assert "FSDP2 leaves the 2 routed-experts modules unsharded (ignored_params)" in two["log"]
+
+
+def test_fsdp2_two_ranks_match_one_process(tmp_path):
+    from tests.tiny_models import build_tiny_model, save_fused_checkpoint
+
+    save_fused_checkpoint(build_tiny_model("qwen3_moe", num_layers=2), tmp_path / "ckpt")
+    one = _run(tmp_path / "ckpt", tmp_path / "one", ranks=1, fsdp=False)
+    two = _run(tmp_path / "ckpt", tmp_path / "two", ranks=2, fsdp=True)
+    _check_two_ranks(one, two, tmp_path / "two")
+
+
+def test_fsdp2_two_ranks_with_accumulation_and_clipping(tmp_path):
+    """Two micro-batches per step (accelerate's no_sync() = FSDP2's set_requires_gradient_sync(False) on the first)
+    and the norm clipped on every step: the norms agree only when the factors are averaged on the last micro-batch,
+    before the Trainer clips, and counted once (not per rank) in the clipped norm."""
+    from tests.tiny_models import build_tiny_model, save_fused_checkpoint
+
+    save_fused_checkpoint(build_tiny_model("qwen3_moe", num_layers=2), tmp_path / "ckpt")
+    one = _run(tmp_path / "ckpt", tmp_path / "one", ranks=1, fsdp=False, accumulate=2)
+    two = _run(tmp_path / "ckpt", tmp_path / "two", ranks=2, fsdp=True, accumulate=2)
+    assert min(one["grad_norms"]) > 5 * CLIP  # every step clipped: the norm decides the update
+    _check_two_ranks(one, two, tmp_path / "two")
+
+
+@pytest.mark.gpu
+def test_fsdp2_two_gpus_match_one_gpu(tmp_path):
+    """The same run on two GPUs (NCCL for FSDP2, gloo for the factors), accelerate unchanged."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    from tests.tiny_models import build_tiny_model, save_fused_checkpoint
+
+    save_fused_checkpoint(build_tiny_model("qwen3_moe", num_layers=2), tmp_path / "ckpt")
+    one = _run(tmp_path / "ckpt", tmp_path / "one", ranks=1, fsdp=False, accumulate=2, device="cuda")
+    two = _run(tmp_path / "ckpt", tmp_path / "two", ranks=2, fsdp=True, accumulate=2, device="cuda")
+    _check_two_ranks(one, two, tmp_path / "two")
+
+
+# ---- one rank: the hook-up and the refusals ----------------------------------------------------------------------
+
+
+def _shard(model, **kwargs):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer, **kwargs)
+    return fully_shard(model, **kwargs)
+
+
+def test_fsdp2_leaves_the_experts_whole_and_averages_once_per_step():
+    """fully_shard by hand with fsdp_ignored_params: the experts stay plain host tensors; two steps of two
+    micro-batches (set_requires_gradient_sync(False) on the first) give one broadcast and one all_reduce per step."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from kt_core import KTExperts
+
+    model = _tiny_with_expert_lora().train()
+    averager = prepare_data_parallel(model)
+    experts = [m for m in model.modules() if isinstance(m, KTExperts)]
+    ignored = fsdp_ignored_params(model)
+    assert ignored == {p for m in experts for p in m.parameters()} and len(ignored) == 12
+    ids = torch.randint(3, 64, (4, 2, 8), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    with _one_rank_group():
+        _shard(model, ignored_params=ignored)
+        assert all(not isinstance(p, DTensor) for p in ignored)
+        assert isinstance(model.model.layers[0].self_attn.q_proj.weight, DTensor)
+        dist.all_reduce = counting_all_reduce
+        try:
+            for step in range(2):
+                model.set_requires_gradient_sync(False)
+                model(input_ids=ids[2 * step], labels=ids[2 * step]).loss.backward()
+                model.set_requires_gradient_sync(True)
+                assert averager.reductions == step  # accumulating: nothing reduced
+                model(input_ids=ids[2 * step + 1], labels=ids[2 * step + 1]).loss.backward()
+                assert averager.reductions == step + 1
+                model.zero_grad(set_to_none=True)
+        finally:
+            dist.all_reduce = real_all_reduce
+        assert averager.broadcasts == 1
+        assert calls.count(sum(p.numel() for p in averager.factors)) == 2
+
+
+def test_fsdp2_sharding_the_experts_is_refused_at_the_first_forward():
+    model = _tiny_with_expert_lora().train()
+    prepare_data_parallel(model)
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with _one_rank_group():
+        _shard(model)
+        with pytest.raises(SettingError, match=r"FSDP2 ignored_params: FSDP2 shards 12 tensors of the routed experts"):
+            model(input_ids=ids, labels=ids)
+
+
+def test_fsdp2_cpu_offload_is_refused_at_the_first_forward():
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    model = _tiny_with_expert_lora().train()
+    prepare_data_parallel(model)
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with _one_rank_group():
+        _shard(model, ignored_params=fsdp_ignored_params(model), offload_policy=CPUOffloadPolicy(pin_memory=False))
+        with pytest.raises(SettingError, match=r"FSDP cpu_offload: got CPUOffloadPolicy"):
+            model(input_ids=ids, labels=ids)
+
+
+@pytest.mark.gpu
+def test_fsdp1_is_refused_at_the_first_forward():
+    """FSDP1 wraps modules on an accelerator only ("FSDP needs a non-CPU accelerator device" on the CPU)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = _tiny_with_expert_lora().train()
+    prepare_data_parallel(model)
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with _one_rank_group():
+        attn = model.model.layers[0].self_attn
+        model.model.layers[0].self_attn = FullyShardedDataParallel(attn, device_id=torch.cuda.current_device())
+        with pytest.raises(SettingError, match=r"FSDP fsdp_version: got 1 \(FullyShardedDataParallel"):
+            model(input_ids=ids, labels=ids)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"fsdp_version": 1}, r"FSDP fsdp_version: got 1, expected 2\..*fsdp_config=\{\"fsdp_version\": 2\}"),
+        ({"cpu_offload": True}, r"FSDP cpu_offload: got True, expected False\..*FSDP_OFFLOAD_PARAMS=false"),
+        ({"cpu_ram_efficient_loading": True}, r"FSDP cpu_ram_efficient_loading: got True, expected False\."),
+    ],
+)
+def test_accelerate_fsdp_settings_we_do_not_run_are_refused(setting, message):
+    plugin = SimpleNamespace(**{"fsdp_version": 2, "cpu_offload": False, "cpu_ram_efficient_loading": False, **setting})
+    with pytest.raises(SettingError, match=message):
+        check_fsdp_plugin(plugin)
+    with pytest.raises(SettingError, match=message):
+        prepare_fsdp2(_tiny_with_expert_lora(), plugin)
+
+
+def test_prepare_fsdp2_adds_the_experts_to_accelerates_ignored_modules():
+    from kt_core import KTExperts
+
+    model = _tiny_with_expert_lora()
+    own = model.model.embed_tokens
+    plugin = SimpleNamespace(fsdp_version=2, cpu_offload=False, cpu_ram_efficient_loading=False, ignored_modules=[own])
+    averager = prepare_fsdp2(model, plugin)
+    assert averager is model.kt_lora_averager
+    experts = [m for m in model.modules() if isinstance(m, KTExperts)]
+    assert plugin.ignored_modules == [own, *experts]
+    prepare_fsdp2(model, plugin)  # idempotent
+    assert plugin.ignored_modules == [own, *experts]
+    assert prepare_fsdp2(model) is None  # no accelerator running FSDP in this process: nothing to do
+
+
+# ---- the training script (one process, or each torchrun worker) ---------------------------------------------------
+
+
+def _fsdp_on_the_cpu() -> None:
+    """Gives a CPU run the accelerator state a GPU run gets from an FSDP plugin (accelerate 1.11 sets
+    DistributedType.FSDP and keeps the plugin only for GPU-type runs; everything after that is accelerate's own)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def fsdp_init(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = fsdp_init
+
+
+def _train(checkpoint: str, out: str, fsdp: str, accumulate: str, device: str) -> None:
+    import logging
+
+    import peft
+    import torch.distributed as dist
+    import transformers
+    from torch.distributed.tensor import DTensor
+
+    import kt_core
+    from kt_core import KTExperts
+    from kt_plugins.hf_trainer import KTCallback
+    from tests.tiny_models import randomize_lora, token_dataset, trainer_args
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    on_cpu = device == "cpu"
+    if fsdp == "1" and on_cpu:
+        _fsdp_on_the_cpu()
+    model = kt_core.load_model(checkpoint, device="cpu", progress=False).train()
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    model = randomize_lora(peft.get_peft_model(model, config))
+    micro_batches = int(accumulate)
+    fsdp_args = (
+        {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True}} if fsdp == "1" else {}
+    )
+    args = trainer_args(
+        out,
+        max_steps=STEPS,
+        per_device_train_batch_size=GLOBAL_BATCH // world // micro_batches,
+        gradient_accumulation_steps=micro_batches,
+        max_grad_norm=CLIP if micro_batches > 1 else 1.0,
+        logging_steps=1,
+        use_cpu=on_cpu,
+        ddp_backend=("gloo" if on_cpu else "nccl") if world > 1 else None,
+        **fsdp_args,
+    )
+    factors: dict[str, torch.Tensor] = {}
+
+    class LastGradients(transformers.TrainerCallback):
+        """The factors' gradients the optimizer steps on (after averaging and clipping), at the last step."""
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            factors.update({f"{n}.grad": p.grad.clone() for n, p in model.named_parameters() if ".experts.lora." in n})
+
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=token_dataset(n=32),
+        callbacks=[KTCallback(cpu_infer=None), LastGradients()],
+    )
+    trainer.train()
+    experts = [
+        f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, KTExperts) for p, _ in m.named_parameters()
+    ]
+    factors.update({f"{n}.value": p.detach().clone() for n, p in model.named_parameters() if ".experts.lora." in n})
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(factors, Path(out, f"factors-{rank}.pt"))
+    if trainer.is_world_process_zero():
+        report = {
+            "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+            "grad_norms": [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e],
+            "reductions": model.kt_lora_averager.reductions,
+            "broadcasts": model.kt_lora_averager.broadcasts,
+            "engine": model.kt_lora_averager._engine if world > 1 else None,
+            "world_size": trainer.args.world_size,
+            "expert_tensors": experts,
+            "sharded": [n for n, p in model.named_parameters() if isinstance(p, DTensor)],
+        }
+        Path(out, "report.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    _train(*sys.argv[1:6])
