@@ -96,8 +96,6 @@ def main() -> None:
     a = ap.parse_args()
 
     config = build_config(False, a.layers, a.shape)
-    if config.model_type.startswith("deepseek"):
-        config.moe_layer_freq = 1  # in DeepSeek's own config.json, read by SGLang; transformers' config drops it
     checkpoint = a.checkpoint or Path("/tmp") / f"kt-bench-{a.shape}-{config.num_hidden_layers}"
     write_checkpoint(config, checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
     offload_gb = routed_expert_bytes(config) * (1 - a.gpu_experts) / 1e9
