@@ -207,6 +207,7 @@ class KTExpertsMethod(KTEPWrapperMethod):
             # Pinned buffers now, before SGLang captures any CUDA graph (no pinning is allowed during a capture).
             arenas = _arenas(layer.hidden_size, layer.top_k, _activation_dtype(self.cpu_experts, self.params_dtype))
             self._stream_ordered = StreamOrderedForward(self.cpu_experts, arenas)
+            self.cpu_experts.operator()  # the native operator now: a missing build stops the load, not a capture
             _side_stream(torch.device("cuda", torch.cuda.current_device()))  # made outside captures as well
 
     # ---- compute -------------------------------------------------------------------------------------
