@@ -6,7 +6,7 @@ The two-rank run drives the stock Trainer (`fsdp="full_shard"`, `fsdp_config={"f
 the CPU, through accelerate's own FSDP2 preparation (fully_shard with the plugin's ignored_modules, no_sync() by
 set_requires_gradient_sync, FSDP2 gradient clipping). accelerate (1.11) turns FSDP on for GPU-type runs only (on
 the CPU an Accelerator given an FSDP plugin runs DDP), so the training script gives the CPU run the state accelerate
-gives a GPU run (`_fsdp_on_the_cpu`); the GPU test runs the same script unchanged over NCCL.
+gives a GPU run (`tests.distributed_helpers.fsdp_on_the_cpu`); the GPU test runs the same script unchanged over NCCL.
 Legend of a report: losses / grad_norms = the Trainer's logged loss and gradient norm before clipping, per step;
 reductions / broadcasts = the averager's all_reduce calls (one per optimizer step) and broadcasts of the factors
 from rank 0 (one); sharded / unsharded = parameter names that are / are not DTensors after accelerate.prepare.
@@ -24,10 +24,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from integration_tests.test_distributed_trainer import free_port
 from kt_core.distributed import fsdp_ignored_params, prepare_data_parallel, prepare_fsdp2
 from kt_core.distributed.fsdp import check_fsdp_plugin
 from kt_core.settings import SettingError
+from tests.distributed_helpers import free_port, fsdp_on_the_cpu
 from tests.test_distributed import _one_rank_group, _tiny_with_expert_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,23 +233,6 @@ def test_prepare_fsdp2_adds_the_experts_to_accelerates_ignored_modules():
 # ---- the training script (one process, or each torchrun worker) ---------------------------------------------------
 
 
-def _fsdp_on_the_cpu() -> None:
-    """Gives a CPU run the accelerator state a GPU run gets from an FSDP plugin (accelerate 1.11 sets
-    DistributedType.FSDP and keeps the plugin only for GPU-type runs; everything after that is accelerate's own)."""
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    init = AcceleratorState.__init__
-
-    def fsdp_init(self, *args, fsdp_plugin=None, **kwargs):
-        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin
-
-    AcceleratorState.__init__ = fsdp_init
-
-
 def _train(checkpoint: str, out: str, fsdp: str, accumulate: str, device: str) -> None:
     import logging
 
@@ -267,7 +250,7 @@ def _train(checkpoint: str, out: str, fsdp: str, accumulate: str, device: str) -
     world = int(os.environ.get("WORLD_SIZE", "1"))
     on_cpu = device == "cpu"
     if fsdp == "1" and on_cpu:
-        _fsdp_on_the_cpu()
+        fsdp_on_the_cpu()
     model = kt_core.load_model(checkpoint, device="cpu", progress=False).train()
     config = peft.LoraConfig(
         r=4,

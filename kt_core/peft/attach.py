@@ -11,6 +11,7 @@ Legend: E = experts, H = hidden, I = expert intermediate, r = rank.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -146,6 +147,28 @@ def install_peft_state_dict_hooks(
 
     experts.register_state_dict_post_hook(save_hook)
     experts.register_load_state_dict_pre_hook(load_hook)
+    # torch.distributed.checkpoint (accelerate's FSDP2 get_state_dict, the Trainer's save under FSDP2) resolves every
+    # state-dict key as an attribute path from the root; the PEFT keys above name no attribute of KTExperts, so its
+    # `_fqn_modifiers` hook sends the walk through a tree of the same names.
+    experts.kt_peft_keys = _peft_key_tree(len(chain), adapter_name)
+    experts._fqn_modifiers = _peft_fqn_modifiers
+
+
+def _peft_key_tree(depth: int, adapter_name: str) -> SimpleNamespace:
+    """`[base_layer.]*lora_{A,B}.<adapter>.weight` as attributes, `depth` wrappers deep."""
+    tree = None
+    for _ in range(depth):
+        node = SimpleNamespace(
+            **{which: SimpleNamespace(**{adapter_name: SimpleNamespace(weight=None)}) for which in ("lora_A", "lora_B")}
+        )
+        if tree is not None:
+            node.base_layer = tree
+        tree = node
+    return tree
+
+
+def _peft_fqn_modifiers() -> dict[str, str]:
+    return {"lora_A": "kt_peft_keys", "lora_B": "kt_peft_keys", "base_layer": "kt_peft_keys"}
 
 
 def _drop_lora(experts: KTExperts) -> None:

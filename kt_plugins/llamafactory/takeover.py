@@ -7,8 +7,10 @@
   stock PEFT, chat / api / webchat engine and export all stay LLaMA-Factory's.
 - `llamafactory.model.loader`: `load_model` builds the model through kt_core when the settings ask for it.
 - `llamafactory.train.tuner`: `_training_function` gets one more Trainer callback, which, for a model with
-  CPU experts (and for no other), checks the checkpoint the run resumes from and adds `kt_tokens_per_s` and
-  `kt_cpu_expert_share` to the training logs.
+  CPU experts (and for no other), checks the checkpoint the run resumes from, keeps the experts out of FSDP2's
+  sharding when the Trainer's accelerator runs FSDP (`accelerate launch` with an FSDP config, or `fsdp` /
+  `fsdp_config` in the YAML; kt_core.distributed.prepare_fsdp2, as KTCallback does) and adds `kt_tokens_per_s`
+  and `kt_cpu_expert_share` to the training logs.
 """
 
 from __future__ import annotations
@@ -160,10 +162,12 @@ def patch_tuner(tuner_module) -> None:
 
 
 def _training_callback():
-    """A Trainer callback for use_kt runs: the resume check, and kt_tokens_per_s / kt_cpu_expert_share."""
+    """A Trainer callback for use_kt runs: the resume check, FSDP2's ignored experts, and kt_tokens_per_s /
+    kt_cpu_expert_share."""
     from transformers import TrainerCallback
 
     from kt_core import ExpertTimer, KTExperts, speed_logs
+    from kt_core.distributed import prepare_fsdp2
     from kt_core.loading import check_training_checkpoint
     from kt_core.peft import expert_lora_parameters, warn_if_shape_dependent
 
@@ -177,6 +181,7 @@ def _training_callback():
             # Trainer loads it, so that a folder left by a killed save is named with the last good one.
             if args.do_train and isinstance(args.resume_from_checkpoint, str):
                 check_training_checkpoint(args.resume_from_checkpoint)
+            prepare_fsdp2(model)  # before the Trainer's accelerator prepares the model; nothing without FSDP
             self.timer = ExpertTimer(model)
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
