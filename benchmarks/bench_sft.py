@@ -1,8 +1,8 @@
 """LoRA fine-tuning as users run it: the stock HF Trainer or stock LLaMA-Factory from a checkpoint on disk,
 kt-plugins against the same framework fully on the GPU, every mode measured in the same command.
 
-One checkpoint (random bf16 weights of a real shape, written once and reused), LoRA r=8 on attention and on
-the routed experts, bf16, gradient checkpointing, the Trainer's default optimizer (fused AdamW), random token
+One checkpoint (random weights of a real shape, written once, shard by shard, and reused), LoRA r=8 on attention and
+on the routed experts, bf16, gradient checkpointing, the Trainer's default optimizer (fused AdamW), random token
 rows of `--seq` tokens. Modes (each in its own process, so each peak is its own):
 
   gpu          AutoModelForCausalLM.from_pretrained(device_map="cuda") + PEFT + Trainer: the baseline,
@@ -12,6 +12,8 @@ rows of `--seq` tokens. Modes (each in its own process, so each peak is its own)
   kt-cpu       kt_core.load_model + PEFT + Trainer(callbacks=[KTCallback()]): routed experts on the CPU
   kt-stream    the same with KTCallback(expert_gpu_memory=--expert-gpu-memory): experts streamed to the GPU / split
                by the planner; kt-stream-int8 streams int8 copies
+  kt-stream-gpu  every expert streamed, none on the CPU: enable_streaming's mode "gpu" with slots that hold a whole
+               layer (2 x E experts of GPU memory, no residents; --expert-gpu-memory does not apply)
 
   lf-gpu       LLaMA-Factory's own `run_exp` (what `llamafactory-cli train` calls) on the YAML keys of an SFT
                run (`lora_target: all`, bf16, its default optimizer and gradient checkpointing), all on the GPU
@@ -21,16 +23,35 @@ rows of `--seq` tokens. Modes (each in its own process, so each peak is its own)
   LLaMA-Factory modes train on generated long records truncated to `cutoff_len: --seq` (every sequence
   exactly --seq tokens); the checkpoint gets a small byte-level tokenizer for them.
 
+--expert-dtype fp8 writes the checkpoint as DeepSeek-V3 ships it: every projection (routed experts per expert,
+`model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`) in float8_e4m3fn with its 128 x 128 `weight_scale_inv`,
+DeepSeek's `quantization_config` in config.json; the same random weights as the bf16 checkpoint, quantized. kt modes
+load it with `kt_core.load_model(..., expert_dtype="fp8")` (experts kept FP8 in host RAM, half of bf16's bytes);
+kt-stream modes load the experts dequantized to bf16 while a GPU share takes no fp8 weights (the output says so);
+the gpu modes load a bf16-dequantized copy (load_dequantized: transformers' FP8 modules do not train); LLaMA-Factory
+modes are refused.
+
+--tokens-per-step 2048,8192,32768 runs every mode at each size (sequences of --seq tokens, batch = size / seq) and
+adds per size the tokens/s, peak GPU memory, the split and the largest loss-curve difference between modes.
+
 Reported per mode: tokens/s (median step after --warmup steps, timed between the Trainer's step callbacks,
 tokens counted by the Trainer's `include_num_input_tokens_seen`),
 peak GPU memory (torch.cuda.max_memory_allocated over training) and, for the kt modes, the peak the memory plan
-gave before the run ("planned", kt_core.streaming.memory_plan), the loss curve, kt's split line.
+gave before the run ("planned", kt_core.streaming.memory_plan), the loss curve, kt's speed logs and the split of a
+step (`split`: median CPU operator / PCIe copy / GPU expert seconds per step, with the streaming runtime's own
+"streaming step N: ..." lines in `split_lines`).
 
     python benchmarks/bench_sft.py --shape dsv2-lite --batch 16 --modes gpu,gpu-loss,kt-stream --out sft.json
     python benchmarks/bench_sft.py --shape qwen3-30b-a3b --batch 8 --checkpoint /data/q3 --expert-gpu-memory 12GiB
     python benchmarks/bench_sft.py --layers 8 --batch 8 --modes lf-gpu,lf-kt-stream --expert-gpu-memory 4GiB
-    python benchmarks/bench_sft.py --shape deepseek-v3 --batch 2 --seq 4096 --modes gpu-loss,kt-cpu,kt-stream
+    # DeepSeek-V3 full width, 3 dense + 2 MoE layers (bf16 checkpoint 53 GB; experts 45 GB + their packed copy in RAM)
+    python benchmarks/bench_sft.py --shape deepseek-v3 --layers 5 --seq 2048 --tokens-per-step 2048,8192,32768 \
+        --modes gpu-loss,kt-cpu,kt-stream,kt-stream-gpu --expert-gpu-memory 48GiB --out dsv3-bf16.json
+    # the same weights as shipped in FP8 (28 GB on disk; 7 layers, 4 of them MoE, fit 64 GB of disk: 52 GB)
+    python benchmarks/bench_sft.py --shape deepseek-v3 --layers 5 --expert-dtype fp8 --seq 2048 \
+        --tokens-per-step 2048,8192,32768 --modes gpu-loss,kt-cpu,kt-stream --out dsv3-fp8.json
     python benchmarks/bench_sft.py --small --modes gpu,kt-cpu,lf-kt-cpu --device cpu   # tiny shapes, smoke test
+    python benchmarks/bench_sft.py --small --shape deepseek-v3 --expert-dtype fp8 --modes gpu,kt-cpu --device cpu
 """
 
 from __future__ import annotations
@@ -52,36 +73,219 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from shapes import EXPERT_TARGETS, SHAPES, attention_targets, build_config
 
-TRAINER_MODES = ("gpu", "gpu-loss", "kt-cpu", "kt-stream", "kt-stream-int8")
+TRAINER_MODES = ("gpu", "gpu-loss", "kt-cpu", "kt-stream", "kt-stream-int8", "kt-stream-gpu")
 LLAMAFACTORY_MODES = ("lf-gpu", "lf-gpu-liger", "lf-kt-cpu", "lf-kt-stream")
 MODES = TRAINER_MODES + LLAMAFACTORY_MODES
+EXPERT_DTYPES = ("bf16", "fp8")
+FP8_BLOCK = (128, 128)
+# quantization_config as deepseek-ai/DeepSeek-V3's config.json carries it
+FP8_QUANTIZATION = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [128, 128],
+}
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def write_checkpoint(config, path: Path, device: str) -> None:
-    """Random-init weights of `config` saved as transformers saves them (built on `device`: fast init)."""
+def checkpoint_tensors(config) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of `config`'s checkpoint as transformers saves it (routed experts per expert: DeepSeek's
+    `model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`), from a model built on the meta device."""
     from transformers import AutoModelForCausalLM
 
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    out = []
+    for key, t in model.state_dict().items():
+        prefix, _, name = key.rpartition(".")
+        if prefix.endswith(".experts") and name == "gate_up_proj":  # [E, 2I, H]
+            E, two_I, H = t.shape
+            for e in range(E):
+                out += [(f"{prefix}.{e}.{p}_proj.weight", (two_I // 2, H)) for p in ("gate", "up")]
+                out.append((f"{prefix}.{e}.down_proj.weight", (H, two_I // 2)))  # down_proj [E, H, I]
+        elif not (prefix.endswith(".experts") and name == "down_proj"):
+            out.append((key, tuple(t.shape)))
+    return out
+
+
+def is_fp8_weight(key: str, shape: tuple[int, ...]) -> bool:
+    """What DeepSeek-V3's release stores in FP8: every 2-D projection (attention, dense and shared MLPs, routed
+    experts); the embeddings, the LM head, the router and the norms stay bf16."""
+    module, _, name = key.rpartition(".")
+    return len(shape) == 2 and name == "weight" and "_proj" in module.rpartition(".")[2]  # kv_a_proj_with_mqa too
+
+
+def _random_tensor(key: str, shape: tuple[int, ...], std: float, gen: torch.Generator, device: str) -> torch.Tensor:
+    """Random init as transformers' (normal(0, initializer_range); norms 1, biases 0), drawn from `gen`."""
+    if len(shape) == 1:
+        fill = 1.0 if key.endswith(".weight") else 0.0
+        return torch.full(shape, fill, dtype=torch.bfloat16, device=device)
+    return torch.empty(shape, dtype=torch.bfloat16, device=device).normal_(0.0, std, generator=gen)
+
+
+def write_checkpoint(
+    config,
+    path: Path,
+    device: str,
+    expert_dtype: str = "bf16",
+    *,
+    block: tuple[int, int] = FP8_BLOCK,
+    shard_bytes: int = 4 * 2**30,
+    tokenizer: bool = True,
+    progress: bool = True,
+) -> None:
+    """Random weights of `config` written shard by shard (one shard in host RAM at a time), as transformers saves
+    them; with expert_dtype="fp8", as DeepSeek-V3 ships: projections in e4m3 with 128 x 128 `weight_scale_inv`
+    block scales beside them and DeepSeek's `quantization_config` in config.json.
+
+    The weights are drawn on `device` (fast on a GPU) from one generator seeded by the checkpoint's tensor names,
+    so the bf16 and the fp8 checkpoint of one config hold the same weights, the fp8 one quantized. Written into a
+    temp folder next to `path`, renamed to `path` at the end; an existing `path` is reused.
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from kt_core.loading.fp8 import quantize_fp8_blockwise
+
     if (path / "config.json").exists():
+        quantized = "quantization_config" in json.loads((path / "config.json").read_text())
+        if quantized != (expert_dtype == "fp8"):
+            raise SystemExit(
+                f"checkpoint {path} is {'FP8' if quantized else 'bf16'}, --expert-dtype is {expert_dtype}: "
+                "give another --checkpoint (or delete this one)"
+            )
         print(f"checkpoint: reusing {path}", flush=True)
         return
-    sys.path.insert(0, str(EXAMPLES / "tiny_moe"))
-    from make_checkpoint import build_tokenizer
-
     t0 = time.perf_counter()
-    tokenizer = build_tokenizer(config.vocab_size)  # small: trained on the bundled dataset
-    config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config.pad_token_id = tokenizer.pad_token_id
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if tokenizer:
+        sys.path.insert(0, str(EXAMPLES / "tiny_moe"))
+        from make_checkpoint import build_tokenizer
+
+        tok = build_tokenizer(config.vocab_size)  # small: trained on the bundled dataset
+        config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+        config.pad_token_id = tok.pad_token_id
+    fp8 = expert_dtype == "fp8"
+    tensors = checkpoint_tensors(config)
+
+    def nbytes(key, shape):
+        n = torch.Size(shape).numel()
+        if fp8 and is_fp8_weight(key, shape):
+            return n + 4 * -(-shape[0] // block[0]) * -(-shape[1] // block[1])
+        return 2 * n
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-    model.save_pretrained(tmp, max_shard_size="5GB")
-    tokenizer.save_pretrained(tmp)
-    del model
+    gen = torch.Generator(device=device).manual_seed(0)
+    std = getattr(config, "initializer_range", 0.02)
+    shards: list[list[str]] = []
+    shard: dict[str, torch.Tensor] = {}
+    held = total = 0
+
+    def flush():
+        nonlocal shard, held
+        if shard:
+            save_file(shard, tmp / f"shard-{len(shards):05d}.safetensors", metadata={"format": "pt"})
+            shards.append(list(shard))
+            shard, held = {}, 0
+
+    bar = tqdm(total=sum(nbytes(k, s) for k, s in tensors), unit="B", unit_scale=True, disable=not progress)
+    bar.set_description(f"Writing {path.name} ({expert_dtype})")
+    for key, shape in tensors:
+        w = _random_tensor(key, shape, std, gen, device)
+        out = {key: w}
+        if fp8 and is_fp8_weight(key, shape):
+            q, scale_inv = quantize_fp8_blockwise(w, block)
+            out = {key: q, key + "_scale_inv": scale_inv}
+        for k, t in out.items():
+            shard[k] = t.cpu()
+            held += t.numel() * t.element_size()
+        total += nbytes(key, shape)
+        bar.update(nbytes(key, shape))
+        if held >= shard_bytes:
+            flush()
+    flush()
+    bar.close()
+    weight_map = {}
+    for i, keys in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(tmp / f"shard-{i:05d}.safetensors", tmp / name)
+        weight_map.update(dict.fromkeys(keys, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    config.save_pretrained(tmp)
+    if fp8:
+        saved = json.loads((tmp / "config.json").read_text())
+        saved["quantization_config"] = {**FP8_QUANTIZATION, "weight_block_size": list(block)}
+        (tmp / "config.json").write_text(json.dumps(saved, indent=2))
+    if tokenizer:
+        tok.save_pretrained(tmp)
     os.replace(tmp, path)
-    print(f"checkpoint: wrote {path} in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"checkpoint: wrote {path} ({total / 1e9:.1f} GB, {len(shards)} shards) in {time.perf_counter() - t0:.0f} s")
+
+
+def load_dequantized(path: Path, device: str, dtype: torch.dtype = torch.bfloat16):
+    """transformers' model of an FP8 checkpoint with every weight dequantized to `dtype` (kt_core.loading.fp8, the
+    dequantization kt_core.load_model applies), built on `device` and filled tensor by tensor from the shards.
+
+    The GPU baseline's load of an FP8 checkpoint: transformers' own FP8 integration (FineGrainedFP8HfQuantizer)
+    keeps FP8Linear / FP8Experts modules that do not train (its `is_trainable` is False, so the Trainer refuses
+    the model), its `dequantize=True` path refuses weights that are not whole 128 x 128 blocks (DeepSeek-V3's
+    kv_a_proj_with_mqa has 576 rows), and it imports triton, which a CPU build of torch lacks (transformers 5.6).
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kt_core.loading.fp8 import dequantize_fp8_blockwise, fp8_block_size
+
+    config_dict = json.loads((path / "config.json").read_text())
+    block = fp8_block_size(config_dict) or FP8_BLOCK
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = model.state_dict()
+    index = path / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
+    filled: dict[str, int] = {}
+    with torch.no_grad():
+        for file in files:
+            with safe_open(path / file, "pt", device="cpu") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    if key.endswith("_scale_inv"):
+                        continue
+                    w = f.get_tensor(key)
+                    if w.dtype == torch.float8_e4m3fn:
+                        w = dequantize_fp8_blockwise(w.to(device), f.get_tensor(key + "_scale_inv"), block, dtype)
+                    prefix, _, rest = key.partition(".experts.")
+                    if rest:  # per expert: into the fused gate_up_proj [E, 2I, H] / down_proj [E, H, I]
+                        e, proj, _ = rest.split(".", 2)
+                        fused = f"{prefix}.experts.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+                        I = state[fused].shape[1] // 2
+                        rows = {"gate_proj": slice(0, I), "up_proj": slice(I, 2 * I), "down_proj": slice(None)}[proj]
+                        state[fused][int(e), rows].copy_(w)
+                        filled[fused] = filled.get(fused, 0) + (2 if proj == "down_proj" else 1)
+                    else:
+                        state[key].copy_(w)
+                        filled[key] = 2
+    # every tensor once; a fused experts tensor once per expert and projection (gate and up halves count 1 each)
+    missing = [k for k, t in state.items() if filled.get(k, 0) != (2 * t.shape[0] if ".experts." in k else 2)]
+    if missing:
+        raise SystemExit(f"{path}: {len(missing)} weights not in the checkpoint, e.g. {missing[:3]}")
+    return model.eval()
+
+
+def fp8_streaming_supported() -> bool:
+    """Whether a GPU share takes fp8 expert weights (KTExperts.attach_gpu_share refused them when this was written)."""
+    from kt_core import KTExperts
+
+    try:
+        KTExperts(2, 64, 32, dtype=torch.float8_e4m3fn).attach_gpu_share(object())
+    except NotImplementedError:
+        return False
+    return True
 
 
 class StepMeter:
@@ -122,6 +326,8 @@ class StepMeter:
         self._seen = 0
         self._profiler = None
         self.logs: list[dict] = []
+        self.split_lines: list[str] = []
+        logging.getLogger("kt_core.streaming").addHandler(SplitLines(self.split_lines))
         self.callback = _Callback()
 
     def _sync(self) -> None:
@@ -134,6 +340,9 @@ class StepMeter:
         timed = list(zip(self.step_s, self.step_tokens, strict=True))[warmup:]
         step_s = statistics.median(t for t, _ in timed)
         plan = last_plan()  # kt modes: the GPU memory plan made before the run, to set beside the measured peak
+        kt_logs = [
+            {k: v for k, v in log.items() if k.startswith("kt_")} for log in self.logs if "kt_tokens_per_s" in log
+        ]
         return dict(
             mode=mode,
             step_ms=step_s * 1e3,
@@ -143,11 +352,48 @@ class StepMeter:
             peak_gib=torch.cuda.max_memory_allocated() / 2**30 if self.cuda else float("nan"),
             planned_gib=plan.peak / 2**30 if plan is not None else None,
             losses=[log["loss"] for log in self.logs if "loss" in log],
-            kt_logs=[
-                {k: v for k, v in log.items() if k.startswith("kt_")} for log in self.logs if "kt_tokens_per_s" in log
-            ],
+            kt_logs=kt_logs,
+            split=step_split(kt_logs[warmup:], [t for t, _ in timed]) if kt_logs else None,
+            split_lines=list(self.split_lines),
             **extra,
         )
+
+
+def step_split(kt_logs: list[dict], step_s: list[float]) -> dict:
+    """Median per timed step of where the experts' time went, from the logs KTCallback adds (logging_steps=1):
+    with streaming, the runtime's CPU operator / PCIe copy / GPU expert seconds and the CPU's share of the routed
+    slots (kt_stream_*); without, the CPU operator's seconds (kt_cpu_expert_share of the step), nothing on PCIe
+    or the GPU."""
+
+    def median(values):
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    streamed = any("kt_stream_cpu_ms" in log for log in kt_logs)
+    if streamed:
+        ms = {side: median(log.get(f"kt_stream_{side}_ms") for log in kt_logs) for side in ("cpu", "pcie", "gpu")}
+        split = {f"{side}_s": None if v is None else v / 1e3 for side, v in ms.items()}
+        split["cpu_slot_share"] = median(log.get("kt_stream_cpu_slot_share") for log in kt_logs)
+    else:
+        shares = [log.get("kt_cpu_expert_share") for log in kt_logs]
+        cpu = [sh * t for sh, t in zip(shares, step_s, strict=False) if sh is not None]
+        split = {"cpu_s": median(cpu), "pcie_s": 0.0, "gpu_s": 0.0, "cpu_slot_share": 1.0}
+    split["cpu_expert_share"] = median(log.get("kt_cpu_expert_share") for log in kt_logs)
+    split["source"] = "kt_stream_* logs (streaming runtime)" if streamed else "kt_cpu_expert_share x step time"
+    return split
+
+
+class SplitLines(logging.Handler):
+    """Keeps the streaming runtime's per-step split line ("streaming step N: ... | CPU ... | PCIe ... | GPU ...")."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__(logging.INFO)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("streaming step"):
+            self.lines.append(message)
 
 
 def _start_profiler(cuda: bool):
@@ -189,13 +435,26 @@ def run_trainer_mode(mode: str, a) -> dict:
     from kt_plugins.hf_trainer import KTCallback
 
     cuda = a.device == "cuda"
+    fp8 = a.expert_dtype == "fp8"
     t0 = time.perf_counter()
-    if mode.startswith("gpu"):
+    if mode.startswith("gpu") and fp8:
+        model = load_dequantized(a.checkpoint, a.device)
+        weights = "bf16, dequantized from the FP8 checkpoint at load (transformers' FP8 modules do not train)"
+    elif mode.startswith("gpu"):
         model = transformers.AutoModelForCausalLM.from_pretrained(
             a.checkpoint, dtype=torch.bfloat16, device_map=a.device
         )
+        weights = "bf16"
     else:
-        model = kt_core.load_model(a.checkpoint, device=a.device, dtype=torch.bfloat16, cpu_infer=a.cpu_infer)
+        expert_dtype = "fp8" if fp8 else None
+        weights = "fp8 experts (e4m3, block scales) in host RAM, the rest bf16" if fp8 else "bf16"
+        if fp8 and mode.startswith("kt-stream") and not fp8_streaming_supported():
+            expert_dtype = None
+            weights = "bf16 experts, dequantized from the FP8 checkpoint at load (FP8 experts are not streamed yet)"
+        model = kt_core.load_model(
+            a.checkpoint, device=a.device, dtype=torch.bfloat16, cpu_infer=a.cpu_infer, expert_dtype=expert_dtype
+        )
+    print(f"    weights: {weights}", flush=True)
     load_s = time.perf_counter() - t0
     lora = peft.LoraConfig(
         r=a.rank,
@@ -214,11 +473,16 @@ def run_trainer_mode(mode: str, a) -> dict:
         streaming = {}
         if mode.startswith("kt-stream"):
             streaming = dict(
-                expert_gpu_memory=a.expert_gpu_memory,
+                expert_gpu_memory=full_layer_slots(model) if mode == "kt-stream-gpu" else a.expert_gpu_memory,
                 gpu_memory_limit=a.gpu_memory_limit,
                 stream_quantize="int8" if mode.endswith("int8") else None,
             )
-        callbacks.append(KTCallback(cpu_infer=a.cpu_infer, max_seq_length=a.seq, **streaming))
+        callback = KTCallback(cpu_infer=a.cpu_infer, max_seq_length=a.seq, **streaming)
+        if mode == "kt-stream-gpu":
+            # enable_streaming's mode="gpu" streams every routed expert the slots hold (here all of them), so the
+            # CPU share is zero; KTCallback has no argument for it, so it goes into the options it passes on.
+            callback.streaming_options["mode"] = "gpu"
+        callbacks.append(callback)
     with tempfile.TemporaryDirectory() as out:
         args = transformers.TrainingArguments(
             output_dir=out,
@@ -237,7 +501,17 @@ def run_trainer_mode(mode: str, a) -> dict:
         )
         data = token_rows(a.batch * (a.warmup + a.steps), a.seq, model.config.vocab_size)
         transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks).train()
-    return meter.result(mode, a.warmup, load_s=load_s)
+    return meter.result(mode, a.warmup, load_s=load_s, weights=weights, batch=a.batch, seq=a.seq)
+
+
+def full_layer_slots(model) -> int:
+    """expert_gpu_memory that gives the streaming slots a whole layer's experts and nothing to residents."""
+    from kt_core import KTExperts
+    from kt_core.streaming.planner import slot_bytes_per_expert
+
+    m = next(m for m in model.modules() if isinstance(m, KTExperts))
+    item = m.gate_up_proj.element_size()
+    return m.num_experts * slot_bytes_per_expert(m.hidden_dim, m.intermediate_dim, item)
 
 
 def write_dataset(folder: Path, records: int, seq: int) -> None:
@@ -304,7 +578,7 @@ def run_llamafactory_mode(mode: str, a) -> dict:
             if a.gpu_memory_limit:
                 config["kt_gpu_memory_limit"] = a.gpu_memory_limit
         run_exp(args=config, callbacks=[meter.callback])
-    return meter.result(mode, a.warmup)
+    return meter.result(mode, a.warmup, batch=a.batch, seq=a.seq)
 
 
 def run_child(mode: str, a, argv: list[str]) -> dict:
@@ -322,6 +596,65 @@ def run_child(mode: str, a, argv: list[str]) -> dict:
         result.unlink(missing_ok=True)
 
 
+def step_sizes(tokens_per_step: str | None, batch: int, seq: int) -> list[tuple[int, int]]:
+    """(batch, seq) per size of a tokens-per-step sweep ("2048,8192,32768": sequences of `seq` tokens, fewer when
+    a size is smaller); without a sweep, the one size --batch x --seq."""
+    if not tokens_per_step:
+        return [(batch, seq)]
+    sizes = []
+    for item in tokens_per_step.split(","):
+        n = int(item)
+        s = min(seq, n)
+        if n <= 0 or n % s:
+            raise SystemExit(f"--tokens-per-step: {n} is not a positive multiple of --seq {seq}")
+        sizes.append((n // s, s))
+    return sizes
+
+
+def loss_summary(runs: list[dict]) -> dict:
+    """Max abs difference of each mode's loss curve from the first mode's that ran (same size, same rows), and the
+    largest difference between any two modes."""
+    ok = [r for r in runs if "error" not in r and r.get("losses")]
+    if not ok:
+        return {"reference": None, "loss_max_abs_diff": {}, "max_pairwise": None}
+
+    def gap(x, y):
+        return max(abs(u - v) for u, v in zip(x["losses"], y["losses"], strict=False))
+
+    ref = ok[0]
+    pairs = [gap(x, y) for i, x in enumerate(ok) for y in ok[i + 1 :]]
+    return {
+        "reference": ref["mode"],
+        "loss_max_abs_diff": {r["mode"]: gap(r, ref) for r in ok[1:]},
+        "max_pairwise": max(pairs) if pairs else 0.0,
+    }
+
+
+def print_table(runs: list[dict]) -> None:
+    base = next((r for r in runs if r["mode"] == "gpu" and "error" not in r), None)
+    print(f"\n{'mode':16s}{'step ms':>9s}{'tok/s':>9s}{'peak GiB':>10s}{'planned':>9s}", end="")
+    print(f"{'x gpu tok/s':>12s}{'x gpu peak':>11s}   split per step (CPU / PCIe / GPU s)")
+    for r in runs:
+        if "error" in r:
+            print(f"{r['mode']:16s} FAILED: {r['error']}")
+            continue
+        ratio = (r["tok_s"] / base["tok_s"], r["peak_gib"] / base["peak_gib"]) if base else (float("nan"),) * 2
+        r["vs_gpu"] = dict(tok_s=ratio[0], peak=ratio[1])
+        planned = f"{r['planned_gib']:9.2f}" if r.get("planned_gib") is not None else f"{'-':>9s}"
+        split = r.get("split")
+        sides = "" if not split else " / ".join("-" if split[k] is None else f"{split[k]:.3f}" for k in SIDES)
+        print(
+            f"{r['mode']:16s}{r['step_ms']:9.0f}{r['tok_s']:9.0f}{r['peak_gib']:10.2f}{planned}"
+            f"{ratio[0]:12.3f}{ratio[1]:11.3f}   {sides}"
+        )
+        print(f"{'':16s}loss {[round(v, 4) for v in r['losses']]}")
+        if r.get("weights", "bf16") != "bf16":
+            print(f"{'':16s}weights: {r['weights']}")
+
+
+SIDES = ("cpu_s", "pcie_s", "gpu_s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default="gpu,gpu-loss,kt-stream", help=f"comma list of {', '.join(MODES)}")
@@ -329,6 +662,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the real model's)")
     ap.add_argument("--batch", type=int, default=16, help="sequences per step")
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument(
+        "--tokens-per-step", default=None, help="sweep: comma list of tokens per step (batch x seq), every mode at each"
+    )
+    ap.add_argument(
+        "--expert-dtype", choices=EXPERT_DTYPES, default="bf16", help="fp8: DeepSeek's FP8 checkpoint, experts kept FP8"
+    )
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
@@ -352,9 +691,8 @@ def main() -> None:
     if a.small:
         a.seq = min(a.seq, 64)
     if a.checkpoint is None:
-        a.checkpoint = (
-            Path(tempfile.gettempdir()) / f"kt-bench-{a.shape}-{config.num_hidden_layers}{'-small' * a.small}"
-        )
+        name = f"kt-bench-{a.shape}-{config.num_hidden_layers}{'-small' * a.small}{'-fp8' * (a.expert_dtype == 'fp8')}"
+        a.checkpoint = Path(tempfile.gettempdir()) / name
     if a.child:
         logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
         for name in ("kt_core", "kt_plugins"):  # the split, the plan and the loss backend chosen
@@ -366,6 +704,13 @@ def main() -> None:
     import peft
     import transformers
 
+    modes = a.modes.split(",")
+    for mode in modes:
+        if mode not in MODES:
+            raise SystemExit(f"--modes: unknown mode {mode!r}, expected some of {', '.join(MODES)}")
+        if a.expert_dtype == "fp8" and mode in LLAMAFACTORY_MODES:
+            raise SystemExit(f"--modes: {mode} with --expert-dtype fp8: LLaMA-Factory's use_kt has no FP8 experts")
+    sizes = step_sizes(a.tokens_per_step, a.batch, a.seq)
     info = dict(
         date=time.strftime("%Y-%m-%d"),
         device=torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
@@ -375,38 +720,62 @@ def main() -> None:
         peft=peft.__version__,
         shape=a.shape,
         layers=config.num_hidden_layers,
+        expert_dtype=a.expert_dtype,
         batch=a.batch,
         seq=a.seq,
+        tokens_per_step=[b * s for b, s in sizes],
         rank=a.rank,
         expert_gpu_memory=a.expert_gpu_memory,
         gpu_memory_limit=a.gpu_memory_limit,
         command=" ".join(sys.argv),
     )
     print(info, flush=True)
-    write_checkpoint(config, a.checkpoint, a.device)
-    argv = [arg for arg in sys.argv[1:]] + ["--checkpoint", str(a.checkpoint)]
-    runs = []
-    for mode in a.modes.split(","):
-        if mode not in MODES:
-            raise SystemExit(f"--modes: unknown mode {mode!r}, expected some of {', '.join(MODES)}")
-        runs.append(run_child(mode, a, argv))
-        Path(a.out).write_text(json.dumps(dict(info=info, runs=runs), indent=1))
-    base = next((r for r in runs if r["mode"] == "gpu" and "error" not in r), None)
-    print(f"\n{'mode':16s}{'step ms':>9s}{'tok/s':>9s}{'peak GiB':>10s}{'planned':>9s}", end="")
-    print(f"{'x gpu tok/s':>12s}{'x gpu peak':>11s}")
-    for r in runs:
-        if "error" in r:
-            print(f"{r['mode']:16s} FAILED: {r['error']}")
-            continue
-        ratio = (r["tok_s"] / base["tok_s"], r["peak_gib"] / base["peak_gib"]) if base else (float("nan"),) * 2
-        r["vs_gpu"] = dict(tok_s=ratio[0], peak=ratio[1])
-        planned = f"{r['planned_gib']:9.2f}" if r.get("planned_gib") is not None else f"{'-':>9s}"
-        print(
-            f"{r['mode']:16s}{r['step_ms']:9.0f}{r['tok_s']:9.0f}{r['peak_gib']:10.2f}{planned}"
-            f"{ratio[0]:12.3f}{ratio[1]:11.3f}"
+    write_checkpoint(config, a.checkpoint, a.device, a.expert_dtype)
+    runs, sweep = [], []
+
+    def save():
+        Path(a.out).write_text(json.dumps(dict(info=info, runs=runs, sweep=sweep), indent=1))
+
+    for batch, seq in sizes:
+        argv = [*sys.argv[1:], "--checkpoint", str(a.checkpoint), "--batch", str(batch), "--seq", str(seq)]
+        if len(sizes) > 1:
+            print(f"\n=== {batch * seq} tokens per step: batch {batch} x seq {seq}", flush=True)
+        size_runs = []
+        for mode in modes:
+            r = run_child(mode, a, argv)
+            r.update(tokens_per_step_target=batch * seq, batch=batch, seq=seq)
+            size_runs.append(r)
+            runs.append(r)
+            save()
+        print_table(size_runs)
+        summary = loss_summary(size_runs)
+        print(f"loss curves, max abs difference from {summary['reference']}: {summary['loss_max_abs_diff']}")
+        keep = ("tok_s", "peak_gib", "step_ms", "split", "weights", "error")
+        sweep.append(
+            dict(
+                tokens_per_step=batch * seq,
+                batch=batch,
+                seq=seq,
+                modes={r["mode"]: {k: r[k] for k in keep if k in r} for r in size_runs},
+                **summary,
+            )
         )
-        print(f"{'':16s}loss {[round(v, 4) for v in r['losses']]}")
-    Path(a.out).write_text(json.dumps(dict(info=info, runs=runs), indent=1))
+        save()
+    if len(sizes) > 1:
+        print(f"\n{'tokens/step':>12s} {'mode':16s}{'tok/s':>9s}{'peak GiB':>10s}   CPU / PCIe / GPU s   loss gap")
+        for entry in sweep:
+            for mode, r in entry["modes"].items():
+                if "error" in r:
+                    print(f"{entry['tokens_per_step']:12d} {mode:16s} FAILED: {r['error']}")
+                    continue
+                split = r.get("split")
+                sides = "-" if not split else " / ".join("-" if split[k] is None else f"{split[k]:.3f}" for k in SIDES)
+                diff = entry["loss_max_abs_diff"].get(mode)
+                print(
+                    f"{entry['tokens_per_step']:12d} {mode:16s}{r['tok_s']:9.0f}{r['peak_gib']:10.2f}   {sides:20s}"
+                    f" {'ref' if diff is None else f'{diff:.2e}'}"
+                )
+    save()
 
 
 if __name__ == "__main__":
