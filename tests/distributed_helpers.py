@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 
-__all__ = ["free_port", "fsdp_on_the_cpu"]
+__all__ = ["cpu_map_location", "free_port", "fsdp_on_the_cpu"]
 
 
 def free_port() -> int:
@@ -39,3 +39,25 @@ def fsdp_on_the_cpu() -> None:
 
     fsdp_init._kt_fsdp_on_the_cpu = True
     AcceleratorState.__init__ = fsdp_init
+
+
+def cpu_map_location() -> None:
+    """Lets torch.load take accelerate's device of a multi-CPU rank as map_location.
+
+    accelerate gives each rank of a multi-process CPU run the device cpu:LOCAL_RANK, and the Trainer, resuming on
+    several ranks, loads optimizer.pt with map_location=args.device; torch restores storages to "cpu" only ("don't
+    know how to restore data location ... cpu:0"). On GPUs the same call maps to cuda:LOCAL_RANK and needs nothing.
+    """
+    import torch
+
+    load = torch.load
+    if getattr(load, "_kt_cpu_map_location", False):
+        return
+
+    def cpu_load(*args, map_location=None, **kwargs):
+        if isinstance(map_location, torch.device | str) and torch.device(map_location).type == "cpu":
+            map_location = "cpu"
+        return load(*args, map_location=map_location, **kwargs)
+
+    cpu_load._kt_cpu_map_location = True
+    torch.load = cpu_load
