@@ -1,8 +1,9 @@
 """Time our CPU expert kernels on one MoE layer: inference forward per variant, LoRA forward + backward, decode.
 
-Runs the variants this CPU has (amx_bf16, amx_int8, avx512_vnni_int8, avx512_bf16, ...) and the plain-torch
-loop on the DeepSeek-V2-Lite and Qwen3-30B-A3B layer shapes, plus the machine's DRAM read bandwidth, in one
-process, so that kt-kernel's numbers (the anchor's kt_moe_bench.py, run in the same command) sit beside them.
+Runs the variants this CPU has (amx_bf16, amx_int8, avx512_vnni_int8, avx512_bf16, ...), the fp8 ones on the same
+weights quantized to e4m3 (`--fp8-kernels`), and the plain-torch loop on the DeepSeek-V2-Lite and Qwen3-30B-A3B layer
+shapes, plus the machine's DRAM read bandwidth, in one process, so that kt-kernel's numbers (the anchor's
+kt_moe_bench.py, run in the same command) sit beside them.
 
     python benchmarks/bench_experts.py --threads 15 --out bench.json
     python benchmarks/bench_experts.py --small          # tiny shapes, smoke test
@@ -67,7 +68,8 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def weight_bytes_read(s: dict, T: int, ids: torch.Tensor, kernel: str) -> float:
     """Bytes of expert weights a forward over these ids must read once (decode bandwidth)."""
-    per_weight = 1 if "int8" in kernel else 0.5 + 8 / 128 if "int4" in kernel else 2  # int4: + fp32 scale, zero / 128
+    # int4: + fp32 scale, zero / 128; fp8: the e4m3 bytes (its scales, 4 bytes per 128 x 128, are left out)
+    per_weight = 1 if "int8" in kernel or "fp8" in kernel else 0.5 + 8 / 128 if "int4" in kernel else 2
     return ids.unique().numel() * 3 * s["H"] * s["I"] * per_weight
 
 
@@ -84,7 +86,7 @@ def bench_forward(module, s, tokens, budget_s, gen, results, name, kernel, threa
     x = torch.randn(16, H, generator=gen).to(torch.bfloat16)
     ids, w = routing(16, E, K, gen)
     y, _ = kernels.experts_forward(module, x, ids, w)
-    ref = experts_reference(x.float(), ids, w, module.gate_up_proj.float(), module.down_proj.float(), None, 1.0)
+    ref = experts_reference(x.float(), ids, w, *(t.float() for t in module.reference_weights()), None, 1.0)
     err = rel_error(y, ref)
     print(f"  {name} {kernel}: rel err vs fp32 reference {err:.2e}", flush=True)
     for T in tokens:
@@ -182,6 +184,11 @@ def main() -> None:
     ap.add_argument("--sft-tokens", default="512,2048,4096")
     ap.add_argument("--kernels", default="", help="comma list; default: every variant this CPU runs, and torch")
     ap.add_argument("--sft-kernels", default="amx_bf16,avx512_bf16_packed", help="variants timed for LoRA fwd+bwd")
+    ap.add_argument(
+        "--fp8-kernels",
+        default="amx_bf16,avx512_bf16_packed,avx512_bf16",
+        help="variants also timed on fp8 experts (e4m3, 128 x 128 block scales, as DeepSeek-V3 ships them)",
+    )
     ap.add_argument("--torch-max-tokens", type=int, default=4096, help="skip the torch loop above this T")
     ap.add_argument("--threads", type=int, default=15)
     ap.add_argument("--budget-s", type=float, default=1.0, help="timing time per point")
@@ -197,12 +204,14 @@ def main() -> None:
     shapes = SMALL if a.small else {m: SHAPES[m] for m in a.models.split(",")}
     names = a.kernels.split(",") if a.kernels else kernels.available_kernels() + kernels.quantized_kernels()
     names = [k for k in names if k not in ("avx512", "avx2", "portable")]
+    fp8_names = [k for k in a.fp8_kernels.split(",") if k and k in kernels.fp8_kernels()]
     tokens = [int(t) for t in a.tokens.split(",")]
     sft_tokens = [int(t) for t in a.sft_tokens.split(",") if t]
     gen = torch.Generator().manual_seed(0)
     info = dict(
         cpu_features=kernels.cpu_features(),
         kernels=names,
+        fp8_kernels=fp8_names,
         threads=a.threads,
         host=platform.node(),
         torch=torch.__version__,
@@ -232,6 +241,16 @@ def main() -> None:
             bench_forward(module, s, toks, a.budget_s, gen, results, name, kernel, a.threads)
             if sft_tokens and kernel in a.sft_kernels.split(","):
                 bench_sft(module, s, sft_tokens, a.budget_s, gen, results, name, kernel)
+            dump()
+            del module
+        for kernel in fp8_names:  # the same weights quantized to fp8, results named <kernel>_fp8
+            module = KTExperts.from_tensors(
+                gate_up, down, dtype=torch.float8_e4m3fn, kernel=kernel, cpu_infer=a.threads
+            )
+            kernels.quantization_error(module)  # builds (packs) the operator
+            bench_forward(module, s, tokens, a.budget_s, gen, results, name, f"{kernel}_fp8", a.threads)
+            if sft_tokens and kernel in a.sft_kernels.split(","):
+                bench_sft(module, s, sft_tokens, a.budget_s, gen, results, name, f"{kernel}_fp8")
             dump()
             del module
     dump()

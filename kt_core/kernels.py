@@ -104,9 +104,10 @@ def quantized_kernels() -> list[str]:
 
 
 def fp8_kernels() -> list[str]:
-    """Kernel variants this CPU runs on fp8 expert weights (converted to fp32 in registers), best first; "torch"
-    (the reference, on weights dequantized per call) is always last. The packed variants (amx_*, *_packed, the
-    quantized ones) pack bf16 weights and are not among them."""
+    """Kernel variants this CPU runs on fp8 expert weights, best first; "torch" (the reference, on weights
+    dequantized per call) is always last. The bf16 packed variants (amx_bf16, avx512_bf16_packed) pack the e4m3
+    bytes with their block scales and convert them to bf16 right before the dot products; the unpacked ones convert
+    them to fp32 in registers. The quantized variants (int8 / int4), which quantize bf16 weights, are not among them."""
     current()
     return [*(_C.fp8_kernels() if _C is not None else []), TORCH_KERNEL]
 
@@ -140,9 +141,14 @@ def _resolve_fp8_kernel(requested: str, forced: str | None) -> str:
         return requested
     resolve_kernel(requested)  # a kernel that does not run here at all says so first
     source = f"{KERNEL_ENV}={requested}" if forced else f"kernel={requested!r}"
+    why = (
+        "it quantizes bf16 weights to int8 / int4 at load"
+        if requested in quantized_kernels()
+        else "it is not an fp8 kernel on this CPU"
+    )
     raise ValueError(
-        f"{source} takes no fp8 expert weights (dtype=torch.float8_e4m3fn): its packed format is made from bf16 "
-        f"weights. fp8 weights run on: {', '.join(available)}; for {requested} keep the experts in bf16 "
+        f"{source} takes no fp8 expert weights (dtype=torch.float8_e4m3fn): {why}. fp8 weights run on: "
+        f"{', '.join(available)}; for {requested} keep the experts in bf16 "
         "(KTExperts(dtype=torch.bfloat16), load_model(expert_dtype=torch.bfloat16): twice the host RAM)"
     )
 

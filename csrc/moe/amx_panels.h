@@ -178,5 +178,70 @@ void amx_int4_panel(int rows, int k_blocks, const int8_t* a, int lda, const floa
   Tiles::release();
 }
 
+// acc [32][32] fp32 = rows [0, 16) (am) and, when `two`, [16, 32) of bf16 activations from activation k-block a_kb
+// on, times k-blocks [kb0, kb1) of a pair of bf16 weight tiles (w0, w1; 1 KB each).
+template <class Tiles>
+void bf16_tile_block(const bf16* am, int lda, bool two, const bf16* w0, const bf16* w1, int a_kb, int kb0, int kb1,
+                     float* acc) {
+  const int64_t stride = static_cast<int64_t>(lda) * sizeof(bf16);
+  const bf16* a16 = am + static_cast<int64_t>(16) * lda;
+  Tiles::template zero<0>();
+  Tiles::template zero<1>();
+  Tiles::template zero<2>();
+  Tiles::template zero<3>();
+  for (int kb = kb0; kb < kb1; ++kb) {
+    const int a_col = (a_kb + kb - kb0) * 32;
+    Tiles::template load<6>(w0 + static_cast<int64_t>(kb) * 512, 64);
+    Tiles::template load<7>(w1 + static_cast<int64_t>(kb) * 512, 64);
+    Tiles::template load<4>(am + a_col, stride);
+    Tiles::template dp_bf16<0, 4, 6>();
+    Tiles::template dp_bf16<1, 4, 7>();
+    if (two) {
+      Tiles::template load<5>(a16 + a_col, stride);
+      Tiles::template dp_bf16<2, 5, 6>();
+      Tiles::template dp_bf16<3, 5, 7>();
+    }
+  }
+  Tiles::template store<0>(acc, 128);
+  Tiles::template store<1>(acc + 16, 128);
+  if (two) {
+    Tiles::template store<2>(acc + 16 * 32, 128);
+    Tiles::template store<3>(acc + 16 * 32 + 16, 128);
+  }
+}
+
+// fp8 weights on tiles: the pair's e4m3 tiles converted once per call to bf16 tiles (q / 256, exact) in a per-thread
+// buffer, one segment (a block of the scales) accumulated in the tiles at a time and folded into fp32 C with its
+// two scales, as the int4 panel folds its groups.
+template <class Tiles>
+void amx_fp8_panel(int rows, int nseg, const Fp8Segment* seg, const bf16* a, int lda, const uint8_t* b0,
+                   const uint8_t* b1, const float* s0, const float* s1, float* c) {
+  if (rows <= kSmallRows) return packed_avx512::fp8_panel(rows, nseg, seg, a, lda, b0, b1, s0, s1, c);
+  const int k_blocks = seg[nseg - 1].kb1;
+  thread_local std::vector<uint8_t> t_converted;
+  const size_t tile_column_bytes = static_cast<size_t>(k_blocks) * kTileBytes;
+  if (t_converted.size() < 2 * tile_column_bytes + 64) t_converted.resize(2 * tile_column_bytes + 64);
+  uint8_t* base = t_converted.data() + (64 - reinterpret_cast<uintptr_t>(t_converted.data()) % 64) % 64;
+  bf16* w0 = reinterpret_cast<bf16*>(base);
+  bf16* w1 = reinterpret_cast<bf16*>(base + tile_column_bytes);
+  packed_avx512::fp8_tiles_to_bf16(b0, k_blocks, w0);
+  packed_avx512::fp8_tiles_to_bf16(b1, k_blocks, w1);
+  const TileConfig cfg = tile_config();
+  Tiles::configure(&cfg);
+  alignas(64) float acc[32 * 32];
+  for (int m = 0; m < rows; m += 32) {
+    const bf16* am = a + static_cast<int64_t>(m) * lda;
+    const bool two = rows - m > 16;
+    const int valid = rows - m < 32 ? rows - m : 32;
+    float* cm = c + static_cast<int64_t>(m) * 32;
+    for (int i = 0; i < valid * 32; ++i) cm[i] = 0.f;
+    for (int i = 0; i < nseg; ++i) {
+      bf16_tile_block<Tiles>(am, lda, two, w0, w1, seg[i].a_kb, seg[i].kb0, seg[i].kb1, acc);
+      packed_avx512::fold_fp8_segment(valid, acc, s0[i], s1[i], cm);
+    }
+  }
+  Tiles::release();
+}
+
 }  // namespace
 }  // namespace kt

@@ -8,7 +8,7 @@
 // LoRA (per expert, sums over its rows): dB_d = (w dy)^T ha, dA_d = (w s dy B_d)^T h,
 //   dB_gu = dgu^T xa, dA_gu = (s dgu B_gu)^T x, with xa / ha the scaled LoRA inputs of the forward.
 //
-// The packed path (bf16 weights and activations) makes the two base products dy @ W_d and dgu @ W_gu tile
+// The packed path (bf16 activations; bf16 or fp8 weights) makes the two base products dy @ W_d and dgu @ W_gu tile
 // panels on column blocks of the weights, split and blocked as the forward's, with the LoRA terms added in their
 // epilogue; reads dy and x as bf16 rows (no fp32 copies), recomputes h inside the silu backward (one pass over
 // the cache's 24-bit pre-activations), keeps dgu and h as bf16 only and takes ha from the forward's cache.
@@ -212,7 +212,7 @@ void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFac
   if (lora.rank > 0) call.lora_factor_grads(grads);
 }
 
-// One call of the packed backward (bf16 weights and activations), phase by phase.
+// One call of the packed backward (bf16 activations; bf16 or fp8 weights), phase by phase.
 struct ExpertsOp::PackedBackward : PassContext {
   const int ldy, ldg;        // row strides of the dy and dgu panel rows
   ForwardCache kept;         // the forward's cache (act is bf16: the 24-bit planes), xa and ha
@@ -273,8 +273,7 @@ struct ExpertsOp::PackedBackward : PassContext {
   // dh = dy @ W_d: dh_raw [S, I] = dy @ W_d + dyb @ A_d.
   void dh_from_dy() {
     dh = op.scratch_.dh.get(S * I);
-    op.project_columns_packed(pool, r, dy16, ldy, static_cast<const bf16*>(op.w_.down), H, I, dh, nullptr,
-                              op.down_columns_, dyb, R, lora.down_a);
+    op.project_columns_packed(pool, r, dy16, ldy, false, dh, nullptr, op.down_columns_, dyb, R, lora.down_a);
   }
 
   // silu backward, dw: one pass per row: dw = dh_raw . h and dgu, as bf16 (the operand of the base product and
@@ -315,8 +314,7 @@ struct ExpertsOp::PackedBackward : PassContext {
                                           dgb + row0 * R);
       });
     dx16 = reinterpret_cast<bf16*>(op.scratch_.dx_rows16.get(S * H * 2));
-    op.project_columns_packed(pool, r, dgu16, ldg, static_cast<const bf16*>(op.w_.gate_up), I2, H, nullptr, dx16,
-                              op.gate_up_columns_, dgb, R, lora.gate_up_a);
+    op.project_columns_packed(pool, r, dgu16, ldg, true, nullptr, dx16, op.gate_up_columns_, dgb, R, lora.gate_up_a);
   }
 
   // combine dx

@@ -25,10 +25,14 @@ ExpertsOp::ExpertsOp(const ExpertWeights& weights, const GemmKernels* kernels, c
     throw std::invalid_argument("experts: num_experts, hidden and intermediate must be positive");
   if (!w_.gate_up || !w_.down) throw std::invalid_argument("experts: null weight pointer");
   if (w_.dtype == DType::kFP8E4M3) {
-    if (!fp8_ || pk_)
-      throw std::invalid_argument(std::string("experts: kernel '") + k_->name +
-                                  "' takes no fp8 weights (its packed format is made from bf16 weights); use one of "
-                                  "the unpacked exact kernels (avx512_bf16, avx512, avx2, portable) or bf16 weights");
+    if (pk_ && pk_->format != PackedFormat::kBF16)
+      throw std::invalid_argument(std::string("experts: kernel '") + pk_->name +
+                                  "' takes no fp8 weights (dtype float8_e4m3fn): it quantizes bf16 weights to int8 / "
+                                  "int4 at load; use an fp8 kernel (kt_core.kernels.fp8_kernels()) or bf16 weights");
+    if (!fp8_)
+      throw std::invalid_argument(std::string("experts: kernel '") + (pk_ ? pk_->name : k_->name) +
+                                  "' takes no fp8 weights (dtype float8_e4m3fn); use an fp8 kernel "
+                                  "(kt_core.kernels.fp8_kernels()) or bf16 weights");
     if (!w_.gate_up_scale || !w_.down_scale)
       throw std::invalid_argument(
           "experts: fp8 weights need their block scales (gate_up_proj_scale_inv, "

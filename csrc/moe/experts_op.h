@@ -4,8 +4,8 @@
 // S = routed (token, slot) rows, r = LoRA rank. Weights use transformers' fused layout:
 // gate_up [E, 2I, H] (gate rows first), down [E, H, I]. Activations are fp32 or bf16, routing weights
 // fp32, accumulation fp32. Weights are fp32, bf16 or block-quantized fp8 (e4m3 with fp32 block scales, as
-// DeepSeek-V3 ships them; the unpacked exact kernels only). The weights are borrowed (the Python side owns and
-// keeps them alive).
+// DeepSeek-V3 ships them: the unpacked fp8 kernels, and the packed bf16 formats, which pack the e4m3 bytes as they
+// are, see packed.h). The weights are borrowed (the Python side owns and keeps them alive).
 #pragma once
 
 #include <cstdint>
@@ -112,7 +112,9 @@ class ExpertsOp {
  public:
   // `packed`, when given, computes the projections on weights packed by pack(); `kernels` serves the rest
   // (LoRA factors, and every call the packed format does not cover: fp32 weights or activations for bf16).
-  // `fp8` computes the projections on fp8 weights (required for them; no packed kernels with fp8 weights).
+  // `fp8` computes the projections on fp8 weights that the packed kernels do not (required for fp8 weights). fp8
+  // weights are packed by bf16 formats (as e4m3 bytes with their scales) when their blocks are whole 16 x 16 tiles
+  // (DeepSeek-V3's 128 x 128 are); the int8 / int4 formats, which quantize bf16 weights, take none.
   ExpertsOp(const ExpertWeights& weights, const GemmKernels* kernels, const PackedKernels* packed = nullptr,
             const Fp8Kernels* fp8 = nullptr);
 
@@ -161,6 +163,8 @@ class ExpertsOp {
   // Whether a call with these activations runs on the packed weights (forward; backward for bf16 only).
   bool packed_forward(DType act) const;
   bool packed_backward(DType act) const;
+  // The format of the packed weights: the kernel's, or kFP8 for fp8 weights on a bf16 format.
+  PackedFormat packed_format() const;
 
  private:
   void forward_packed(ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora, void* y,
@@ -168,17 +172,22 @@ class ExpertsOp {
   // Activation rows for the packed kernels: bf16 or int8 (+ per-row scale), padded to `width` and 32 extra rows.
   void gather_packed(ThreadPool& pool, const Routing& r, const void* src, DType t, int cols, int width, uint8_t* dst,
                      float* scales) const;
-  // c [rows, cols] (=|+=) a . W[:, cols], W a row-major bf16 [K, N] matrix of expert weights, through the
+  // c [rows, cols] (=|+=) a . W[:, cols], W a row-major [K, N] matrix of expert weights, through the
   // packed panels on column blocks repacked per task (no transposed copy kept).
   // `columns` keeps those column blocks of every expert once made (the weights are frozen): a second copy of
   // the weights in exchange for not re-reading them column-wise on every backward. Kept when it takes under a
   // quarter of the free memory at the first backward, unless set_backward_weight_cache() says always / never.
   // With R > 0, also c += p . A[e][:, cols] (p [S, R] by row, A [E, R, N]: a LoRA down-projection's factor).
   // The rows go to c as fp32 or, when c is null, to c16 as bf16.
-  void project_columns_packed(ThreadPool& pool, const Routing& r, const bf16* a, int lda, const bf16* w, int K, int N,
-                              float* c, bf16* c16, AlignedBuffer& columns, const float* p = nullptr, int R = 0,
+  // W is W_gu [2I, H] (gate_up) or W_d [H, I], bf16 or fp8 (the fp8 column blocks carry their block scales).
+  void project_columns_packed(ThreadPool& pool, const Routing& r, const bf16* a, int lda, bool gate_up, float* c,
+                              bf16* c16, AlignedBuffer& columns, const float* p = nullptr, int R = 0,
                               const float* lora_a = nullptr);
-  // The backward on packed weights (bf16 weights and activations): see experts_backward.cpp.
+  // Whether fp8 weights are packed here: a bf16 format with an fp8 panel, and blocks of whole 16 x 16 tiles.
+  bool packs_fp8() const;
+  // The layout pack() makes for W_gu (gate_up) or W_d: sizes of every buffer, zeroed.
+  PackedTensor packed_tensor_layout(bool gate_up) const;
+  // The backward on packed weights (bf16 activations; bf16 or fp8 weights): see experts_backward.cpp.
   void backward_packed(ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora,
                        const void* dy, void* dx, float* dw, const float* cache, const LoraGrads& grads);
   void gather_rows(ThreadPool& pool, const Routing& r, const void* src, DType t, float* dst) const;

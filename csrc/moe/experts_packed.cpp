@@ -31,7 +31,8 @@ inline int pairs_per_task(int64_t rows_per_expert) { return rows_per_expert >= 6
 std::atomic<int> g_backward_weight_cache{-1};
 
 thread_local std::vector<float> t_panel;
-thread_local std::vector<bf16> t_columns;
+thread_local std::vector<uint8_t> t_column_bytes;  // the backward's column blocks of one task
+thread_local std::vector<float> t_fp8_scales;        // and their fp8 scales
 thread_local std::vector<float> t_row;
 thread_local std::vector<float> t_lora_b;  // [r][32]: a LoRA B slice transposed for one tile pair
 
@@ -67,20 +68,48 @@ bool ExpertsOp::packed_forward(DType act) const {
 }
 
 bool ExpertsOp::packed_backward(DType act) const {
-  return pk_ && pk_->format == PackedFormat::kBF16 && pk_->pack_columns_bf16 && w_.dtype == DType::kBF16 &&
-         act == DType::kBF16;
+  if (!pk_ || act != DType::kBF16) return false;
+  if (w_.dtype == DType::kFP8E4M3) return packs_fp8();  // the fp8 panels on column blocks made per task or kept
+  return pk_->format == PackedFormat::kBF16 && pk_->pack_columns_bf16 && w_.dtype == DType::kBF16;
+}
+
+bool ExpertsOp::packs_fp8() const {
+  // The forward's tiles take 16 outputs of one block row, the backward's column tiles 16 columns of one block
+  // column; the segments (packed.h) cut the inputs at any block edge.
+  return pk_ && pk_->format == PackedFormat::kBF16 && pk_->fp8_panel && w_.dtype == DType::kFP8E4M3 &&
+         w_.block_rows % kTileRows == 0 && w_.block_cols % kTileRows == 0;
+}
+
+PackedFormat ExpertsOp::packed_format() const {
+  if (!pk_) return PackedFormat::kNone;
+  return w_.dtype == DType::kFP8E4M3 ? PackedFormat::kFP8 : pk_->format;
 }
 
 bool ExpertsOp::packs() const {
-  // bf16 packing of fp32 weights would round them: fp32 layers keep the exact path.
+  // bf16 packing of fp32 weights would round them: fp32 layers keep the exact path. fp8 blocks that do not hold
+  // whole tiles keep the unpacked fp8 kernels.
+  if (w_.dtype == DType::kFP8E4M3) return packs_fp8();
   return pk_ && !(pk_->format == PackedFormat::kBF16 && w_.dtype != DType::kBF16);
+}
+
+PackedTensor ExpertsOp::packed_tensor_layout(bool gate_up) const {
+  const int E = w_.num_experts, H = w_.hidden, I = w_.intermediate;
+  return gate_up ? kt::packed_layout(E, 2 * I, H, packed_format(), true, w_.block_cols)
+                 : kt::packed_layout(E, H, I, packed_format(), false, w_.block_cols);
 }
 
 void ExpertsOp::pack(ThreadPool& pool) {
   if (!packs()) return;
   const int E = w_.num_experts, H = w_.hidden, I = w_.intermediate;
-  packed_gate_up_ = pack_tensor(pool, w_.gate_up, w_.dtype, E, 2 * I, H, pk_->format, true);
-  packed_down_ = pack_tensor(pool, w_.down, w_.dtype, E, H, I, pk_->format, false);
+  if (w_.dtype == DType::kFP8E4M3) {
+    packed_gate_up_ = pack_fp8_tensor(pool, static_cast<const uint8_t*>(w_.gate_up), w_.gate_up_scale, E, 2 * I, H,
+                                      w_.block_rows, w_.block_cols, true);
+    packed_down_ = pack_fp8_tensor(pool, static_cast<const uint8_t*>(w_.down), w_.down_scale, E, H, I, w_.block_rows,
+                                   w_.block_cols, false);
+  } else {
+    packed_gate_up_ = pack_tensor(pool, w_.gate_up, w_.dtype, E, 2 * I, H, pk_->format, true);
+    packed_down_ = pack_tensor(pool, w_.down, w_.dtype, E, H, I, pk_->format, false);
+  }
   ++pack_count_;
 }
 
@@ -98,7 +127,13 @@ void append_blobs(const std::string& prefix, PackedTensor& p, bool with_data, st
 
 }  // namespace
 
-std::string ExpertsOp::packed_format_tag() const { return packs() ? kt::packed_format_tag(pk_->format) : ""; }
+std::string ExpertsOp::packed_format_tag() const {
+  if (!packs()) return "";
+  std::string tag = kt::packed_format_tag(packed_format());
+  // The fp8 segments and scales follow the block size.
+  if (w_.dtype == DType::kFP8E4M3) tag += "/b" + std::to_string(w_.block_rows) + "x" + std::to_string(w_.block_cols);
+  return tag;
+}
 
 std::vector<ExpertsOp::PackedBlob> ExpertsOp::packed_blobs() {
   std::vector<PackedBlob> out;
@@ -111,10 +146,9 @@ std::vector<ExpertsOp::PackedBlob> ExpertsOp::packed_blobs() {
 std::vector<ExpertsOp::PackedBlob> ExpertsOp::packed_layout() const {
   std::vector<PackedBlob> out;
   if (!packs()) return out;
-  const int E = w_.num_experts, H = w_.hidden, I = w_.intermediate;
   // Sizes only: the layouts are allocated (zeroed) and dropped, a cost of the same order as the load itself.
-  PackedTensor gu = kt::packed_layout(E, 2 * I, H, pk_->format, true);
-  PackedTensor d = kt::packed_layout(E, H, I, pk_->format, false);
+  PackedTensor gu = packed_tensor_layout(true);
+  PackedTensor d = packed_tensor_layout(false);
   append_blobs("gate_up", gu, false, out);
   append_blobs("down", d, false, out);
   return out;
@@ -127,9 +161,8 @@ void ExpertsOp::load_packed(const std::string& tag, const std::vector<PackedBlob
   if (tag != expected_tag)
     throw std::invalid_argument("experts: packed weights have format '" + tag + "', this build expects '" +
                                 expected_tag + "'");
-  const int E = w_.num_experts, H = w_.hidden, I = w_.intermediate;
-  PackedTensor gu = kt::packed_layout(E, 2 * I, H, pk_->format, true);
-  PackedTensor d = kt::packed_layout(E, H, I, pk_->format, false);
+  PackedTensor gu = packed_tensor_layout(true);
+  PackedTensor d = packed_tensor_layout(false);
   std::vector<PackedBlob> want;
   append_blobs("gate_up", gu, true, want);
   append_blobs("down", d, true, want);
@@ -213,8 +246,8 @@ struct ExpertsOp::PackedForward : PassContext {
   PackedForward(ExpertsOp& op, ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora,
                 float* cache)
       : PassContext(op, pool, r, act, lora),
-        int8(int_activations(op.pk_->format)),
-        int4(op.pk_->format == PackedFormat::kInt4),
+        int8(int_activations(op.packed_format())),
+        int4(op.packed_format() == PackedFormat::kInt4),
         elem(int8 ? 1 : 2),
         gu_w(op.packed_gate_up_),
         d_w(op.packed_down_),
@@ -365,7 +398,10 @@ struct ExpertsOp::PackedForward : PassContext {
     const uint8_t* b0 = w.tile(e, 2 * pair);
     const uint8_t* b1 = w.tile(e, 2 * pair + 1);
     const PackedKernels& pk = *op.pk_;
-    if (int4)
+    if (w.format == PackedFormat::kFP8)
+      pk.fp8_panel(rows, static_cast<int>(w.segments.size()), w.segments.data(), reinterpret_cast<const bf16*>(a), lda,
+                   b0, b1, w.fp8_scales(e, 2 * pair), w.fp8_scales(e, 2 * pair + 1), c);
+    else if (int4)
       pk.int4_panel(rows, w.k_blocks, reinterpret_cast<const int8_t*>(a), lda, a_scale, b0, b1,
                     w.group_scales(e, 2 * pair), w.group_scale_zeros(e, 2 * pair), c);
     else if (int8)
@@ -434,14 +470,29 @@ void ExpertsOp::combine_bf16_rows(ThreadPool& pool, const Routing& r, const bf16
   });
 }
 
-void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const bf16* a, int lda, const bf16* w, int K,
-                                       int N, float* c, bf16* c16, AlignedBuffer& columns, const float* p, int R,
+void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const bf16* a, int lda, bool gate_up,
+                                       float* c, bf16* c16, AlignedBuffer& columns, const float* p, int R,
                                        const float* lora_a) {
-  const int k_blocks = (K + 31) / 32;
+  const bool fp8 = w_.dtype == DType::kFP8E4M3;
+  const int K = gate_up ? 2 * w_.intermediate : w_.hidden, N = gate_up ? w_.hidden : w_.intermediate;
+  const void* w = gate_up ? w_.gate_up : w_.down;
+  // fp8: W's rows (the inputs here) cut at its block rows, gate_up's up rows apart from its gate rows.
+  const std::vector<Fp8Segment> segments =
+      fp8 ? fp8_segments(K, w_.block_rows, gate_up ? w_.intermediate : 0) : std::vector<Fp8Segment>();
+  const int nseg = static_cast<int>(segments.size());
+  const int k_blocks = fp8 ? segments.back().kb1 : (K + 31) / 32;
   const int col_blocks = (N + 31) / 32;
-  const int64_t block_elems = static_cast<int64_t>(k_blocks) * 1024;  // two n-tiles of one column block
+  const int64_t block_bytes = static_cast<int64_t>(k_blocks) * 2 * (fp8 ? kTileBytes / 2 : kTileBytes);
   const int64_t blocks = static_cast<int64_t>(w_.num_experts) * col_blocks;
-  const size_t copy_bytes = static_cast<size_t>(blocks * block_elems) * sizeof(bf16);
+  const size_t copy_bytes = static_cast<size_t>(blocks * block_bytes);
+  // One column block [col0, col0 + 32) of expert e into dst (fp8: and its scales into s0 / s1, when given).
+  auto pack_block = [&](int e, int col0, uint8_t* dst, float* s0, float* s1) {
+    if (fp8)
+      pack_columns_fp8(fp8_view(gate_up, e, 0, 0), N, col0, segments, dst, s0, s1);
+    else if (dst)
+      pk_->pack_columns_bf16(static_cast<const bf16*>(w) + static_cast<int64_t>(e) * K * N, N, K, N, col0, k_blocks,
+                             reinterpret_cast<bf16*>(dst));
+  };
   bool keep = columns.size() != 0;
   if (!keep) {  // forced always / never, or by default when the copy takes under a quarter of the free memory
     const std::optional<bool> forced = backward_weight_cache();
@@ -451,14 +502,13 @@ void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const
   }
   if (keep && columns.size() == 0) {  // once: every expert's column blocks, in parallel
     AlignedBuffer made(copy_bytes);
-    bf16* dst = reinterpret_cast<bf16*>(made.data());
     pool.parallel_for(blocks, [&](int64_t i) {
-      const int e = static_cast<int>(i / col_blocks), b = static_cast<int>(i % col_blocks);
-      pk_->pack_columns_bf16(w + static_cast<int64_t>(e) * K * N, N, K, N, b * 32, k_blocks, dst + i * block_elems);
+      pack_block(static_cast<int>(i / col_blocks), static_cast<int>(i % col_blocks) * 32, made.data() + i * block_bytes,
+                 nullptr, nullptr);
     });
     columns = std::move(made);
   }
-  const bf16* kept = keep ? reinterpret_cast<const bf16*>(columns.data()) : nullptr;
+  const uint8_t* kept = keep ? columns.data() : nullptr;
   // Tasks over (expert, group of column blocks), as the forward's: a chunk of activation rows stays in L2
   // while the task walks its column blocks, instead of being streamed again for every 32 columns.
   struct Task {
@@ -475,16 +525,25 @@ void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const
     const int64_t row0 = r.offsets[t.e];
     const int rows = static_cast<int>(r.rows(t.e));
     const int b1 = std::min(col_blocks, t.b0 + pairs_per_task(rows));
-    const bf16* tiles;
+    const uint8_t* tiles;
     if (kept) {
-      tiles = kept + (static_cast<int64_t>(t.e) * col_blocks + t.b0) * block_elems;
+      tiles = kept + (static_cast<int64_t>(t.e) * col_blocks + t.b0) * block_bytes;
     } else {
-      const size_t need = static_cast<size_t>(block_elems) * (b1 - t.b0);
-      if (t_columns.size() < need) t_columns.resize(need);
-      for (int b = t.b0; b < b1; ++b)
-        pk_->pack_columns_bf16(w + static_cast<int64_t>(t.e) * K * N, N, K, N, b * 32, k_blocks,
-                               t_columns.data() + (b - t.b0) * block_elems);
-      tiles = t_columns.data();
+      const size_t need = static_cast<size_t>(block_bytes) * (b1 - t.b0);
+      if (t_column_bytes.size() < need) t_column_bytes.resize(need);
+      tiles = t_column_bytes.data();
+    }
+    // fp8: the scales of each block's two tiles and segments, [b - b0][2][nseg] (made per task, from W's scales).
+    float* scales = nullptr;
+    if (fp8) {
+      const size_t need = static_cast<size_t>(2 * nseg) * (b1 - t.b0);
+      if (t_fp8_scales.size() < need) t_fp8_scales.resize(need);
+      scales = t_fp8_scales.data();
+    }
+    for (int b = t.b0; b < b1; ++b) {
+      uint8_t* dst = kept ? nullptr : t_column_bytes.data() + (b - t.b0) * block_bytes;
+      float* s0 = fp8 ? scales + static_cast<int64_t>(b - t.b0) * 2 * nseg : nullptr;
+      pack_block(t.e, b * 32, dst, s0, fp8 ? s0 + nseg : nullptr);
     }
     // LoRA: c += p[row] . A[e][:, cols], A [E][R][N]; its slices transposed once per task.
     float* bts = nullptr;
@@ -503,8 +562,15 @@ void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const
       float* panel = panel_buffer(mrows);
       const int64_t first = row0 + m0;
       for (int b = t.b0; b < b1; ++b) {
-        const bf16* bt = tiles + (b - t.b0) * block_elems;
-        pk_->bf16_panel(mrows, k_blocks, a + first * lda, lda, bt, bt + static_cast<int64_t>(k_blocks) * 512, panel);
+        const uint8_t* bt = tiles + (b - t.b0) * block_bytes;
+        const uint8_t* bt1 = bt + block_bytes / 2;
+        if (fp8) {
+          const float* s0 = scales + static_cast<int64_t>(b - t.b0) * 2 * nseg;
+          pk_->fp8_panel(mrows, nseg, segments.data(), a + first * lda, lda, bt, bt1, s0, s0 + nseg, panel);
+        } else {
+          pk_->bf16_panel(mrows, k_blocks, a + first * lda, lda, reinterpret_cast<const bf16*>(bt),
+                          reinterpret_cast<const bf16*>(bt1), panel);
+        }
         const int col0 = b * 32, ncols = std::min(32, N - col0);
         packed_avx512::down_epilogue(mrows, ncols, panel, R > 0 ? p + first * R : nullptr, R,
                                      R > 0 ? bts + (b - t.b0) * R * 32 : nullptr, c ? c + first * N + col0 : nullptr,

@@ -68,11 +68,11 @@ struct AmxTiles {
 
 // clang-format off: the kernel table keeps its hand layout (fields in PackedKernels order)
 const PackedKernels kAmxBf16Packed = {"amx_bf16", PackedFormat::kBF16, amx_bf16_panel<AmxTiles>, nullptr,
-                                      packed_avx512::pack_columns_bf16, nullptr};
+                                      packed_avx512::pack_columns_bf16, nullptr, amx_fp8_panel<AmxTiles>};
 const PackedKernels kAmxInt8Packed = {"amx_int8", PackedFormat::kInt8, nullptr, amx_int8_panel<AmxTiles>, nullptr,
-                                      nullptr};
+                                      nullptr, nullptr};
 const PackedKernels kAmxInt4Packed = {"amx_int4", PackedFormat::kInt4, nullptr, nullptr, nullptr,
-                                      amx_int4_panel<AmxTiles>};
+                                      amx_int4_panel<AmxTiles>, nullptr};
 // clang-format on
 
 }  // namespace kt

@@ -65,11 +65,11 @@ struct EmulatedTiles {
 
 // clang-format off: the kernel table keeps its hand layout (fields in PackedKernels order)
 const PackedKernels kAmxBf16Emulated = {"amx_bf16", PackedFormat::kBF16, amx_bf16_panel<EmulatedTiles>, nullptr,
-                                        packed_avx512::pack_columns_bf16, nullptr};
+                                        packed_avx512::pack_columns_bf16, nullptr, amx_fp8_panel<EmulatedTiles>};
 const PackedKernels kAmxInt8Emulated = {"amx_int8", PackedFormat::kInt8, nullptr, amx_int8_panel<EmulatedTiles>,
-                                        nullptr, nullptr};
+                                        nullptr, nullptr, nullptr};
 const PackedKernels kAmxInt4Emulated = {"amx_int4", PackedFormat::kInt4, nullptr, nullptr, nullptr,
-                                        amx_int4_panel<EmulatedTiles>};
+                                        amx_int4_panel<EmulatedTiles>, nullptr};
 // clang-format on
 
 }  // namespace kt

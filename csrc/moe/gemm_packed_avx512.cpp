@@ -6,6 +6,7 @@
 
 #include <cstring>
 
+#include "fp8_avx512.h"
 #include "packed.h"
 
 namespace kt {
@@ -131,9 +132,86 @@ void int4_rows(int k_blocks, const int8_t* a, int lda, const float* a_scale, con
   }
 }
 
+// 32 e4m3 bytes (one row of an fp8 tile: 16 outputs x 2 inputs) as the bf16 row of the same tile, values q / 256:
+// exact, every e4m3 value / 256 is a bf16 value.
+inline __m512bh fp8x32_to_bf16(const uint8_t* p) {
+  return _mm512_cvtne2ps_pbh(fp8_e4m3x16_to_f32_div256(p + 16), fp8_e4m3x16_to_f32_div256(p));
+}
+
+// fp8 weights: as bf16_rows on tile rows converted in registers, one fp32 sum per segment, added to C times the
+// segment's scales.
+template <int R>
+void fp8_rows(int nseg, const Fp8Segment* seg, const bf16* a, int lda, const uint8_t* b0, const uint8_t* b1,
+              const float* s0, const float* s1, float* c) {
+  constexpr int kFp8Tile = kTileBytes / 2;
+  __m512 f0[R], f1[R];
+  for (int r = 0; r < R; ++r) f0[r] = f1[r] = _mm512_setzero_ps();
+  for (int i = 0; i < nseg; ++i) {
+    const Fp8Segment& s = seg[i];
+    __m512 acc0[R], acc1[R];
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int kb = s.kb0; kb < s.kb1; ++kb) {
+      const uint8_t* t0 = b0 + static_cast<int64_t>(kb) * kFp8Tile;
+      const uint8_t* t1 = b1 + static_cast<int64_t>(kb) * kFp8Tile;
+      const bf16* ak = a + (s.a_kb + kb - s.kb0) * 32;
+      for (int kp = 0; kp < 16; ++kp) {
+        if (kp % 2 == 0) {  // one 64-byte line per two tile rows
+          _mm_prefetch(reinterpret_cast<const char*>(t0 + kPrefetchBlocks * kFp8Tile + kp * 32), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(t1 + kPrefetchBlocks * kFp8Tile + kp * 32), _MM_HINT_T0);
+        }
+        const __m512bh w0 = fp8x32_to_bf16(t0 + kp * 32);
+        const __m512bh w1 = fp8x32_to_bf16(t1 + kp * 32);
+        for (int r = 0; r < R; ++r) {
+          const __m512bh x = reinterpret_cast<__m512bh>(
+              _mm512_set1_epi32(static_cast<int>(load_u32(ak + static_cast<int64_t>(r) * lda + 2 * kp))));
+          acc0[r] = _mm512_dpbf16_ps(acc0[r], x, w0);
+          acc1[r] = _mm512_dpbf16_ps(acc1[r], x, w1);
+        }
+      }
+    }
+    const __m512 sv0 = _mm512_set1_ps(s0[i]), sv1 = _mm512_set1_ps(s1[i]);
+    for (int r = 0; r < R; ++r) {
+      f0[r] = _mm512_fmadd_ps(acc0[r], sv0, f0[r]);
+      f1[r] = _mm512_fmadd_ps(acc1[r], sv1, f1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(c + r * 32, f0[r]);
+    _mm512_storeu_ps(c + r * 32 + 16, f1[r]);
+  }
+}
+
 }  // namespace
 
 namespace packed_avx512 {
+
+void fp8_panel(int rows, int nseg, const Fp8Segment* seg, const bf16* a, int lda, const uint8_t* b0, const uint8_t* b1,
+               const float* s0, const float* s1, float* c) {
+  for (int m = 0; m < rows; m += kMaxRows) {
+    const bf16* am = a + static_cast<int64_t>(m) * lda;
+    float* cm = c + static_cast<int64_t>(m) * 32;
+    switch (rows - m < kMaxRows ? rows - m : kMaxRows) {
+      case 1: fp8_rows<1>(nseg, seg, am, lda, b0, b1, s0, s1, cm); break;
+      case 2: fp8_rows<2>(nseg, seg, am, lda, b0, b1, s0, s1, cm); break;
+      case 3: fp8_rows<3>(nseg, seg, am, lda, b0, b1, s0, s1, cm); break;
+      default: fp8_rows<4>(nseg, seg, am, lda, b0, b1, s0, s1, cm); break;
+    }
+  }
+}
+
+void fp8_tiles_to_bf16(const uint8_t* src, int k_blocks, bf16* dst) {
+  for (int64_t i = 0; i < static_cast<int64_t>(k_blocks) * 16; ++i)
+    _mm512_storeu_si512(dst + i * 32, reinterpret_cast<__m512i>(fp8x32_to_bf16(src + i * 32)));
+}
+
+void fold_fp8_segment(int rows, const float* acc, float s0, float s1, float* c) {
+  const __m512 v0 = _mm512_set1_ps(s0), v1 = _mm512_set1_ps(s1);
+  for (int m = 0; m < rows; ++m) {
+    float* cm = c + static_cast<int64_t>(m) * 32;
+    _mm512_storeu_ps(cm, _mm512_fmadd_ps(v0, _mm512_loadu_ps(acc + m * 32), _mm512_loadu_ps(cm)));
+    _mm512_storeu_ps(cm + 16, _mm512_fmadd_ps(v1, _mm512_loadu_ps(acc + m * 32 + 16), _mm512_loadu_ps(cm + 16)));
+  }
+}
 
 void int4_panel(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const uint8_t* b0,
                 const uint8_t* b1, const float* scale, const float* scale_zero, float* c) {
@@ -491,11 +569,11 @@ void tn_bf16_rows(int R, int N, int rows, const float* p, int ldp, const bf16* a
 
 // clang-format off: the kernel table keeps its hand layout (fields in PackedKernels order)
 const PackedKernels kAvx512Bf16Packed = {"avx512_bf16_packed", PackedFormat::kBF16, packed_avx512::bf16_panel,
-                                         nullptr, packed_avx512::pack_columns_bf16, nullptr};
+                                         nullptr, packed_avx512::pack_columns_bf16, nullptr, packed_avx512::fp8_panel};
 const PackedKernels kAvx512VnniInt8Packed = {"avx512_vnni_int8", PackedFormat::kInt8, nullptr,
-                                             packed_avx512::int8_panel, nullptr, nullptr};
+                                             packed_avx512::int8_panel, nullptr, nullptr, nullptr};
 const PackedKernels kAvx512VnniInt4Packed = {"avx512_vnni_int4", PackedFormat::kInt4, nullptr, nullptr, nullptr,
-                                             packed_avx512::int4_panel};
+                                             packed_avx512::int4_panel, nullptr};
 // clang-format on
 
 }  // namespace kt

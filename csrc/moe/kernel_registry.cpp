@@ -35,12 +35,14 @@ std::vector<KernelVariant> kernel_variants() {
   amx_missing = "not built: the compiler has no AMX support";
 #endif
   std::vector<KernelVariant> v;
-  v.push_back({"amx_bf16", amx || emulate, amx_missing, &kAvx512Bf16Kernels, amx_bf16, false});
+  // fp8 weights: the bf16 packed formats pack the e4m3 bytes (packed.h); kFp8Avx512Kernels serves the calls they
+  // do not (fp32 activations, blocks that are not whole tiles).
+  v.push_back({"amx_bf16", amx || emulate, amx_missing, &kAvx512Bf16Kernels, amx_bf16, false, &kFp8Avx512Kernels});
   v.push_back({"avx512_bf16", avx512 && f.avx512_bf16, "needs AVX-512 F/BW/VL and AVX512-BF16", &kAvx512Bf16Kernels,
                nullptr, false, &kFp8Avx512Kernels});
   // The decode path without AMX (Zen 4, Cooper Lake): packed weights streamed by vdpbf16ps.
   v.push_back({"avx512_bf16_packed", packed_avx512, "needs AVX-512 F/BW/VL, AVX512-BF16 and AVX512-VNNI",
-               &kAvx512Bf16Kernels, &kAvx512Bf16Packed, false});
+               &kAvx512Bf16Kernels, &kAvx512Bf16Packed, false, &kFp8Avx512Kernels});
   v.push_back({"avx512", avx512, "needs AVX-512 F/BW/VL", &kAvx512Kernels, nullptr, false, &kFp8Avx512Kernels});
   // AVX2 CPUs all have F16C (the fp8 kernels' e4m3 -> fp32 conversion); checked all the same.
   v.push_back(

@@ -1,7 +1,8 @@
 // Run-time choice of the kernel variant. Exact variants, best first: AMX (bf16 tiles on packed weights) ->
 // AVX512-BF16 -> AVX512-BF16 on packed weights -> AVX-512 -> AVX2-FMA -> portable. Quantized variants
 // (int8 / int4 weights, chosen only by name) follow. Only variants whose instructions this CPU (and OS) supports
-// are ever handed out. fp8 weights run on the unpacked exact variants (avx512_bf16, avx512, avx2, portable).
+// are ever handed out. fp8 weights run on the exact variants: packed as e4m3 bytes by the bf16 packed ones (amx_bf16,
+// avx512_bf16_packed), converted in registers by the unpacked ones (avx512_bf16, avx512, avx2, portable).
 #pragma once
 
 #include <string>
@@ -19,8 +20,8 @@ struct KernelVariant {
   const GemmKernels* kernels;
   const PackedKernels* packed;  // projections on packed weights, or nullptr
   bool quantized;  // the weights are quantized at load: outside the operator's exactness contract
-  // GEMMs against block-quantized fp8 weights (DType::kFP8E4M3), or nullptr: the packed variants pack bf16
-  // weights (or quantize them) at load and take no fp8.
+  // GEMMs against block-quantized fp8 weights (DType::kFP8E4M3) where the packed kernels do not compute them, or
+  // nullptr: the quantized variants quantize bf16 weights at load and take no fp8.
   const Fp8Kernels* fp8 = nullptr;
 };
 

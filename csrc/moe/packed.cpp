@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstring>
 #include <new>
+#include <stdexcept>
+#include <string>
 
 namespace kt {
 namespace {
@@ -103,7 +105,41 @@ void pack_int4_tile(const void* w, DType t, const int64_t* rows, int K, int k_bl
     }
 }
 
+// One n-tile (16 outputs) of one expert, fp8: the e4m3 bytes of each segment's inputs in its k-blocks, and the
+// tile's scale per segment (its outputs share one block row) times 256.
+void pack_fp8_tile(const uint8_t* q, const int64_t* rows, int K, const std::vector<Fp8Segment>& segments,
+                   const float* scale_row, uint8_t* dst, float* scale) {
+  for (size_t i = 0; i < segments.size(); ++i) {
+    const Fp8Segment& s = segments[i];
+    scale[i] = scale_row ? scale_row[s.block] * 256.f : 0.f;
+    for (int n = 0; n < kTileRows; ++n) {
+      if (rows[n] < 0) continue;
+      const uint8_t* src = q + rows[n] * K;
+      for (int k = s.k0; k < s.k1; ++k) {
+        const int kb = s.kb0 + k / 32 - s.a_kb, kp = (k % 32) / 2, j = k % 2;
+        dst[static_cast<int64_t>(kb) * (kTileBytes / 2) + (kp * kTileRows + n) * 2 + j] = src[k];
+      }
+    }
+  }
+}
+
 }  // namespace
+
+std::vector<Fp8Segment> fp8_segments(int K, int block, int split) {
+  std::vector<Fp8Segment> out;
+  int kb = 0;
+  auto add = [&](int k0, int k1, int index) {
+    const int a_kb = k0 / 32, a_end = (k1 + 31) / 32;
+    out.push_back({a_kb, kb, kb + a_end - a_kb, k0, k1, index});
+    kb += a_end - a_kb;
+  };
+  const int first_end = split > 0 ? split : K;
+  for (int k0 = 0; k0 < first_end; k0 += block) add(k0, std::min(first_end, k0 + block), k0 / block);
+  const int first_blocks = (first_end + block - 1) / block;
+  if (split > 0)
+    for (int k0 = split; k0 < K; k0 += block) add(k0, std::min(K, k0 + block), first_blocks + (k0 - split) / block);
+  return out;
+}
 
 AlignedBuffer::AlignedBuffer(size_t bytes) : size_(bytes) {
   const size_t rounded = (bytes + 63) / 64 * 64;
@@ -113,7 +149,7 @@ AlignedBuffer::AlignedBuffer(size_t bytes) : size_(bytes) {
   data_.reset(static_cast<uint8_t*>(p));
 }
 
-PackedTensor packed_layout(int E, int N, int K, PackedFormat format, bool interleave_halves) {
+PackedTensor packed_layout(int E, int N, int K, PackedFormat format, bool interleave_halves, int fp8_block_cols) {
   PackedTensor p;
   p.format = format;
   p.experts = E;
@@ -123,6 +159,11 @@ PackedTensor packed_layout(int E, int N, int K, PackedFormat format, bool interl
   p.n_tiles = (tiles + 1) / 2 * 2;
   p.k_blocks = (K + k_step(format) - 1) / k_step(format);
   if (format == PackedFormat::kInt4) p.k_blocks = (p.k_blocks + 1) / 2 * 2;  // whole groups
+  if (format == PackedFormat::kFP8) {
+    if (fp8_block_cols <= 0) throw std::invalid_argument("packed_layout: fp8 needs its block size");
+    p.segments = fp8_segments(K, fp8_block_cols, 0);
+    p.k_blocks = p.segments.back().kb1;
+  }
   const int64_t num_tiles = static_cast<int64_t>(E) * p.n_tiles;
   p.data = AlignedBuffer(static_cast<size_t>(num_tiles * p.k_blocks * tile_bytes(format)));
   if (format == PackedFormat::kInt4) {
@@ -133,6 +174,7 @@ PackedTensor packed_layout(int E, int N, int K, PackedFormat format, bool interl
     p.scale.assign(num_tiles * kTileRows, 0.f);
     p.colsum.assign(num_tiles * kTileRows, 0);
   }
+  if (format == PackedFormat::kFP8) p.scale.assign(num_tiles * p.segments.size(), 0.f);
   return p;
 }
 
@@ -140,6 +182,7 @@ std::string packed_format_tag(PackedFormat format) {
   const char* name = format == PackedFormat::kBF16   ? "bf16"
                      : format == PackedFormat::kInt8 ? "int8"
                      : format == PackedFormat::kInt4 ? "int4"
+                     : format == PackedFormat::kFP8  ? "fp8"
                                                      : "none";
   // Bump the version whenever the tile layout, the quantization or the blob set changes.
   return std::string("kt-packed-v1/") + name + "/tile" + std::to_string(kTileBytes) + "/g" + std::to_string(kInt4Group);
@@ -175,6 +218,67 @@ PackedTensor pack_tensor(ThreadPool& pool, const void* w, DType dtype, int E, in
   }
   p.rel_error = ref2 > 0.0 ? std::sqrt(err2 / ref2) : 0.0;
   return p;
+}
+
+}  // namespace kt
+
+namespace kt {
+
+PackedTensor pack_fp8_tensor(ThreadPool& pool, const uint8_t* q, const float* scale, int E, int N, int K,
+                             int block_rows, int block_cols, bool interleave_halves) {
+  if (block_rows <= 0 || block_rows % kTileRows != 0)
+    throw std::invalid_argument("pack_fp8_tensor: block rows must be a positive multiple of 16, got " +
+                                std::to_string(block_rows));
+  PackedTensor p = packed_layout(E, N, K, PackedFormat::kFP8, interleave_halves, block_cols);
+  const int half = interleave_halves ? N / 2 : 0;
+  const int64_t scale_cols = (K + block_cols - 1) / block_cols;
+  const int64_t scale_rows =
+      interleave_halves ? 2 * ((half + block_rows - 1) / block_rows) : (N + block_rows - 1) / block_rows;
+  const int64_t num_tiles = static_cast<int64_t>(E) * p.n_tiles;
+  const int64_t bytes_per_tile_column = static_cast<int64_t>(p.k_blocks) * tile_bytes(PackedFormat::kFP8);
+  const size_t nseg = p.segments.size();
+  pool.parallel_for(num_tiles, [&](int64_t task) {
+    const int e = static_cast<int>(task / p.n_tiles), nt = static_cast<int>(task % p.n_tiles);
+    Fp8View view;  // expert e's scales, for the block row of a source row
+    view.scale = scale + e * scale_rows * scale_cols;
+    view.ld_scale = static_cast<int>(scale_cols);
+    view.block_rows = block_rows;
+    view.block_cols = block_cols;
+    view.split = half;
+    int64_t rows[kTileRows];
+    const float* scale_row = nullptr;
+    for (int n = 0; n < kTileRows; ++n) {
+      const int64_t r = source_row(nt * kTileRows + n, N, interleave_halves);
+      rows[n] = r < 0 ? -1 : static_cast<int64_t>(e) * N + r;
+      if (r >= 0 && !scale_row) scale_row = view.scales_of_row(static_cast<int>(r));
+    }
+    pack_fp8_tile(q, rows, K, p.segments, scale_row, p.data.data() + task * bytes_per_tile_column,
+                  p.scale.data() + task * nseg);
+  });
+  return p;
+}
+
+void pack_columns_fp8(const Fp8View& w, int N, int col0, const std::vector<Fp8Segment>& segments, uint8_t* dst,
+                      float* s0, float* s1) {
+  const int k_blocks = segments.back().kb1;
+  const int64_t tile_column = static_cast<int64_t>(k_blocks) * (kTileBytes / 2);
+  if (dst) std::memset(dst, 0, static_cast<size_t>(2 * tile_column));
+  const int cols = std::min(32, N - col0);
+  for (size_t i = 0; i < segments.size(); ++i) {
+    const Fp8Segment& s = segments[i];
+    if (s0) {
+      const float* srow = w.scales_of_row(s.k0);
+      s0[i] = srow[col0 / w.block_cols] * 256.f;
+      s1[i] = cols > 16 ? srow[(col0 + 16) / w.block_cols] * 256.f : 0.f;
+    }
+    if (!dst) continue;
+    for (int k = s.k0; k < s.k1; ++k) {
+      const uint8_t* src = w.q + static_cast<int64_t>(k) * w.ld + col0;
+      const int kb = s.kb0 + k / 32 - s.a_kb, kp = (k % 32) / 2, j = k % 2;
+      uint8_t* row = dst + static_cast<int64_t>(kb) * (kTileBytes / 2) + kp * 2 * kTileRows + j;
+      for (int c = 0; c < cols; ++c) row[(c / kTileRows) * tile_column + (c % kTileRows) * 2] = src[c];
+    }
+  }
 }
 
 }  // namespace kt

@@ -13,6 +13,14 @@
 //
 // gate_up is packed with its gate and up tiles interleaved: pair p = (gate rows [16p, 16p + 16),
 // up rows [16p, 16p + 16)), so one task computes matching gate and up columns and applies silu * up at once.
+//
+// fp8 (e4m3 weights with block scales, as DeepSeek-V3 ships them; gemm.h: Fp8View) keeps the bf16 tile shape
+// [16][16][2] with one byte per weight (512 bytes a tile), the e4m3 bytes as the checkpoint has them. The inputs
+// are cut into segments, one per block of the scales along them (Fp8Segment); a segment's k-blocks hold its own
+// inputs only (zero elsewhere), so that one fp32 scale per tile and segment applies to its partial sums. The panels
+// convert e4m3 to bf16 (q / 256, exact: e4m3 has 3 mantissa bits and a narrower exponent range) right before the
+// dot products and add scale * 256 * partial sum into C: every weight counts as q * scale exactly, as in the
+// unpacked fp8 kernels (gemm_fp8_simd.h), with bf16 activations.
 #pragma once
 
 #include <cstdint>
@@ -26,15 +34,17 @@
 
 namespace kt {
 
-enum class PackedFormat { kNone, kBF16, kInt8, kInt4 };
+enum class PackedFormat { kNone, kBF16, kInt8, kInt4, kFP8 };
 
 constexpr int kTileBytes = 1024;
 constexpr int kTileRows = 16;  // outputs per tile, and activation rows per AMX A tile
 
 constexpr int kInt4Group = 128;  // inputs per int4 scale / zero point: two k-blocks
 
-inline int k_step(PackedFormat f) { return f == PackedFormat::kBF16 ? 32 : 64; }
-inline int tile_bytes(PackedFormat f) { return f == PackedFormat::kInt4 ? kTileBytes / 2 : kTileBytes; }
+inline int k_step(PackedFormat f) { return f == PackedFormat::kBF16 || f == PackedFormat::kFP8 ? 32 : 64; }
+inline int tile_bytes(PackedFormat f) {
+  return f == PackedFormat::kInt4 || f == PackedFormat::kFP8 ? kTileBytes / 2 : kTileBytes;
+}
 
 // Row stride, in elements, of the activation rows a panel reads: the padded width (whole 64-byte lines) made
 // an odd number of lines, so that the 16 rows of a tile fall in 16 different L1 sets. At a stride of 4 KB
@@ -45,6 +55,20 @@ inline int tile_row_stride(int padded, int elem_bytes) {
   return (padded / line) % 2 == 0 ? padded + line : padded;
 }
 inline bool int_activations(PackedFormat f) { return f == PackedFormat::kInt8 || f == PackedFormat::kInt4; }
+
+// One segment of an fp8 tile column: the inputs [k0, k1), which share a block of the scales (index `block` along
+// the inputs), packed as k-blocks [kb0, kb1) that read activation k-blocks [a_kb, a_kb + kb1 - kb0) (32 inputs each,
+// from activation column 32 a_kb; the inputs of those k-blocks outside [k0, k1) are zero in this segment's tiles).
+// Segments are in input order and their k-blocks follow each other: kb0 of the first is 0.
+struct Fp8Segment {
+  int a_kb, kb0, kb1;
+  int k0, k1;
+  int block;
+};
+
+// The segments of K inputs cut at multiples of `block` and, when split > 0, at `split` (gate_up's rows in the
+// backward: gate's blocks, then up's from row `split`).
+std::vector<Fp8Segment> fp8_segments(int K, int block, int split);
 
 // Kernels over packed weights. A panel computes C [rows, 32] = A [rows, K] . (two packed n-tiles)^T.
 // `a` must stay readable for round_up(rows, 32) rows of `lda` elements (its owner pads): AMX loads whole
@@ -64,6 +88,10 @@ struct PackedKernels {
   // a[m][k]), i.e. W = scale * (q - zero) per group; scale / scale_zero are [2 tiles][groups][16], k_blocks even.
   void (*int4_panel)(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const uint8_t* b0,
                      const uint8_t* b1, const float* scale, const float* scale_zero, float* c);
+  // fp8 weights, bf16 activations: C[m][n] = sum_i s[i] * sum_{kb in segment i} a[m][k-blocks from a_kb] . b[kb][n],
+  // b the tiles as q / 256 and s = s0 for n < 16, s1 after (each scale times 256). Null: the format takes no fp8.
+  void (*fp8_panel)(int rows, int nseg, const Fp8Segment* seg, const bf16* a, int lda, const uint8_t* b0,
+                    const uint8_t* b1, const float* s0, const float* s1, float* c);
 };
 
 // AVX-512 panels on packed weights (gemm_packed_avx512.cpp); the AMX panels use them for few rows, where
@@ -83,6 +111,12 @@ void group_sums(int rows, int groups, const int8_t* a, int lda, int32_t* xsum);
 void fold_int4_group(int rows, const int32_t* acc, const int32_t* xsum, int xsum_stride, const float* a_scale,
                      const float* scale0, const float* scale_zero0, const float* scale1, const float* scale_zero1,
                      float* c);
+void fp8_panel(int rows, int nseg, const Fp8Segment* seg, const bf16* a, int lda, const uint8_t* b0, const uint8_t* b1,
+               const float* s0, const float* s1, float* c);
+// Pieces of the tile fp8 panel that need AVX-512: `k_blocks` fp8 tiles (512 bytes each) to bf16 tiles (1 KB each,
+// the values q / 256); and C[m][n] += (n < 16 ? s0 : s1) * acc[m][n] over a rows x 32 fp32 block (row stride 32).
+void fp8_tiles_to_bf16(const uint8_t* src, int k_blocks, bf16* dst);
+void fold_fp8_segment(int rows, const float* acc, float s0, float s1, float* c);
 
 // Element-wise work of the packed path, vectorized (every packed table implies AVX-512 F/BW/BF16 on this CPU).
 // Rounding to bf16 is to nearest even (vcvtneps2bf16), as f32_to_bf16; exp is a degree-6 polynomial on
@@ -154,9 +188,14 @@ struct PackedTensor {
   std::vector<float> scale;     // [E][n_tiles * 16], int8; [E][n_tiles][groups][16], int4
   std::vector<int32_t> colsum;  // [E][n_tiles * 16], int8
   std::vector<float> scale_zero;  // [E][n_tiles][groups][16], int4: scale * zero point
+  // fp8: `scale` is [E][n_tiles][segments.size()], each block scale times 256 (the tiles hold q / 256).
+  std::vector<Fp8Segment> segments;
   double rel_error = 0.0;       // ||W - dequant(Wq)|| / ||W|| over the layer (0 for bf16)
 
-  int padded_inputs() const { return k_blocks * k_step(format); }
+  // Elements per activation row the panels read: whole k-blocks (fp8: of the inputs; its segments may add k-blocks).
+  int padded_inputs() const {
+    return format == PackedFormat::kFP8 ? (inputs + 31) / 32 * 32 : k_blocks * k_step(format);
+  }
   int groups() const { return format == PackedFormat::kInt4 ? k_blocks * k_step(format) / kInt4Group : 1; }
   const uint8_t* tile(int e, int nt) const {
     return data.data() + ((static_cast<int64_t>(e) * n_tiles + nt) * k_blocks) * tile_bytes(format);
@@ -168,11 +207,15 @@ struct PackedTensor {
     return scale_zero.data() + (static_cast<int64_t>(e) * n_tiles + nt) * groups() * 16;
   }
   const float* scales(int e, int nt) const { return scale.data() + (static_cast<int64_t>(e) * n_tiles + nt) * 16; }
+  const float* fp8_scales(int e, int nt) const {
+    return scale.data() + (static_cast<int64_t>(e) * n_tiles + nt) * segments.size();
+  }
   const int32_t* colsums(int e, int nt) const { return colsum.data() + (static_cast<int64_t>(e) * n_tiles + nt) * 16; }
 };
 
 // The zeroed layout pack_tensor fills (sizes of every buffer), for packing or for loading saved buffers.
-PackedTensor packed_layout(int E, int N, int K, PackedFormat format, bool interleave_halves);
+// fp8_block_cols: the inputs per block of the fp8 scales (fp8 only).
+PackedTensor packed_layout(int E, int N, int K, PackedFormat format, bool interleave_halves, int fp8_block_cols = 0);
 
 // Names the packed layout and its version ("kt-packed-v1/int8/tile1024/g128"): saved buffers are only
 // reloaded under the same tag.
@@ -181,5 +224,18 @@ std::string packed_format_tag(PackedFormat format);
 // Packs W [E, N, K] (`dtype`), its rows taken as gate / up halves when `interleave_halves`.
 PackedTensor pack_tensor(ThreadPool& pool, const void* w, DType dtype, int E, int N, int K, PackedFormat format,
                          bool interleave_halves);
+
+// Packs fp8 W [E, N, K] (e4m3 bytes) with its block scales [E, scale rows, ceil(K / block_cols)] (gemm.h:
+// Fp8View; with interleave_halves the two halves are quantized apart, as gate_up). Needs block_rows % 16 == 0:
+// a tile's 16 outputs share one block row.
+PackedTensor pack_fp8_tensor(ThreadPool& pool, const uint8_t* q, const float* scale, int E, int N, int K,
+                             int block_rows, int block_cols, bool interleave_halves);
+
+// The backward's fp8 column blocks: columns [col0, col0 + 32) of one expert's e4m3 W [K, N] (`w`: its view from
+// (0, 0)) as two n-tiles of `segments` (fp8_segments over its rows), the last segment's kb1 tiles each, the second
+// after the first; and the scales of each tile and segment, times 256, into s0 / s1 [segments]. Needs
+// w.block_cols % 16 == 0: a tile's 16 columns share one block column. A null dst or s0 / s1 skips that part.
+void pack_columns_fp8(const Fp8View& w, int N, int col0, const std::vector<Fp8Segment>& segments, uint8_t* dst,
+                      float* s0, float* s1);
 
 }  // namespace kt

@@ -7,9 +7,10 @@ saved as one safetensors file per layer and reloaded on the next build instead o
 
 A file is named by a key over: the label (`KTExperts.pack_cache_key`: checkpoint and layer name, when the
 loader sets one), the kernel, the packed layout tag of the compiled module, the weight dtype and shapes, and
-a fingerprint of the weights. The fingerprint is cheap, not a full hash: it reads a few thousand strided
-samples of each weight tensor (plus its first and last elements), so it follows any re-initialization,
-fine-tuning or different checkpoint, but an edit confined to elements between the samples goes unseen.
+a fingerprint of the weights (and of fp8 weights' block scales). The fingerprint is cheap, not a full hash: it
+reads a few thousand strided samples of each tensor (plus its first and last elements), so it follows any
+re-initialization, fine-tuning or different checkpoint, but an edit confined to elements between the samples
+goes unseen.
 Give such layers a distinct `pack_cache_key` (or clear the folder) when weights are edited in place.
 
 Files are written under a temporary name and moved in place (os.replace), so a reader never sees half a
@@ -75,8 +76,17 @@ def _key_fields(module: KTExperts, op) -> dict[str, str]:
         "dtype": str(module.gate_up_proj.dtype),
         "gate_up_shape": json.dumps(list(module.gate_up_proj.shape)),
         "down_shape": json.dumps(list(module.down_proj.shape)),
-        "fingerprint": weights_fingerprint(module.gate_up_proj, module.down_proj),
+        "fingerprint": weights_fingerprint(*_weights(module)),
     }
+
+
+def _weights(module: KTExperts) -> list[torch.Tensor]:
+    """The tensors the packed buffers are made from: the weights, and for fp8 weights their block scales (the
+    packed fp8 tiles carry them; the block size is in the compiled module's format tag)."""
+    tensors = [module.gate_up_proj, module.down_proj]
+    if getattr(module, "is_fp8", False):
+        tensors += [module.gate_up_proj_scale_inv, module.down_proj_scale_inv]
+    return tensors
 
 
 def cache_path(module: KTExperts, op, folder: Path) -> tuple[Path, dict[str, str]]:
