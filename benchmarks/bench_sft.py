@@ -44,12 +44,18 @@ step (`split`: median CPU operator / PCIe copy / GPU expert seconds per step, wi
     python benchmarks/bench_sft.py --shape dsv2-lite --batch 16 --modes gpu,gpu-loss,kt-stream --out sft.json
     python benchmarks/bench_sft.py --shape qwen3-30b-a3b --batch 8 --checkpoint /data/q3 --expert-gpu-memory 12GiB
     python benchmarks/bench_sft.py --layers 8 --batch 8 --modes lf-gpu,lf-kt-stream --expert-gpu-memory 4GiB
-    # DeepSeek-V3 full width, 3 dense + 2 MoE layers (bf16 checkpoint 53 GB; experts 45 GB + their packed copy in RAM)
+    # DeepSeek-V3 full width, 3 dense + 2 MoE layers: 53 GB bf16 checkpoint; host RAM 45 GB of experts + the AMX
+    # kernel's packed copy (6 layers would need 76 GB of disk and 135 GB of RAM)
     python benchmarks/bench_sft.py --shape deepseek-v3 --layers 5 --seq 2048 --tokens-per-step 2048,8192,32768 \
-        --modes gpu-loss,kt-cpu,kt-stream,kt-stream-gpu --expert-gpu-memory 48GiB --out dsv3-bf16.json
-    # the same weights as shipped in FP8 (28 GB on disk; 7 layers, 4 of them MoE, fit 64 GB of disk: 52 GB)
+        --modes gpu-loss,kt-cpu,kt-stream,kt-stream-gpu --expert-gpu-memory 24GiB --warmup 1 --steps 3 \
+        --mode-timeout 3600 --out dsv3-bf16.json
+    # the same weights as DeepSeek ships them, FP8: 28.5 GB on disk, 22.5 GB of experts in host RAM
     python benchmarks/bench_sft.py --shape deepseek-v3 --layers 5 --expert-dtype fp8 --seq 2048 \
-        --tokens-per-step 2048,8192,32768 --modes gpu-loss,kt-cpu,kt-stream --out dsv3-fp8.json
+        --tokens-per-step 2048,8192,32768 --modes gpu-loss,kt-cpu,kt-stream,kt-stream-gpu --expert-gpu-memory 24GiB \
+        --warmup 1 --steps 3 --mode-timeout 3600 --out dsv3-fp8.json
+    # FP8, 3 dense + 4 MoE layers: 51.5 GB on disk, 45 GB of experts in RAM (8 layers: 63 GB, past a 64 GB disk)
+    python benchmarks/bench_sft.py --shape deepseek-v3 --layers 7 --expert-dtype fp8 --seq 2048 \
+        --tokens-per-step 2048,8192 --modes gpu-loss,kt-cpu --warmup 1 --steps 3 --out dsv3-fp8-7.json
     python benchmarks/bench_sft.py --small --modes gpu,kt-cpu,lf-kt-cpu --device cpu   # tiny shapes, smoke test
     python benchmarks/bench_sft.py --small --shape deepseek-v3 --expert-dtype fp8 --modes gpu,kt-cpu --device cpu
 """
@@ -57,6 +63,7 @@ step (`split`: median CPU operator / PCIe copy / GPU expert seconds per step, wi
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -317,8 +324,9 @@ class StepMeter:
                     meter._profiler = None
                 print(f"    step {len(meter.step_s)}: {meter.step_s[-1] * 1e3:8.0f} ms", flush=True)
 
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                meter.logs.append(dict(logs or {}))
+            def on_train_end(self, args, state, control, **kwargs):
+                # the history, where KTCallback adds its speed logs to each entry (it may run after this callback)
+                meter.logs = [dict(log) for log in state.log_history]
 
         self.cuda = cuda
         self.step_s: list[float] = []
@@ -510,8 +518,12 @@ def full_layer_slots(model) -> int:
     from kt_core.streaming.planner import slot_bytes_per_expert
 
     m = next(m for m in model.modules() if isinstance(m, KTExperts))
-    item = m.gate_up_proj.element_size()
-    return m.num_experts * slot_bytes_per_expert(m.hidden_dim, m.intermediate_dim, item)
+    extra = {}
+    if m.is_fp8 and "block" in inspect.signature(slot_bytes_per_expert).parameters:  # FP8 slots and their buffer
+        extra["block"] = m.weight_block_size
+    return m.num_experts * slot_bytes_per_expert(
+        m.hidden_dim, m.intermediate_dim, m.gate_up_proj.element_size(), **extra
+    )
 
 
 def write_dataset(folder: Path, records: int, seq: int) -> None:

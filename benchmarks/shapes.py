@@ -1,7 +1,7 @@
 """The model shapes the SFT benchmarks train: DeepSeek-V2-Lite, Qwen3-30B-A3B and DeepSeek-V3 (real widths, any
 layer count: DeepSeek-V3's 61 layers do not fit a test machine, so it defaults to its 3 dense layers + 2 MoE
-layers, 45 GB of routed experts in bf16), or tiny configs of the same structure for smoke tests; and the LoRA
-targets a user sets on them."""
+layers, 45 GB of routed experts in bf16, 22.5 GB in DeepSeek's FP8), or tiny configs of the same structure for
+smoke tests; and the LoRA targets a user sets on them."""
 
 from __future__ import annotations
 

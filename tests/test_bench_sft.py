@@ -155,3 +155,42 @@ def test_step_sizes_and_summaries():
     assert split["cpu_slot_share"] == 0.25
     cpu_only = bench_sft.step_split([{"kt_cpu_expert_share": 0.5}] * 2, [2.0, 4.0])
     assert cpu_only["cpu_s"] == pytest.approx(1.5) and cpu_only["pcie_s"] == 0.0 and cpu_only["cpu_slot_share"] == 1.0
+
+
+def test_streamed_only_mode_leaves_the_cpu_nothing(checkpoints):
+    """kt-stream-gpu's settings (enable_streaming's mode "gpu", slots of a whole layer from full_layer_slots): every
+    routed slot is computed on the streaming side, no resident experts (the CPU stands in for the GPU here)."""
+    from kt_core import enable_streaming
+
+    model = load_model(checkpoints[0], device="cpu", progress=False)
+    layer = next(m for m in model.modules() if isinstance(m, KTExperts))
+    budget = bench_sft.full_layer_slots(model)
+    assert budget == layer.num_experts * 2 * 3 * layer.hidden_dim * layer.intermediate_dim * 2
+    rt = enable_streaming(model, expert_gpu_memory=budget, device="cpu", mode="gpu")
+    try:
+        assert rt.resident_per_layer == 0 and rt.store.capacity == layer.num_experts
+        ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+        for _ in range(2):
+            model(ids, labels=ids).loss.backward()
+            report = rt.end_step()
+            assert report["cpu_slot_share"] == 0.0 and report["cpu_s"] == 0.0, report
+    finally:
+        rt.disable()
+
+
+def test_split_lines_are_kept():
+    import logging
+
+    lines: list[str] = []
+    handler = bench_sft.SplitLines(lines)
+    logger = logging.getLogger("kt_core.streaming")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("streaming step %d: %.0f ms | CPU %.0f ms", 3, 120.0, 40.0)
+        logger.info("streaming: 2 layers on cuda:0")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert lines == ["streaming step 3: 120 ms | CPU 40 ms"]
