@@ -49,11 +49,11 @@ step (`split`: median CPU operator / PCIe copy / GPU expert seconds per step, wi
     python benchmarks/bench_sft.py --shape deepseek-v3 --layers 5 --seq 2048 --tokens-per-step 2048,8192,32768 \
         --modes gpu-loss,kt-cpu,kt-stream,kt-stream-gpu --expert-gpu-memory 24GiB --warmup 1 --steps 3 \
         --mode-timeout 3600 --out dsv3-bf16.json
-    # the same weights as DeepSeek ships them, FP8: 28.5 GB on disk, 22.5 GB of experts in host RAM
+    # the same weights as DeepSeek ships them, FP8: 28.5 GB on disk, 22.5 GB of experts in host RAM (+ packed copy)
     python benchmarks/bench_sft.py --shape deepseek-v3 --layers 5 --expert-dtype fp8 --seq 2048 \
         --tokens-per-step 2048,8192,32768 --modes gpu-loss,kt-cpu,kt-stream,kt-stream-gpu --expert-gpu-memory 24GiB \
         --warmup 1 --steps 3 --mode-timeout 3600 --out dsv3-fp8.json
-    # FP8, 3 dense + 4 MoE layers: 51.5 GB on disk, 45 GB of experts in RAM (8 layers: 63 GB, past a 64 GB disk)
+    # FP8, 3 dense + 4 MoE layers: 51.5 GB on disk, 45 GB of experts + 45 GB packed in RAM (8 layers: 63 GB of disk)
     python benchmarks/bench_sft.py --shape deepseek-v3 --layers 7 --expert-dtype fp8 --seq 2048 \
         --tokens-per-step 2048,8192 --modes gpu-loss,kt-cpu --warmup 1 --steps 3 --out dsv3-fp8-7.json
     python benchmarks/bench_sft.py --small --modes gpu,kt-cpu,lf-kt-cpu --device cpu   # tiny shapes, smoke test
