@@ -13,12 +13,15 @@ import torch
 __all__ = [
     "DEFAULT_BLOCK",
     "dequantize_experts_fp8",
+    "dequantize_experts_fp8_",
     "dequantize_fp8_blockwise",
+    "expert_scale_bytes",
     "expert_scale_shapes",
     "expert_store_dtype",
     "fp8_block_size",
     "quantize_experts_fp8",
     "quantize_fp8_blockwise",
+    "scale_blocks_",
     "write_fp8_expert",
 ]
 
@@ -62,9 +65,29 @@ def dequantize_fp8_blockwise(
             f"FP8 scale shape {tuple(scale_inv.shape)} does not match weight {tuple(weight.shape)} "
             f"with {b0}x{b1} blocks (expected {expected})"
         )
-    scale = scale_inv.to(weight.device, torch.float32)
-    scale = scale.repeat_interleave(b0, dim=0)[:O].repeat_interleave(b1, dim=1)[:, :I]  # [O, I]
-    return (weight.to(torch.float32) * scale).to(dtype)
+    out = weight.to(dtype, copy=True)
+    scale_blocks_(out[None], scale_inv.to(weight.device, torch.float32)[None], block)
+    return out
+
+
+def scale_blocks_(out: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
+    """out [N, R, C] *= scale_inv [N, ceil(R / b0), ceil(C / b1)], each scale over its b0 x b1 block; in place.
+
+    The one block-scaled multiply of this module: out holds the e4m3 values already (their conversion to bf16 / fp32
+    is exact), and each product is computed in fp32 and rounded once to out's dtype, so the result is bit for bit
+    `(q.float() * scale).to(dtype)`. Dims that are not whole blocks take their last, partial block; no temporary the
+    size of the weights is made (the whole blocks, the last block row and the last block column are views).
+    """
+    N, R, C = out.shape
+    b0, b1 = block
+    full_r, full_c = R // b0, C // b1
+    rows = [(0, full_r * b0, slice(0, full_r), full_r, b0), (full_r * b0, R, slice(full_r, full_r + 1), 1, R % b0)]
+    cols = [(0, full_c * b1, slice(0, full_c), full_c, b1), (full_c * b1, C, slice(full_c, full_c + 1), 1, C % b1)]
+    for r0, r1, rs, nr, br in rows:
+        for c0, c1, cs, nc, bc in cols:
+            if r1 > r0 and c1 > c0:
+                out[:, r0:r1, c0:c1].view(N, nr, br, nc, bc).mul_(scale_inv[:, rs, None, cs, None])
+    return out
 
 
 def quantize_fp8_blockwise(
@@ -145,20 +168,42 @@ def dequantize_experts_fp8(
             raise ValueError(
                 f"{name}_scale_inv: shape {tuple(scale.shape)}, expected {shape} for {tuple(block)} blocks"
             )
-    half = gu_shape[1] // 2
-    gu = torch.stack(
-        [
-            torch.cat(
-                [
-                    dequantize_fp8_blockwise(gate_up[e, :I], gate_up_scale_inv[e, :half], block, dtype),
-                    dequantize_fp8_blockwise(gate_up[e, I:], gate_up_scale_inv[e, half:], block, dtype),
-                ]
-            )
-            for e in range(E)
-        ]
-    )
-    d = torch.stack([dequantize_fp8_blockwise(down[e], down_scale_inv[e], block, dtype) for e in range(E)])
-    return gu, d
+    gu = torch.empty(gate_up.shape, dtype=dtype, device=gate_up.device)
+    d = torch.empty(down.shape, dtype=dtype, device=down.device)
+    return dequantize_experts_fp8_(gu, d, gate_up, gate_up_scale_inv, down, down_scale_inv, block)
+
+
+def dequantize_experts_fp8_(
+    gate_up_out: torch.Tensor,
+    down_out: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_scale_inv: torch.Tensor,
+    down: torch.Tensor,
+    down_scale_inv: torch.Tensor,
+    block: tuple[int, int] = DEFAULT_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dequantize_experts_fp8 into given buffers (any float dtype, on the weights' device; e.g. a GPU working buffer).
+
+    Args:
+        gate_up_out: [N, 2I, H]. down_out: [N, H, I]. gate_up, down: the e4m3 weights of the same N experts; their
+            scales as expert_scale_shapes (gate's block rows, then up's).
+
+    Returns:
+        (gate_up_out, down_out), each value `(q.float() * scale)` rounded once to their dtype.
+    """
+    I = gate_up.shape[1] // 2
+    half = gate_up_scale_inv.shape[1] // 2
+    gate_up_out.copy_(gate_up)  # e4m3 -> bf16 / fp32 is exact
+    down_out.copy_(down)
+    scale_blocks_(gate_up_out[:, :I], gate_up_scale_inv[:, :half], block)
+    scale_blocks_(gate_up_out[:, I:], gate_up_scale_inv[:, half:], block)
+    scale_blocks_(down_out, down_scale_inv, block)
+    return gate_up_out, down_out
+
+
+def expert_scale_bytes(hidden: int, intermediate: int, block: tuple[int, int] = DEFAULT_BLOCK) -> int:
+    """Bytes of one FP8 expert's fp32 block scales (gate_up's and down's)."""
+    return sum(4 * s[1] * s[2] for s in expert_scale_shapes(1, hidden, intermediate, block))
 
 
 def expert_store_dtype(

@@ -6,8 +6,9 @@
     check_and_log(plan, TRAINER_KNOBS)         # logs plan.table(); MemoryPlanError naming the knob and the number
 
 Two limits, never to be confused:
-    expert_gpu_memory  the expert weights only: the two streaming slots (with the int8 scratch) and the resident
-                       experts. It decides how much of each MoE layer the GPU computes, not what the run may hold.
+    expert_gpu_memory  the expert weights only: the two streaming slots (with the int8 / FP8 dequantization
+                       buffer) and the resident experts. It decides how much of each MoE layer the GPU computes,
+                       not what the run may hold.
     gpu_memory_limit   everything the run holds on the GPU: every part below, the expert weights included.
                        None: the free memory CUDA reports, plus what this process's allocator holds already.
 
@@ -17,9 +18,12 @@ P = min(PIECE_ROWS, T*K) sorted slots per piece of a streamed call):
 
     non-expert weights         parameters and buffers on the GPU outside the CPU experts, LoRA factors included
     trainable state            trainable bytes on the GPU x (1 gradient + optimizer states: 2 for Adam)
-    streaming slots            capacity x slot_bytes_per_expert (the split enable_streaming makes, planner.py)
-    resident experts           residents per layer x MoE layers x 3*H*I*item; under a gpu_memory_limit, as many
-                               as fit beside everything else (what the runtime keeps after step 1)
+    streaming slots            capacity x slot_bytes_per_expert (the split enable_streaming makes, planner.py); FP8
+                               experts: e4m3 bytes and fp32 block scales in both slots, and the bf16 buffer they are
+                               dequantized into (which also takes FP8 residents outside a whole-layer slot)
+    resident experts           residents per layer x MoE layers x the expert as stored (3*H*I*item, + the block
+                               scales of FP8); under a gpu_memory_limit, as many as fit beside everything else
+                               (what the runtime keeps after step 1)
     layer inputs               checkpointing: (L + 1) x T*H*d (each layer's input and the final hidden states);
                                without it: every layer's saved activations, sum of saved(layer)
     one layer's working set    checkpointing: the largest saved(layer) + transient(layer); without: transient
@@ -63,6 +67,7 @@ from kt_core.streaming.planner import (
     allocator_margin,
     expert_memory_split,
     slot_bytes_per_expert,
+    stored_expert_bytes,
 )
 
 __all__ = [
@@ -120,7 +125,8 @@ class ModelDims:
         hidden, vocab, heads: H, V, attention heads.
         layers: the decoder layers on the planned GPU, in order.
         experts, top_k, expert_intermediate: E, K, I of the routed experts (0 without any).
-        expert_item: bytes per expert weight in the host stores (2 for bf16).
+        expert_item: bytes per expert weight in the host stores (2 for bf16, 1 for FP8).
+        expert_block: the quantization block of FP8 experts (fp32 scales per block), None when not FP8.
         expert_lora_rank: r of the expert LoRA (0: none).
         moe_layers: MoE layers in the whole model (all of them stream, whatever GPU the rest is on).
     """
@@ -135,11 +141,12 @@ class ModelDims:
     expert_item: int = 2
     expert_lora_rank: int = 0
     moe_layers: int = 0
+    expert_block: tuple[int, int] | None = None
 
     @property
     def expert_bytes(self) -> int:
-        """One expert's weights (gate_up [2I, H] and down [H, I]) as stored."""
-        return 3 * self.hidden * self.expert_intermediate * self.expert_item
+        """One expert's weights (gate_up [2I, H] and down [H, I]) as stored, FP8 block scales included."""
+        return stored_expert_bytes(self.hidden, self.expert_intermediate, self.expert_item, self.expert_block)
 
 
 @dataclass(frozen=True)
@@ -295,6 +302,7 @@ def model_dims(
             layer["lora"] += getattr(module, "in_features", 0) or 0
     first = experts[0] if experts else None
     E, two_I = first.gate_up_proj.shape[:2] if first is not None else (0, 0)
+    fp8 = first is not None and first.gate_up_proj.dtype == torch.float8_e4m3fn
     if expert_lora_rank is None:
         ranks = [m.lora.rank for m in experts if getattr(m, "lora", None) is not None]
         expert_lora_rank = max(ranks, default=0)
@@ -310,10 +318,23 @@ def model_dims(
         experts=E,
         top_k=(getattr(config, "num_experts_per_tok", 0) or 0) if experts else 0,
         expert_intermediate=two_I // 2,
-        expert_item=2 if first is None or first.gate_up_proj.dtype != torch.float32 else 4,
+        expert_item=1 if fp8 else 2 if first is None or first.gate_up_proj.dtype != torch.float32 else 4,
         expert_lora_rank=expert_lora_rank,
         moe_layers=len(experts),
+        expert_block=_fp8_block(first, config) if fp8 else None,
     )
+
+
+def _fp8_block(experts: nn.Module, config) -> tuple[int, int]:
+    """The quantization block of FP8 experts: KTExperts', else the checkpoint's quantization_config, else 128 x 128."""
+    from kt_core.loading.fp8 import DEFAULT_BLOCK, fp8_block_size
+
+    block = getattr(experts, "weight_block_size", None)
+    if block is None:
+        quant = getattr(config, "quantization_config", None)
+        quant = quant if isinstance(quant, dict) else getattr(quant, "to_dict", dict)()
+        block = fp8_block_size({"quantization_config": quant})
+    return tuple(int(b) for b in block or DEFAULT_BLOCK)
 
 
 def matches_lora_target(name: str, targets: list[str]) -> bool:
@@ -425,7 +446,8 @@ class GpuMemoryPlan:
         if name == "trainable state":
             return f"trainable state (gradients + {self.inputs.optimizer_states} optimizer states)"
         if name == "streaming slots" and s is not None:
-            return f"streaming slots (2 x {self.capacity} experts{', int8' if s.quantize else ''})"
+            kind = ", int8" if s.quantize else ", fp8 + bf16 dequantization buffer" if d.expert_block else ""
+            return f"streaming slots (2 x {self.capacity} experts{kind})"
         if name == "resident experts" and s is not None:
             return f"resident experts ({self.residents}/layer x {d.moe_layers}{', fitted' * self.elastic_residents})"
         if name == "layer inputs" and self.inputs.run.gradient_checkpointing:
@@ -550,7 +572,7 @@ def plan_gpu_memory(
     d = torch.tensor([], dtype=run.dtype).element_size()
     streamed = s is not None and dims.moe_layers > 0
     per_expert = slot_bytes_per_expert(
-        dims.hidden, dims.expert_intermediate, dims.expert_item, s.quantize if s else None
+        dims.hidden, dims.expert_intermediate, dims.expert_item, s.quantize if s else None, block=dims.expert_block
     )
     if streamed:
         budget = optional_size(s.expert_gpu_memory, "expert_gpu_memory")
@@ -655,6 +677,7 @@ def checkpoint_inputs(
     loss_mode: str = "auto",
     optimizer_states: int = 2,
     streaming: StreamingSizes | None = None,
+    expert_dtype: torch.dtype | str | None = None,
 ) -> PlanInputs | None:
     """The plan's inputs for the checkpoint folder `path`, from its config.json alone (no weight is read).
 
@@ -669,6 +692,8 @@ def checkpoint_inputs(
         lora: the LoRA the run adds (None: none).
         loss_mode: kt_core.loss mode ("off" for transformers' loss), resolved on the device (loss_backend()).
         optimizer_states, streaming: as PlanInputs.
+        expert_dtype: as load_model takes it: "fp8" keeps an FP8 checkpoint's experts as FP8 (1 byte a weight and
+            block scales, in host RAM, in the streaming slots and as residents); None: dequantized at load.
     """
     import json
     from pathlib import Path
@@ -708,6 +733,12 @@ def checkpoint_inputs(
         lora_dropout=lora.dropout if lora is not None else 0.0,
         expert_lora_rank=lora.rank if lora is not None and lora.experts else 0,
     )
+    if expert_dtype is not None:
+        from kt_core.loading.fp8 import expert_store_dtype, fp8_block_size
+
+        block = fp8_block_size(config_dict)
+        if expert_store_dtype(expert_dtype, block is not None, "auto", dtype) == torch.float8_e4m3fn:
+            dims = dataclasses.replace(dims, expert_item=1, expert_block=block)
     run = dataclasses.replace(
         run,
         dtype=dtype,

@@ -4,7 +4,8 @@ Per layer and step, the cost of an expert set is modeled as
 
     CPU   cpu_passes  * (2 * 3 * H * I * slots_on_cpu) / cpu_flops + cpu_expert_s * experts_on_cpu
           + cpu_calls * cpu_call_s                               (only when the CPU has slots)
-    PCIe  pcie_passes * streamed_experts * expert_bytes / pcie_bytes_per_s
+    PCIe  pcie_passes * streamed_experts * expert_bytes / pcie_bytes_per_s   (the bytes as streamed: FP8 1 a weight
+                                                                             + block scales, int8 + row scales)
     GPU   gpu_passes  * (2 * 3 * H * I * slots_on_gpu) / gpu_flops
 
 and the three run at the same time (CPU thread, side-stream copies, compute stream), so a layer costs
@@ -32,6 +33,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from kt_core.loading.fp8 import expert_scale_bytes
+
 __all__ = [
     "PIECE_ROWS",
     "CostModel",
@@ -41,9 +44,11 @@ __all__ = [
     "plan_layer",
     "slot_bytes_per_expert",
     "slot_capacity",
+    "stored_expert_bytes",
 ]
 
 MODES = ("auto", "cpu", "gpu")
+FP8_WORKING_ITEM = 2  # bytes a weight of the bf16 buffer FP8 experts are dequantized into (store.FP8_WORKING_DTYPE)
 PIECE_ROWS = 32768  # sorted slots per piece of a device-path call (bounds its intermediates)
 
 
@@ -114,7 +119,8 @@ def plan_layer(
     Args:
         counts: [E] routed slots per expert (measured, or expected for the coming call).
         hidden, intermediate: H, I.
-        expert_bytes: bytes one expert's weights take on PCIe (gate_up + down, as streamed).
+        expert_bytes: bytes one expert's weights take on PCIe (gate_up + down, as streamed: int8 or FP8 weights
+            with their scales; stored_expert_bytes).
         capacity: experts one streaming slot holds (from the GPU memory budget).
         cost: the speeds.
         resident: experts kept on the GPU (computed there, never streamed).
@@ -159,19 +165,37 @@ def slot_capacity(budget_bytes: int, num_experts: int, expert_gpu_bytes: int, sl
     return max(0, min(num_experts, budget_bytes // max(1, slots * expert_gpu_bytes)))
 
 
-def slot_bytes_per_expert(hidden: int, intermediate: int, item: int, quantize: str | None = None) -> int:
-    """Device bytes per expert of slot capacity: the expert in both slots, plus the int8 dequantization scratch.
+def slot_bytes_per_expert(
+    hidden: int,
+    intermediate: int,
+    item: int,
+    quantize: str | None = None,
+    *,
+    block: tuple[int, int] | None = None,
+) -> int:
+    """Device bytes per expert of slot capacity: the expert in both slots, plus the int8 / FP8 dequantization buffer.
 
     Args:
         hidden, intermediate: H, I of one expert (gate_up [2I, H], down [H, I]).
-        item: bytes per weight as stored on the host (2 for bf16).
+        item: bytes per weight as stored on the host (2 for bf16, 1 for FP8).
         quantize: None, or "int8" (int8 weights and fp32 row scales streamed; a bf16 scratch to dequantize into).
+        block: the quantization block of FP8 experts (None: not FP8): e4m3 weights and fp32 block scales in both
+            slots, and the bf16 working buffer they are dequantized into.
     """
     expert = 3 * hidden * intermediate * item
+    if block is not None:
+        return 2 * stored_expert_bytes(hidden, intermediate, 1, block) + 3 * hidden * intermediate * FP8_WORKING_ITEM
     if quantize is None:
         return 2 * expert
     q_bytes = 3 * hidden * intermediate + 4 * (2 * intermediate + hidden)  # int8 weights, fp32 row scales
     return 2 * q_bytes + expert
+
+
+def stored_expert_bytes(hidden: int, intermediate: int, item: int, block: tuple[int, int] | None = None) -> int:
+    """Bytes of one expert as stored (and streamed over PCIe, and kept resident): gate_up [2I, H] and down [H, I] at
+    `item` bytes a weight, plus for FP8 (`block` given, item 1) the fp32 block scales."""
+    scales = expert_scale_bytes(hidden, intermediate, block) if block is not None else 0
+    return 3 * hidden * intermediate * item + scales
 
 
 def expert_memory_split(

@@ -16,8 +16,11 @@ counts on the first step): the routing counts accumulate on the device during a 
 once, when the step closes. When a plan leaves the CPU nothing to do, the layer streams all its experts, so
 its calls take the device path (kt_core/streaming/share.py) (no host synchronisation, no CPU thread hand-off).
 
-`expert_gpu_memory` bounds the device bytes of expert weights (the two slots, the int8 scratch and the
-resident experts); the rest of the model and the activations come on top. `gpu_memory_limit` bounds the
+FP8 experts (KTExperts(dtype=torch.float8_e4m3fn)) stream and stay resident as FP8, dequantized to bf16 on the
+device right before their GEMMs (store.py).
+
+`expert_gpu_memory` bounds the device bytes of expert weights (the two slots, the int8 / FP8 working buffer and
+the resident experts); the rest of the model and the activations come on top. `gpu_memory_limit` bounds the
 whole run: the resident experts are sized from the first step's measured peak so that the total stays under it.
 The front ends check the whole run against it before streaming starts (kt_core/streaming/memory_plan.py).
 """
@@ -124,7 +127,7 @@ class StreamingRuntime:
             self._streamed[layer] = len(experts) - len(in_slot)
         out = [(experts, w13, w2)] if experts else []
         if lw.resident and not in_slot:
-            out.append((lw.resident, lw.res_w13, lw.res_w2))
+            out.append((lw.resident, *self.store.resident_weights(layer)))
         return out
 
     def _count(self, layer: int, ids: torch.Tensor) -> None:
@@ -308,7 +311,7 @@ class StreamingRuntime:
         the loss, the kept intermediates); residents are static weights and add exactly their bytes.
         """
         peak, limit = self.peak_bytes(), self.gpu_memory_limit
-        per_resident = len(self.layers) * self.store.expert_bytes_bf(0)  # one more resident in every layer
+        per_resident = len(self.layers) * self.store.resident_bytes(0)  # one more resident in every layer
         margin = allocator_margin(limit)
         fit = max(0, (limit - peak - margin) // max(1, per_resident))
         chosen = min(self.resident_per_layer, fit)
@@ -359,6 +362,7 @@ def enable_streaming(
         mode: "auto" (per-layer cost model), "cpu" (everything on the CPU), "gpu" (stream every expert).
         quantize: None (stream the weights as stored) or "int8" (half the PCIe bytes; per-row symmetric int8,
             relative weight error 4e-3 on uniform and 8e-3 on Gaussian random bf16 weights; LoRA stays exact).
+            FP8 experts stream as FP8 (half the bytes of bf16, no further error) and take None.
         cost: starting speeds for the planner (measured ones replace them as steps run).
         keep_bytes: device bytes of a checkpointed layer's expert intermediates kept from its recomputation
             for the backward that follows ("1GiB" default); the backward recomputes whatever did not fit.
@@ -394,9 +398,18 @@ def enable_streaming(
         )
     first = layers[0]
     E = first.num_experts
-    expert_bf = sum(t[0].numel() * t.element_size() for t in (first.gate_up_proj, first.down_proj))
+    fp8 = [m.is_fp8 for m in layers]
+    if any(fp8) and quantize is not None:
+        raise ValueError(
+            f"enable_streaming: quantize={quantize!r} re-quantizes bf16 / fp32 experts; these are FP8 and stream as "
+            "FP8 already (half the bytes of bf16): leave quantize unset"
+        )
+    if any(fp8) and not all(fp8):
+        raise ValueError("enable_streaming: some layers keep FP8 experts and others do not; store them all alike")
+    block = first.weight_block_size if first.is_fp8 else None
+    expert_bf = sum(t[0].numel() * t.element_size() for t in _stored(first))  # one resident, as stored
     per_expert = slot_bytes_per_expert(
-        first.hidden_dim, first.intermediate_dim, first.gate_up_proj.element_size(), quantize
+        first.hidden_dim, first.intermediate_dim, first.gate_up_proj.element_size(), quantize, block=block
     )
     expert_gpu_memory = renamed("gpu_memory_budget", gpu_memory_budget, "expert_gpu_memory", expert_gpu_memory)
     budget = optional_size(expert_gpu_memory, "expert_gpu_memory")
@@ -424,7 +437,8 @@ def enable_streaming(
         gpu_memory_limit=limit,
     )
     for i, m in enumerate(layers):
-        store.add_layer(m.gate_up_proj.detach(), m.down_proj.detach())
+        scales = (m.gate_up_proj_scale_inv.detach(), m.down_proj_scale_inv.detach()) if m.is_fp8 else None
+        store.add_layer(m.gate_up_proj.detach(), m.down_proj.detach(), scales=scales, block=m.weight_block_size)
         for factor in m.lora.factors() if m.lora is not None else ():
             store.pin(factor.data)  # the per-call device copies of the expert LoRA then travel by DMA
         rt.layers.append(m)
@@ -438,6 +452,14 @@ def enable_streaming(
         "streaming: %d layers on %s, slot capacity %d of %d experts, %s%d resident/layer, %.2f GiB of expert "
         "weights on the device, mode %s%s%s",
         len(layers), device, capacity, E, "up to " if limit is not None else "", resident, store.gpu_bytes() / 2**30,
-        mode, ", int8" if quantize else "", "" if store.pin_ok else ", host memory NOT pinned",
+        mode, ", int8" if quantize else ", fp8" if store.fp8 else "",
+        "" if store.pin_ok else ", host memory NOT pinned",
     )  # fmt: skip
     return rt
+
+
+def _stored(m: KTExperts) -> tuple[torch.Tensor, ...]:
+    """A layer's expert tensors as kept in host memory (FP8: with their block scales)."""
+    if m.is_fp8:
+        return m.gate_up_proj, m.down_proj, m.gate_up_proj_scale_inv, m.down_proj_scale_inv
+    return m.gate_up_proj, m.down_proj

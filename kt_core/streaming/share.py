@@ -11,6 +11,9 @@ prefetch of the next layer); the resident experts, if any, are a second weight s
 - parts (mixed splits): the layer has split the slots on the host (kt_core/experts/split.py); each GPU
   part is a grouped-GEMM MLP over its sorted slots, while the CPU share runs on the runtime's worker thread.
 
+FP8 layers: the weight sets are the store's bf16 working buffer (dequantized on the device), so both ways compute in
+bf16 (`compute_dtype`), and the layer uploads its expert-LoRA factors in that dtype, not in the weights' e4m3.
+
 Legend: T = tokens, K = experts per token, E = experts, H = hidden, I = expert intermediate, r = LoRA rank,
 P = slots of one piece, S = slots of one GPU part.
 """
@@ -34,12 +37,24 @@ __all__ = ["StreamedShare"]
 
 
 class StreamedShare:
-    """The GPU share of layer `layer` (its index in the forward pass) of a StreamingRuntime."""
+    """The GPU share of layer `layer` (its index in the forward pass) of a StreamingRuntime.
+
+    Attributes:
+        takes_fp8: FP8 expert weights are dequantized by the share itself (the store's working buffer).
+        compute_dtype: the dtype of the weights its GEMMs take (bf16 for FP8 layers; else the weights' own),
+            in which the layer uploads the expert-LoRA factors.
+    """
+
+    takes_fp8 = True
 
     def __init__(self, runtime: StreamingRuntime, layer: int):
         self.runtime = runtime
         self.layer = layer
         self.device = runtime.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.runtime.store.compute_dtype
 
     def begin(self, ids: torch.Tensor, phase: str) -> _StreamedCall:
         weight_sets = self.runtime.begin(self.layer, ids, phase)
@@ -73,6 +88,7 @@ class _StreamedCall:
 
     def forward(self, x, ids, w, parts: list[GpuPart] | None, lora_dev, *, keep: bool) -> torch.Tensor:
         rt, layer = self.share.runtime, self.share.layer
+        _check_factors(lora_dev, self.share.compute_dtype)
         slots = ids.numel() if self.covers_all else sum(p.flat.numel() for p in parts)
         with rt.gpu_timer(layer, self.phase, slots):
             if self.covers_all:
@@ -81,6 +97,7 @@ class _StreamedCall:
 
     def backward(self, x, ids, w, dy, parts: list[GpuPart] | None, lora_dev):
         rt, layer = self.share.runtime, self.share.layer
+        _check_factors(lora_dev, self.share.compute_dtype)
         slots = ids.numel() if self.covers_all else sum(p.flat.numel() for p in parts)
         with rt.gpu_timer(layer, "bwd", slots):
             if self.covers_all:
@@ -207,3 +224,12 @@ class _StreamedCall:
             if grads is not None:
                 out_grads.append((p.experts, grads))
         return dx, dw, out_grads or None
+
+
+def _check_factors(lora_dev, dtype: torch.dtype) -> None:
+    """The device copy of the expert-LoRA factors must come in the GEMMs' dtype (never rounded to e4m3)."""
+    if lora_dev and lora_dev[0].dtype != dtype:
+        raise RuntimeError(
+            f"streaming: the expert-LoRA factors reached the device as {lora_dev[0].dtype}, the expert GEMMs take "
+            f"{dtype}; the layer must upload them in the share's compute_dtype"
+        )

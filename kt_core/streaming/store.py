@@ -14,6 +14,12 @@
   checkpointed layer and its backward share one copy, and so do the last layer's forward and backward.
 - int8 (optional): per-output-row symmetric int8 copies with fp32 scales are streamed (half the bytes)
   and dequantized on the device into one scratch buffer.
+- FP8 experts (KTExperts(dtype=torch.float8_e4m3fn)) stream as stored: the slots hold the e4m3 bytes and the
+  fp32 128 x 128 block scales (half the PCIe bytes of bf16), and the compute stream dequantizes a slot into one
+  bf16 working buffer right before the layer's expert GEMMs (kt_core.loading.fp8.dequantize_experts_fp8_): the
+  GEMMs see exactly the weights of the bf16-dequantized model. Residents stay FP8 on the device too; a layer's
+  residents that are not part of a whole-layer slot are dequantized into the same buffer, after the slot's
+  experts (residents exist only with full-layer slots, so both fit).
 - Without CUDA the same code runs on the CPU device ("fake device"): copies are plain copies, timed.
 
 Legend: E = experts, C = slot capacity (experts), H = hidden, I = expert intermediate.
@@ -29,7 +35,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ExpertStore", "pin_in_place", "quantize_rows"]
+from kt_core.loading.fp8 import DEFAULT_BLOCK, dequantize_experts_fp8_
+
+__all__ = ["FP8", "FP8_WORKING_DTYPE", "ExpertStore", "pin_in_place", "quantize_rows"]
+
+FP8 = torch.float8_e4m3fn
+FP8_WORKING_DTYPE = torch.bfloat16  # what FP8 experts are dequantized to for the GEMMs
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +108,36 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class _Layer:
     gate_up: torch.Tensor  # [E, 2I, H] host
     down: torch.Tensor  # [E, H, I] host
-    q: tuple[torch.Tensor, ...] | None = None  # int8 gate_up, scales [E, 2I], int8 down, scales [E, H]
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None  # FP8: fp32 block scales of gate_up and down
+    q: tuple[torch.Tensor, ...] | None = None  # int8 gate_up, int8 down, scales [E, 2I], scales [E, H]
     resident: list[int] = field(default_factory=list)
-    res_w13: torch.Tensor | None = None  # [R, 2I, H] device
-    res_w2: torch.Tensor | None = None  # [R, H, I] device
+    res: tuple[torch.Tensor, ...] | None = None  # the residents as stored ([R, ...] each of `stored`), device
+
+    @property
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        """The host tensors of the weights as kept: gate_up, down (+ their block scales for FP8)."""
+        return (self.gate_up, self.down, *(self.scales or ()))
+
+    @property
+    def streamed(self) -> tuple[torch.Tensor, ...]:
+        """The host tensors copied into a slot, in the order of its buffers."""
+        return self.q if self.q is not None else self.stored
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """e4m3 tensors as their bytes, for the indexing kernels that take no float8 (index_copy_ on the CPU)."""
+    return t.view(torch.uint8) if t.dtype == FP8 else t
+
+
+def _per_expert_bytes(tensors) -> int:
+    return sum(t[0].numel() * t.element_size() for t in tensors)
 
 
 @dataclass
 class _Slot:
-    bufs: tuple[torch.Tensor, ...]  # w13 [C, 2I, H], w2 [C, H, I] (+ scales [C, 2I], [C, H] for int8)
+    # w13 [C, 2I, H], w2 [C, H, I], + for int8 row scales [C, 2I], [C, H], for FP8 block scales [C, 2I/128, H/128],
+    # [C, H/128, I/128] (whole blocks rounded up)
+    bufs: tuple[torch.Tensor, ...]
     tag: tuple[int, tuple[int, ...]] | None = None  # (layer, expert ids) it holds or is receiving
     ready: object = None  # event: copy done
     free: object = None  # event: last compute that read it
@@ -124,8 +156,12 @@ class ExpertStore:
         self.quantize = quantize
         self.layers: list[_Layer] = []
         self.slots: list[_Slot] = []
-        self.scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 mode: dequantized w13, w2
-        self.scratch_tag = None
+        self.fp8 = False  # the layers' experts are FP8 (set by the first add_layer)
+        self.block = DEFAULT_BLOCK  # their quantization block
+        self.compute_dtype: torch.dtype | None = None  # the dtype of the weights the expert GEMMs take
+        self.scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 / FP8: dequantized w13, w2 [C, ...]
+        self.scratch_tag = None  # the slot tag whose experts scratch[:n] holds
+        self.scratch_res = None  # (layer, residents, offset): the residents scratch holds after them (FP8)
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
         self.pinned: list[torch.Tensor] = []
         self.pin_ok = True
@@ -139,18 +175,42 @@ class ExpertStore:
 
     # ---- setup -----------------------------------------------------------------------------------
 
-    def add_layer(self, gate_up: torch.Tensor, down: torch.Tensor) -> int:
-        """Registers one layer's host weights ([E, 2I, H], [E, H, I]); returns its index."""
-        layer = _Layer(gate_up, down)
+    def add_layer(
+        self,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        *,
+        scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+        block: tuple[int, int] = DEFAULT_BLOCK,
+    ) -> int:
+        """Registers one layer's host weights ([E, 2I, H], [E, H, I]); returns its index.
+
+        FP8 weights (float8_e4m3fn) come with their fp32 block scales (`scales`: gate_up's, down's, shapes as
+        kt_core.loading.fp8.expert_scale_shapes) and `block`; every layer of a store has the first one's format.
+        """
+        fp8 = gate_up.dtype == FP8
+        if fp8 and (scales is None or down.dtype != FP8):
+            raise ValueError("streaming: FP8 expert weights need both gate_up and down as FP8, with their block scales")
+        if fp8 and self.quantize is not None:
+            raise ValueError(
+                f"streaming: quantize={self.quantize!r} re-quantizes bf16 / fp32 experts; FP8 experts already stream "
+                "as FP8 (1 byte a weight plus block scales), leave quantize unset"
+            )
+        if self.layers and (fp8 != self.fp8 or (fp8 and tuple(block) != self.block)):
+            raise ValueError("streaming: every streamed layer must store its experts in the same format")
+        layer = _Layer(gate_up, down, scales=tuple(scales) if fp8 else None)
+        if not self.layers:
+            self.fp8, self.block = fp8, tuple(block) if fp8 else DEFAULT_BLOCK
+            self.compute_dtype = FP8_WORKING_DTYPE if fp8 else gate_up.dtype
         if self.quantize == "int8":
             q13, s13 = quantize_rows(gate_up)
             q2, s2 = quantize_rows(down)
             layer.q = (q13, q2, s13, s2)  # the order of a slot's buffers
-        for t in layer.q or (gate_up, down):
+        for t in layer.streamed:
             self.pin(t)
         self.layers.append(layer)
         if not self.slots and self.capacity:
-            self._make_slots(gate_up, down)
+            self._make_slots(layer)
         return len(self.layers) - 1
 
     def pin(self, t: torch.Tensor) -> None:
@@ -161,43 +221,60 @@ class ExpertStore:
             if registered:
                 self.pinned.append(t)
 
-    def _make_slots(self, gate_up, down) -> None:
-        C, (_, two_I, H), I = self.capacity, gate_up.shape, down.shape[2]
-        dt = torch.int8 if self.quantize else gate_up.dtype
+    def _make_slots(self, lw: _Layer) -> None:
+        C = self.capacity
         for _ in range(2):
-            bufs = [torch.empty((C, two_I, H), dtype=dt, device=self.device)]
-            bufs.append(torch.empty((C, H, I), dtype=dt, device=self.device))
-            if self.quantize:
-                bufs += [torch.empty((C, two_I), device=self.device), torch.empty((C, H), device=self.device)]
-            self.slots.append(_Slot(tuple(bufs)))
-        if self.quantize:
-            self.scratch = (
-                torch.empty((C, two_I, H), dtype=gate_up.dtype, device=self.device),
-                torch.empty((C, H, I), dtype=gate_up.dtype, device=self.device),
+            bufs = tuple(torch.empty((C, *t.shape[1:]), dtype=t.dtype, device=self.device) for t in lw.streamed)
+            self.slots.append(_Slot(bufs))
+        if lw.q is not None or lw.scales is not None:
+            self.scratch = tuple(
+                torch.empty((C, *t.shape[1:]), dtype=self.compute_dtype, device=self.device)
+                for t in (lw.gate_up, lw.down)
             )
 
     def set_resident(self, layer: int, experts: list[int]) -> None:
-        """Keeps these experts of `layer` on the device (exact copies of the host weights)."""
+        """Keeps these experts of `layer` on the device (exact copies of the host weights, as stored)."""
         lw = self.layers[layer]
         lw.resident = sorted(experts)
+        if self.scratch_res is not None and self.scratch_res[0] == layer:
+            self.scratch_res = None
         if not experts:
-            lw.res_w13 = lw.res_w2 = None
+            lw.res = None
             return
         idx = torch.tensor(lw.resident)
-        lw.res_w13 = lw.gate_up[idx].to(self.device)
-        lw.res_w2 = lw.down[idx].to(self.device)
+        lw.res = tuple(_raw(t)[idx].to(self.device).view(t.dtype) for t in lw.stored)
 
-    def expert_bytes_bf(self, layer: int = 0) -> int:
-        """Device bytes one resident expert takes (the weights as stored on the host)."""
-        lw = self.layers[layer]
-        return sum(t[0].numel() * t.element_size() for t in (lw.gate_up, lw.down))
+    def resident_bytes(self, layer: int = 0) -> int:
+        """Device bytes one resident expert takes (the weights as stored on the host, FP8 block scales included)."""
+        return _per_expert_bytes(self.layers[layer].stored)
 
     def expert_bytes(self, layer: int = 0) -> int:
-        """Bytes one expert moves over PCIe."""
+        """Bytes one expert moves over PCIe (as streamed: int8 or FP8 weights with their scales)."""
+        return _per_expert_bytes(self.layers[layer].streamed)
+
+    def resident_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residents of `layer` as the GEMMs take them: w13 [R, 2I, H], w2 [R, H, I] in `compute_dtype`.
+
+        FP8 residents are dequantized on the compute stream into the working buffer, after the experts the
+        layer's slot placed there (`acquire` first); call it again after another layer's `acquire`.
+        """
         lw = self.layers[layer]
-        if lw.q is not None:
-            return sum(t[0].numel() * t.element_size() for t in lw.q)
-        return sum(t[0].numel() * t.element_size() for t in (lw.gate_up, lw.down))
+        if not self.fp8:
+            return lw.res[0], lw.res[1]
+        R = len(lw.resident)
+        held = self.scratch_tag
+        at = len(held[1]) if held is not None and held[0] == layer else 0
+        if self.scratch is None or at + R > self.scratch[0].shape[0]:  # never with full-layer slots; stay correct
+            out = tuple(torch.empty(t.shape, dtype=self.compute_dtype, device=self.device) for t in lw.res[:2])
+            return dequantize_experts_fp8_(*out, lw.res[0], lw.res[2], lw.res[1], lw.res[3], self.block)
+        key = (layer, tuple(lw.resident), at)
+        w13, w2 = self.scratch[0][at : at + R], self.scratch[1][at : at + R]
+        if self.scratch_res != key:
+            if at == 0:
+                self.scratch_tag = None  # overwrites whatever slot's experts scratch held
+            dequantize_experts_fp8_(w13, w2, lw.res[0], lw.res[2], lw.res[1], lw.res[3], self.block)
+            self.scratch_res = key
+        return w13, w2
 
     # ---- streaming -------------------------------------------------------------------------------
 
@@ -211,6 +288,8 @@ class ExpertStore:
         for slot in self.slots:
             if slot.tag is not None and slot.tag[0] == layer:
                 slot.tag = None
+        if self.scratch_tag is not None and self.scratch_tag[0] == layer:
+            self.scratch_tag = self.scratch_res = None
 
     def slot_content(self, layer: int, streamed: list[int]) -> tuple[int, ...]:
         """The expert ids a slot holds, in slot order, once `streamed` experts of `layer` are loaded."""
@@ -232,7 +311,7 @@ class ExpertStore:
         free = [s for s in self.slots if s.tag is None or s.tag[0] != avoid]
         slot = min(free, key=lambda s: (s.tag is not None, s.used))
         slot.tag = (layer, content)
-        srcs = lw.q if lw.q is not None else (lw.gate_up, lw.down)
+        srcs = lw.streamed
         nbytes = len(streamed) * self.expert_bytes(layer)
         if not self.cuda:
             t0 = time.perf_counter()
@@ -262,15 +341,15 @@ class ExpertStore:
             for j, e in enumerate(content):
                 if e not in resident:
                     dst[j].copy_(src[e], non_blocking=True)
-        if resident and self.quantize is None:
-            self._fill_residents(slot.tag[0], (slot.bufs[0], slot.bufs[1]))
+        if resident and self.quantize is None:  # as stored: bf16 / fp32 weights, or FP8 bytes and scales
+            self._fill_residents(slot.tag[0], slot.bufs)
 
-    def _fill_residents(self, layer: int, dst: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def _fill_residents(self, layer: int, dst: tuple[torch.Tensor, ...]) -> None:
         """Device copies of `layer`'s residents into a whole-layer weight set (positions = expert ids)."""
         lw = self.layers[layer]
         idx = torch.tensor(lw.resident, device=self.device)
-        dst[0].index_copy_(0, idx, lw.res_w13)
-        dst[1].index_copy_(0, idx, lw.res_w2)
+        for d, r in zip(dst, lw.res, strict=True):  # int8: into the dequantized pair, from the bf16 residents
+            _raw(d).index_copy_(0, idx, _raw(r))
 
     def acquire(self, layer: int) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
         """The streamed experts of `layer` present in a slot, and their weights [G, 2I, H], [G, H, I].
@@ -287,15 +366,19 @@ class ExpertStore:
         slot.used = self._clock
         if self.cuda and slot.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
-        if self.quantize is None:
+        if self.scratch is None:
             return experts, slot.bufs[0][:n], slot.bufs[1][:n]
-        if self.scratch_tag != slot.tag:  # dequantize on the compute stream (fp32 scales, per row), one kernel each
-            q13, q2, s13, s2 = slot.bufs[0], slot.bufs[1], slot.bufs[2], slot.bufs[3]
-            torch.mul(q13[:n], s13[:n, :, None], out=self.scratch[0][:n])
-            torch.mul(q2[:n], s2[:n, :, None], out=self.scratch[1][:n])
-            if set(self.layers[layer].resident) & set(experts):  # a whole layer: the residents' exact weights
-                self._fill_residents(layer, self.scratch)
-            self.scratch_tag = slot.tag
+        if self.scratch_tag != slot.tag:  # dequantize on the compute stream, right before the GEMMs that read it
+            q13, q2, s13, s2 = slot.bufs
+            if self.fp8:  # the residents of a whole-layer slot were copied in as FP8: one dequantization
+                dequantize_experts_fp8_(self.scratch[0][:n], self.scratch[1][:n], q13[:n], s13[:n], q2[:n], s2[:n],
+                                        self.block)  # fmt: skip
+            else:  # int8: fp32 scales per row, one kernel each
+                torch.mul(q13[:n], s13[:n, :, None], out=self.scratch[0][:n])
+                torch.mul(q2[:n], s2[:n, :, None], out=self.scratch[1][:n])
+                if set(self.layers[layer].resident) & set(experts):  # a whole layer: the residents' exact weights
+                    self._fill_residents(layer, self.scratch)
+            self.scratch_tag, self.scratch_res = slot.tag, None
         return experts, self.scratch[0][:n], self.scratch[1][:n]
 
     def release(self, layer: int) -> None:
@@ -322,9 +405,9 @@ class ExpertStore:
         return seconds, nbytes
 
     def gpu_bytes(self) -> int:
-        """Device bytes held: slots, int8 scratch, residents."""
+        """Device bytes held: slots, the int8 / FP8 working buffer, residents."""
         ts = [b for s in self.slots for b in s.bufs] + list(self.scratch or ())
-        ts += [t for lw in self.layers for t in (lw.res_w13, lw.res_w2) if t is not None]
+        ts += [t for lw in self.layers for t in lw.res or ()]
         return sum(t.numel() * t.element_size() for t in ts)
 
     def close(self) -> None:
@@ -334,6 +417,6 @@ class ExpertStore:
             self._finalizer()  # unregisters once
         self.pinned.clear()
         self.slots.clear()
-        self.scratch = None
+        self.scratch = self.scratch_tag = self.scratch_res = None
         for lw in self.layers:
-            lw.res_w13 = lw.res_w2 = None
+            lw.res = None
