@@ -251,25 +251,6 @@ def test_model_dims_and_checkpoint_inputs_see_fp8_experts(tmp_path, monkeypatch)
 # ---- the split on the CPU standing in for the GPU -------------------------------------------------------------------
 
 
-def _layer_takes_fp8_shares() -> bool:
-    class Share:
-        takes_fp8 = True
-        compute_dtype = torch.bfloat16
-
-    m = KTExperts(2, 32, 16, dtype=FP8)
-    try:
-        m.attach_gpu_share(Share())
-    except NotImplementedError:
-        return False
-    return True
-
-
-needs_fp8_shares = pytest.mark.skipif(
-    not _layer_takes_fp8_shares(),
-    reason="KTExperts.attach_gpu_share refuses FP8 layers (the layer's side of FP8 streaming is not in this tree)",
-)
-
-
 def fp8_experts(seed: int, block=BLOCK, h=H, i=I) -> KTExperts:
     q_gu, s_gu, q_d, s_d = random_fp8(E, h, i, block, seed)
     m = KTExperts.from_tensors(q_gu, q_d, gate_up_proj_scale_inv=s_gu, down_proj_scale_inv=s_d,
@@ -361,7 +342,6 @@ def test_int8_on_fp8_experts_is_refused():
         enable_streaming(Fp8MoE(1), device="cpu", quantize="int8")
 
 
-@needs_fp8_shares
 @pytest.mark.parametrize("split", sorted(FP8_SPLITS))
 def test_streamed_fp8_equals_streamed_bf16_dequantized(split):
     """One pass's dx and LoRA gradients, then the loss curve: bit for bit where the GPU side computes everything (same
@@ -403,7 +383,6 @@ def test_streamed_fp8_equals_streamed_bf16_dequantized(split):
     rt16.disable()
 
 
-@needs_fp8_shares
 def test_mixed_split_matches_the_cpu_only_fp8_run():
     """Against the FP8 model with every expert on the CPU (fp32 dequantization): within bf16 rounding."""
     ours, ref = Fp8MoE(2, seed=2), Fp8MoE(2, seed=2)
@@ -420,7 +399,6 @@ def test_mixed_split_matches_the_cpu_only_fp8_run():
     assert 0 < rt.end_step()["cpu_slot_share"] < 1  # both sides computed
 
 
-@needs_fp8_shares
 def test_enable_streaming_sizes_fp8_as_the_memory_plan_does():
     for budget in (None, FP8_SPLITS["half-streamed"]["expert_gpu_memory"], FP8_SPLITS["resident"]["expert_gpu_memory"]):
         model = Fp8MoE(2)
@@ -464,7 +442,6 @@ def gpu_splits(expert: int, working: int) -> dict[str, dict]:
 
 
 @pytest.mark.gpu
-@needs_fp8_shares
 @pytest.mark.parametrize("split", ["all-streamed", "half-streamed", "resident"])
 def test_gpu_streamed_fp8_equals_streamed_bf16_dequantized(split):
     """On CUDA (grouped GEMMs, Triton steps, pinned host store, side-stream copies): one pass's dx and LoRA gradients,

@@ -129,7 +129,8 @@ def _split_forward(ctx, module, x, ids, w, lora, needs_grad):
     step_phase = phase(forward=True)
     call = share.begin(ids, step_phase)
     uses_our_lora = call.covers_all or bool(call.weight_sets)  # a share that routes itself brings its own
-    lora_dev = upload_factors(lora, module.gate_up_proj.dtype, share.device) if uses_our_lora else None
+    dtype = getattr(share, "compute_dtype", None) or module.gate_up_proj.dtype  # fp8 weights: the share's GEMM dtype
+    lora_dev = upload_factors(lora, dtype, share.device) if uses_our_lora else None
     cache = None
     if call.covers_all:
         y = call.forward(x, ids, w, None, lora_dev, keep=needs_grad and step_phase == "recompute")

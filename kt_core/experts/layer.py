@@ -297,11 +297,13 @@ class KTExperts(nn.Module):
         return rows
 
     def attach_gpu_share(self, share: GpuShare) -> None:
-        """Lets `share` compute some experts on a GPU from now on (see kt_core/experts/share.py)."""
-        if self.is_fp8:
+        """Lets `share` compute some experts on a GPU from now on (see kt_core/experts/share.py).
+
+        fp8 weights take a share that dequantizes them itself (`takes_fp8`: streaming's StreamedShare)."""
+        if self.is_fp8 and not getattr(share, "takes_fp8", False):
             raise NotImplementedError(
-                "KTExperts: fp8 expert weights are computed on the CPU only (a GPU share takes bf16 / fp32 weights); "
-                "keep this layer's experts in bf16 to stream or split them to a GPU"
+                f"KTExperts: fp8 expert weights need a GPU share that dequantizes them ({type(share).__name__} takes "
+                "bf16 / fp32 weights); stream them with kt_core.enable_streaming, or keep this layer's experts in bf16"
             )
         if self.gpu_share is not None and self.gpu_share is not share:
             raise RuntimeError(

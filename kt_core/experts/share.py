@@ -54,7 +54,12 @@ class GpuCall(Protocol):
 
 
 class GpuShare(Protocol):
-    """Computes some experts of one layer on a GPU."""
+    """Computes some experts of one layer on a GPU.
+
+    Optional attributes: `compute_dtype` (the dtype of the weights its GEMMs take, in which the layer uploads the
+    expert-LoRA factors; default the layer's weight dtype) and `takes_fp8` (True: it dequantizes fp8 weights
+    itself, so an fp8 layer may attach it).
+    """
 
     device: torch.device
 
