@@ -36,9 +36,9 @@ def test_faster_parts_never_make_it_slower():
 
 
 def test_splits_a_full_width_layer_between_cpu_and_pcie():
-    p = project(MODELS["deepseek-v3"], MACHINES["kt-2x4090-8488c"], tokens_per_step=8192)
+    p = project(MODELS["deepseek-v3"], MACHINES["kt-2x4090-8488c"], tokens_per_step=8192, expert_dtype="fp8")
     assert 0 < p.experts_streamed < 256 and p.plan.cpu_s > 0 and p.plan.pcie_s > 0  # both sides work
-    assert p.slot_capacity < 256  # two 22.5 GB slots cannot fit a 48 GB card beside the rest
+    assert p.slot_capacity < 256  # two 11 GB slots cannot fit a 48 GB card beside the rest
     assert max(p.gpu_bytes) <= 48 * 2**30 and not p.problems
 
 
@@ -48,11 +48,15 @@ def test_what_does_not_fit_is_named():
     assert any(p.startswith("GPU: 4.0 GiB per GPU leaves no room for a streaming slot") for p in problems)
     kimi = project(MODELS["kimi-k2"], MACHINES["kt-2x4090-8488c"], tokens_per_step=8192)
     assert kimi.problems == [
-        "host RAM: the routed experts take 1890.0 GiB in bf16, the machine has 1536.0 GiB: store them in fp8 or "
-        "int8, or use more RAM"
+        "host RAM: the routed experts take 3780.0 GiB in bf16 (store + packed copy), the machine has 1536.0 GiB: "
+        "store them in fp8 or int8, or use more RAM"
     ]
     fp8 = project(MODELS["kimi-k2"], MACHINES["kt-2x4090-8488c"], tokens_per_step=8192, expert_dtype="fp8")
-    assert not fp8.problems
+    assert [p[:73] for p in fp8.problems] == [
+        "host RAM: the routed experts take 1890.5 GiB in fp8 (store + packed copy)"
+    ]
+    two_tib = dataclasses.replace(MACHINES["kt-2x4090-8488c"], host_bytes=2 * 2**40)
+    assert not project(MODELS["kimi-k2"], two_tib, tokens_per_step=8192, expert_dtype="fp8").problems
 
 
 def test_command_line(capsys):

@@ -11,7 +11,11 @@ ranges, one GPU working at a time (today's runtime), each with its own PCIe link
 GPU memory per GPU: its layers' non-expert weights, two slots of the experts it streams, the checkpointed
 layer inputs of its layers, one layer's working set (36 hidden-sized tensors of the step's tokens: measured
 4.8 GiB at 32,768 tokens x H 2048 on the H200 run of 2026-12-03) and, on the last GPU, the lm_head and the
-loss (`kt_core.loss.loss_workspace_bytes`, Liger). Host RAM: every routed expert in the stored dtype.
+loss (`kt_core.loss.loss_workspace_bytes`, Liger); slots sized as the runtime sizes them
+(`kt_core.streaming.planner.slot_bytes_per_expert`: FP8 slots hold e4m3 weights and block scales, plus one bf16
+buffer the GPU dequantizes into). Host RAM: every routed expert twice, as the runtime holds it with a packed
+kernel (the speeds above are the packed AMX kernels'): the store in the stored dtype (the one streaming reads)
+and the packed kernel's copy in its tile layout, the same bytes.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from dataclasses import dataclass, field
 from kt_core.loss import loss_workspace_bytes
 from kt_core.plan.machines import Machine
 from kt_core.plan.models import ModelShape
-from kt_core.streaming.planner import CostModel, LayerPlan, plan_layer
+from kt_core.streaming.planner import CostModel, LayerPlan, plan_layer, slot_bytes_per_expert, stored_expert_bytes
 
 __all__ = ["Projection", "project"]
 
 WORKING_SET_TENSORS = 36  # one layer's recomputation + backward, in [tokens, H] bf16 tensors (measured, see above)
 BYTES_PER_WEIGHT = {"bf16": 2, "fp8": 1, "int8": 1}
+FP8_BLOCK = (128, 128)  # DeepSeek-V3's / Kimi-K2's weight_block_size
+HOST_COPIES = 2  # the store and the packed kernel's copy (kt_core/runtime/pack_cache.py, csrc/moe/packed.h)
 
 
 @dataclass
@@ -61,7 +67,12 @@ def project(
     if expert_dtype not in BYTES_PER_WEIGHT:
         raise ValueError(f"expert_dtype: got {expert_dtype!r}, expected one of {', '.join(BYTES_PER_WEIGHT)}")
     n, h = tokens_per_step, model.hidden
-    expert_bytes = model.expert_params() * BYTES_PER_WEIGHT[expert_dtype]
+    item = BYTES_PER_WEIGHT[expert_dtype]
+    block = FP8_BLOCK if expert_dtype == "fp8" else None
+    quantize = "int8" if expert_dtype == "int8" else None
+    H, I = model.hidden, model.expert_intermediate
+    expert_bytes = stored_expert_bytes(H, I, item, block)  # streamed over PCIe, per expert
+    slot_bytes = slot_bytes_per_expert(H, I, 2 if quantize else item, quantize, block=block)  # GPU, per expert
     cost = CostModel(
         pcie_bytes_per_s=machine.pcie_bytes_per_s, cpu_flops=machine.cpu_flops, gpu_flops=machine.gpu_flops
     )
@@ -71,7 +82,7 @@ def project(
     weights = layers_per_gpu * (model.layer_params_on_gpu(True) * 2 + lora)
     head = 2 * model.vocab * h * 2 + loss_workspace_bytes(n, model.vocab, h, backend="liger")
     room = machine.gpu_bytes - weights - activations - head
-    capacity = max(0, min(model.experts, room // (2 * expert_bytes)))
+    capacity = max(0, min(model.experts, room // slot_bytes))
 
     slots = n * model.experts_per_token / model.experts
     plan = plan_layer(
@@ -88,9 +99,9 @@ def project(
     head_s = 3 * 2 * n * model.vocab * h / machine.gpu_flops
     step_s = model.moe_layers * layer_s + model.dense_layers * dense_s + head_s
 
-    used = weights + activations + 2 * capacity * expert_bytes
+    used = weights + activations + capacity * slot_bytes
     gpu_bytes = [used] * (machine.gpus - 1) + [used + head]
-    host_bytes = model.moe_layers * model.experts * expert_bytes
+    host_bytes = HOST_COPIES * model.moe_layers * model.experts * expert_bytes
     problems = []
     if capacity == 0:
         problems.append(
@@ -100,7 +111,8 @@ def project(
         )
     if host_bytes > machine.host_bytes:
         problems.append(
-            f"host RAM: the routed experts take {_gib(host_bytes)} in {expert_dtype}, the machine has "
+            f"host RAM: the routed experts take {_gib(host_bytes)} in {expert_dtype} (store + packed copy), the "
+            "machine has "
             f"{_gib(machine.host_bytes)}: "
             + ("store them in fp8 or int8, or use more RAM" if expert_dtype == "bf16" else "use more RAM")
         )
