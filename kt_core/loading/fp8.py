@@ -213,10 +213,9 @@ def expert_store_dtype(
 
     Args:
         expert_dtype: the caller's choice (torch.float8_e4m3fn or "fp8", torch.bfloat16, torch.float32), or None:
-            `fallback` (FP8 experts dequantized at load). FP8 stores halve the host RAM but run only on the
-            unpacked kernels (kt_core.kernels.fp8_kernels(), slower than the packed AMX / AVX-512 ones) and on
-            the CPU (no streaming to a GPU yet): they are kept only when asked for, and a `kernel` that takes no
-            fp8 is refused with them.
+            `fallback` (FP8 experts dequantized at load). FP8 stores halve the host RAM and run on
+            kt_core.kernels.fp8_kernels() and through streaming (dequantized on the GPU); they are kept only when
+            asked for, and a `kernel` that takes no fp8 (int8 / int4) is refused with them.
         checkpoint_fp8: the checkpoint's experts are FP8.
         kernel: the experts' kernel ("auto" or a name; KT_KERNEL has the last word, as for the layers).
         fallback: the store dtype otherwise (bf16, or fp32 when the model is loaded in fp32).
@@ -247,7 +246,7 @@ def expert_store_dtype(
     if checkpoint_fp8:
         logger.info(
             "experts: FP8 checkpoint, experts dequantized to %s at load; expert_dtype='fp8' keeps them as shipped "
-            "(half the host RAM, unpacked kernels, CPU only)",
+            "(half the host RAM and PCIe bytes)",
             fallback,
         )
     return fallback

@@ -212,8 +212,8 @@ def load_model(
             rank its own copy. Ignored with one rank per node.
         expert_dtype: the routed experts' dtype in host RAM. None: `dtype`'s (bf16 for FP8 checkpoints, whose
             experts are dequantized at load). "fp8" (torch.float8_e4m3fn) keeps an FP8 checkpoint's experts as
-            shipped: half the host RAM, computed by the unpacked kernels (kt_core.kernels.fp8_kernels()), CPU only
-            (no streaming to a GPU yet). kt_core/loading/fp8.py: expert_store_dtype.
+            shipped: half the host RAM, computed by kt_core.kernels.fp8_kernels() and streamed as FP8.
+            kt_core/loading/fp8.py: expert_store_dtype.
 
     Returns:
         The transformers model (eval mode) whose experts modules are expert-backend modules.

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens-per-step", type=int, default=8192)
     ap.add_argument("--seq", type=int, default=2048, help="tokens per sequence (attention scores)")
     ap.add_argument("--expert-dtype", choices=sorted(BYTES_PER_WEIGHT), default="bf16",
-                    help="routed experts as stored and streamed (fp8: projected, not implemented yet)")  # fmt: skip
+                    help="routed experts as stored and streamed (fp8: load_model(expert_dtype='fp8'))")  # fmt: skip
     ap.add_argument("--gpus", help="override: COUNTxSIZE per GPU, e.g. 2x24GiB")
     ap.add_argument("--pcie", help="override: per-GPU link, e.g. 25GB/s")
     ap.add_argument("--gpu-tflops", type=float, help="override: effective bf16 TFLOP/s per GPU")
