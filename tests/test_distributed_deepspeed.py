@@ -1,0 +1,226 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 with the routed experts in host memory: the experts' tensors stay out of DeepSpeed
+(never broadcast, partitioned, moved or flattened), the expert LoRA factors are averaged over the ranks and stepped
+by an optimizer of their own when ZeRO steps (kt_core.distributed.deepspeed).
+
+The two-rank runs drive the stock Trainer (`TrainingArguments(deepspeed=<config>)`) over gloo on the CPU (DeepSpeed's
+CPU accelerator); the one-process reference is the plain Trainer at the same global batch. Skipped when deepspeed is
+not importable. Legend of a report: losses = the Trainer's logged loss per step; reductions / broadcasts = the
+factors' all_reduce calls (one per optimizer step) and broadcasts from rank 0 (one); expert_ds = tensors of the
+experts carrying DeepSpeed attributes (ds_id: a ZeRO-3 parameter); expert_params = experts' tensors still listed by
+named_parameters(); in_deepspeed = the factors among the tensors DeepSpeed's optimizer holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kt_core.settings import SettingError
+from tests.distributed_helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+GLOBAL_BATCH = 4
+
+pytestmark = pytest.mark.filterwarnings("ignore:Unsupported layer type")
+
+
+def _deepspeed_importable() -> bool:
+    done = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, timeout=300)
+    return done.returncode == 0
+
+
+needs_deepspeed = pytest.mark.skipif(not _deepspeed_importable(), reason="deepspeed is not importable")
+
+
+def _run(checkpoint: Path, out: Path, *, ranks: int, stage: int, accumulate: int = 1) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(free_port())]
+    command = [*launcher, __file__, str(checkpoint), str(out), str(stage), str(accumulate)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    report = json.loads((out / "report.json").read_text())
+    report["log"] = done.stdout + done.stderr
+    return report
+
+
+def _check(one: dict, two: dict, out: Path, stage: int) -> None:
+    assert len(one["losses"]) == len(two["losses"]) == STEPS
+    assert one["losses"][-1] != one["losses"][0]  # the curve moves: the comparison means something
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
+    assert two["zero_stage"] == stage and two["world_size"] == 2
+    assert two["reductions"] == STEPS and two["broadcasts"] == 1  # once per optimizer step, not per micro-batch
+    # The experts are DeepSpeed's in nothing: no ZeRO attribute, no parameter DeepSpeed lists, none in its optimizer.
+    assert two["expert_ds"] == [] and two["expert_params"] == [] and two["in_deepspeed"] == 0
+    assert two["optimizer_params"] > 0  # DeepSpeed's optimizer stepped the other LoRA (its flat partitions)
+    for rank in range(2):
+        state = torch.load(out / f"factors-{rank}.pt")
+        # The frozen base weights are the loaded ones, whole, in the tensors the operator was built on.
+        assert state["base_unchanged"] and state["base_same_storage"], rank
+        assert state["base_shapes"] == one["base_shapes"]
+    first, second = torch.load(out / "factors-0.pt"), torch.load(out / "factors-1.pt")
+    start = torch.load(out / "factors-start.pt")
+    assert first["values"].keys() == second["values"].keys() and len(first["values"]) == 8  # 2 layers x 4 factors
+    for name, value in first["values"].items():
+        torch.testing.assert_close(value, second["values"][name], rtol=0, atol=0, msg=name)  # the same on both ranks
+        assert not torch.equal(value, start[name]), name  # moved by training
+    assert "DeepSpeed leaves the 2 routed-experts modules alone" in two["log"]
+
+
+@needs_deepspeed
+@pytest.mark.parametrize(("stage", "accumulate"), [(2, 1), (2, 2), (3, 1)])
+def test_deepspeed_two_ranks_match_one_process(tmp_path, stage, accumulate):
+    from tests.tiny_models import build_tiny_model, save_fused_checkpoint
+
+    save_fused_checkpoint(build_tiny_model("qwen3_moe", num_layers=2), tmp_path / "ckpt")
+    one = _run(tmp_path / "ckpt", tmp_path / "one", ranks=1, stage=0, accumulate=accumulate)
+    two = _run(tmp_path / "ckpt", tmp_path / "two", ranks=2, stage=stage, accumulate=accumulate)
+    _check(one, two, tmp_path / "two", stage)
+
+
+# ---- one process: the hiding and the refusals -------------------------------------------------------------------
+
+
+def test_prepare_deepspeed_hides_the_experts_tensors():
+    """The experts' tensors leave the parameter registry (the same tensor objects stay attributes), the factors
+    still save under PEFT's keys, and the optimizer of the model's parameters no longer holds them."""
+    from kt_core import KTExperts
+    from kt_core.distributed import prepare_deepspeed
+    from tests.test_distributed import _tiny_with_expert_lora
+
+    model = _tiny_with_expert_lora()
+    experts = [m for m in model.modules() if isinstance(m, KTExperts)]
+    before = {id(getattr(m, n)) for m in experts for n in ("gate_up_proj", "down_proj")}
+    factors = [p for m in experts for p in m.lora.factors()]
+    beside = prepare_deepspeed(model)
+    assert beside is model.kt_deepspeed and prepare_deepspeed(model) is beside
+    assert [id(p) for p in beside.factors] == [id(p) for p in factors]
+    assert not any(".experts." in n for n, _ in model.named_parameters())
+    assert {id(getattr(m, n)) for m in experts for n in ("gate_up_proj", "down_proj")} == before
+    assert all(p.requires_grad for p in beside.trainable) and len(beside.trainable) == 8
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in factors)  # the operator still computes their gradients
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"gradient_clipping": 1.0}, r"DeepSpeed gradient_clipping: got 1\.0, expected 0\..*max_grad_norm=0"),
+        ({"fp16": {"enabled": True}}, r"DeepSpeed fp16\.enabled: got True, expected False"),
+    ],
+)
+def test_deepspeed_settings_we_do_not_run_are_refused(config, message):
+    from kt_core.distributed import prepare_deepspeed
+    from tests.test_distributed import _tiny_with_expert_lora
+
+    with pytest.raises(SettingError, match=message):
+        prepare_deepspeed(_tiny_with_expert_lora(), config)
+
+
+# ---- the training script (one process, or each torchrun worker) ---------------------------------------------------
+
+
+def _train(checkpoint: str, out: str, stage: str, accumulate: str) -> None:
+    import logging
+
+    import peft
+    import torch.distributed as dist
+    import transformers
+
+    import kt_core
+    from kt_core import KTExperts
+    from kt_plugins.hf_trainer import KTCallback
+    from tests.tiny_models import randomize_lora, token_dataset, trainer_args
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model = kt_core.load_model(checkpoint, device="cpu", progress=False).train()
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    model = randomize_lora(peft.get_peft_model(model, config))
+    experts = [(n, m) for n, m in model.named_modules() if isinstance(m, KTExperts)]
+    base = {f"{n}.{w}": getattr(m, w) for n, m in experts for w in ("gate_up_proj", "down_proj")}
+    base_start = {k: (t.data_ptr(), t.detach().clone()) for k, t in base.items()}
+    micro_batches = int(accumulate)
+    ds = {}
+    if stage != "0":
+        ds_config = {
+            "zero_optimization": {"stage": int(stage)},
+            "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+        }
+        ds = {"deepspeed": ds_config, "ddp_backend": "gloo"}
+    args = trainer_args(
+        out,
+        max_steps=STEPS,
+        per_device_train_batch_size=GLOBAL_BATCH // world // micro_batches,
+        gradient_accumulation_steps=micro_batches,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        **ds,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=token_dataset(n=32), callbacks=[KTCallback(cpu_infer=None)]
+    )
+    names = ("gate_up_A", "gate_up_B", "down_A", "down_B")
+    factors = {f"{n}.lora.{f}": getattr(m.lora, f) for n, m in experts for f in names}  # PEFT's, taken over
+    start = {k: p.detach().clone() for k, p in factors.items()}
+    trainer.train()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    unchanged = all(torch.equal(t, base_start[k][1]) for k, t in base.items())
+    same_storage = all(t.data_ptr() == base_start[k][0] for k, t in base.items())
+    torch.save(
+        {
+            "values": {k: p.detach().clone() for k, p in factors.items()},
+            "base_unchanged": unchanged,
+            "base_same_storage": same_storage,
+            "base_shapes": {k: list(t.shape) for k, t in base.items()},
+        },
+        Path(out, f"factors-{rank}.pt"),
+    )
+    if rank == 0:
+        torch.save(start, Path(out, "factors-start.pt"))
+        beside = getattr(model, "kt_deepspeed", None)
+        report = {
+            "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+            "world_size": trainer.args.world_size,
+            "base_shapes": {k: list(t.shape) for k, t in base.items()},
+        }
+        if beside is not None:
+            engine = trainer.model_wrapped
+            inner = engine.optimizer.optimizer
+            held = {id(p) for group in inner.param_groups for p in group["params"]}
+            tensors = [*base.values(), *factors.values()]
+            report |= {
+                "zero_stage": engine.zero_optimization_stage(),
+                "reductions": beside.reductions,
+                "broadcasts": beside.broadcasts,
+                "expert_ds": [k for k, t in {**base, **factors}.items() if any(a.startswith("ds_") for a in vars(t))],
+                "expert_params": [n for n, _ in model.named_parameters() if ".experts." in n],
+                "in_deepspeed": sum(id(t) in held for t in tensors),
+                "optimizer_params": len(inner.state),
+            }
+        Path(out, "report.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    _train(*sys.argv[1:5])
