@@ -12,8 +12,12 @@ a file older than the waiting process is a leftover and is not taken. Removal: w
 initialized while loading, every rank maps the file, a barrier passes and local rank 0 removes the name at once
 (the mappings keep the pages until the last rank exits); otherwise local rank 0 removes it when it exits.
 
-Layout: per layer (sorted by name) down_proj [E, H, I] then gate_up_proj [E, 2I, H], each starting on a page.
-Legend: E = experts, I = expert intermediate, H = hidden.
+Layout: per layer (sorted by name) its weights sorted by name, each starting on a page (4096 bytes): down_proj
+[E, H, I] then gate_up_proj [E, 2I, H]; FP8 stores (float8_e4m3fn, `load_model(..., expert_dtype="fp8")`) hold
+their fp32 block scales there too: down_proj, down_proj_scale_inv [E, ceil(H / b0), ceil(I / b1)], gate_up_proj,
+gate_up_proj_scale_inv [E, 2 ceil(I / b0), ceil(H / b1)]. Every rank computes the layout from the same shapes and
+dtypes (named in the file's key), so each finds a tensor at the offset local rank 0 wrote it at; `slots` records it.
+Legend: E = experts, I = expert intermediate, H = hidden, (b0, b1) = the FP8 quantization block.
 """
 
 from __future__ import annotations
@@ -111,7 +115,8 @@ class SharedExperts:
     Args:
         folder: where the file lives; host memory (tmpfs) keeps it off the disk.
         key: what names this run's file (checkpoint and dtype; the rendezvous is added).
-        shapes: {layer: {"gate_up_proj": ([E, 2I, H], dtype), "down_proj": ([E, H, I], dtype)}}.
+        shapes: {layer: {"gate_up_proj": ([E, 2I, H], dtype), "down_proj": ([E, H, I], dtype)}}; FP8 layers add
+            "gate_up_proj_scale_inv" and "down_proj_scale_inv" (their shapes, torch.float32).
         ranks: this process among its node's ranks.
     """
 

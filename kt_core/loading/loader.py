@@ -7,7 +7,8 @@ Steps, none of which holds more than one experts layer beyond the expert stores:
 4. load the non-expert tensors to their devices;
 5. stream the expert tensors layer by layer into the expert stores (`KTExperts`), dequantizing FP8; with several
    ranks on the node (torchrun), local rank 0 streams them into one file in host memory that every rank of the
-   node maps, and the other ranks read no expert tensor (kt_core/distributed/shared_store.py);
+   node maps (FP8 stores with their block scales), and the other ranks read no expert tensor
+   (kt_core/distributed/shared_store.py);
 6. tie weights, check that nothing is missing, hook activations across devices.
 """
 
@@ -25,7 +26,13 @@ from kt_core.architectures import Architecture, get_architecture
 from kt_core.distributed import SharedExperts, local_ranks
 from kt_core.distributed.shared_store import DEFAULT_FOLDER
 from kt_core.loading.checkpoint import Checkpoint, CheckpointError
-from kt_core.loading.fp8 import dequantize_fp8_blockwise, expert_store_dtype, fp8_block_size, write_fp8_expert
+from kt_core.loading.fp8 import (
+    dequantize_fp8_blockwise,
+    expert_scale_shapes,
+    expert_store_dtype,
+    fp8_block_size,
+    write_fp8_expert,
+)
 from kt_core.loading.keys import CheckpointMap, ExpertTensor, map_checkpoint
 from kt_core.loading.memory import MemoryPlan, expert_store_bytes
 from kt_core.loading.meta import build_meta_model, set_tensor, still_on_meta
@@ -239,8 +246,7 @@ def load_model(
         memory = plan_memory(checkpoint, model, plan, mapping, store_dtype)
         memory.check(gpu_memory_limit=gpu_memory_limit, host_memory_limit=host_memory_limit)
         logger.info("%s: %s", checkpoint.path.name, memory)
-        fp8 = store_dtype == torch.float8_e4m3fn  # the shared file holds no block scales: a copy per rank
-        shared = None if fp8 else _open_shared(checkpoint, model, plan, mapping, store_dtype, shared_experts)
+        shared = _open_shared(checkpoint, model, plan, mapping, store_dtype, shared_experts, fp8_block)
 
         total = sum(checkpoint.tensors[k].nbytes for k in mapping.tensors.values())
         total += sum(checkpoint.tensors[t.key].nbytes for ts in mapping.experts.values() for t in ts)
@@ -266,9 +272,10 @@ def load_model(
     return model
 
 
-def _open_shared(checkpoint, model, plan, mapping, dtype, option) -> SharedExperts | None:
+def _open_shared(checkpoint, model, plan, mapping, dtype, option, fp8_block=None) -> SharedExperts | None:
     """The node's shared expert file (kt_core/distributed/shared_store.py), or None: one rank per node, the
-    caller's shared_experts=False, or no layer on a KTExperts store."""
+    caller's shared_experts=False, or no layer on a KTExperts store. FP8 stores (dtype float8_e4m3fn) keep their
+    fp32 block scales there too, beside the e4m3 weights."""
     from kt_core.experts import KTExperts
 
     if option is False or not local_ranks().shared:
@@ -283,8 +290,14 @@ def _open_shared(checkpoint, model, plan, mapping, dtype, option) -> SharedExper
             continue
         E, two_I, H = model.get_submodule(name).gate_up_proj.shape
         shapes[name] = {"gate_up_proj": ((E, two_I, H), dtype), "down_proj": ((E, H, two_I // 2), dtype)}
+        if dtype == torch.float8_e4m3fn:  # the block scales, shaped as KTExperts.fp8_scale_shape
+            gate_up_scales, down_scales = expert_scale_shapes(E, H, two_I // 2, fp8_block)
+            shapes[name]["gate_up_proj_scale_inv"] = (gate_up_scales, torch.float32)
+            shapes[name]["down_proj_scale_inv"] = (down_scales, torch.float32)
     config_file = checkpoint.path / "config.json"
     key = f"{checkpoint.path.resolve()}|{config_file.stat().st_mtime_ns}|{dtype}"
+    if dtype == torch.float8_e4m3fn:
+        key += f"|block={fp8_block[0]}x{fp8_block[1]}"
     return SharedExperts.open(folder, key, shapes)
 
 
