@@ -1,5 +1,6 @@
 """FP8 experts streamed as FP8: e4m3 bytes and fp32 block scales in the pinned host store, the device slots and the
-residents, dequantized on the device into a bf16 working buffer right before the expert GEMMs.
+residents, dequantized on the device into a bf16 working buffer of a fixed number of experts, a group at a time, right
+before the expert GEMMs.
 
 What runs here without CUDA: the block-scaled dequantization (bit for bit the formula, partial blocks included), the
 store's FP8 slots / residents / working buffer and their bytes, the planner's PCIe bytes, and the memory plan. With the
@@ -30,7 +31,14 @@ from kt_core.loading.fp8 import (
 )
 from kt_core.streaming import CostModel, ExpertStore, enable_streaming, plan_layer
 from kt_core.streaming import memory_plan as mp
-from kt_core.streaming.planner import slot_bytes_per_expert, stored_expert_bytes
+from kt_core.streaming.planner import (
+    DEQUANT_BYTES,
+    dequant_buffer_bytes,
+    dequant_group,
+    slot_bytes_per_expert,
+    stored_expert_bytes,
+)
+from kt_core.streaming.store import GroupedWeight
 
 FP8 = torch.float8_e4m3fn
 E, H, I, K, R = 8, 40, 24, 2, 4
@@ -98,8 +106,10 @@ def test_dequantization_leaves_its_input_alone():
 # ---- the store ----------------------------------------------------------------------------------------------------
 
 
-def fp8_store(capacity: int, layers: int = 2) -> tuple[ExpertStore, list[tuple[torch.Tensor, ...]]]:
-    store = ExpertStore("cpu", capacity)
+def fp8_store(
+    capacity: int, layers: int = 2, dequant_bytes: int = DEQUANT_BYTES
+) -> tuple[ExpertStore, list[tuple[torch.Tensor, ...]]]:
+    store = ExpertStore("cpu", capacity, dequant_bytes=dequant_bytes)
     weights = []
     for layer in range(layers):
         q_gu, s_gu, q_d, s_d = random_fp8(E, H, I, BLOCK, seed=10 + layer)
@@ -108,8 +118,15 @@ def fp8_store(capacity: int, layers: int = 2) -> tuple[ExpertStore, list[tuple[t
     return store, weights
 
 
+def dense(w: GroupedWeight) -> torch.Tensor:
+    """All experts of a GroupedWeight, taken group by group (each copied out before the next overwrites it)."""
+    n = len(w)
+    return torch.cat([w.take(lo, min(n, lo + w.group)).clone() for lo in range(0, n, w.group)])
+
+
 def assert_weights(got: tuple, want: tuple, experts) -> None:
     idx = torch.tensor(list(experts))
+    got = [dense(w) if isinstance(w, GroupedWeight) else w for w in got]
     assert got[0].dtype == got[1].dtype == torch.bfloat16
     assert torch.equal(got[0], want[0][idx]) and torch.equal(got[1], want[1][idx])
 
@@ -124,8 +141,10 @@ def test_store_streams_fp8_bytes_and_scales():
     # PCIe and residents: the real bytes of an FP8 expert, half of bf16's and the scales
     assert store.expert_bytes(0) == store.resident_bytes(0) == FP8_EXPERT == stored_expert_bytes(H, I, 1, BLOCK)
     assert FP8_EXPERT < BF16_EXPERT / 2 + 3 * H * I // 20
-    # device memory: two FP8 slots and one bf16 working buffer, as the planner counts them
-    assert store.gpu_bytes() == 4 * slot_bytes_per_expert(H, I, 1, block=BLOCK) == 4 * (2 * FP8_EXPERT + BF16_EXPERT)
+    # device memory: two FP8 slots and one bf16 working buffer (here the whole slot), as the planner counts them
+    assert slot_bytes_per_expert(H, I, 1, block=BLOCK) == 2 * FP8_EXPERT
+    assert dequant_buffer_bytes(H, I, 4, block=BLOCK) == 4 * BF16_EXPERT
+    assert store.gpu_bytes() == 4 * (2 * FP8_EXPERT + BF16_EXPERT)
     store.load(0, [5, 2, 7])
     assert store.take_pcie()[1] == 3 * FP8_EXPERT
     experts, *got = store.acquire(0)
@@ -149,7 +168,7 @@ def test_residents_stay_fp8_and_share_the_working_buffer():
     res_w = store.resident_weights(0)
     assert_weights(slot_w, weights[0], [0, 2, 4])  # still intact: the residents went after them
     assert_weights(res_w, weights[0], [1, 3])
-    assert res_w[0].data_ptr() == store.scratch[0][3:].data_ptr()
+    assert res_w[0].take(0, 2).data_ptr() == store.scratch[0][3:].data_ptr()
     store.load(1, [0, 5], avoid=0)
     assert_weights(store.acquire(1)[1:], weights[1], [0, 5])
     assert_weights(store.resident_weights(1), weights[1], [6])
@@ -191,7 +210,11 @@ def test_planner_counts_the_real_bytes_per_expert():
     v3 = stored_expert_bytes(7168, 2048, 1, (128, 128))
     assert v3 == 3 * 7168 * 2048 + 4 * (2 * 16 * 56 + 56 * 16) and round(v3 / 1e4) == 4405
     assert stored_expert_bytes(7168, 2048, 2) == 2 * 3 * 7168 * 2048
-    assert slot_bytes_per_expert(7168, 2048, 1, block=(128, 128)) == 2 * v3 + 2 * 3 * 7168 * 2048
+    assert slot_bytes_per_expert(7168, 2048, 1, block=(128, 128)) == 2 * v3  # both slots; the bf16 buffer is fixed
+    assert dequant_group(7168, 2048) == 6  # 512 MiB of 88 MB bf16 experts
+    for capacity in (6, 100, 256):
+        assert dequant_buffer_bytes(7168, 2048, capacity, block=(128, 128)) == 6 * 2 * 3 * 7168 * 2048
+    assert dequant_buffer_bytes(7168, 2048, 256, block=None) == dequant_buffer_bytes(7168, 2048, 0, block=(1, 1)) == 0
     # A PCIe-bound layer streams more FP8 experts than bf16 ones at the same speeds, each costing its real bytes.
     cost = CostModel(pcie_bytes_per_s=2e9, cpu_flops=0.3e12, gpu_flops=300e12, cpu_expert_s=0.0)
     counts = [200.0] * 64
@@ -209,7 +232,8 @@ DIMS = mp.ModelDims(hidden=200, vocab=64, heads=4, layers=(mp.LayerDims(linear=8
                     experts=4, top_k=2, expert_intermediate=72, expert_item=1, moe_layers=2,
                     expert_block=(128, 128))  # fmt: skip
 DIMS_STORED = 3 * 200 * 72 + 4 * (2 * 1 * 2 + 2 * 1)  # e4m3 weights; gate and up: 1 x 2 blocks each, down 2 x 1
-DIMS_SLOT = 2 * DIMS_STORED + 2 * 3 * 200 * 72  # both slots and the bf16 working buffer
+DIMS_BF16 = 2 * 3 * 200 * 72  # one expert in the bf16 working buffer
+DIMS_SLOT = 2 * DIMS_STORED + DIMS_BF16  # both slots, and the buffer while it holds the whole slot
 
 
 def test_memory_plan_counts_fp8_slots_scales_and_working_buffer():
@@ -220,7 +244,12 @@ def test_memory_plan_counts_fp8_slots_scales_and_working_buffer():
     assert (plan.capacity, plan.residents) == (4, 2)
     assert plan.parts["streaming slots"] == 4 * DIMS_SLOT
     assert plan.parts["resident experts"] == 2 * 2 * DIMS_STORED
-    assert "fp8 + bf16 dequantization buffer" in plan.table()
+    assert "fp8 + bf16 dequantization buffer of 4" in plan.table()
+    # a buffer of one expert: counted once, so the same budget holds more residents
+    one = dataclasses.replace(streaming, dequant_bytes=DIMS_BF16)
+    small = mp.plan_gpu_memory(dataclasses.replace(inputs, streaming=one), limit=2**30)
+    assert small.capacity == 4 and small.parts["streaming slots"] == 4 * 2 * DIMS_STORED + DIMS_BF16
+    assert small.residents == 4 and "buffer of 1" in small.table()  # the 3 experts it saves: 2 more residents
     bf16_dims = dataclasses.replace(DIMS, expert_item=2, expert_block=None)
     bf16 = mp.plan_gpu_memory(dataclasses.replace(inputs, dims=bf16_dims), limit=2**30)
     assert bf16.capacity == 4 and bf16.residents == 1  # the same budget holds half as many bf16 residents
@@ -417,6 +446,112 @@ def test_enable_streaming_sizes_fp8_as_the_memory_plan_does():
         rt.disable()
 
 
+# ---- the working buffer, a group of experts at a time ---------------------------------------------------------------
+
+
+def fp8_budget(capacity: int, group: int, residents: int = 0, layers: int = 2) -> int:
+    """expert_gpu_memory for this capacity and residents per layer: both slots, the working buffer once, residents."""
+    return capacity * 2 * FP8_EXPERT + min(capacity, group) * BF16_EXPERT + residents * layers * FP8_EXPERT
+
+
+MIXED = FP8_SPLITS["resident-and-cpu"]["cost"]
+GROUP_SPLITS = {  # (capacity, residents per layer, enable_streaming arguments but the budget, piece rows)
+    "all-streamed": (E, 0, dict(mode="gpu"), None),
+    "all-streamed-pieces": (E, 0, dict(mode="gpu"), 20),  # 96 slots in 5 pieces: groups cut by pieces
+    "five-streamed": (5, 0, dict(mode="gpu"), None),  # 5 = 3 + 2: a partial last group
+    "resident": (E, 3, dict(mode="gpu"), None),
+    "resident-and-cpu": (E, 3, dict(mode="auto", cost=MIXED), None),
+}
+
+
+@pytest.mark.parametrize("split", sorted(GROUP_SPLITS))
+def test_group_sizes_give_identical_results(split):
+    """Groups of 1, 3 and at least a slot's experts (the whole slot at once): dx, the LoRA gradients and the loss curve
+    bit for bit, with the same split (budgets for the same capacity and residents whatever the buffer takes)."""
+    capacity, residents, kwargs, piece_rows = GROUP_SPLITS[split]
+    x = torch.randn(48, H, generator=torch.Generator().manual_seed(9))
+    results = {}
+    for group in (1, 3, None):  # None: the default dequant_bytes (512 MiB: every slot whole)
+        dequant = DEQUANT_BYTES if group is None else group * BF16_EXPERT
+        g = dequant_group(H, I, dequant)
+        budget = None if split.startswith("all") else fp8_budget(capacity, g, residents)
+        model = Fp8MoE(2, seed=1)
+        rt = enable_streaming(model, device="cpu", expert_gpu_memory=budget, dequant_bytes=dequant, **kwargs)
+        if piece_rows:
+            rt.piece_rows = piece_rows
+        assert (rt.store.capacity, rt.resident_per_layer) == (capacity, residents)
+        assert rt.store.group == rt.store.scratch[0].shape[0] == min(capacity, g)
+        xg = x.clone().requires_grad_()
+        model(xg).backward()
+        grads = [xg.grad, *(p.grad for p in lora_params(model))]
+        model.zero_grad(set_to_none=True)
+        losses = train(model, steps=2)
+        r = rt.history[-1]
+        if residents:
+            assert r["resident_per_layer"] == [residents] * 2
+        if split == "resident-and-cpu":
+            assert 0 < r["cpu_slot_share"] < 1 and all(n + residents < E for n in r["streamed_per_layer"])
+        results[group] = (grads, losses, r["streamed_per_layer"])
+        rt.disable()
+    want_grads, want_losses, want_streamed = results[None]
+    for group, (grads, losses, streamed) in results.items():
+        assert streamed == want_streamed, group
+        for a, b in zip(grads, want_grads, strict=True):
+            assert torch.equal(a, b), group
+        assert losses == want_losses, group
+
+
+def test_grouped_residents_and_slot_take_the_buffer_in_turn():
+    """Slot and residents of a layer through a buffer of 3 experts: each group dequantized into its start, the values
+    those of the bf16-dequantized model, and a group already there taken again without a new dequantization."""
+    store, weights = fp8_store(capacity=E, layers=1, dequant_bytes=3 * BF16_EXPERT)
+    assert store.group == 3 and store.gpu_bytes() == E * 2 * FP8_EXPERT + 3 * BF16_EXPERT
+    store.set_resident(0, [1, 3, 4, 6])
+    store.load(0, [0, 2, 5])  # not the whole layer (7 of 8 with the residents): two weight sets
+    experts, w13, w2 = store.acquire(0)
+    r13, r2 = store.resident_weights(0)
+    assert experts == [0, 2, 5] and (w13.group, r13.group) == (3, 3)
+    assert_weights((w13, w2), weights[0], [0, 2, 5])
+    assert_weights((r13, r2), weights[0], [1, 3, 4, 6])
+    last = r13.take(3, 4)
+    assert r13.holds(3, 4) and not w13.holds(0, 3) and last.data_ptr() == store.scratch[0].data_ptr()
+    last[:] = 0  # were it dequantized again, it would not stay zero
+    assert not r13.take(3, 4).any()
+    with pytest.raises(ValueError, match="in groups of 3"):
+        w13.take(0, 4)
+    store.close()
+
+
+@pytest.mark.parametrize("group", [1, 3, None])
+def test_enable_streaming_sizes_the_group_buffer_as_the_memory_plan_does(group):
+    """Whatever the slot capacity (3 to all 8 experts, with residents), the buffer is min(capacity, group) experts:
+    what the memory plan counts once and enable_streaming allocates."""
+    dequant = DEQUANT_BYTES if group is None else group * BF16_EXPERT
+    g = dequant_group(H, I, dequant)
+    buffers = set()
+    for budget in (None, fp8_budget(3, g), fp8_budget(5, g), fp8_budget(7, g) + 5, fp8_budget(E, g, 2)):
+        model = Fp8MoE(2)
+        rt = enable_streaming(model, device="cpu", mode="gpu", expert_gpu_memory=budget, dequant_bytes=dequant)
+        dims = mp.model_dims(_with_config(model))
+        streaming = mp.StreamingSizes(expert_gpu_memory=budget, mode="gpu", dequant_bytes=dequant)
+        plan = mp.plan_gpu_memory(
+            mp.PlanInputs(dims, mp.RunShape(batch=1, seq_len=None), weights_bytes=0, streaming=streaming), limit=2**30
+        )
+        C = rt.store.capacity
+        assert (plan.capacity, plan.residents) == (C, rt.resident_per_layer)
+        assert plan.parts["streaming slots"] == rt.store.gpu_bytes() == C * 2 * FP8_EXPERT + min(C, g) * BF16_EXPERT
+        buffer = sum(t.numel() * t.element_size() for t in rt.store.scratch)
+        assert buffer == dequant_buffer_bytes(H, I, C, block=BLOCK, dequant_bytes=dequant)
+        if budget is not None:  # what the buffer does not take goes to the slots and residents
+            used = plan.parts["streaming slots"] + rt.resident_per_layer * 2 * FP8_EXPERT
+            assert used <= budget < used + 2 * FP8_EXPERT + (BF16_EXPERT if g > C else 0) + 2 * 2 * FP8_EXPERT
+        if g <= C:
+            buffers.add(buffer)
+        rt.disable()
+    if group is not None:  # fixed once the slots hold a group: it does not grow with the capacity
+        assert buffers == {group * BF16_EXPERT}
+
+
 def _with_config(model: Fp8MoE) -> Fp8MoE:
     """model_dims reads a transformers config: the toy's shapes."""
     from types import SimpleNamespace
@@ -493,3 +628,40 @@ def test_gpu_dequantization_equals_the_cpu_one():
     d = torch.empty(q_d.shape, dtype=torch.bfloat16, device="cuda")
     dequantize_experts_fp8_(gu, d, q_gu.cuda(), s_gu.cuda(), q_d.cuda(), s_d.cuda(), (128, 128))
     assert torch.equal(gu.cpu(), want[0]) and torch.equal(d.cpu(), want[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", ["all-streamed", "all-streamed-pieces", "five-streamed", "resident"])
+def test_gpu_group_sizes_give_identical_results(split):
+    """On CUDA (grouped GEMMs a group of experts at a time, the groups' row ranges read on the host, Triton steps):
+    groups of 1, 3 and the whole slot give the same dx, LoRA gradients and losses, bit for bit."""
+    capacity, residents, kwargs, piece_rows = GROUP_SPLITS[split]
+    x = torch.randn(96, 200, generator=torch.Generator().manual_seed(5)).cuda()
+    results = {}
+    for group in (1, 3, None):
+        dequant = DEQUANT_BYTES if group is None else group * GPU_BF16_EXPERT
+        g = dequant_group(200, 72, dequant)
+        budget = None
+        if not split.startswith("all"):
+            budget = capacity * 2 * GPU_FP8_EXPERT + min(capacity, g) * GPU_BF16_EXPERT + residents * 3 * GPU_FP8_EXPERT
+        model = Fp8MoE(3, seed=4, **GPU_SHAPE).cuda()
+        rt = enable_streaming(model, device="cuda", expert_gpu_memory=budget, dequant_bytes=dequant, **kwargs)
+        try:
+            if piece_rows:
+                rt.piece_rows = piece_rows
+            assert (rt.store.capacity, rt.resident_per_layer) == (capacity, residents)
+            assert rt.store.scratch[0].shape[0] == min(capacity, g)
+            xg = x.clone().requires_grad_()
+            model(xg).backward()
+            grads = [xg.grad.cpu(), *(p.grad.cpu() for p in lora_params(model))]
+            model.zero_grad(set_to_none=True)
+            losses = train(model, steps=3, device="cuda", tokens=96)
+            results[group] = (grads, losses, rt.history[-1]["streamed_per_layer"])
+        finally:
+            rt.disable()
+    want_grads, want_losses, want_streamed = results[None]
+    for group, (grads, losses, streamed) in results.items():
+        assert streamed == want_streamed, group
+        for a, b in zip(grads, want_grads, strict=True):
+            assert torch.equal(a, b), group
+        assert losses == want_losses, group

@@ -12,8 +12,9 @@ GPU memory per GPU: its layers' non-expert weights, two slots of the experts it 
 layer inputs of its layers, one layer's working set (36 hidden-sized tensors of the step's tokens: measured
 4.8 GiB at 32,768 tokens x H 2048 on the H200 run of 2026-12-03) and, on the last GPU, the lm_head and the
 loss (`kt_core.loss.loss_workspace_bytes`, Liger); slots sized as the runtime sizes them
-(`kt_core.streaming.planner.slot_bytes_per_expert`: FP8 slots hold e4m3 weights and block scales, plus one bf16
-buffer the GPU dequantizes into). Host RAM: every routed expert twice, as the runtime holds it with a packed
+(`kt_core.streaming.planner.slot_bytes_per_expert`: FP8 slots hold e4m3 weights and block scales, plus once per GPU
+the fixed bf16 buffer the GPU dequantizes them into a group of experts at a time, `dequant_buffer_bytes`).
+Host RAM: every routed expert twice, as the runtime holds it with a packed
 kernel (the speeds above are the packed AMX kernels'): the store in the stored dtype (the one streaming reads)
 and the packed kernel's copy in its tile layout, the same bytes.
 """
@@ -25,7 +26,16 @@ from dataclasses import dataclass, field
 from kt_core.loss import loss_workspace_bytes
 from kt_core.plan.machines import Machine
 from kt_core.plan.models import ModelShape
-from kt_core.streaming.planner import CostModel, LayerPlan, plan_layer, slot_bytes_per_expert, stored_expert_bytes
+from kt_core.streaming.planner import (
+    CostModel,
+    LayerPlan,
+    dequant_buffer_bytes,
+    dequant_group,
+    plan_layer,
+    slot_bytes_per_expert,
+    slot_capacity,
+    stored_expert_bytes,
+)
 
 __all__ = ["Projection", "project"]
 
@@ -82,7 +92,8 @@ def project(
     weights = layers_per_gpu * (model.layer_params_on_gpu(True) * 2 + lora)
     head = 2 * model.vocab * h * 2 + loss_workspace_bytes(n, model.vocab, h, backend="liger")
     room = machine.gpu_bytes - weights - activations - head
-    capacity = max(0, min(model.experts, room // slot_bytes))
+    group = dict(group=dequant_group(H, I), group_expert_bytes=3 * H * I * 2) if block else {}  # FP8 buffer
+    capacity = slot_capacity(max(0, room), model.experts, slot_bytes, slots=1, **group)
 
     slots = n * model.experts_per_token / model.experts
     plan = plan_layer(
@@ -99,7 +110,7 @@ def project(
     head_s = 3 * 2 * n * model.vocab * h / machine.gpu_flops
     step_s = model.moe_layers * layer_s + model.dense_layers * dense_s + head_s
 
-    used = weights + activations + capacity * slot_bytes
+    used = weights + activations + capacity * slot_bytes + dequant_buffer_bytes(H, I, capacity, block=block)
     gpu_bytes = [used] * (machine.gpus - 1) + [used + head]
     host_bytes = HOST_COPIES * model.moe_layers * model.experts * expert_bytes
     problems = []

@@ -10,6 +10,12 @@ element-wise steps (kt_core.streaming.fused).
 
 Grouped GEMMs run through `torch._grouped_mm` (bf16; H100 / H200 on CUDA) or a loop over the groups.
 
+The frozen weights w13 / w2 are tensors, or weights taken a few experts at a time (FP8 experts:
+kt_core.streaming.store.GroupedWeight, each group of experts dequantized into one working buffer right before
+its GEMMs): the products with them then run group of experts by group of experts over those experts' rows
+(each expert's rows times its weight, the same products), groups without rows skipped. Everything else (the
+LoRA, the SwiGLU, the factor gradients) runs over all rows at once, as with tensors.
+
 Legend: S = routed slots on this side (sorted by expert), G = experts in the group list, H = hidden,
 I = expert intermediate, r = LoRA rank. `bounds` lists (start, end) of each group's rows in S.
 """
@@ -95,25 +101,48 @@ def grouped_mm_available(x: torch.Tensor, w: torch.Tensor) -> bool:
     return hasattr(torch, "_grouped_mm") and x.dtype == w.dtype == torch.bfloat16 and x.is_cuda and aligned
 
 
-def _mm_t(x: torch.Tensor, w: torch.Tensor, g: Groups) -> torch.Tensor:
-    """[S, in] x, [G, out, in] w -> [S, out]: each group's rows times its w^T."""
+def _mm_t(x: torch.Tensor, w: torch.Tensor, g: Groups, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[S, in] x, [G, out, in] w -> [S, out]: each group's rows times its w^T (into `out` when given)."""
     if grouped_mm_available(x, w) and g.rows:
-        return torch._grouped_mm(x, w.transpose(1, 2), offs=g.offs)
-    out = x.new_empty((x.shape[0], w.shape[1]))
+        y = torch._grouped_mm(x, w.transpose(1, 2), offs=g.offs)
+        return y if out is None else out.copy_(y)
+    out = x.new_empty((x.shape[0], w.shape[1])) if out is None else out
     for i, (a, b) in enumerate(g.bounds):
         if b > a:
             torch.mm(x[a:b], w[i].t(), out=out[a:b])
     return out
 
 
-def _mm_n(x: torch.Tensor, w: torch.Tensor, g: Groups) -> torch.Tensor:
+def _mm_n(x: torch.Tensor, w: torch.Tensor, g: Groups, out: torch.Tensor | None = None) -> torch.Tensor:
     """[S, out] x, [G, out, in] w -> [S, in]: each group's rows times its w (the transposed product)."""
     if grouped_mm_available(x, w) and g.rows:
-        return torch._grouped_mm(x, w, offs=g.offs)
-    out = x.new_empty((x.shape[0], w.shape[2]))
+        y = torch._grouped_mm(x, w, offs=g.offs)
+        return y if out is None else out.copy_(y)
+    out = x.new_empty((x.shape[0], w.shape[2])) if out is None else out
     for i, (a, b) in enumerate(g.bounds):
         if b > a:
             torch.mm(x[a:b], w[i], out=out[a:b])
+    return out
+
+
+def _frozen(x: torch.Tensor, w, g: Groups, *, transposed: bool) -> torch.Tensor:
+    """_mm_t (transposed) or _mm_n of x with a frozen weight: a tensor, or a GroupedWeight taken `w.group` experts at
+    a time, each group's rows times that group's weights (the groups' row ranges are read on the host)."""
+    mm = _mm_t if transposed else _mm_n
+    if isinstance(w, torch.Tensor):
+        return mm(x, w, g)
+    if w.group >= w.shape[0]:  # the whole set at once
+        return mm(x, w.take(0, w.shape[0]), g)
+    out = x.new_empty((x.shape[0], w.shape[1] if transposed else w.shape[2]))
+    bounds, counts = g.bounds, g.counts
+    n = w.shape[0]
+    ranges = [(lo, min(n, lo + w.group)) for lo in range(0, n, w.group)]
+    ranges = [(lo, hi) for lo, hi in ranges if bounds[hi - 1][1] > bounds[lo][0]]  # groups with rows
+    if ranges and w.holds(*ranges[-1]):
+        ranges.reverse()  # the buffer holds the last group already: begin with it
+    for lo, hi in ranges:
+        a, b = bounds[lo][0], bounds[hi - 1][1]
+        mm(x[a:b], w.take(lo, hi), Groups(counts[lo:hi], g.device), out=out[a:b])
     return out
 
 
@@ -173,17 +202,17 @@ def expert_mlp_forward(
     """out [S, H] = down(silu(gate(xs)) * up(xs)) per group, LoRA included.
 
     Args:
-        xs: [S, H] slots sorted by group. w13: [G, 2I, H]. w2: [G, H, I].
+        xs: [S, H] slots sorted by group. w13: [G, 2I, H]. w2: [G, H, I] (tensors, or GroupedWeights).
         lora: (A1 [G, r, H], B1 [G, 2I, r], A2 [G, r, I], B2 [G, H, r]) in xs.dtype, or None.
         keep: also return the intermediates the backward needs (pass them as its `saved`), else None.
     """
-    gu = _mm_t(xs, w13, g)  # [S, 2I]
+    gu = _frozen(xs, w13, g, transposed=True)  # [S, 2I]
     z1 = None
     if lora is not None:
         z1 = _lora_in(xs, lora[0], g, scaling)  # [S, r]
         gu = gu + _mm_t(z1, lora[1], g)
     h = silu_mul(gu)  # [S, I]
-    out = _mm_t(h, w2, g)  # [S, H]
+    out = _frozen(h, w2, g, transposed=True)  # [S, H]
     z2 = None
     if lora is not None:
         z2 = _lora_in(h, lora[2], g, scaling)  # [S, r]
@@ -218,7 +247,7 @@ def expert_mlp_backward(
         out, saved = expert_mlp_forward(xs, g, w13, w2, lora, scaling, keep=True)
     gu, h, z1, z2 = saved
     del saved
-    dh = _mm_n(dout, w2, g)  # [S, I]
+    dh = _frozen(dout, w2, g, transposed=False)  # [S, I]
     grads = None
     if lora is not None:
         A1, B1, A2, B2 = lora
@@ -229,7 +258,7 @@ def expert_mlp_backward(
     del h
     dgu = swiglu_backward(dh, gu).to(xs.dtype)  # [S, 2I]
     del gu, dh
-    dxs = _mm_n(dgu, w13, g)  # [S, H]
+    dxs = _frozen(dgu, w13, g, transposed=False)  # [S, H]
     if lora is not None:
         dB1 = _wgrad(dgu, z1, g, small="b")  # [G, 2I, r]
         dz1 = _mm_n(dgu, B1, g) * scaling  # [S, r]

@@ -19,8 +19,9 @@ P = min(PIECE_ROWS, T*K) sorted slots per piece of a streamed call):
     non-expert weights         parameters and buffers on the GPU outside the CPU experts, LoRA factors included
     trainable state            trainable bytes on the GPU x (1 gradient + optimizer states: 2 for Adam)
     streaming slots            capacity x slot_bytes_per_expert (the split enable_streaming makes, planner.py); FP8
-                               experts: e4m3 bytes and fp32 block scales in both slots, and the bf16 buffer they are
-                               dequantized into (which also takes FP8 residents outside a whole-layer slot)
+                               experts: e4m3 bytes and fp32 block scales in both slots, plus once the bf16 buffer
+                               they are dequantized into a group at a time (dequant_buffer_bytes: min(capacity,
+                               dequant_group) experts, fixed by `dequant_bytes`; FP8 residents go through it too)
     resident experts           residents per layer x MoE layers x the expert as stored (3*H*I*item, + the block
                                scales of FP8); under a gpu_memory_limit, as many as fit beside everything else
                                (what the runtime keeps after step 1)
@@ -63,8 +64,11 @@ from kt_core.loading.memory import MemoryPlanError, format_bytes
 from kt_core.loss import loss_workspace_bytes
 from kt_core.settings import optional_size, parse_size
 from kt_core.streaming.planner import (
+    DEQUANT_BYTES,
     PIECE_ROWS,
     allocator_margin,
+    dequant_buffer_bytes,
+    dequant_group,
     expert_memory_split,
     slot_bytes_per_expert,
     stored_expert_bytes,
@@ -185,12 +189,14 @@ class StreamingSizes:
         quantize: None or "int8".
         keep_bytes: a recomputed layer's expert intermediates kept for its backward, at most.
         mode: "auto", "cpu" or "gpu".
+        dequant_bytes: FP8 experts: the bf16 buffer they are dequantized into, a group of experts at a time.
     """
 
     expert_gpu_memory: int | str | None = None
     quantize: str | None = None
     keep_bytes: int | str = "1GiB"
     mode: str = "auto"
+    dequant_bytes: int | str = DEQUANT_BYTES
 
 
 @dataclass(frozen=True)
@@ -446,7 +452,10 @@ class GpuMemoryPlan:
         if name == "trainable state":
             return f"trainable state (gradients + {self.inputs.optimizer_states} optimizer states)"
         if name == "streaming slots" and s is not None:
-            kind = ", int8" if s.quantize else ", fp8 + bf16 dequantization buffer" if d.expert_block else ""
+            kind = ", int8" if s.quantize else ""
+            if d.expert_block and self.capacity:
+                group = min(self.capacity, dequant_group(d.hidden, d.expert_intermediate, _dequant_bytes(s)))
+                kind = f", fp8 + bf16 dequantization buffer of {group}"
             return f"streaming slots (2 x {self.capacity} experts{kind})"
         if name == "resident experts" and s is not None:
             return f"resident experts ({self.residents}/layer x {d.moe_layers}{', fitted' * self.elastic_residents})"
@@ -574,19 +583,25 @@ def plan_gpu_memory(
     per_expert = slot_bytes_per_expert(
         dims.hidden, dims.expert_intermediate, dims.expert_item, s.quantize if s else None, block=dims.expert_block
     )
+    dequant = _dequant_bytes(s)
     if streamed:
         budget = optional_size(s.expert_gpu_memory, "expert_gpu_memory")
         left = None if user_limit is None else user_limit - inputs.weights_bytes
+        fp8 = dims.expert_block is not None
         plan.capacity, plan.residents = expert_memory_split(
             budget, left, experts=dims.experts, layers=dims.moe_layers, expert_bytes=dims.expert_bytes,
             per_expert=per_expert, mode=s.mode,
+            group=dequant_group(dims.hidden, dims.expert_intermediate, dequant) if fp8 else 0,
+            group_expert_bytes=3 * dims.hidden * dims.expert_intermediate * 2 if fp8 else 0,
         )  # fmt: skip
         plan.elastic_residents = user_limit is not None and plan.residents > 0
     on_device = streamed and plan.capacity == dims.experts  # whole layers in a slot: the device path, which keeps
     parts = plan.parts
     parts["non-expert weights"] = inputs.weights_bytes
     parts["trainable state"] = inputs.trainable_bytes * (1 + inputs.optimizer_states)
-    parts["streaming slots"] = plan.capacity * per_expert
+    parts["streaming slots"] = plan.capacity * per_expert + dequant_buffer_bytes(
+        dims.hidden, dims.expert_intermediate, plan.capacity, block=dims.expert_block, dequant_bytes=dequant
+    )
     parts["resident experts"] = 0
     inputs_bytes, layer_bytes = _activations(dims, run, d, streamed)
     parts["layer inputs"] = inputs_bytes
@@ -608,6 +623,10 @@ def plan_gpu_memory(
         parts["resident experts"] = plan.residents * per_resident
         plan.peak = _peak(parts)
     return plan
+
+
+def _dequant_bytes(s: StreamingSizes | None) -> int:
+    return parse_size(s.dequant_bytes, "dequant_bytes") if s is not None else DEQUANT_BYTES
 
 
 def _peak(parts: dict[str, int]) -> int:

@@ -36,10 +36,13 @@ from dataclasses import dataclass, field
 from kt_core.loading.fp8 import expert_scale_bytes
 
 __all__ = [
+    "DEQUANT_BYTES",
     "PIECE_ROWS",
     "CostModel",
     "LayerPlan",
     "allocator_margin",
+    "dequant_buffer_bytes",
+    "dequant_group",
     "expert_memory_split",
     "plan_layer",
     "slot_bytes_per_expert",
@@ -50,6 +53,7 @@ __all__ = [
 MODES = ("auto", "cpu", "gpu")
 FP8_WORKING_ITEM = 2  # bytes a weight of the bf16 buffer FP8 experts are dequantized into (store.FP8_WORKING_DTYPE)
 PIECE_ROWS = 32768  # sorted slots per piece of a device-path call (bounds its intermediates)
+DEQUANT_BYTES = 512 * 2**20  # default size of the bf16 buffer FP8 experts are dequantized into, a group at a time
 
 
 def allocator_margin(limit: int) -> int:
@@ -160,9 +164,49 @@ def plan_layer(
     return LayerPlan(stream=order[:best], resident=sorted(resident_set), cpu_s=cpu_s, pcie_s=pcie_s, gpu_s=gpu_s)
 
 
-def slot_capacity(budget_bytes: int, num_experts: int, expert_gpu_bytes: int, slots: int = 2) -> int:
-    """Experts per streaming slot that `slots` slots fit in `budget_bytes` (at most E)."""
-    return max(0, min(num_experts, budget_bytes // max(1, slots * expert_gpu_bytes)))
+def slot_capacity(
+    budget_bytes: int,
+    num_experts: int,
+    expert_gpu_bytes: int,
+    slots: int = 2,
+    *,
+    group: int = 0,
+    group_expert_bytes: int = 0,
+) -> int:
+    """Experts per streaming slot that `slots` slots fit in `budget_bytes` (at most E), beside the FP8 dequantization
+    buffer of min(capacity, `group`) experts of `group_expert_bytes` each (dequant_buffer_bytes; 0: none)."""
+    per = max(1, slots * expert_gpu_bytes)
+    work = group_expert_bytes if group > 0 else 0
+    if work and budget_bytes >= group * (per + work):  # a full group: the buffer is fixed
+        capacity = (budget_bytes - group * work) // per
+    else:  # fewer experts than a group: the buffer holds the whole slot
+        capacity = budget_bytes // (per + work)
+    return max(0, min(num_experts, capacity))
+
+
+def dequant_group(hidden: int, intermediate: int, dequant_bytes: int = DEQUANT_BYTES) -> int:
+    """Experts per group of the FP8 dequantization buffer: as many bf16 experts as `dequant_bytes` holds, at least 1."""
+    return max(1, int(dequant_bytes) // (3 * hidden * intermediate * FP8_WORKING_ITEM))
+
+
+def dequant_buffer_bytes(
+    hidden: int,
+    intermediate: int,
+    capacity: int,
+    *,
+    block: tuple[int, int] | None,
+    dequant_bytes: int = DEQUANT_BYTES,
+) -> int:
+    """Device bytes of the bf16 buffer FP8 experts are dequantized into, one per device whatever the slot capacity:
+    min(capacity, dequant_group) experts (0 when the experts are not FP8 or nothing streams).
+
+    The slots' experts (and FP8 residents) are computed a group of that many at a time, each group dequantized into
+    the buffer right before its GEMMs.
+    """
+    if block is None or capacity <= 0:
+        return 0
+    experts = min(capacity, dequant_group(hidden, intermediate, dequant_bytes))
+    return experts * 3 * hidden * intermediate * FP8_WORKING_ITEM
 
 
 def slot_bytes_per_expert(
@@ -173,18 +217,18 @@ def slot_bytes_per_expert(
     *,
     block: tuple[int, int] | None = None,
 ) -> int:
-    """Device bytes per expert of slot capacity: the expert in both slots, plus the int8 / FP8 dequantization buffer.
+    """Device bytes per expert of slot capacity: the expert in both slots, plus the int8 dequantization scratch.
 
     Args:
         hidden, intermediate: H, I of one expert (gate_up [2I, H], down [H, I]).
         item: bytes per weight as stored on the host (2 for bf16, 1 for FP8).
         quantize: None, or "int8" (int8 weights and fp32 row scales streamed; a bf16 scratch to dequantize into).
         block: the quantization block of FP8 experts (None: not FP8): e4m3 weights and fp32 block scales in both
-            slots, and the bf16 working buffer they are dequantized into.
+            slots. Their bf16 working buffer is fixed, not per expert (dequant_buffer_bytes).
     """
     expert = 3 * hidden * intermediate * item
     if block is not None:
-        return 2 * stored_expert_bytes(hidden, intermediate, 1, block) + 3 * hidden * intermediate * FP8_WORKING_ITEM
+        return 2 * stored_expert_bytes(hidden, intermediate, 1, block)
     if quantize is None:
         return 2 * expert
     q_bytes = 3 * hidden * intermediate + 4 * (2 * intermediate + hidden)  # int8 weights, fp32 row scales
@@ -207,6 +251,8 @@ def expert_memory_split(
     expert_bytes: int,
     per_expert: int,
     mode: str = "auto",
+    group: int = 0,
+    group_expert_bytes: int = 0,
 ) -> tuple[int, int]:
     """(slot capacity, resident experts per layer) that enable_streaming gives the expert weights.
 
@@ -217,16 +263,19 @@ def expert_memory_split(
         experts: E; layers: streamed MoE layers; expert_bytes: one expert's weights as stored;
         per_expert: slot bytes per expert of capacity (slot_bytes_per_expert).
         mode: "cpu" gives the experts no device memory.
+        group, group_expert_bytes: FP8 experts: experts per group of the dequantization buffer (dequant_group) and
+            bytes of one dequantized expert; the buffer (min(capacity, group) of them) comes out of the same bytes.
     """
+    buffer = dict(group=group, group_expert_bytes=group_expert_bytes)
     if mode == "cpu":
         return 0, 0
     if expert_gpu_memory is None:
         if limit_left is None:
             return experts, 0
-        capacity = slot_capacity(max(0, limit_left) // 2, experts, per_expert, slots=1)
+        capacity = slot_capacity(max(0, limit_left) // 2, experts, per_expert, slots=1, **buffer)
         return capacity, experts if capacity == experts else 0  # residents: as many as fit after step 1
-    capacity = slot_capacity(expert_gpu_memory, experts, per_expert, slots=1)
+    capacity = slot_capacity(expert_gpu_memory, experts, per_expert, slots=1, **buffer)
     if capacity < experts:
         return capacity, 0
-    left = expert_gpu_memory - capacity * per_expert
+    left = expert_gpu_memory - capacity * per_expert - min(capacity, group) * group_expert_bytes
     return capacity, min(experts, left // max(1, expert_bytes * layers))

@@ -17,10 +17,10 @@ once, when the step closes. When a plan leaves the CPU nothing to do, the layer 
 its calls take the device path (kt_core/streaming/share.py) (no host synchronisation, no CPU thread hand-off).
 
 FP8 experts (KTExperts(dtype=torch.float8_e4m3fn)) stream and stay resident as FP8, dequantized to bf16 on the
-device right before their GEMMs (store.py).
+device right before their GEMMs, a group of experts at a time into one working buffer of `dequant_bytes` (store.py).
 
-`expert_gpu_memory` bounds the device bytes of expert weights (the two slots, the int8 / FP8 working buffer and
-the resident experts); the rest of the model and the activations come on top. `gpu_memory_limit` bounds the
+`expert_gpu_memory` bounds the device bytes of expert weights (the two slots, the int8 scratch or the FP8 working
+buffer, and the resident experts); the rest of the model and the activations come on top. `gpu_memory_limit` bounds the
 whole run: the resident experts are sized from the first step's measured peak so that the total stays under it.
 The front ends check the whole run against it before streaming starts (kt_core/streaming/memory_plan.py).
 """
@@ -38,10 +38,12 @@ from torch import nn
 from kt_core.experts import KTExperts
 from kt_core.settings import optional_size, parse_size, renamed
 from kt_core.streaming.planner import (
+    DEQUANT_BYTES,
     PIECE_ROWS,
     CostModel,
     LayerPlan,
     allocator_margin,
+    dequant_group,
     expert_memory_split,
     plan_layer,
     slot_bytes_per_expert,
@@ -350,6 +352,7 @@ def enable_streaming(
     keep_bytes: int | str = "1GiB",
     gpu_memory_limit: int | str | None = None,
     gpu_memory_budget: int | str | None = None,
+    dequant_bytes: int | str = DEQUANT_BYTES,
 ) -> StreamingRuntime:
     """Splits every KTExperts layer of `model` between CPU compute and GPU compute on streamed weights.
 
@@ -373,6 +376,12 @@ def enable_streaming(
             resident experts as fit under the limit (and warns, naming what to lower, when step 1 alone
             exceeded it). None: residents fill what `expert_gpu_memory` leaves over the slots.
         gpu_memory_budget: the former name of `expert_gpu_memory` (accepted with a warning).
+        dequant_bytes: FP8 experts: device bytes of the bf16 buffer they are dequantized into ("512MiB" default;
+            whole experts, at least one, at most a slot's). The slots' experts and the residents are computed a group
+            of that many experts at a time, each group dequantized right before its GEMMs, so the buffer stays the
+            same whatever the slot capacity; it is counted in `expert_gpu_memory`. Larger: fewer, larger GEMMs and
+            dequantizations (a slot that fits whole is dequantized once for the forward, the recomputation and the
+            backward); smaller: more experts per slot in the same budget.
 
     Returns:
         The StreamingRuntime (per-step reports in `.history`; `.disable()` undoes it).
@@ -411,6 +420,9 @@ def enable_streaming(
     per_expert = slot_bytes_per_expert(
         first.hidden_dim, first.intermediate_dim, first.gate_up_proj.element_size(), quantize, block=block
     )
+    dequant = parse_size(dequant_bytes, "dequant_bytes")
+    group = dequant_group(first.hidden_dim, first.intermediate_dim, dequant) if block is not None else 0
+    group_expert = 3 * first.hidden_dim * first.intermediate_dim * 2 if block is not None else 0  # bf16
     expert_gpu_memory = renamed("gpu_memory_budget", gpu_memory_budget, "expert_gpu_memory", expert_gpu_memory)
     budget = optional_size(expert_gpu_memory, "expert_gpu_memory")
     limit = optional_size(gpu_memory_limit, "gpu_memory_limit")
@@ -423,10 +435,12 @@ def enable_streaming(
         expert_bytes=expert_bf,
         per_expert=per_expert,
         mode=mode,
+        group=group,
+        group_expert_bytes=group_expert,
     )
     if budget is not None and capacity == 0 and mode != "cpu":
         logger.warning("enable_streaming: a budget of %d bytes holds no expert; the CPU computes all", budget)
-    store = ExpertStore(device, capacity, quantize=quantize)
+    store = ExpertStore(device, capacity, quantize=quantize, dequant_bytes=dequant)
     rt = StreamingRuntime(
         device,
         store,
@@ -452,7 +466,7 @@ def enable_streaming(
         "streaming: %d layers on %s, slot capacity %d of %d experts, %s%d resident/layer, %.2f GiB of expert "
         "weights on the device, mode %s%s%s",
         len(layers), device, capacity, E, "up to " if limit is not None else "", resident, store.gpu_bytes() / 2**30,
-        mode, ", int8" if quantize else ", fp8" if store.fp8 else "",
+        mode, ", int8" if quantize else f", fp8 (dequantized {store.group} experts at a time)" if store.fp8 else "",
         "" if store.pin_ok else ", host memory NOT pinned",
     )  # fmt: skip
     return rt

@@ -11,8 +11,11 @@ prefetch of the next layer); the resident experts, if any, are a second weight s
 - parts (mixed splits): the layer has split the slots on the host (kt_core/experts/split.py); each GPU
   part is a grouped-GEMM MLP over its sorted slots, while the CPU share runs on the runtime's worker thread.
 
-FP8 layers: the weight sets are the store's bf16 working buffer (dequantized on the device), so both ways compute in
-bf16 (`compute_dtype`), and the layer uploads its expert-LoRA factors in that dtype, not in the weights' e4m3.
+FP8 layers: the weight sets are GroupedWeights (kt_core.streaming.store): the e4m3 experts, dequantized on the device
+into the store's bf16 working buffer a group of experts at a time, right before the GEMMs with them
+(kt_core.streaming.gpu_experts), so both ways compute in bf16 (`compute_dtype`), and the layer uploads its
+expert-LoRA factors in that dtype, not in the weights' e4m3. A device-path call whose weights go in more than one
+group reads the routing's per-expert row counts on the host once (the groups' row ranges).
 
 Legend: T = tokens, K = experts per token, E = experts, H = hidden, I = expert intermediate, r = LoRA rank,
 P = slots of one piece, S = slots of one GPU part.
@@ -125,6 +128,8 @@ class _StreamedCall:
         inv[order] = torch.arange(order.shape[0], device=ids.device)
         w_flat = w.reshape(-1)
         groups = Groups.on_device(ends.to(torch.int32), sorted_local)
+        if any(not isinstance(t, torch.Tensor) and t.group < len(t) for t in self.full[1:]):
+            groups.counts  # noqa: B018 (read once, on the host: each piece's groups then derive from them)
         return _Route(order, inv, order // K, w_flat[order], w_flat.float(), groups)
 
     def _sub(self, lora_dev):

@@ -15,11 +15,14 @@
 - int8 (optional): per-output-row symmetric int8 copies with fp32 scales are streamed (half the bytes)
   and dequantized on the device into one scratch buffer.
 - FP8 experts (KTExperts(dtype=torch.float8_e4m3fn)) stream as stored: the slots hold the e4m3 bytes and the
-  fp32 128 x 128 block scales (half the PCIe bytes of bf16), and the compute stream dequantizes a slot into one
-  bf16 working buffer right before the layer's expert GEMMs (kt_core.loading.fp8.dequantize_experts_fp8_): the
-  GEMMs see exactly the weights of the bf16-dequantized model. Residents stay FP8 on the device too; a layer's
-  residents that are not part of a whole-layer slot are dequantized into the same buffer, after the slot's
-  experts (residents exist only with full-layer slots, so both fit).
+  fp32 128 x 128 block scales (half the PCIe bytes of bf16). The GEMMs take them as `GroupedWeight`s: a group of
+  at most `group` experts at a time (planner.dequant_group: as many bf16 experts as `dequant_bytes` holds), each
+  group dequantized on the compute stream into one bf16 working buffer of `group` experts right before its GEMMs
+  (the block-scaled multiply of kt_core.loading.fp8): the GEMMs see exactly the weights of the bf16-dequantized
+  model, and the buffer is fixed, whatever the slot capacity. What the buffer holds is remembered per range, so
+  a slot that fits it whole is dequantized once for the forward, the recomputation and the backward. Residents
+  stay FP8 on the device too; those not part of a whole-layer slot are taken the same way, after the slot's
+  experts when both fit the buffer, else from its start.
 - Without CUDA the same code runs on the CPU device ("fake device"): copies are plain copies, timed.
 
 Legend: E = experts, C = slot capacity (experts), H = hidden, I = expert intermediate.
@@ -35,9 +38,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kt_core.loading.fp8 import DEFAULT_BLOCK, dequantize_experts_fp8_
+from kt_core.loading.fp8 import DEFAULT_BLOCK, scale_blocks_
+from kt_core.streaming.planner import DEQUANT_BYTES, dequant_group
 
-__all__ = ["FP8", "FP8_WORKING_DTYPE", "ExpertStore", "pin_in_place", "quantize_rows"]
+__all__ = ["FP8", "FP8_WORKING_DTYPE", "ExpertStore", "GroupedWeight", "pin_in_place", "quantize_rows"]
 
 FP8 = torch.float8_e4m3fn
 FP8_WORKING_DTYPE = torch.bfloat16  # what FP8 experts are dequantized to for the GEMMs
@@ -144,24 +148,77 @@ class _Slot:
     used: int = 0  # when it was last acquired (least recently used is overwritten first)
 
 
+class GroupedWeight:
+    """One FP8 weight of a weight set (w13 [G, 2I, H] or w2 [G, H, I]) as the GEMMs take it: `group` experts at a time.
+
+    `take(lo, hi)` returns experts [lo, hi) (at most `group` of them) dequantized to bf16 in the store's working
+    buffer, on the compute stream; the next `take` of another range may overwrite them, so each group's GEMMs are
+    queued before the next group is taken (kt_core.streaming.gpu_experts does so).
+    """
+
+    def __init__(self, store: ExpertStore, which: int, q: torch.Tensor, scale: torch.Tensor, key: tuple, at: int):
+        self.store = store
+        self.which = which  # 0: gate_up (w13), 1: down (w2); also the working buffer it goes to
+        self.q, self.scale = q, scale  # [G, ...] e4m3 and its fp32 block scales, on the device
+        self.key = key  # what the weights are (a slot's tag, or a layer's residents): the buffer's memory of them
+        self.shape = q.shape
+        self.dtype = store.compute_dtype
+        n = q.shape[0]
+        room = store.scratch[which].shape[0] if store.scratch is not None else n  # (no buffer: one of its own)
+        self.group = min(n, room)  # experts per take
+        self.at = at if at + n <= room else 0  # where in the working buffer a set that fits whole starts
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def data_ptr(self) -> int:
+        return self.q.data_ptr()
+
+    def holds(self, lo: int, hi: int) -> bool:
+        """Whether the working buffer holds experts [lo, hi) already (no dequantization on the next `take`)."""
+        return self.store._held(self.which, self.key, lo, hi) is not None
+
+    def take(self, lo: int, hi: int) -> torch.Tensor:
+        """Experts [lo, hi) in `dtype`, [hi - lo, out, in]: a view of the working buffer, dequantized if need be."""
+        if not 0 <= lo < hi <= self.shape[0] or hi - lo > self.group:
+            raise ValueError(f"streaming: experts [{lo}, {hi}) of {self.shape[0]}, in groups of {self.group}")
+        return self.store._dequantize(self, lo, hi)
+
+
+Weight = torch.Tensor | GroupedWeight  # what the GEMMs take: a tensor [G, out, in], or FP8 experts by groups
+
+
 class ExpertStore:
     """Host store + two device slots + resident experts for every streamed layer of a model."""
 
-    def __init__(self, device: torch.device, capacity: int, *, quantize: str | None = None):
+    def __init__(
+        self,
+        device: torch.device,
+        capacity: int,
+        *,
+        quantize: str | None = None,
+        dequant_bytes: int = DEQUANT_BYTES,
+    ):
         if quantize not in (None, "int8"):
             raise ValueError(f"streaming: quantize must be None or 'int8', got {quantize!r}")
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.capacity = capacity
         self.quantize = quantize
+        self.dequant_bytes = dequant_bytes  # FP8: bytes of the bf16 working buffer (whole experts, at least one)
+        self.group = 0  # FP8: experts the working buffer holds (min(capacity, planner.dequant_group))
         self.layers: list[_Layer] = []
         self.slots: list[_Slot] = []
         self.fp8 = False  # the layers' experts are FP8 (set by the first add_layer)
         self.block = DEFAULT_BLOCK  # their quantization block
         self.compute_dtype: torch.dtype | None = None  # the dtype of the weights the expert GEMMs take
-        self.scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 / FP8: dequantized w13, w2 [C, ...]
-        self.scratch_tag = None  # the slot tag whose experts scratch[:n] holds
-        self.scratch_res = None  # (layer, residents, offset): the residents scratch holds after them (FP8)
+        # int8: dequantized w13, w2 [C, ...]; FP8: the working buffer, w13, w2 [group, ...]
+        self.scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.scratch_tag = None  # int8: the slot tag whose experts scratch[:n] holds
+        self._ranges: tuple[list, list] = ([], [])  # FP8, per buffer: (key, lo, hi, at) of the ranges it holds
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
         self.pinned: list[torch.Tensor] = []
         self.pin_ok = True
@@ -227,8 +284,11 @@ class ExpertStore:
             bufs = tuple(torch.empty((C, *t.shape[1:]), dtype=t.dtype, device=self.device) for t in lw.streamed)
             self.slots.append(_Slot(bufs))
         if lw.q is not None or lw.scales is not None:
+            n = C
+            if lw.scales is not None:
+                n = self.group = min(C, dequant_group(lw.down.shape[1], lw.down.shape[2], self.dequant_bytes))
             self.scratch = tuple(
-                torch.empty((C, *t.shape[1:]), dtype=self.compute_dtype, device=self.device)
+                torch.empty((n, *t.shape[1:]), dtype=self.compute_dtype, device=self.device)
                 for t in (lw.gate_up, lw.down)
             )
 
@@ -236,8 +296,7 @@ class ExpertStore:
         """Keeps these experts of `layer` on the device (exact copies of the host weights, as stored)."""
         lw = self.layers[layer]
         lw.resident = sorted(experts)
-        if self.scratch_res is not None and self.scratch_res[0] == layer:
-            self.scratch_res = None
+        self._forget(lambda key: key[:2] == ("res", layer))
         if not experts:
             lw.res = None
             return
@@ -252,29 +311,46 @@ class ExpertStore:
         """Bytes one expert moves over PCIe (as streamed: int8 or FP8 weights with their scales)."""
         return _per_expert_bytes(self.layers[layer].streamed)
 
-    def resident_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def resident_weights(self, layer: int) -> tuple[Weight, Weight]:
         """The residents of `layer` as the GEMMs take them: w13 [R, 2I, H], w2 [R, H, I] in `compute_dtype`.
 
-        FP8 residents are dequantized on the compute stream into the working buffer, after the experts the
-        layer's slot placed there (`acquire` first); call it again after another layer's `acquire`.
+        FP8 residents come as GroupedWeights over their e4m3 bytes on the device: taken after the experts the
+        layer's slot holds (`acquire` first) when both fit the working buffer, else from its start.
         """
         lw = self.layers[layer]
         if not self.fp8:
             return lw.res[0], lw.res[1]
-        R = len(lw.resident)
-        held = self.scratch_tag
-        at = len(held[1]) if held is not None and held[0] == layer else 0
-        if self.scratch is None or at + R > self.scratch[0].shape[0]:  # never with full-layer slots; stay correct
-            out = tuple(torch.empty(t.shape, dtype=self.compute_dtype, device=self.device) for t in lw.res[:2])
-            return dequantize_experts_fp8_(*out, lw.res[0], lw.res[2], lw.res[1], lw.res[3], self.block)
-        key = (layer, tuple(lw.resident), at)
-        w13, w2 = self.scratch[0][at : at + R], self.scratch[1][at : at + R]
-        if self.scratch_res != key:
-            if at == 0:
-                self.scratch_tag = None  # overwrites whatever slot's experts scratch held
-            dequantize_experts_fp8_(w13, w2, lw.res[0], lw.res[2], lw.res[1], lw.res[3], self.block)
-            self.scratch_res = key
-        return w13, w2
+        held = next((s.tag for s in self.slots if s.tag is not None and s.tag[0] == layer), None)
+        at = len(held[1]) if held is not None else 0
+        key = ("res", layer, tuple(lw.resident))
+        q13, q2, s13, s2 = lw.res
+        return self._grouped(q13, s13, q2, s2, key, at)
+
+    def _grouped(self, q13, s13, q2, s2, key: tuple, at: int) -> tuple[GroupedWeight, GroupedWeight]:
+        return GroupedWeight(self, 0, q13, s13, key, at), GroupedWeight(self, 1, q2, s2, key, at)
+
+    def _held(self, which: int, key: tuple, lo: int, hi: int) -> tuple | None:
+        return next((r for r in self._ranges[which] if r[:3] == (key, lo, hi)), None)
+
+    def _forget(self, stale) -> None:
+        """Drops the working buffer's memory of the weights whose key `stale(key)` names."""
+        for ranges in self._ranges:
+            ranges[:] = [r for r in ranges if not stale(r[0])]
+
+    def _dequantize(self, w: GroupedWeight, lo: int, hi: int) -> torch.Tensor:
+        """Experts [lo, hi) of `w` in the working buffer (on the compute stream, right before the GEMMs reading it)."""
+        q, s = w.q[lo:hi], w.scale[lo:hi]
+        if self.scratch is None:  # residents without slots (never from enable_streaming): a buffer of their own
+            out = torch.empty(q.shape, dtype=self.compute_dtype, device=self.device)
+            return _dequantize_into(out, q, s, w.which, self.block)
+        held = self._held(w.which, w.key, lo, hi)
+        if held is not None:
+            return self.scratch[w.which][held[3] : held[3] + hi - lo]
+        a, b = w.at, w.at + hi - lo
+        ranges = self._ranges[w.which]
+        ranges[:] = [r for r in ranges if r[3] + r[2] - r[1] <= a or r[3] >= b]  # what it overwrites
+        ranges.append((w.key, lo, hi, a))
+        return _dequantize_into(self.scratch[w.which][a:b], q, s, w.which, self.block)
 
     # ---- streaming -------------------------------------------------------------------------------
 
@@ -289,7 +365,8 @@ class ExpertStore:
             if slot.tag is not None and slot.tag[0] == layer:
                 slot.tag = None
         if self.scratch_tag is not None and self.scratch_tag[0] == layer:
-            self.scratch_tag = self.scratch_res = None
+            self.scratch_tag = None
+        self._forget(lambda key: key[0] == "slot" and key[1][0] == layer)
 
     def slot_content(self, layer: int, streamed: list[int]) -> tuple[int, ...]:
         """The expert ids a slot holds, in slot order, once `streamed` experts of `layer` are loaded."""
@@ -351,11 +428,12 @@ class ExpertStore:
         for d, r in zip(dst, lw.res, strict=True):  # int8: into the dequantized pair, from the bf16 residents
             _raw(d).index_copy_(0, idx, _raw(r))
 
-    def acquire(self, layer: int) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+    def acquire(self, layer: int) -> tuple[list[int], Weight | None, Weight | None]:
         """The streamed experts of `layer` present in a slot, and their weights [G, 2I, H], [G, H, I].
 
         The compute stream is made to wait for the copy; call `release(layer)` after the last kernel
-        that reads them has been queued.
+        that reads them has been queued. FP8 weights come as GroupedWeights (dequantized a group at a time when
+        the GEMMs take them; the residents of a whole-layer slot were copied in as FP8).
         """
         slot = next((s for s in self.slots if s.tag is not None and s.tag[0] == layer), None)
         if slot is None:
@@ -368,17 +446,16 @@ class ExpertStore:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
         if self.scratch is None:
             return experts, slot.bufs[0][:n], slot.bufs[1][:n]
-        if self.scratch_tag != slot.tag:  # dequantize on the compute stream, right before the GEMMs that read it
-            q13, q2, s13, s2 = slot.bufs
-            if self.fp8:  # the residents of a whole-layer slot were copied in as FP8: one dequantization
-                dequantize_experts_fp8_(self.scratch[0][:n], self.scratch[1][:n], q13[:n], s13[:n], q2[:n], s2[:n],
-                                        self.block)  # fmt: skip
-            else:  # int8: fp32 scales per row, one kernel each
-                torch.mul(q13[:n], s13[:n, :, None], out=self.scratch[0][:n])
-                torch.mul(q2[:n], s2[:n, :, None], out=self.scratch[1][:n])
-                if set(self.layers[layer].resident) & set(experts):  # a whole layer: the residents' exact weights
-                    self._fill_residents(layer, self.scratch)
-            self.scratch_tag, self.scratch_res = slot.tag, None
+        q13, q2, s13, s2 = slot.bufs
+        if self.fp8:
+            key = ("slot", slot.tag)
+            return experts, *self._grouped(q13[:n], s13[:n], q2[:n], s2[:n], key, 0)
+        if self.scratch_tag != slot.tag:  # int8: dequantize on the compute stream, fp32 scales per row
+            torch.mul(q13[:n], s13[:n, :, None], out=self.scratch[0][:n])
+            torch.mul(q2[:n], s2[:n, :, None], out=self.scratch[1][:n])
+            if set(self.layers[layer].resident) & set(experts):  # a whole layer: the residents' exact weights
+                self._fill_residents(layer, self.scratch)
+            self.scratch_tag = slot.tag
         return experts, self.scratch[0][:n], self.scratch[1][:n]
 
     def release(self, layer: int) -> None:
@@ -405,7 +482,7 @@ class ExpertStore:
         return seconds, nbytes
 
     def gpu_bytes(self) -> int:
-        """Device bytes held: slots, the int8 / FP8 working buffer, residents."""
+        """Device bytes held: slots, the int8 scratch or the FP8 working buffer, residents."""
         ts = [b for s in self.slots for b in s.bufs] + list(self.scratch or ())
         ts += [t for lw in self.layers for t in lw.res or ()]
         return sum(t.numel() * t.element_size() for t in ts)
@@ -417,6 +494,20 @@ class ExpertStore:
             self._finalizer()  # unregisters once
         self.pinned.clear()
         self.slots.clear()
-        self.scratch = self.scratch_tag = self.scratch_res = None
+        self.scratch = self.scratch_tag = None
+        self._forget(lambda key: True)
         for lw in self.layers:
             lw.res = None
+
+
+def _dequantize_into(out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, which: int, block) -> torch.Tensor:
+    """out = q x its block scales, rounded once to out's dtype (kt_core.loading.fp8.dequantize_experts_fp8_, one of
+    its two weights): gate_up's scales are gate's block rows, then up's."""
+    out.copy_(q)  # e4m3 -> bf16 is exact
+    if which == 0:
+        I, half = q.shape[1] // 2, scale.shape[1] // 2
+        scale_blocks_(out[:, :I], scale[:, :half], block)
+        scale_blocks_(out[:, I:], scale[:, half:], block)
+    else:
+        scale_blocks_(out, scale, block)
+    return out
