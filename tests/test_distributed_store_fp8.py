@@ -265,3 +265,21 @@ def _train(checkpoint: str, out: str) -> None:
 
 if __name__ == "__main__":  # one process, or each torchrun worker
     _train(*sys.argv[1:3])
+
+
+def test_ddp_ignores_the_fp8_block_scales():
+    """The scales are frozen host tensors like the weights: DDP (which would broadcast them, and refuses host
+    tensors beside cuda ones) must not own them."""
+    from kt_core import KTExperts
+    from kt_core.distributed import ignore_frozen_experts
+
+    model = torch.nn.Module()
+    model.experts = KTExperts(2, 32, 16, dtype=torch.float8_e4m3fn)
+    ignored = ignore_frozen_experts(model, expert_lora=False)
+    names = ["down_proj", "down_proj_scale_inv", "gate_up_proj", "gate_up_proj_scale_inv"]
+    assert ignored == [f"experts.{n}" for n in names]
+    model.bf16 = KTExperts(2, 32, 16, dtype=torch.bfloat16)  # no scales: nothing named that does not exist
+    assert [n for n in ignore_frozen_experts(model, expert_lora=False) if n.startswith("bf16.")] == [
+        "bf16.down_proj",
+        "bf16.gate_up_proj",
+    ]

@@ -58,7 +58,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FROZEN_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+# The experts' frozen tensors DDP must not own: the weights and, for FP8 stores, their block scales.
+FROZEN_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "gate_up_proj_scale_inv", "down_proj_scale_inv")
 
 _gloo_group = None  # this process's gloo group for the expert LoRA factors, made at the first DDP / FSDP2 forward
 
@@ -93,6 +94,7 @@ def ignore_frozen_experts(model: nn.Module, *, expert_lora: bool = True) -> list
         for name, module in model.named_modules()
         if isinstance(module, KTExperts)
         for weight in FROZEN_EXPERT_WEIGHTS
+        if getattr(module, weight, None) is not None
     }
     if expert_lora:
         names |= {name for name, _ in _expert_lora_factors(model)}
