@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.distributed_helpers import launch, peft_model_with_expert_lora
+
 STEPS = 4
 GLOBAL_BATCH = 4
 CLIP = 0.02
@@ -33,22 +32,8 @@ CLIP = 0.02
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:Unsupported layer type")]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(checkpoint: Path, out: Path, *, ranks: int, resume: Path | None = None, accumulate: int = 1) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    launcher = [sys.executable]
-    if ranks > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(free_port())]
-    command = [*launcher, __file__, str(checkpoint), str(out), str(resume or ""), str(accumulate)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    done = launch(__file__, [checkpoint, out, resume or "", accumulate], ranks=ranks)
     report = json.loads((out / "report.json").read_text())
     report["log"] = done.stdout + done.stderr
     return report
@@ -97,25 +82,15 @@ def test_two_ranks_match_one_process_with_accumulation_and_clipping(tmp_path):
 def _train(checkpoint: str, out: str, resume: str, accumulate: str) -> None:
     import logging
 
-    import peft
     import transformers
     from torch.nn.parallel import DistributedDataParallel
 
-    import kt_core
     from kt_plugins.hf_trainer import KTCallback
-    from tests.tiny_models import randomize_lora, token_dataset, trainer_args
+    from tests.tiny_models import token_dataset, trainer_args
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    model = kt_core.load_model(checkpoint, device="cpu", progress=False).train()
-    config = peft.LoraConfig(
-        r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-    )
-    model = randomize_lora(peft.get_peft_model(model, config))
+    model = peft_model_with_expert_lora(checkpoint)
     micro_batches = int(accumulate)
     args = trainer_args(
         out,

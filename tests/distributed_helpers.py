@@ -1,5 +1,5 @@
-"""What the multi-process CPU tests share: a free TCP port for torchrun's rendezvous, and accelerate's FSDP state on
-the CPU.
+"""What the multi-process CPU tests share: their launch (one process, or torchrun with N ranks on a free port), the
+PEFT model they train, and accelerate's FSDP state on the CPU.
 
 accelerate (1.11) turns FSDP on for GPU-type runs only: on the CPU (gloo) an Accelerator given an FSDP plugin, from
 the Trainer's `fsdp` arguments or from `accelerate launch`'s FSDP variables, runs DDP. `fsdp_on_the_cpu` gives a
@@ -10,15 +10,58 @@ Accelerator is built.
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
-__all__ = ["cpu_map_location", "free_port", "fsdp_on_the_cpu"]
+__all__ = ["cpu_map_location", "free_port", "fsdp_on_the_cpu", "launch", "peft_model_with_expert_lora"]
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN_VARIABLES = ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch(script: str, args: list[str], *, ranks: int, env: dict | None = None, timeout: float = 600):
+    """Runs `script args` as one process (ranks 1) or under `python -m torch.distributed.run` with `ranks` processes,
+    with the repository first on PYTHONPATH, one OpenMP thread per process and no torchrun variables inherited;
+    fails the test with the output's end when it fails. Returns the CompletedProcess."""
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    for name in TORCHRUN_VARIABLES:
+        environ.pop(name, None)
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(free_port())]
+    done = subprocess.run([*launcher, script, *map(str, args)], env=environ, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    return done
+
+
+def peft_model_with_expert_lora(checkpoint: str, **load_kwargs):
+    """kt_core.load_model(checkpoint) in training mode with PEFT LoRA (r 4) on attention and on the routed experts,
+    randomized (tests.tiny_models.randomize_lora) so that every factor starts away from zero."""
+    import peft
+
+    import kt_core
+    from tests.tiny_models import randomize_lora
+
+    model = kt_core.load_model(checkpoint, device="cpu", progress=False, **load_kwargs).train()
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    return randomize_lora(peft.get_peft_model(model, config))
 
 
 def fsdp_on_the_cpu() -> None:

@@ -22,9 +22,8 @@ import pytest
 import torch
 
 from kt_core.settings import SettingError
-from tests.distributed_helpers import free_port
+from tests.distributed_helpers import launch, peft_model_with_expert_lora
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 GLOBAL_BATCH = 4
 
@@ -40,16 +39,8 @@ needs_deepspeed = pytest.mark.skipif(not _deepspeed_importable(), reason="deepsp
 
 
 def _run(checkpoint: Path, out: Path, *, ranks: int, stage: int, accumulate: int = 1) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    launcher = [sys.executable]
-    if ranks > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(free_port())]
-    command = [*launcher, __file__, str(checkpoint), str(out), str(stage), str(accumulate)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    done = launch(__file__, [checkpoint, out, stage, accumulate], ranks=ranks, env={"DS_ACCELERATOR": "cpu"},
+                  timeout=1200)  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     report["log"] = done.stdout + done.stderr
     return report
@@ -135,26 +126,16 @@ def test_deepspeed_settings_we_do_not_run_are_refused(config, message):
 def _train(checkpoint: str, out: str, stage: str, accumulate: str) -> None:
     import logging
 
-    import peft
     import torch.distributed as dist
     import transformers
 
-    import kt_core
     from kt_core import KTExperts
     from kt_plugins.hf_trainer import KTCallback
-    from tests.tiny_models import randomize_lora, token_dataset, trainer_args
+    from tests.tiny_models import token_dataset, trainer_args
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    model = kt_core.load_model(checkpoint, device="cpu", progress=False).train()
-    config = peft.LoraConfig(
-        r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-    )
-    model = randomize_lora(peft.get_peft_model(model, config))
+    model = peft_model_with_expert_lora(checkpoint)
     experts = [(n, m) for n, m in model.named_modules() if isinstance(m, KTExperts)]
     base = {f"{n}.{w}": getattr(m, w) for n, m in experts for w in ("gate_up_proj", "down_proj")}
     base_start = {k: (t.data_ptr(), t.detach().clone()) for k, t in base.items()}

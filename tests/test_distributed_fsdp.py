@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,10 +26,9 @@ import torch
 from kt_core.distributed import fsdp_ignored_params, prepare_data_parallel, prepare_fsdp2
 from kt_core.distributed.fsdp import check_fsdp_plugin
 from kt_core.settings import SettingError
-from tests.distributed_helpers import free_port, fsdp_on_the_cpu
+from tests.distributed_helpers import fsdp_on_the_cpu, launch, peft_model_with_expert_lora
 from tests.test_distributed import _one_rank_group, _tiny_with_expert_lora
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 GLOBAL_BATCH = 4
 CLIP = 0.02
@@ -39,15 +37,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Unsupported layer type")
 
 
 def _run(checkpoint: Path, out: Path, *, ranks: int, fsdp: bool, accumulate: int = 1, device: str = "cpu") -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    launcher = [sys.executable]
-    if ranks > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(free_port())]
-    command = [*launcher, __file__, str(checkpoint), str(out), str(int(fsdp)), str(accumulate), device]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    done = launch(__file__, [checkpoint, out, int(fsdp), accumulate, device], ranks=ranks)
     report = json.loads((out / "report.json").read_text())
     report["log"] = done.stdout + done.stderr
     return report
@@ -236,30 +226,20 @@ def test_prepare_fsdp2_adds_the_experts_to_accelerates_ignored_modules():
 def _train(checkpoint: str, out: str, fsdp: str, accumulate: str, device: str) -> None:
     import logging
 
-    import peft
     import torch.distributed as dist
     import transformers
     from torch.distributed.tensor import DTensor
 
-    import kt_core
     from kt_core import KTExperts
     from kt_plugins.hf_trainer import KTCallback
-    from tests.tiny_models import randomize_lora, token_dataset, trainer_args
+    from tests.tiny_models import token_dataset, trainer_args
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     on_cpu = device == "cpu"
     if fsdp == "1" and on_cpu:
         fsdp_on_the_cpu()
-    model = kt_core.load_model(checkpoint, device="cpu", progress=False).train()
-    config = peft.LoraConfig(
-        r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-    )
-    model = randomize_lora(peft.get_peft_model(model, config))
+    model = peft_model_with_expert_lora(checkpoint)
     micro_batches = int(accumulate)
     fsdp_args = (
         {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True}} if fsdp == "1" else {}

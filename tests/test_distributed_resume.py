@@ -11,32 +11,20 @@ ranks over gloo at per-device batch 2), which also checks two ranks resuming on 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.distributed_helpers import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.distributed_helpers import launch
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unsupported layer type")
 
 
 def _run(checkpoint: Path, out: Path, *, ranks: int, resume: Path | None = None) -> dict:
     """integration_tests/test_distributed_trainer.py's run, through this file (__main__ below)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    launcher = [sys.executable]
-    if ranks > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(free_port())]
-    command = [*launcher, __file__, str(checkpoint), str(out), str(resume or ""), "1"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    launch(__file__, [checkpoint, out, resume or "", 1], ranks=ranks)
     return json.loads((out / "report.json").read_text())
 
 

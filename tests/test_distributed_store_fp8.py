@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -19,9 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed_helpers import free_port
+from tests.distributed_helpers import launch
 
-ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ("gate_up_proj", "down_proj", "gate_up_proj_scale_inv", "down_proj_scale_inv")
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -140,15 +138,8 @@ def test_both_local_ranks_view_one_file_of_fp8_weights_and_scales(tmp_path, monk
 
 
 def _run(checkpoint: Path, out: Path, *, ranks: int) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    launcher = [sys.executable]
-    if ranks > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(free_port())]
     out.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([*launcher, __file__, str(checkpoint), str(out)], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    launch(__file__, [checkpoint, out], ranks=ranks)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
