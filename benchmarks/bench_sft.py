@@ -484,13 +484,9 @@ def run_trainer_mode(mode: str, a) -> dict:
                 expert_gpu_memory=full_layer_slots(model) if mode == "kt-stream-gpu" else a.expert_gpu_memory,
                 gpu_memory_limit=a.gpu_memory_limit,
                 stream_quantize="int8" if mode.endswith("int8") else None,
+                stream_mode="gpu" if mode == "kt-stream-gpu" else "auto",  # gpu: every expert streamed, no CPU share
             )
-        callback = KTCallback(cpu_infer=a.cpu_infer, max_seq_length=a.seq, **streaming)
-        if mode == "kt-stream-gpu":
-            # enable_streaming's mode="gpu" streams every routed expert the slots hold (here all of them), so the
-            # CPU share is zero; KTCallback has no argument for it, so it goes into the options it passes on.
-            callback.streaming_options["mode"] = "gpu"
-        callbacks.append(callback)
+        callbacks.append(KTCallback(cpu_infer=a.cpu_infer, max_seq_length=a.seq, **streaming))
     with tempfile.TemporaryDirectory() as out:
         args = transformers.TrainingArguments(
             output_dir=out,

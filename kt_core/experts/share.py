@@ -8,7 +8,9 @@ A layer with no share computes every expert on the CPU. A share (streaming's `St
   leaves the device, the CPU does nothing);
 - otherwise `weight_sets` lists the GPU's weight sets [(expert ids, w13 [G, 2I, H], w2 [G, H, I]), ...] and
   the layer splits the slots between them and the CPU (kt_core/experts/split.py), or, when `weight_sets` is
-  None, the share routes on the device itself and `experts` names the ids it computes.
+  None, the share routes on the device itself and `experts` names the ids it computes. The layer only passes
+  w13 / w2 back to the share's own calls: a share may hand out other objects in their place (streaming's FP8
+  slots give `GroupedWeight`s, dequantized a group of experts at a time when its GEMMs take them).
 
 The layer owns the rest: staging to the host, the CPU operator, the device copy of the expert-LoRA factors
 (made at every call, so no update of the factors can be missed), adding both sides' outputs and gradients.

@@ -131,6 +131,10 @@ class KTCallback(TrainerCallback):
         stream_quantize: None, or "int8" to halve the streamed bytes (see `kt_core.enable_streaming`).
         stream_keep_bytes: GPU bytes of a checkpointed layer's expert intermediates kept between its
             recomputation and its backward when streaming ("1GiB"; see `kt_core.enable_streaming`).
+        stream_mode: how streaming splits each layer: "auto" (the planner's cost model), "gpu" (every expert
+            streamed and computed on the GPU), "cpu" (every expert on the CPU).
+        stream_dequant_bytes: FP8 experts: GPU bytes of the bf16 buffer a group of streamed experts is
+            dequantized into ("512MiB"; taken from expert_gpu_memory).
         loss: the causal-LM loss of training steps without [tokens x vocab] logits
             (`kt_core.loss.enable_efficient_loss`): "auto" (Liger-Kernel on CUDA when installed, our chunked
             loss otherwise), "liger", "cce", "chunked", or "off" (transformers' loss).
@@ -148,6 +152,8 @@ class KTCallback(TrainerCallback):
         expert_gpu_memory: int | str | None = None,
         stream_quantize: str | None = None,
         stream_keep_bytes: int | str = "1GiB",
+        stream_mode: str = "auto",
+        stream_dequant_bytes: int | str = "512MiB",
         loss: str | bool = "auto",
         gpu_memory_limit: int | str | None = None,
         max_seq_length: int | None = None,
@@ -173,6 +179,8 @@ class KTCallback(TrainerCallback):
         if expert_gpu_memory is not None:
             checks.parse_size(expert_gpu_memory, "KTCallback(expert_gpu_memory)")
             checks.parse_size(stream_keep_bytes, "KTCallback(stream_keep_bytes)")
+            checks.parse_size(stream_dequant_bytes, "KTCallback(stream_dequant_bytes)")
+            checks.choice("KTCallback(stream_mode)", stream_mode, ("auto", "gpu", "cpu"))
             checks.choice("KTCallback(stream_quantize)", stream_quantize, (None, "int8"))
             checks.require_cuda(
                 "KTCallback(expert_gpu_memory)", expert_gpu_memory, "expert streaming computes on a CUDA GPU"
@@ -185,6 +193,8 @@ class KTCallback(TrainerCallback):
                 "gpu_memory_limit": gpu_memory_limit,
                 "quantize": stream_quantize,
                 "keep_bytes": stream_keep_bytes,
+                "mode": stream_mode,
+                "dequant_bytes": stream_dequant_bytes,
             }
             if expert_gpu_memory is not None
             else None
@@ -251,7 +261,11 @@ class KTCallback(TrainerCallback):
             weights_bytes=sum(t.numel() * t.element_size() for t in held),
             trainable_bytes=sum(t.numel() * t.element_size() for t in held if t.requires_grad),
             optimizer_states=mp.optimizer_states(args.optim),
-            streaming=None if s is None else mp.StreamingSizes(s["expert_gpu_memory"], s["quantize"], s["keep_bytes"]),
+            streaming=None
+            if s is None
+            else mp.StreamingSizes(
+                s["expert_gpu_memory"], s["quantize"], s["keep_bytes"], s["mode"], s["dequant_bytes"]
+            ),
             device=str(device),
         )
         return mp.check_and_log(mp.plan_gpu_memory(inputs, self.gpu_memory_limit), mp.TRAINER_KNOBS, logger)

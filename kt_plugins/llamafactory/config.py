@@ -80,6 +80,10 @@ class KTSettings:
         kt_stream_quantize: None, or "int8" to halve the streamed bytes.
         kt_stream_keep_bytes: GPU bytes of a checkpointed layer's expert intermediates kept between its
             recomputation and its backward when streaming ("1GiB").
+        kt_stream_mode: how streaming splits each layer: "auto" (the planner's cost model), "gpu" (every expert
+            streamed and computed on the GPU), "cpu" (every expert on the CPU).
+        kt_stream_dequant_bytes: FP8 experts: GPU bytes of the bf16 buffer a group of streamed experts is
+            dequantized into ("512MiB"; taken from kt_expert_gpu_memory).
         kt_loss: the causal-LM loss of pt / sft training steps without [tokens x vocab] logits
             (kt_core.loss): "auto" (Liger-Kernel on CUDA when installed, else our chunked loss), "liger",
             "cce", "chunked", or "off" (false) for transformers' own loss.
@@ -102,6 +106,8 @@ class KTSettings:
     kt_expert_gpu_memory: str | None = None
     kt_stream_quantize: str | None = None
     kt_stream_keep_bytes: str = "1GiB"
+    kt_stream_mode: str = "auto"
+    kt_stream_dequant_bytes: str = "512MiB"
     kt_loss: str = "auto"
     config_dir: Path | None = dataclasses.field(default=None, repr=False)  # the YAML's folder
     given: frozenset[str] = dataclasses.field(default=frozenset(), repr=False)  # keys the user wrote
@@ -251,6 +257,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "kt_expert_gpu_memory": _optional(_size_text),
     "kt_stream_quantize": lambda key, value: checks.choice(key, value, (None, "int8")),
     "kt_stream_keep_bytes": _size_text,
+    "kt_stream_mode": lambda key, value: checks.choice(key, value, ("auto", "gpu", "cpu")),
+    "kt_stream_dequant_bytes": _size_text,
     "kt_loss": _loss_mode,
 }
 

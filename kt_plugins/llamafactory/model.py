@@ -79,6 +79,8 @@ def _enable_streaming(model, settings: KTSettings) -> None:
         device=device,
         quantize=settings.kt_stream_quantize,
         keep_bytes=settings.kt_stream_keep_bytes,
+        mode=settings.kt_stream_mode,
+        dequant_bytes=settings.kt_stream_dequant_bytes,
         gpu_memory_limit=settings.kt_gpu_memory_limit,
     )
     model.kt_streaming = runtime  # kept alive with the model; per-step reports go to the kt_core.streaming log
@@ -161,7 +163,11 @@ def plan_gpu_memory(settings: KTSettings, model_args, data_args, training_args, 
     streaming = None
     if settings.kt_expert_gpu_memory is not None:
         streaming = mp.StreamingSizes(
-            settings.kt_expert_gpu_memory, settings.kt_stream_quantize, settings.kt_stream_keep_bytes
+            settings.kt_expert_gpu_memory,
+            settings.kt_stream_quantize,
+            settings.kt_stream_keep_bytes,
+            settings.kt_stream_mode,
+            settings.kt_stream_dequant_bytes,
         )
     inputs = mp.checkpoint_inputs(
         model_args.model_name_or_path,
