@@ -38,8 +38,9 @@ def _deepspeed_importable() -> bool:
 needs_deepspeed = pytest.mark.skipif(not _deepspeed_importable(), reason="deepspeed is not importable")
 
 
-def _run(checkpoint: Path, out: Path, *, ranks: int, stage: int, accumulate: int = 1) -> dict:
-    done = launch(__file__, [checkpoint, out, stage, accumulate], ranks=ranks, env={"DS_ACCELERATOR": "cpu"},
+def _run(checkpoint: Path, out: Path, *, ranks: int, stage: int, accumulate: int = 1, saves: str = "") -> dict:
+    """saves: "" (no checkpoint), "save" (a checkpoint every 2 steps), "resume" (from the newest one in `out`)."""
+    done = launch(__file__, [checkpoint, out, stage, accumulate, saves], ranks=ranks, env={"DS_ACCELERATOR": "cpu"},
                   timeout=1200)  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     report["log"] = done.stdout + done.stderr
@@ -78,6 +79,28 @@ def test_deepspeed_two_ranks_match_one_process(tmp_path, stage, accumulate):
     one = _run(tmp_path / "ckpt", tmp_path / "one", ranks=1, stage=0, accumulate=accumulate)
     two = _run(tmp_path / "ckpt", tmp_path / "two", ranks=2, stage=stage, accumulate=accumulate)
     _check(one, two, tmp_path / "two", stage)
+
+
+@needs_deepspeed
+def test_deepspeed_resumes_the_expert_lora_and_its_optimizer(tmp_path):
+    """ZeRO-2 on 2 ranks saving every 2 steps; a new pair of processes resumes from checkpoint-2
+    (`train(resume_from_checkpoint=True)`) and continues the uninterrupted run's curve and expert LoRA."""
+    import shutil
+
+    from tests.tiny_models import build_tiny_model, save_fused_checkpoint
+
+    save_fused_checkpoint(build_tiny_model("qwen3_moe", num_layers=2), tmp_path / "ckpt")
+    whole = _run(tmp_path / "ckpt", tmp_path / "whole", ranks=2, stage=2, saves="save")
+    saved = tmp_path / "whole" / "checkpoint-2"
+    assert (saved / "kt_expert_lora.pt").is_file()
+    shutil.copytree(saved, tmp_path / "resumed" / "checkpoint-2")
+    resumed = _run(tmp_path / "ckpt", tmp_path / "resumed", ranks=2, stage=2, saves="resume")
+    assert "expert LoRA and its optimizer state resumed from" in resumed["log"]
+    assert resumed["losses"][:2] == whole["losses"][:2]  # the history the checkpoint holds
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(whole["losses"]), rtol=1e-5, atol=0)
+    ours, theirs = torch.load(tmp_path / "resumed" / "factors-0.pt"), torch.load(tmp_path / "whole" / "factors-0.pt")
+    for name, value in theirs["values"].items():
+        torch.testing.assert_close(ours["values"][name], value, rtol=1e-5, atol=1e-7, msg=name)
 
 
 # ---- one process: the hiding and the refusals -------------------------------------------------------------------
@@ -123,7 +146,7 @@ def test_deepspeed_settings_we_do_not_run_are_refused(config, message):
 # ---- the training script (one process, or each torchrun worker) ---------------------------------------------------
 
 
-def _train(checkpoint: str, out: str, stage: str, accumulate: str) -> None:
+def _train(checkpoint: str, out: str, stage: str, accumulate: str, saves: str) -> None:
     import logging
 
     import torch.distributed as dist
@@ -157,6 +180,7 @@ def _train(checkpoint: str, out: str, stage: str, accumulate: str) -> None:
         gradient_accumulation_steps=micro_batches,
         max_grad_norm=0.0,
         logging_steps=1,
+        **({"save_strategy": "steps", "save_steps": 2} if saves else {}),
         **ds,
     )
     trainer = transformers.Trainer(
@@ -165,7 +189,7 @@ def _train(checkpoint: str, out: str, stage: str, accumulate: str) -> None:
     names = ("gate_up_A", "gate_up_B", "down_A", "down_B")
     factors = {f"{n}.lora.{f}": getattr(m.lora, f) for n, m in experts for f in names}  # PEFT's, taken over
     start = {k: p.detach().clone() for k, p in factors.items()}
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if saves == "resume" else None)
     rank = dist.get_rank() if dist.is_initialized() else 0
     unchanged = all(torch.equal(t, base_start[k][1]) for k, t in base.items())
     same_storage = all(t.data_ptr() == base_start[k][0] for k, t in base.items())
@@ -204,4 +228,4 @@ def _train(checkpoint: str, out: str, stage: str, accumulate: str) -> None:
 
 
 if __name__ == "__main__":
-    _train(*sys.argv[1:5])
+    _train(*sys.argv[1:6])
