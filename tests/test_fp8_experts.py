@@ -322,3 +322,20 @@ def test_trainer_loss_curve_matches_bf16_dequantized(fp8_checkpoint, tmp_path):
     assert len(fp8_losses) == 6 and fp8_losses[-1] < fp8_losses[0] - 0.05  # it learns
     gap = max(abs(a - b) for a, b in zip(fp8_losses, bf16_losses, strict=True))
     assert gap < 2e-2, (fp8_losses, bf16_losses)
+
+
+def test_llamafactory_kt_expert_dtype_keeps_fp8_experts(fp8_checkpoint):
+    """`kt_expert_dtype: fp8` in the YAML reaches load_model: the experts stay FP8; unset, they are dequantized."""
+    from kt_core.settings import SettingError
+    from kt_plugins.llamafactory.config import split_kt_args
+    from kt_plugins.llamafactory.model import _KTAutoModel
+
+    def experts(**keys):
+        settings = split_kt_args({"use_kt": True, "kt_device": "cpu", **keys})[1]
+        model = _KTAutoModel(settings, torch.bfloat16).from_pretrained(str(fp8_checkpoint))
+        return model.model.layers[1].mlp.experts
+
+    assert experts(kt_expert_dtype="fp8").is_fp8
+    assert experts().gate_up_proj.dtype == torch.bfloat16
+    with pytest.raises(SettingError, match=r"kt_expert_dtype: got 'int4', expected one of null, 'fp8'"):
+        split_kt_args({"use_kt": True, "kt_expert_dtype": "int4"})

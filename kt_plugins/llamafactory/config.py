@@ -64,6 +64,9 @@ class KTSettings:
             every rank maps; a folder (an existing one in host memory: a tmpfs or hugetlbfs mount) puts the file
             there; false gives every rank its own copy (n times the host memory). No effect with one rank per
             node (kt_core.load_model(shared_experts=...)).
+        kt_expert_dtype: unset (an FP8 checkpoint's routed experts are dequantized to bf16 at load) or "fp8"
+            (kept as shipped, e4m3 with their block scales: half the host RAM and PCIe bytes;
+            kt_core.load_model(expert_dtype="fp8")).
         kt_gpu_memory_limit: the most GPU memory the WHOLE RUN may hold ("70GiB"), everything counted: the
             non-expert weights, the LoRA factors with their gradients and optimizer state, the expert weights
             kt_expert_gpu_memory gives (slots and residents), the activations of per_device_train_batch_size x
@@ -101,6 +104,7 @@ class KTSettings:
     kt_expert_lora: bool = True
     kt_device: str | None = None
     kt_shared_experts: bool | str | None = None
+    kt_expert_dtype: str | None = None
     kt_gpu_memory_limit: str | None = None
     kt_host_memory_limit: str | None = None
     kt_expert_gpu_memory: str | None = None
@@ -252,6 +256,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "kt_expert_lora": checks.boolean,
     "kt_device": _optional(_device_list),
     "kt_shared_experts": _optional(_shared_experts),
+    "kt_expert_dtype": lambda key, value: checks.choice(key, value, (None, "fp8")),
     "kt_gpu_memory_limit": _optional(_size_text),
     "kt_host_memory_limit": _optional(_size_text),
     "kt_expert_gpu_memory": _optional(_size_text),

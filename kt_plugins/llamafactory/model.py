@@ -58,6 +58,7 @@ class _KTAutoModel:
             dtype=self.compute_dtype,
             config=config,
             shared_experts=s.kt_shared_experts,
+            expert_dtype=s.kt_expert_dtype,
         )
         if "chunk_size" in s.given:  # tokens per CPU-experts call in long prefills
             for module in model.modules():
@@ -179,6 +180,7 @@ def plan_gpu_memory(settings: KTSettings, model_args, data_args, training_args, 
         loss_mode=mode,
         optimizer_states=mp.optimizer_states(training_args.optim),
         streaming=streaming,
+        expert_dtype=settings.kt_expert_dtype,
     )
     if inputs is None:
         return None
