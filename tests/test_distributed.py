@@ -64,6 +64,24 @@ def _one_rank_group():
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _counting_all_reduce():
+    """Yields the list of the element counts of every torch.distributed.all_reduce made while it is open."""
+    import torch.distributed as dist
+
+    calls, real_all_reduce = [], dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = real_all_reduce
+
+
 def test_ddp_ignores_the_experts_and_their_lora():
     from torch.nn.parallel import DistributedDataParallel
 
@@ -87,7 +105,6 @@ def test_expert_lora_averaged_once_per_optimizer_step():
     micro-batch's backward (outside no_sync()), before anything reads the gradients; the gradients keep the local
     accumulation (one rank: the average of one)."""
     import torch
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     model = _tiny_with_expert_lora().train()
@@ -95,17 +112,9 @@ def test_expert_lora_averaged_once_per_optimizer_step():
     assert averager is model.kt_lora_averager and prepare_data_parallel(model) is averager
     assert len(averager.factors) == 8
     ids = torch.randint(3, 64, (4, 2, 8), generator=torch.Generator().manual_seed(0))
-    calls = []
-    real_all_reduce = dist.all_reduce
-
-    def counting_all_reduce(tensor, *args, **kwargs):
-        calls.append(tensor.numel())
-        return real_all_reduce(tensor, *args, **kwargs)
-
     with _one_rank_group():
         ddp = DistributedDataParallel(model)
-        dist.all_reduce = counting_all_reduce
-        try:
+        with _counting_all_reduce() as calls:
             for step in range(2):
                 with ddp.no_sync():
                     ddp(input_ids=ids[2 * step], labels=ids[2 * step]).loss.backward()
@@ -114,8 +123,6 @@ def test_expert_lora_averaged_once_per_optimizer_step():
                 ddp(input_ids=ids[2 * step + 1], labels=ids[2 * step + 1]).loss.backward()
                 assert averager.reductions == step + 1
                 model.zero_grad(set_to_none=True)
-        finally:
-            dist.all_reduce = real_all_reduce
         assert averager.broadcasts == 1
         total = sum(p.numel() for p in averager.factors)
         assert calls.count(total) == 2  # one flat buffer per step, every factor in it

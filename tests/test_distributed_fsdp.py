@@ -27,7 +27,7 @@ from kt_core.distributed import fsdp_ignored_params, prepare_data_parallel, prep
 from kt_core.distributed.fsdp import check_fsdp_plugin
 from kt_core.settings import SettingError
 from tests.distributed_helpers import fsdp_on_the_cpu, launch, peft_model_with_expert_lora
-from tests.test_distributed import _one_rank_group, _tiny_with_expert_lora
+from tests.test_distributed import _counting_all_reduce, _one_rank_group, _tiny_with_expert_lora
 
 STEPS = 4
 GLOBAL_BATCH = 4
@@ -114,7 +114,6 @@ def _shard(model, **kwargs):
 def test_fsdp2_leaves_the_experts_whole_and_averages_once_per_step():
     """fully_shard by hand with fsdp_ignored_params: the experts stay plain host tensors; two steps of two
     micro-batches (set_requires_gradient_sync(False) on the first) give one broadcast and one all_reduce per step."""
-    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     from kt_core import KTExperts
@@ -125,19 +124,11 @@ def test_fsdp2_leaves_the_experts_whole_and_averages_once_per_step():
     ignored = fsdp_ignored_params(model)
     assert ignored == {p for m in experts for p in m.parameters()} and len(ignored) == 12
     ids = torch.randint(3, 64, (4, 2, 8), generator=torch.Generator().manual_seed(0))
-    calls = []
-    real_all_reduce = dist.all_reduce
-
-    def counting_all_reduce(tensor, *args, **kwargs):
-        calls.append(tensor.numel())
-        return real_all_reduce(tensor, *args, **kwargs)
-
     with _one_rank_group():
         _shard(model, ignored_params=ignored)
         assert all(not isinstance(p, DTensor) for p in ignored)
         assert isinstance(model.model.layers[0].self_attn.q_proj.weight, DTensor)
-        dist.all_reduce = counting_all_reduce
-        try:
+        with _counting_all_reduce() as calls:
             for step in range(2):
                 model.set_requires_gradient_sync(False)
                 model(input_ids=ids[2 * step], labels=ids[2 * step]).loss.backward()
@@ -146,8 +137,6 @@ def test_fsdp2_leaves_the_experts_whole_and_averages_once_per_step():
                 model(input_ids=ids[2 * step + 1], labels=ids[2 * step + 1]).loss.backward()
                 assert averager.reductions == step + 1
                 model.zero_grad(set_to_none=True)
-        finally:
-            dist.all_reduce = real_all_reduce
         assert averager.broadcasts == 1
         assert calls.count(sum(p.numel() for p in averager.factors)) == 2
 

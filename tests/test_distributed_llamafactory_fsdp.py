@@ -24,7 +24,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-DATA = ROOT / "examples" / "llamafactory" / "data"
 FSDP2_CONFIG = ROOT / "examples" / "llamafactory" / "fsdp2_config.yaml"
 GLOBAL_BATCH = 2
 STEPS = 4
@@ -42,29 +41,13 @@ def _checkpoint(folder: Path) -> Path:
 
 
 def _config(model: Path, out: Path, *, ranks: int, **extra) -> dict:
-    """integration_tests/test_llamafactory.py's training run (expert LoRA on), at the same global batch."""
-    config = {
-        "model_name_or_path": str(model),
-        "stage": "sft",
-        "do_train": True,
-        "finetuning_type": "lora",
-        "lora_rank": 4,
-        "lora_alpha": 8,
-        "lora_target": "all",
-        "dataset": "kt_identity",
-        "dataset_dir": str(DATA),
-        "template": "qwen3_nothink",
-        "cutoff_len": 64,
-        "output_dir": str(out),
-        "logging_steps": 1,
-        "max_steps": STEPS,
-        "per_device_train_batch_size": GLOBAL_BATCH // ranks,
-        "learning_rate": 1.0e-3,
-        "report_to": "none",
-        "seed": 0,
-        "save_strategy": "no",
-        "use_kt": True,
-    }
+    """integration_tests/test_llamafactory.py's training run with use_kt (expert LoRA on) at the same global batch,
+    each rank on its share of the CPUs."""
+    from integration_tests.test_llamafactory import train_config
+
+    config = train_config(model, out, use_kt=True, max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // ranks,
+                          plot_loss=False)  # fmt: skip
+    del config["cpu_infer"]
     if ranks > 1:
         config["ddp_backend"] = "gloo"
     config.update(extra)

@@ -280,6 +280,17 @@ def test_model_dims_and_checkpoint_inputs_see_fp8_experts(tmp_path, monkeypatch)
 # ---- the split on the CPU standing in for the GPU -------------------------------------------------------------------
 
 
+def _assert_groups_identical(results: dict) -> None:
+    """results: {group size: (gradients, losses, experts streamed per layer)}; every group size gives the result of
+    the whole-slot dequantization (key None) bit for bit."""
+    want_grads, want_losses, want_streamed = results[None]
+    for group, (grads, losses, streamed) in results.items():
+        assert streamed == want_streamed, group
+        for a, b in zip(grads, want_grads, strict=True):
+            assert torch.equal(a, b), group
+        assert losses == want_losses, group
+
+
 def fp8_experts(seed: int, block=BLOCK, h=H, i=I) -> KTExperts:
     q_gu, s_gu, q_d, s_d = random_fp8(E, h, i, block, seed)
     m = KTExperts.from_tensors(q_gu, q_d, gate_up_proj_scale_inv=s_gu, down_proj_scale_inv=s_d,
@@ -493,12 +504,7 @@ def test_group_sizes_give_identical_results(split):
             assert 0 < r["cpu_slot_share"] < 1 and all(n + residents < E for n in r["streamed_per_layer"])
         results[group] = (grads, losses, r["streamed_per_layer"])
         rt.disable()
-    want_grads, want_losses, want_streamed = results[None]
-    for group, (grads, losses, streamed) in results.items():
-        assert streamed == want_streamed, group
-        for a, b in zip(grads, want_grads, strict=True):
-            assert torch.equal(a, b), group
-        assert losses == want_losses, group
+    _assert_groups_identical(results)
 
 
 def test_grouped_residents_and_slot_take_the_buffer_in_turn():
@@ -659,9 +665,4 @@ def test_gpu_group_sizes_give_identical_results(split):
             results[group] = (grads, losses, rt.history[-1]["streamed_per_layer"])
         finally:
             rt.disable()
-    want_grads, want_losses, want_streamed = results[None]
-    for group, (grads, losses, streamed) in results.items():
-        assert streamed == want_streamed, group
-        for a, b in zip(grads, want_grads, strict=True):
-            assert torch.equal(a, b), group
-        assert losses == want_losses, group
+    _assert_groups_identical(results)
