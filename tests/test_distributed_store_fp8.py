@@ -191,8 +191,6 @@ def _train(checkpoint: str, out: str) -> None:
         model = kt_core.load_model(checkpoint, device="cpu", progress=False, dtype=torch.float32, expert_dtype="fp8")
     finally:
         Checkpoint.get = original
-    if world > 1:
-        dist.barrier()  # both ranks hold their mappings
 
     def backings(model) -> tuple[list, list]:
         found = {f"{n}.{w}": _backing(getattr(m, w)) for n, m in sorted(_expert_layers(model).items()) for w in WEIGHTS}
@@ -201,7 +199,9 @@ def _train(checkpoint: str, out: str) -> None:
         return [[k, b[0], b[2]] for k, b in found.items()] if shared else [], files
 
     placed, files = backings(model)
-    digest = _bytes_digest(model)
+    digest = _bytes_digest(model)  # reads every expert page
+    if world > 1:
+        dist.barrier()  # both ranks have mapped and read every page: the proportional set sizes are settled
     layer = next(iter(_expert_layers(model).values()))
     _, _, rss, pss = _mapping_of(layer.gate_up_proj_scale_inv.data_ptr())
 
