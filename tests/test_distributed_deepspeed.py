@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from kt_core.settings import SettingError
 from tests.distributed_helpers import launch, peft_model_with_expert_lora
@@ -38,19 +39,25 @@ def _deepspeed_importable() -> bool:
 needs_deepspeed = pytest.mark.skipif(not _deepspeed_importable(), reason="deepspeed is not importable")
 
 
-def _run(checkpoint: Path, out: Path, *, ranks: int, stage: int, accumulate: int = 1, saves: str = "") -> dict:
-    """saves: "" (no checkpoint), "save" (a checkpoint every 2 steps), "resume" (from the newest one in `out`)."""
-    done = launch(__file__, [checkpoint, out, stage, accumulate, saves], ranks=ranks, env={"DS_ACCELERATOR": "cpu"},
-                  timeout=1200)  # fmt: skip
+def _run(
+    checkpoint: Path, out: Path, *, ranks: int, stage: int, accumulate: int = 1, saves: str = "", clip: float = 0.0
+) -> dict:
+    """saves: "" (no checkpoint), "save" (a checkpoint every 2 steps), "resume" (from the newest one in `out`);
+    clip: the Trainer's max_grad_norm."""
+    done = launch(__file__, [checkpoint, out, stage, accumulate, saves, clip], ranks=ranks,
+                  env={"DS_ACCELERATOR": "cpu"}, timeout=1200)  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     report["log"] = done.stdout + done.stderr
     return report
 
 
-def _check(one: dict, two: dict, out: Path, stage: int) -> None:
+def _check(one: dict, two: dict, out: Path, one_out: Path, stage: int) -> None:
     assert len(one["losses"]) == len(two["losses"]) == STEPS
     assert one["losses"][-1] != one["losses"][0]  # the curve moves: the comparison means something
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
+    # The logged gradient norm is of every trainable parameter, the expert LoRA's included, as without DeepSpeed.
+    assert len(one["grad_norms"]) == len(two["grad_norms"]) == STEPS
+    torch.testing.assert_close(torch.tensor(two["grad_norms"]), torch.tensor(one["grad_norms"]), rtol=1e-4, atol=0)
     assert two["zero_stage"] == stage and two["world_size"] == 2
     assert two["reductions"] == STEPS and two["broadcasts"] == 1  # once per optimizer step, not per micro-batch
     # The experts are DeepSpeed's in nothing: no ZeRO attribute, no parameter DeepSpeed lists, none in its optimizer.
@@ -61,6 +68,11 @@ def _check(one: dict, two: dict, out: Path, stage: int) -> None:
         # The frozen base weights are the loaded ones, whole, in the tensors the operator was built on.
         assert state["base_unchanged"] and state["base_same_storage"], rank
         assert state["base_shapes"] == one["base_shapes"]
+    # The adapter save_model writes: PEFT's keys and values, the expert LoRA's included (ZeRO-3: gathered).
+    ours, theirs = (load_file(o / "adapter" / "adapter_model.safetensors") for o in (out, one_out))
+    assert ours.keys() == theirs.keys() and sum(".experts." in k for k in ours) == 8, sorted(ours)
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-6, msg=key)
     first, second = torch.load(out / "factors-0.pt"), torch.load(out / "factors-1.pt")
     start = torch.load(out / "factors-start.pt")
     assert first["values"].keys() == second["values"].keys() and len(first["values"]) == 8  # 2 layers x 4 factors
@@ -71,14 +83,19 @@ def _check(one: dict, two: dict, out: Path, stage: int) -> None:
 
 
 @needs_deepspeed
-@pytest.mark.parametrize(("stage", "accumulate"), [(2, 1), (2, 2), (3, 1)])
-def test_deepspeed_two_ranks_match_one_process(tmp_path, stage, accumulate):
+@pytest.mark.parametrize(
+    ("stage", "accumulate", "clip"), [(2, 1, 0.0), (2, 2, 0.0), (3, 1, 0.0), (2, 2, 0.05), (3, 1, 0.05)]
+)
+def test_deepspeed_two_ranks_match_one_process(tmp_path, stage, accumulate, clip):
+    """clip: max_grad_norm, below every step's norm (so every step clips): ZeRO and the factors by the one norm."""
     from tests.tiny_models import build_tiny_model, save_fused_checkpoint
 
     save_fused_checkpoint(build_tiny_model("qwen3_moe", num_layers=2), tmp_path / "ckpt")
-    one = _run(tmp_path / "ckpt", tmp_path / "one", ranks=1, stage=0, accumulate=accumulate)
-    two = _run(tmp_path / "ckpt", tmp_path / "two", ranks=2, stage=stage, accumulate=accumulate)
-    _check(one, two, tmp_path / "two", stage)
+    one = _run(tmp_path / "ckpt", tmp_path / "one", ranks=1, stage=0, accumulate=accumulate, clip=clip)
+    two = _run(tmp_path / "ckpt", tmp_path / "two", ranks=2, stage=stage, accumulate=accumulate, clip=clip)
+    if clip:
+        assert min(one["grad_norms"]) > 2 * clip  # clipping changes every step
+    _check(one, two, tmp_path / "two", tmp_path / "one", stage)
 
 
 @needs_deepspeed
@@ -131,7 +148,10 @@ def test_prepare_deepspeed_hides_the_experts_tensors():
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"gradient_clipping": 1.0}, r"DeepSpeed gradient_clipping: got 1\.0, expected 0\..*max_grad_norm=0"),
+        (
+            {"gradient_clipping": 1.0, "zero_optimization": {"stage": 0}},
+            r"DeepSpeed gradient_clipping: got 1\.0 with zero_optimization\.stage 0, expected 0\..*max_grad_norm=0",
+        ),
         ({"fp16": {"enabled": True}}, r"DeepSpeed fp16\.enabled: got True, expected False"),
     ],
 )
@@ -146,7 +166,7 @@ def test_deepspeed_settings_we_do_not_run_are_refused(config, message):
 # ---- the training script (one process, or each torchrun worker) ---------------------------------------------------
 
 
-def _train(checkpoint: str, out: str, stage: str, accumulate: str, saves: str) -> None:
+def _train(checkpoint: str, out: str, stage: str, accumulate: str, saves: str, clip: str) -> None:
     import logging
 
     import torch.distributed as dist
@@ -171,6 +191,7 @@ def _train(checkpoint: str, out: str, stage: str, accumulate: str, saves: str) -
             "train_batch_size": "auto",
             "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto",
+            "stage3_gather_16bit_weights_on_model_save": True,  # ZeRO-3's save_model gathers (ignored by ZeRO-2)
         }
         ds = {"deepspeed": ds_config, "ddp_backend": "gloo"}
     args = trainer_args(
@@ -178,7 +199,7 @@ def _train(checkpoint: str, out: str, stage: str, accumulate: str, saves: str) -
         max_steps=STEPS,
         per_device_train_batch_size=GLOBAL_BATCH // world // micro_batches,
         gradient_accumulation_steps=micro_batches,
-        max_grad_norm=0.0,
+        max_grad_norm=float(clip),
         logging_steps=1,
         **({"save_strategy": "steps", "save_steps": 2} if saves else {}),
         **ds,
@@ -190,6 +211,7 @@ def _train(checkpoint: str, out: str, stage: str, accumulate: str, saves: str) -
     factors = {f"{n}.lora.{f}": getattr(m.lora, f) for n, m in experts for f in names}  # PEFT's, taken over
     start = {k: p.detach().clone() for k, p in factors.items()}
     trainer.train(resume_from_checkpoint=True if saves == "resume" else None)
+    trainer.save_model(str(Path(out, "adapter")))
     rank = dist.get_rank() if dist.is_initialized() else 0
     unchanged = all(torch.equal(t, base_start[k][1]) for k, t in base.items())
     same_storage = all(t.data_ptr() == base_start[k][0] for k, t in base.items())
@@ -207,6 +229,7 @@ def _train(checkpoint: str, out: str, stage: str, accumulate: str, saves: str) -
         beside = getattr(model, "kt_deepspeed", None)
         report = {
             "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+            "grad_norms": [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e],
             "world_size": trainer.args.world_size,
             "base_shapes": {k: list(t.shape) for k, t in base.items()},
         }
@@ -228,4 +251,4 @@ def _train(checkpoint: str, out: str, stage: str, accumulate: str, saves: str) -
 
 
 if __name__ == "__main__":
-    _train(*sys.argv[1:6])
+    _train(*sys.argv[1:7])

@@ -24,18 +24,23 @@ read the factors from the module, kt_core.peft.attach), and `named_parameters()`
 - at train start (after the engine is built and a checkpoint loaded) it broadcasts them from rank 0 over a gloo
   group of its own, and builds an optimizer of the same class and hyperparameters as the one ZeRO wraps (the
   Trainer's), over the factors only;
-- at each optimizer step: a step pre-hook on the optimizer ZeRO wraps (`torch.optim.Optimizer.register_step_pre_hook`;
-  ZeRO calls its `step()` once per parameter group, and only at the gradient-accumulation boundary) averages the
-  factors' gradients (one flat all_reduce), steps our optimizer at the learning rate the scheduler set, and clears
-  the gradients (DeepSpeed's zero_grad clears only its own parameters). The gradients reach the hook already
-  divided by the accumulation steps, as DeepSpeed's engine scales the loss before the backward.
+- at each optimizer step: ZeRO first takes the gradient norm of its parameters; our factors join it (the factors'
+  gradients averaged over the ranks by one flat all_reduce, their norm combined with ZeRO's: ZeRO-1/2's
+  `scaled_global_norm`, ZeRO-3's `_get_norm_groups`), so ZeRO clips its gradients by the norm of all the trainable
+  parameters and the Trainer logs that norm, as it does without DeepSpeed. Then a step pre-hook on the optimizer
+  ZeRO wraps (`torch.optim.Optimizer.register_step_pre_hook`; ZeRO calls its `step()` once per parameter group, and
+  only at the gradient-accumulation boundary) clips the factors' gradients by the same coefficient, steps our
+  optimizer at the learning rate the scheduler set, and clears the gradients (DeepSpeed's zero_grad clears only its
+  own parameters). The gradients reach us already divided by the accumulation steps, as DeepSpeed's engine scales
+  the loss before the backward.
 - checkpoints: `state_dict()` / `load_state_dict()` hold the factors and our optimizer's state; KTCallback writes
-  them as `kt_expert_lora.pt` in every checkpoint folder and reads them back when the Trainer resumes.
+  them as `kt_expert_lora.pt` in every checkpoint folder and reads them back when the Trainer resumes. The adapter
+  the Trainer saves holds them under PEFT's keys, ZeRO-3's gathered save included (`_save_with_expert_lora`).
 
-Refused, naming the setting: gradient clipping (`max_grad_norm` / `gradient_clipping` > 0: ZeRO clips its own
-parameters by their own norm, which leaves the factors out of it), fp16 (DeepSpeed's loss scaling would reach the
-factors' gradients scaled, and its overflow skips would not skip our step), and an optimizer other than a
-torch.optim one (the factors' optimizer is built as the same class).
+Refused, naming the setting: gradient clipping without ZeRO (stage 0: the engine clips its module's parameters,
+which no longer list the factors), fp16 (DeepSpeed's loss scaling would reach the factors' gradients scaled, and
+its overflow skips would not skip our step), and an optimizer other than a torch.optim one (the factors' optimizer
+is built as the same class).
 """
 
 from __future__ import annotations
@@ -77,12 +82,15 @@ def deepspeed_running() -> bool:
 
 def check_deepspeed_config(config: dict) -> None:
     """Refuses DeepSpeed settings the experts cannot run under, naming the setting (module docstring)."""
+    stage = (config.get("zero_optimization", {}) or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3, "auto"):
+        raise SettingError(f"DeepSpeed zero_optimization.stage: got {stage!r}, expected 0, 1, 2 or 3")
     clipping = config.get("gradient_clipping", 0.0)
-    if clipping not in (None, "auto") and float(clipping) > 0:
+    if stage == 0 and clipping not in (None, "auto") and float(clipping) > 0:
         raise SettingError(
-            f"DeepSpeed gradient_clipping: got {clipping!r}, expected 0. ZeRO clips its own parameters by their "
-            "own norm, which leaves out the expert LoRA factors (kept out of DeepSpeed). Set "
-            "TrainingArguments(max_grad_norm=0) (or gradient_clipping: 0 in the DeepSpeed config)."
+            f"DeepSpeed gradient_clipping: got {clipping!r} with zero_optimization.stage 0, expected 0. Without "
+            "ZeRO the engine clips its module's parameters, which leave out the expert LoRA factors (kept out of "
+            "DeepSpeed). Use ZeRO stage 1, 2 or 3, or set TrainingArguments(max_grad_norm=0)."
         )
     fp16 = config.get("fp16", {}) or {}
     if fp16.get("enabled") not in (None, False, "auto"):
@@ -91,9 +99,6 @@ def check_deepspeed_config(config: dict) -> None:
             "factors (kept out of DeepSpeed) scaled, and its overflow skips would not skip their step. Use bf16 "
             "(TrainingArguments(bf16=True)) or fp32."
         )
-    stage = (config.get("zero_optimization", {}) or {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3, "auto"):
-        raise SettingError(f"DeepSpeed zero_optimization.stage: got {stage!r}, expected 0, 1, 2 or 3")
 
 
 def _experts_modules(model: nn.Module) -> list[nn.Module]:
@@ -157,7 +162,11 @@ class DeepSpeedExpertLora:
         self._group = None
         self._inner = None
         self._handles: list = []
-        self._pending = False
+        self._pending = False  # gradients arrived since our last step
+        self._averaged = False  # ... and were averaged over the ranks
+        self._zero = None  # DeepSpeed's ZeRO optimizer
+        self._clip = 0.0  # its gradient_clipping
+        self._patched: list[tuple[object, str]] = []  # (ZeRO optimizer, method name) joined by our norm
         self._pending_state: dict | None = None
         for p in self.factors:
             if p.requires_grad:
@@ -178,8 +187,8 @@ class DeepSpeedExpertLora:
         The optimizer ZeRO wraps must be a torch.optim one (the Trainer's); ours is the same class with the
         hyperparameters of its first group (the Trainer's weight-decay group, where the factors would have been).
         """
-        inner = getattr(zero_optimizer, "optimizer", zero_optimizer)  # accelerate's wrapper -> DeepSpeed's
-        inner = getattr(inner, "optimizer", inner)  # DeepSpeed's ZeRO optimizer -> the one it steps
+        zero = getattr(zero_optimizer, "optimizer", zero_optimizer)  # accelerate's wrapper -> DeepSpeed's
+        inner = getattr(zero, "optimizer", zero)  # DeepSpeed's ZeRO optimizer -> the one it steps
         if not isinstance(inner, torch.optim.Optimizer):
             raise SettingError(f"DeepSpeed optimizer: got {type(inner).__name__}, expected a torch.optim optimizer")
         cls = type(inner)
@@ -195,6 +204,7 @@ class DeepSpeedExpertLora:
         self.optimizer = cls([{"params": self.trainable, **group}])
         self._inner = inner
         self._handles.append(inner.register_step_pre_hook(self._on_step))
+        self._join_the_norm(zero)
         if self._pending_state is not None:
             self._load(self._pending_state)
             self._pending_state = None
@@ -210,10 +220,51 @@ class DeepSpeedExpertLora:
         world = dist.get_world_size()
         return _gloo_group_for(EngineSync("DeepSpeed", True, world))
 
+    def _join_the_norm(self, zero) -> None:
+        """Our factors' gradients join the norm ZeRO takes of its own before it clips them (module docstring)."""
+        from deepspeed.runtime.utils import combine_grad_norm_groups
+
+        self._zero = zero
+        self._clip = float(getattr(zero, "clip_grad", 0.0) or 0.0)
+        if "_get_norm_groups" in dir(zero):  # ZeRO-3: one norm per parameter group, combined by its step()
+            name, per_group = "_get_norm_groups", zero._get_norm_groups
+
+            def joined():
+                groups = per_group()
+                return [*groups, self._norm(like=groups[0] if groups else None)]
+
+        elif "scaled_global_norm" in dir(zero):  # ZeRO-1/2: the combined norm
+            name, combined = "scaled_global_norm", zero.scaled_global_norm
+
+            def joined(norm_type=2):
+                theirs = combined(norm_type)
+                return combine_grad_norm_groups([theirs, self._norm(like=theirs)], norm_type)
+
+        elif self._clip > 0:
+            raise SettingError(
+                f"DeepSpeed gradient_clipping: got {self._clip} with {type(zero).__name__}, expected 0. The expert "
+                "LoRA factors (kept out of DeepSpeed) join the gradient norm of ZeRO stages 1-3 only. Use ZeRO, or "
+                "set TrainingArguments(max_grad_norm=0)."
+            )
+        else:
+            return
+        setattr(zero, name, joined)  # an instance attribute over the class's method; `remove` deletes it
+        self._patched.append((zero, name))
+
+    def _norm(self, like) -> torch.Tensor:
+        """The L2 norm of the factors' gradients, averaged over the ranks (now, once per step), on `like`'s device."""
+        self._average_once()
+        norms = [torch.linalg.vector_norm(p.grad.float()) for p in self.trainable]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        return norm.to(like.device) if torch.is_tensor(like) else norm
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for zero, name in self._patched:
+            vars(zero).pop(name, None)
+        self._patched = []
 
     # ---- at each ZeRO step ---------------------------------------------------------------------------------------
 
@@ -222,18 +273,31 @@ class DeepSpeedExpertLora:
         """ZeRO steps the optimizer it wraps: the first call of this step averages and steps the factors."""
         if not self._pending:
             return  # a later parameter group of the same ZeRO step
-        self._pending = False
+        self._average_once()
+        self._pending = self._averaged = False
         trainable = self.trainable
-        for p in trainable:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        self._average([p.grad for p in trainable])
+        if self._clip > 0:  # ZeRO's coefficient, from the norm of its gradients and ours (`_join_the_norm`)
+            total = float(self._zero._global_grad_norm)
+            coefficient = max(1.0, (total + 1e-6) / self._clip)
+            for p in trainable:
+                p.grad.div_(coefficient)
         lr = inner.param_groups[0]["lr"]  # the scheduler's rate (ZeRO steps one group at a time)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         for p in trainable:
             p.grad = None
+
+    def _average_once(self) -> None:
+        """The factors' gradients (zeros where none arrived), averaged over the ranks once per step."""
+        if self._averaged:
+            return
+        trainable = self.trainable
+        for p in trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self._average([p.grad for p in trainable])
+        self._averaged = True
 
     def _average(self, grads: list[torch.Tensor]) -> None:
         if self._group is None or not grads:
@@ -337,4 +401,31 @@ def prepare_deepspeed(model: nn.Module, config: dict | None = None) -> DeepSpeed
     if not factors:
         return None
     model.kt_deepspeed = DeepSpeedExpertLora(factors)
+    if hasattr(model, "save_pretrained"):
+        _save_with_expert_lora(model)
     return model.kt_deepspeed
+
+
+def _save_with_expert_lora(model: nn.Module) -> None:
+    """`model.save_pretrained(state_dict=...)` adds the experts' LoRA where the given state dict lacks it.
+
+    ZeRO-3's gathered state dict (`stage3_gather_16bit_weights_on_model_save`, which the Trainer's `save_model`
+    hands to `save_pretrained`) is built from each module's registered parameters, not from `state_dict()`, so it
+    has nothing of the experts (hidden from DeepSpeed) and the adapter would be saved without their LoRA. Their
+    entries are what `model.state_dict()` holds for them (PEFT's keys, kt_core.peft.attach's state-dict hooks);
+    an entry the given state dict has is kept (ZeRO-1/2 give `state_dict()` itself).
+    """
+    from kt_core.experts import KTExperts
+
+    save = model.save_pretrained
+
+    def save_pretrained(*args, state_dict: dict | None = None, **kwargs):
+        if state_dict:  # empty: the Trainer's placeholder when ZeRO-3 does not gather (it removes the file)
+            ours = {}
+            for name, experts in model.named_modules():
+                if isinstance(experts, KTExperts) and experts.lora is not None:
+                    ours.update(experts.state_dict(prefix=f"{name}."))
+            state_dict = {**ours, **state_dict}
+        return save(*args, state_dict=state_dict, **kwargs)
+
+    model.save_pretrained = save_pretrained
