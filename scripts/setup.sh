@@ -19,6 +19,8 @@ echo "==> build tools"
 $PIP install -q -c constraints.txt "scikit-build-core>=0.10" "pybind11>=2.12"
 echo "==> kt-plugins (compiles csrc/ with the system C++ compiler)"
 $PIP install -q -c constraints.txt --no-build-isolation -e ".[dev]"
+echo "==> DeepSpeed (the extra kt-plugins[deepspeed]; its CUDA ops are not built: the tests run its CPU accelerator)"
+DS_BUILD_OPS=0 $PIP install -q -c constraints.txt --no-build-isolation "$(grep '^deepspeed==' constraints.txt)"
 echo "==> LLaMA-Factory (stock, from PyPI) and its requirements, minus torch / torchvision / torchaudio"
 $PIP install -q -c constraints.txt --no-deps "$(grep '^llamafactory==' constraints.txt)"
 $PIP install -q -c constraints.txt -r requirements/llamafactory.txt

@@ -163,6 +163,19 @@ def test_deepspeed_settings_we_do_not_run_are_refused(config, message):
         prepare_deepspeed(_tiny_with_expert_lora(), config)
 
 
+def test_deepspeed_outside_the_tested_range_is_refused(monkeypatch):
+    import importlib.metadata
+
+    from kt_core.distributed.deepspeed import TESTED_RANGE, check_deepspeed_version
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: "0.18.0" if d == "deepspeed" else real(d))
+    with pytest.raises(SettingError, match=rf"DeepSpeed 0\.18\.0: .*>={TESTED_RANGE[0]},<{TESTED_RANGE[1]}"):
+        check_deepspeed_version()
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: TESTED_RANGE[0] if d == "deepspeed" else real(d))
+    assert check_deepspeed_version() == TESTED_RANGE[0]
+
+
 # ---- the training script (one process, or each torchrun worker) ---------------------------------------------------
 
 

@@ -72,11 +72,12 @@ def _env() -> dict:
     return env
 
 
-def _train(config: dict, workdir: Path, name: str, launcher: list[str], **env) -> str:
+def _train(config: dict, workdir: Path, name: str, launcher: list[str], script: str = __file__, **env) -> str:
+    """Runs `script` (this file's __main__ or another rank script) under `launcher` on `config`; returns the log."""
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.run(
-        [*launcher, __file__, str(path)], cwd=workdir, capture_output=True, text=True, timeout=600, env=_env() | env
+        [*launcher, script, str(path)], cwd=workdir, capture_output=True, text=True, timeout=600, env=_env() | env
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-8000:]

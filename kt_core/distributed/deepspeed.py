@@ -58,6 +58,7 @@ __all__ = [
     "EXPERT_LORA_CHECKPOINT",
     "DeepSpeedExpertLora",
     "check_deepspeed_config",
+    "check_deepspeed_version",
     "deepspeed_running",
     "hide_experts_from_deepspeed",
     "prepare_deepspeed",
@@ -66,6 +67,25 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EXPERT_LORA_CHECKPOINT = "kt_expert_lora.pt"
+
+
+TESTED_RANGE = ("0.19.8", "0.20")  # [low, high): the ZeRO optimizers' norm methods joined below are version-bound
+
+
+def check_deepspeed_version() -> str:
+    """The installed DeepSpeed's version; raises when it is outside TESTED_RANGE (pyproject's `deepspeed` extra)."""
+    import importlib.metadata
+
+    from packaging.version import Version
+
+    version = importlib.metadata.version("deepspeed")
+    low, high = TESTED_RANGE
+    if not Version(low) <= Version(version) < Version(high):
+        raise SettingError(
+            f"DeepSpeed {version}: kt-plugins keeps the experts out of DeepSpeed through ZeRO internals tested with "
+            f">={low},<{high}. Install a tested release (pip install 'kt-plugins[deepspeed]')."
+        )
+    return version
 
 
 def deepspeed_running() -> bool:
@@ -381,6 +401,7 @@ def prepare_deepspeed(model: nn.Module, config: dict | None = None) -> DeepSpeed
     """
     if config is not None:
         check_deepspeed_config(config)
+        check_deepspeed_version()
     existing = getattr(model, "kt_deepspeed", None)
     if existing is not None:
         return existing

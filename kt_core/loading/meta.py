@@ -41,9 +41,35 @@ def build_meta_model(config, dtype: torch.dtype) -> nn.Module:
     """
     from transformers import AutoModelForCausalLM
 
-    with meta_parameters():
+    with meta_parameters(), _without_zero3_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
+
+
+@contextlib.contextmanager
+def _without_zero3_init() -> Iterator[None]:
+    """transformers builds a model under DeepSpeed's `zero.Init` while a ZeRO-3 config is active (TrainingArguments
+    made before the model, as LLaMA-Factory does): it would partition the meta parameters at construction, and the
+    experts with them. Here the model is built whole; DeepSpeed partitions the non-expert parameters when its engine
+    is built, after the experts have left them (kt_core.distributed.deepspeed). transformers' own `set_zero3_state`
+    (the flag of a `zero.Init` already running) makes `from_config` skip its own."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    import transformers
+    from transformers import modeling_utils
+
+    running_init = getattr(modeling_utils, "set_zero3_state", None)
+    if running_init is None:
+        raise RuntimeError(
+            f"DeepSpeed ZeRO-3 is active and transformers {transformers.__version__} has no "
+            "modeling_utils.set_zero3_state: the model cannot be built outside zero.Init, which would partition "
+            "the routed experts. Use a transformers release kt-plugins is tested with (pyproject.toml)."
+        )
+    with running_init():
+        yield
 
 
 def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

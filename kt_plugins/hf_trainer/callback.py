@@ -32,10 +32,10 @@ from transformers import TrainerCallback
 
 from kt_core import ExpertTimer, KTExperts, resolve_kernel, speed_logs
 from kt_core import settings as checks
-from kt_core.distributed import deepspeed_running, prepare_deepspeed, prepare_fsdp2
 from kt_core.peft import warn_if_shape_dependent
 from kt_core.placement import PlacementRule, resolve_rule_file
 from kt_plugins.hf_trainer.convert import expert_lora_parameters, kt_prepare
+from kt_plugins.hf_trainer.engines import attach_deepspeed, prepare_engines, save_engine_state
 
 __all__ = ["KTCallback"]
 
@@ -210,10 +210,7 @@ class KTCallback(TrainerCallback):
             raise ValueError("KTCallback: the Trainer passed no model to on_init_end")
         _check_resume(args)
         kt_prepare(model, **self.options)
-        prepare_fsdp2(model)  # when the Trainer's accelerator runs FSDP: the experts stay out of FSDP2's sharding
-        if deepspeed_running():  # the experts stay out of DeepSpeed; their LoRA is stepped beside it
-            ds_config = getattr(args, "hf_deepspeed_config", None)
-            prepare_deepspeed(model, ds_config.config if ds_config is not None else None)
+        prepare_engines(model, args)  # the experts out of FSDP2's sharding or out of DeepSpeed
         if self.loss_mode != "off" and self.efficient_loss is None:
             from kt_core import enable_efficient_loss
 
@@ -271,10 +268,8 @@ class KTCallback(TrainerCallback):
         return mp.check_and_log(mp.plan_gpu_memory(inputs, self.gpu_memory_limit), mp.TRAINER_KNOBS, logger)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        beside = getattr(model, "kt_deepspeed", None) if model is not None else None
-        if beside is not None and optimizer is not None:
-            self._attach_deepspeed(args, state, model, optimizer, beside)
-        elif optimizer is not None and model is not None:
+        beside_deepspeed = attach_deepspeed(args, state, model, optimizer, caller="KTCallback")  # own optimizer
+        if not beside_deepspeed and optimizer is not None and model is not None:
             in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
             factors = expert_lora_parameters(model)
             warn_if_shape_dependent(optimizer, factors)
@@ -287,39 +282,8 @@ class KTCallback(TrainerCallback):
         if self._timer is not None:
             self._timer.start_steps()
 
-    @staticmethod
-    def _attach_deepspeed(args, state, model, optimizer, beside) -> None:
-        """Under DeepSpeed the optimizer holds flat ZeRO partitions of the other parameters, and none of the
-        expert-LoRA factors (kept out of DeepSpeed, kt_core.distributed.deepspeed): they get an optimizer of their
-        own, stepped when ZeRO steps; on a resume, their values and state come from the checkpoint."""
-        ours = beside.attach(optimizer)
-        held = {id(p) for group in ours.param_groups for p in group["params"]}
-        inner = getattr(getattr(optimizer, "optimizer", optimizer), "optimizer", optimizer)
-        in_deepspeed = {id(p) for group in inner.param_groups for p in group["params"]}
-        trainable = beside.trainable
-        if any(id(p) not in held or id(p) in in_deepspeed for p in trainable):
-            raise ValueError(
-                "KTCallback: under DeepSpeed the expert-LoRA factors must be out of DeepSpeed's optimizer and in "
-                "their own; call kt_core.distributed.prepare_deepspeed(model) before the optimizer and the engine "
-                "are built (KTCallback does at the end of Trainer.__init__)."
-            )
-        warn_if_shape_dependent(ours, trainable)
-        if state.global_step > 0:  # the Trainer resumed from a checkpoint
-            folder = args.resume_from_checkpoint
-            if not isinstance(folder, str):
-                folder = str(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-            beside.load(folder)
-            logger.info("expert LoRA and its optimizer state resumed from %s", folder)
-        logger.info(
-            "DeepSpeed: %d expert-LoRA factors stepped by their own %s, averaged over the ranks",
-            len(trainable),
-            type(ours).__name__,
-        )
-
     def on_save(self, args, state, control, model=None, **kwargs):
-        beside = getattr(model, "kt_deepspeed", None) if model is not None else None
-        if beside is not None and state.is_world_process_zero:
-            beside.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        save_engine_state(args, state, model)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._streaming is not None:

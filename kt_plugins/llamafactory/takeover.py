@@ -8,9 +8,9 @@
 - `llamafactory.model.loader`: `load_model` builds the model through kt_core when the settings ask for it.
 - `llamafactory.train.tuner`: `_training_function` gets one more Trainer callback, which, for a model with
   CPU experts (and for no other), checks the checkpoint the run resumes from, keeps the experts out of FSDP2's
-  sharding when the Trainer's accelerator runs FSDP (`accelerate launch` with an FSDP config, or `fsdp` /
-  `fsdp_config` in the YAML; kt_core.distributed.prepare_fsdp2, as KTCallback does) and adds `kt_tokens_per_s`
-  and `kt_cpu_expert_share` to the training logs.
+  sharding or out of DeepSpeed when the Trainer's accelerator runs either (`accelerate launch` with an FSDP config,
+  `fsdp` / `fsdp_config` or `deepspeed` in the YAML; kt_plugins.hf_trainer.engines, as KTCallback does) and adds
+  `kt_tokens_per_s` and `kt_cpu_expert_share` to the training logs.
 """
 
 from __future__ import annotations
@@ -162,14 +162,14 @@ def patch_tuner(tuner_module) -> None:
 
 
 def _training_callback():
-    """A Trainer callback for use_kt runs: the resume check, FSDP2's ignored experts, and kt_tokens_per_s /
-    kt_cpu_expert_share."""
+    """A Trainer callback for use_kt runs: the resume check, the experts out of FSDP2 / DeepSpeed, and
+    kt_tokens_per_s / kt_cpu_expert_share."""
     from transformers import TrainerCallback
 
     from kt_core import ExpertTimer, KTExperts, speed_logs
-    from kt_core.distributed import prepare_fsdp2
     from kt_core.loading import check_training_checkpoint
     from kt_core.peft import expert_lora_parameters, warn_if_shape_dependent
+    from kt_plugins.hf_trainer.engines import attach_deepspeed, prepare_engines, save_engine_state
 
     class KTTrainingCallback(TrainerCallback):
         timer: ExpertTimer | None = None
@@ -181,14 +181,18 @@ def _training_callback():
             # Trainer loads it, so that a folder left by a killed save is named with the last good one.
             if args.do_train and isinstance(args.resume_from_checkpoint, str):
                 check_training_checkpoint(args.resume_from_checkpoint)
-            prepare_fsdp2(model)  # before the Trainer's accelerator prepares the model; nothing without FSDP
+            prepare_engines(model, args)  # before the Trainer's accelerator prepares the model
             self.timer = ExpertTimer(model)
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
             if self.timer is not None:
                 self.timer.start_steps()
-            if model is not None:
+            beside_deepspeed = attach_deepspeed(args, state, model, optimizer, caller="use_kt")  # own optimizer
+            if model is not None and not beside_deepspeed:
                 warn_if_shape_dependent(optimizer, expert_lora_parameters(model))
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            save_engine_state(args, state, model)
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.timer is not None:
