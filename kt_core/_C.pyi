@@ -185,9 +185,19 @@ class ExpertsOp:
         """[(name, nbytes)] of the buffers pack() would make."""
 
     def load_packed(
-        self, format: str, blobs: list[tuple[str, int, int]], gate_up_error: float, down_error: float
+        self,
+        format: str,
+        blobs: list[tuple[str, int, int]],
+        gate_up_error: float,
+        down_error: float,
+        borrow: bool = False,
     ) -> None:
-        """Copies saved packed buffers [(name, address, nbytes)] in instead of packing; ValueError on any mismatch."""
+        """Copies saved packed buffers [(name, address, nbytes)] in instead of packing; ValueError on any mismatch.
+        borrow=True keeps pointers to the tiles ('*.data', 64-byte aligned) instead: the caller keeps them alive."""
+
+    @property
+    def packed_borrowed(self) -> bool:
+        """Whether the packed tiles are borrowed (load_packed(..., borrow=True)), not owned by the op."""
 
 # A submodule at run time (pybind11 def_submodule, csrc/bindings/bench.cpp); typed as a namespace so that
 # the stub stays one file. Probes for benchmarks/ and tests: kt_core never calls them.

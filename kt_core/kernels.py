@@ -35,6 +35,7 @@ __all__ = [
     "experts_forward",
     "fp8_kernels",
     "lora_args",
+    "new_operator",
     "phase_times",
     "quantization_error",
     "quantized_kernels",
@@ -206,6 +207,22 @@ def build_operator(module: KTExperts):
     """A C++ operator over the module's weights (borrowed pointers); packed variants pack (and quantize) them
     here, or load that work from the pack cache folder (KT_PACK_CACHE or KTExperts(pack_cache=...)), see
     runtime/pack_cache.py. Called by `KTExperts.operator()`, which keeps it while the weights stay put."""
+    op = new_operator(module)
+    load_or_pack(module, op, get_thread_pool(module.cpu_infer))
+    gate_up_err, down_err = op.quantization_error
+    if gate_up_err or down_err:
+        logger.info(
+            "experts (%s): weights quantized, relative error gate_up %.2e, down %.2e",
+            module.kernel,
+            gate_up_err,
+            down_err,
+        )
+    return op
+
+
+def new_operator(module: KTExperts):
+    """The C++ operator over the module's weights (borrowed pointers), checked, not yet packed (build_operator
+    packs it; kt_core.distributed.shared_packs lends it a node's shared packed copy instead)."""
     if _C is None:
         raise RuntimeError(f"kt_core._C is not built ({_IMPORT_ERROR}); only kernel='torch' runs here")
     E, H, I = module.num_experts, module.hidden_dim, module.intermediate_dim
@@ -231,15 +248,6 @@ def build_operator(module: KTExperts):
         _WEIGHT_DTYPE_NAMES[module.gate_up_proj.dtype],
         **scales,
     )
-    load_or_pack(module, op, get_thread_pool(module.cpu_infer))
-    gate_up_err, down_err = op.quantization_error
-    if gate_up_err or down_err:
-        logger.info(
-            "experts (%s): weights quantized, relative error gate_up %.2e, down %.2e",
-            module.kernel,
-            gate_up_err,
-            down_err,
-        )
     return op
 
 

@@ -36,7 +36,11 @@ def _fp8_checkpoint(path: Path) -> Path:
 
 def _backing(t: torch.Tensor) -> tuple[str, str, int]:
     """(inode, file, offset in the file) of the memory holding `t`'s first byte, from /proc/self/maps."""
-    ptr = t.data_ptr()
+    return backing_of(t.data_ptr())
+
+
+def backing_of(ptr: int) -> tuple[str, str, int]:
+    """(inode, file, offset in the file) of the memory at address `ptr`, from /proc/self/maps."""
     with open("/proc/self/maps") as f:
         for line in f:
             head = line.split(maxsplit=5)
@@ -137,16 +141,31 @@ def test_both_local_ranks_view_one_file_of_fp8_weights_and_scales(tmp_path, monk
 # ---- two gloo ranks training ------------------------------------------------------------------------------------
 
 
-def _run(checkpoint: Path, out: Path, *, ranks: int) -> list[dict]:
+def _run(checkpoint: Path, out: Path, *, ranks: int, amx: bool) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    launch(__file__, [checkpoint, out], ranks=ranks)
+    launch(__file__, [checkpoint, out], ranks=ranks, env={"KT_AMX_EMULATE": "1"} if amx else {"KT_KERNEL": "avx2"})
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
-def test_two_ranks_share_fp8_experts_and_train_the_one_process_curve(tmp_path):
+@pytest.mark.parametrize("amx", [False, True], ids=["unpacked", "amx"])
+def test_two_ranks_share_fp8_experts_and_train_the_one_process_curve(tmp_path, amx):
+    """amx: the packed kernel (AMX, or its scalar model: KT_AMX_EMULATE=1), whose packed copy of the FP8 experts is
+    shared too (kt_core/distributed/shared_packs.py); else an unpacked kernel (avx2), which packs nothing."""
+    from kt_core import kernels
+
+    if not amx and "avx2" not in kernels.fp8_kernels():
+        pytest.skip("the unpacked avx2 kernel does not run here")
     checkpoint = _fp8_checkpoint(tmp_path / "ckpt")
-    (one,) = _run(checkpoint, tmp_path / "one", ranks=1)
-    ranks = _run(checkpoint, tmp_path / "two", ranks=2)
+    (one,) = _run(checkpoint, tmp_path / "one", ranks=1, amx=amx)
+    ranks = _run(checkpoint, tmp_path / "two", ranks=2, amx=amx)
+    assert {r["kernel"] for r in [one, *ranks]} == {"amx_bf16" if amx else "avx2"}
+    if amx:  # one packed copy: local rank 0 packed it into a second file, both ranks' tiles are that file's
+        assert one["packs"] == [1, 1] and ranks[0]["packs"] == [1, 1] and ranks[1]["packs"] == [0, 0]
+        assert ranks[0]["tiles"] == ranks[1]["tiles"] and len(ranks[0]["tiles"]) == 2 * 2
+        (packed_file,) = {t[1] for t in ranks[0]["tiles"]}
+        assert packed_file.startswith("/dev/shm/kt-experts-") and packed_file != ranks[0]["files"][0]
+        for r in ranks:
+            assert r["tiles_rss_kb"] > 0 and abs(2 * r["tiles_pss_kb"] - r["tiles_rss_kb"]) <= 8
 
     assert one["files"] == ["(private)"]  # one process: its own copy
     assert [r["expert_reads"] > 0 for r in ranks] == [True, False]
@@ -200,10 +219,14 @@ def _train(checkpoint: str, out: str) -> None:
 
     placed, files = backings(model)
     digest = _bytes_digest(model)  # reads every expert page
+    layers = [m for _, m in sorted(_expert_layers(model).items())]
+    ops = [m.operator() for m in layers]  # packed kernels: packed, or borrowing the node's packed copy
+    tiles = {f"{i}.{name}": address for i, op in enumerate(ops) for name, address, _ in op.packed_blobs()}
+    tiles = {name: address for name, address in tiles.items() if name.endswith(".data")}
     if world > 1:
         dist.barrier()  # both ranks have mapped and read every page: the proportional set sizes are settled
-    layer = next(iter(_expert_layers(model).values()))
-    _, _, rss, pss = _mapping_of(layer.gate_up_proj_scale_inv.data_ptr())
+    _, _, rss, pss = _mapping_of(layers[0].gate_up_proj_scale_inv.data_ptr())
+    _, _, tiles_rss, tiles_pss = _mapping_of(tiles["0.gate_up.data"]) if tiles else (None, None, 0, 0)
 
     config = peft.LoraConfig(
         r=4,
@@ -242,6 +265,11 @@ def _train(checkpoint: str, out: str) -> None:
         "files": files,
         "rss_kb": rss,
         "pss_kb": pss,
+        "kernel": layers[0].kernel,
+        "packs": [op.pack_count for op in ops],
+        "tiles": sorted(list(backing_of(address)) for address in tiles.values()),
+        "tiles_rss_kb": tiles_rss,
+        "tiles_pss_kb": tiles_pss,
         "digest": digest,
         "digest_after": _bytes_digest(model),
         "losses": losses,

@@ -3,8 +3,8 @@ with their block scales, converted to bf16 right before the dot products. Agains
 plain-torch reference on the fp32-dequantized weights: forward, dx, d(routing weights), LoRA gradients; storage;
 the pack cache; what still runs elsewhere or is refused.
 
-The AMX variant runs on its scalar tile model (KT_AMX_EMULATE=1) where the CPU has AVX512-BF16 / VNNI but no AMX;
-each variant is skipped where it cannot run at all.
+The AMX variant runs on its scalar tile model (KT_AMX_EMULATE=1) on any CPU without AMX; avx512_bf16_packed is
+skipped where the CPU lacks AVX512-BF16 / VNNI.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from kt_core import KTExperts, kernels
 from kt_core.reference import experts_reference
 
 E, H, I, K = 5, 100, 70, 3  # odd sizes: every packed dimension is padded
-AMX_EMULATED = "amx" not in "".join(kernels.available_kernels()) and "avx512_bf16_packed" in kernels.available_kernels()
+AMX_EMULATED = "amx" not in "".join(kernels.available_kernels())  # no native AMX: its scalar model runs (any CPU)
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,7 +42,7 @@ def amx_mode(request, monkeypatch):
     """Runs a test as is, and again with the AMX tile code on its scalar model (CPUs without AMX)."""
     if request.param:
         if not AMX_EMULATED:
-            pytest.skip("AMX runs natively here, or the CPU lacks AVX512-BF16 / VNNI for the emulation")
+            pytest.skip("AMX runs natively here")
         monkeypatch.setenv("KT_AMX_EMULATE", "1")
     return request.param
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import pytest
@@ -139,6 +140,37 @@ def test_load_packed_validates(kernel):
     assert other.packed_blobs() == []  # left unpacked
     other.load_packed(op.packed_format, blobs, *op.quantization_error)
     assert other.pack_count == 0 and other.packed_bytes == op.packed_bytes
+
+
+def test_borrowed_tiles_compute_as_owned_ones(kernel):
+    """load_packed(..., borrow=True): the op keeps pointers to the given tiles (no copy) and copies the scales; its
+    output equals the owning op's, and follows the borrowed bytes (they are not copied)."""
+    layer = build(kernel, None)
+    op = layer._op
+    held = {}  # the lender's buffers: 64-byte aligned copies, kept alive as long as the borrower
+    for name, address, nbytes in op.packed_blobs():
+        buf = torch.empty(nbytes + 64, dtype=torch.uint8)
+        start = -buf.data_ptr() % 64
+        held[name] = buf[start : start + nbytes]
+        ctypes.memmove(held[name].data_ptr(), address, nbytes)
+    lent = [(name, t.data_ptr(), t.numel()) for name, t in held.items()]
+    borrower = KTExperts.from_tensors(layer.gate_up_proj, layer.down_proj, kernel=kernel)
+    new = kernels.new_operator(borrower)
+    new.load_packed(op.packed_format, lent, *op.quantization_error, borrow=True)
+    borrower.use_operator(new, packed_source=held)
+    assert new.packed_borrowed and not op.packed_borrowed and new.pack_count == 0
+    addresses = dict((name, address) for name, address, _ in new.packed_blobs())
+    assert addresses["gate_up.data"] == held["gate_up.data"].data_ptr()  # the tiles: borrowed
+    assert addresses["down.data"] == held["down.data"].data_ptr()
+    assert all(addresses[n] != held[n].data_ptr() for n in held if not n.endswith(".data"))  # the scales: copied
+    y = forward(layer)
+    assert torch.equal(forward(borrower), y)
+    held["down.data"].zero_()  # the op reads the lender's bytes, not a copy of them
+    assert not torch.equal(forward(borrower), y)
+    name, address, nbytes = lent[0]
+    misaligned = [(name, address + 1, nbytes), *lent[1:]]
+    with pytest.raises(ValueError, match="64-byte aligned"):
+        kernels.new_operator(borrower).load_packed(op.packed_format, misaligned, 0.0, 0.0, borrow=True)
 
 
 def test_fp32_weights_on_bf16_packing_bypass_cache(tmp_path):

@@ -163,12 +163,12 @@ class PyExpertsOp {
   }
 
   void load_packed(const std::string& tag, const std::vector<std::tuple<std::string, uintptr_t, size_t>>& blobs,
-                   double gate_up_error, double down_error) {
+                   double gate_up_error, double down_error, bool borrow) {
     std::vector<kt::ExpertsOp::PackedBlob> in;
     in.reserve(blobs.size());
     for (const auto& [name, address, bytes] : blobs) in.push_back({name, reinterpret_cast<uint8_t*>(address), bytes});
     py::gil_scoped_release release;
-    op_.load_packed(tag, in, gate_up_error, down_error);
+    op_.load_packed(tag, in, gate_up_error, down_error, borrow);
   }
 
   const std::string& kernel() const { return kernel_; }
@@ -304,7 +304,11 @@ PYBIND11_MODULE(_C, m) {
            "[(name, address, nbytes)] of the packed buffers (empty before pack() or load_packed()).")
       .def("packed_layout", &PyExpertsOp::packed_layout, "[(name, nbytes)] of the buffers pack() would make.")
       .def("load_packed", &PyExpertsOp::load_packed, py::arg("format"), py::arg("blobs"), py::arg("gate_up_error"),
-           py::arg("down_error"),
+           py::arg("down_error"), py::arg("borrow") = false,
            "Copies saved packed buffers [(name, address, nbytes)] in instead of packing; ValueError when the format "
-           "tag, the names or the sizes do not match.");
+           "tag, the names or the sizes do not match. borrow=True keeps pointers to the tiles ('*.data', 64-byte "
+           "aligned) instead of copying them: the caller keeps those bytes alive and unchanged for the op's life.")
+      .def_property_readonly(
+          "packed_borrowed", [](const PyExpertsOp& o) { return o.op().packed_borrowed(); },
+          "Whether the packed tiles are borrowed (load_packed(..., borrow=True)), not owned by the op.");
 }

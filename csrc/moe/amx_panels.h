@@ -37,7 +37,7 @@ inline TileConfig tile_config() {
 
 template <class Tiles>
 void amx_bf16_panel(int rows, int k_blocks, const bf16* a, int lda, const bf16* b0, const bf16* b1, float* c) {
-  if (rows <= kSmallRows) return packed_avx512::bf16_panel(rows, k_blocks, a, lda, b0, b1, c);
+  if (rows <= kSmallRows) return Tiles::ops().bf16_panel(rows, k_blocks, a, lda, b0, b1, c);
   const TileConfig cfg = tile_config();
   Tiles::configure(&cfg);
   const int64_t stride = static_cast<int64_t>(lda) * sizeof(bf16);
@@ -118,8 +118,7 @@ void int8_tile_block(const int8_t* am, int lda, bool two, const void* b0, const 
 template <class Tiles>
 void amx_int8_panel(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const int8_t* b0,
                     const int8_t* b1, const float* b_scale, const int32_t* b_colsum, float* c) {
-  if (rows <= kSmallRows)
-    return packed_avx512::int8_panel(rows, k_blocks, a, lda, a_scale, b0, b1, b_scale, b_colsum, c);
+  if (rows <= kSmallRows) return Tiles::ops().int8_panel(rows, k_blocks, a, lda, a_scale, b0, b1, b_scale, b_colsum, c);
   const TileConfig cfg = tile_config();
   Tiles::configure(&cfg);
   alignas(64) int32_t acc[32 * 32];
@@ -141,8 +140,7 @@ void amx_int8_panel(int rows, int k_blocks, const int8_t* a, int lda, const floa
 template <class Tiles>
 void amx_int4_panel(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const uint8_t* b0,
                     const uint8_t* b1, const float* scale, const float* scale_zero, float* c) {
-  if (rows <= kSmallRows)
-    return packed_avx512::int4_panel(rows, k_blocks, a, lda, a_scale, b0, b1, scale, scale_zero, c);
+  if (rows <= kSmallRows) return Tiles::ops().int4_panel(rows, k_blocks, a, lda, a_scale, b0, b1, scale, scale_zero, c);
   const int groups = k_blocks / 2;
   thread_local std::vector<uint8_t> t_unpacked, t_xsum_bytes;
   const size_t tile_bytes_u8 = static_cast<size_t>(k_blocks) * kTileBytes;
@@ -150,15 +148,15 @@ void amx_int4_panel(int rows, int k_blocks, const int8_t* a, int lda, const floa
   uint8_t* w0 = t_unpacked.data() + (64 - reinterpret_cast<uintptr_t>(t_unpacked.data()) % 64) % 64;
   uint8_t* w1 = w0 + tile_bytes_u8;
   for (int kb = 0; kb < k_blocks; ++kb) {
-    packed_avx512::unpack_int4_tile(b0 + static_cast<int64_t>(kb) * (kTileBytes / 2),
-                                    w0 + static_cast<int64_t>(kb) * kTileBytes);
-    packed_avx512::unpack_int4_tile(b1 + static_cast<int64_t>(kb) * (kTileBytes / 2),
-                                    w1 + static_cast<int64_t>(kb) * kTileBytes);
+    Tiles::ops().unpack_int4_tile(b0 + static_cast<int64_t>(kb) * (kTileBytes / 2),
+                                  w0 + static_cast<int64_t>(kb) * kTileBytes);
+    Tiles::ops().unpack_int4_tile(b1 + static_cast<int64_t>(kb) * (kTileBytes / 2),
+                                  w1 + static_cast<int64_t>(kb) * kTileBytes);
   }
   const size_t xsum_bytes = static_cast<size_t>(rows) * groups * sizeof(int32_t);
   if (t_xsum_bytes.size() < xsum_bytes) t_xsum_bytes.resize(xsum_bytes);
   int32_t* xsum = reinterpret_cast<int32_t*>(t_xsum_bytes.data());
-  packed_avx512::group_sums(rows, groups, a, lda, xsum);
+  Tiles::ops().group_sums(rows, groups, a, lda, xsum);
   const TileConfig cfg = tile_config();
   Tiles::configure(&cfg);
   alignas(64) int32_t acc[32 * 32];
@@ -170,9 +168,9 @@ void amx_int4_panel(int rows, int k_blocks, const int8_t* a, int lda, const floa
     for (int i = 0; i < valid * 32; ++i) cm[i] = 0.f;
     for (int g = 0; g < groups; ++g) {
       int8_tile_block<Tiles, true>(am, lda, two, w0, w1, 2 * g, 2 * g + 2, acc);
-      packed_avx512::fold_int4_group(valid, acc, xsum + static_cast<int64_t>(m) * groups + g, groups, a_scale + m,
-                                     scale + g * 16, scale_zero + g * 16, scale + (groups + g) * 16,
-                                     scale_zero + (groups + g) * 16, cm);
+      Tiles::ops().fold_int4_group(valid, acc, xsum + static_cast<int64_t>(m) * groups + g, groups, a_scale + m,
+                                   scale + g * 16, scale_zero + g * 16, scale + (groups + g) * 16,
+                                   scale_zero + (groups + g) * 16, cm);
     }
   }
   Tiles::release();
@@ -216,7 +214,7 @@ void bf16_tile_block(const bf16* am, int lda, bool two, const bf16* w0, const bf
 template <class Tiles>
 void amx_fp8_panel(int rows, int nseg, const Fp8Segment* seg, const bf16* a, int lda, const uint8_t* b0,
                    const uint8_t* b1, const float* s0, const float* s1, float* c) {
-  if (rows <= kSmallRows) return packed_avx512::fp8_panel(rows, nseg, seg, a, lda, b0, b1, s0, s1, c);
+  if (rows <= kSmallRows) return Tiles::ops().fp8_panel(rows, nseg, seg, a, lda, b0, b1, s0, s1, c);
   const int k_blocks = seg[nseg - 1].kb1;
   thread_local std::vector<uint8_t> t_converted;
   const size_t tile_column_bytes = static_cast<size_t>(k_blocks) * kTileBytes;
@@ -224,8 +222,8 @@ void amx_fp8_panel(int rows, int nseg, const Fp8Segment* seg, const bf16* a, int
   uint8_t* base = t_converted.data() + (64 - reinterpret_cast<uintptr_t>(t_converted.data()) % 64) % 64;
   bf16* w0 = reinterpret_cast<bf16*>(base);
   bf16* w1 = reinterpret_cast<bf16*>(base + tile_column_bytes);
-  packed_avx512::fp8_tiles_to_bf16(b0, k_blocks, w0);
-  packed_avx512::fp8_tiles_to_bf16(b1, k_blocks, w1);
+  Tiles::ops().fp8_tiles_to_bf16(b0, k_blocks, w0);
+  Tiles::ops().fp8_tiles_to_bf16(b1, k_blocks, w1);
   const TileConfig cfg = tile_config();
   Tiles::configure(&cfg);
   alignas(64) float acc[32 * 32];
@@ -237,7 +235,7 @@ void amx_fp8_panel(int rows, int nseg, const Fp8Segment* seg, const bf16* a, int
     for (int i = 0; i < valid * 32; ++i) cm[i] = 0.f;
     for (int i = 0; i < nseg; ++i) {
       bf16_tile_block<Tiles>(am, lda, two, w0, w1, seg[i].a_kb, seg[i].kb0, seg[i].kb1, acc);
-      packed_avx512::fold_fp8_segment(valid, acc, s0[i], s1[i], cm);
+      Tiles::ops().fold_fp8_segment(valid, acc, s0[i], s1[i], cm);
     }
   }
   Tiles::release();

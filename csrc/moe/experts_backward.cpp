@@ -266,7 +266,7 @@ struct ExpertsOp::PackedBackward : PassContext {
       op.for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
         std::vector<float> bt(static_cast<size_t>(R) * H);  // B_d^T [r, H]
         transpose_into(H, R, lora.down_b + static_cast<int64_t>(e) * H * R, bt.data());
-        packed_avx512::rows_times_bt_bf16(rows, H, dy16 + row0 * ldy, ldy, bt.data(), R, lora.scaling, dyb + row0 * R);
+        op.row_ops().rows_times_bt_bf16(rows, H, dy16 + row0 * ldy, ldy, bt.data(), R, lora.scaling, dyb + row0 * R);
       });
   }
 
@@ -291,8 +291,8 @@ struct ExpertsOp::PackedBackward : PassContext {
         const int64_t slot = r.row_slot[row];
         const float wk = act.w[slot];
         dw[slot] =
-            packed_avx512::silu_backward_fused_row(I, kept.gu_hi + row * I2, kept.gu_lo + row * ld_lo, dh + row * I, wk,
-                                                   dgu16 + row * ldg, h16 ? h16 + row * I : nullptr);
+            op.row_ops().silu_backward_fused_row(I, kept.gu_hi + row * I2, kept.gu_lo + row * ld_lo, dh + row * I, wk,
+                                                 dgu16 + row * ldg, h16 ? h16 + row * I : nullptr);
         std::fill(dgu16 + row * ldg + I2, dgu16 + row * ldg + ldg, bf16(0));
         for (int j = 0; j < R; ++j) {
           dybw[row * R + j] = wk * dyb[row * R + j];
@@ -310,8 +310,7 @@ struct ExpertsOp::PackedBackward : PassContext {
       op.for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
         std::vector<float> bt(static_cast<size_t>(R) * I2);  // B_gu^T [r, 2I]
         transpose_into(I2, R, lora.gate_up_b + static_cast<int64_t>(e) * I2 * R, bt.data());
-        packed_avx512::rows_times_bt_bf16(rows, I2, dgu16 + row0 * ldg, ldg, bt.data(), R, lora.scaling,
-                                          dgb + row0 * R);
+        op.row_ops().rows_times_bt_bf16(rows, I2, dgu16 + row0 * ldg, ldg, bt.data(), R, lora.scaling, dgb + row0 * R);
       });
     dx16 = reinterpret_cast<bf16*>(op.scratch_.dx_rows16.get(S * H * 2));
     op.project_columns_packed(pool, r, dgu16, ldg, true, nullptr, dx16, op.gate_up_columns_, dgb, R, lora.gate_up_a);
@@ -339,17 +338,17 @@ struct ExpertsOp::PackedBackward : PassContext {
       std::vector<float> tmp(which % 2 ? static_cast<size_t>(n) : 0);
       switch (which) {
         case 0:  // dA_d [r, I] = (w dyb)^T h
-          packed_avx512::tn_bf16_rows(R, I, rows, dybw + row0 * R, R, h16 + row0 * I, I, nullptr, out);
+          op.row_ops().tn_bf16_rows(R, I, rows, dybw + row0 * R, R, h16 + row0 * I, I, nullptr, out);
           break;
         case 1:  // dB_d [H, r] = ((w ha)^T dy)^T
-          packed_avx512::tn_bf16_rows(R, H, rows, haw + row0 * R, R, dy16 + row0 * ldy, ldy, nullptr, tmp.data());
+          op.row_ops().tn_bf16_rows(R, H, rows, haw + row0 * R, R, dy16 + row0 * ldy, ldy, nullptr, tmp.data());
           transpose_into(R, H, tmp.data(), out);
           break;
         case 2:  // dA_gu [r, H] = dgb^T x
-          packed_avx512::tn_bf16_rows(R, H, rows, dgb + row0 * R, R, x, H, r.row_token.data() + row0, out);
+          op.row_ops().tn_bf16_rows(R, H, rows, dgb + row0 * R, R, x, H, r.row_token.data() + row0, out);
           break;
         default:  // dB_gu [2I, r] = (xa^T dgu)^T
-          packed_avx512::tn_bf16_rows(R, I2, rows, kept.xa + row0 * R, R, dgu16 + row0 * ldg, ldg, nullptr, tmp.data());
+          op.row_ops().tn_bf16_rows(R, I2, rows, kept.xa + row0 * R, R, dgu16 + row0 * ldg, ldg, nullptr, tmp.data());
           transpose_into(R, I2, tmp.data(), out);
           break;
       }

@@ -138,9 +138,13 @@ class ExpertsOp {
   // The blobs pack() would make: names and sizes.
   std::vector<PackedBlob> packed_layout() const;
   // Takes saved blobs instead of packing: `tag` must be packed_format_tag() and the blobs exactly
-  // packed_layout() (names and sizes), else std::invalid_argument and the op is left unpacked. Copies.
+  // packed_layout() (names and sizes), else std::invalid_argument and the op is left as it was. Copies them; with
+  // `borrow`, keeps pointers to the tiles ("<projection>.data", 64-byte aligned) instead, which the caller keeps
+  // alive and unchanged for the op's life (a node's shared file), and copies the rest (scales).
   void load_packed(const std::string& tag, const std::vector<PackedBlob>& blobs, double gate_up_error,
-                   double down_error);
+                   double down_error, bool borrow = false);
+  // Whether the tiles are borrowed (load_packed with borrow).
+  bool packed_borrowed() const { return packed_gate_up_.data.size() > 0 && !packed_gate_up_.data.owned(); }
   // Times pack() has packed the weights (load_packed does not count).
   int pack_count() const { return pack_count_; }
 
@@ -186,7 +190,7 @@ class ExpertsOp {
   // Whether fp8 weights are packed here: a bf16 format with an fp8 panel, and blocks of whole 16 x 16 tiles.
   bool packs_fp8() const;
   // The layout pack() makes for W_gu (gate_up) or W_d: sizes of every buffer, zeroed.
-  PackedTensor packed_tensor_layout(bool gate_up) const;
+  PackedTensor packed_tensor_layout(bool gate_up, bool allocate_data = true) const;
   // The backward on packed weights (bf16 activations; bf16 or fp8 weights): see experts_backward.cpp.
   void backward_packed(ThreadPool& pool, const Routing& r, const Activations& act, const LoraFactors& lora,
                        const void* dy, void* dx, float* dw, const float* cache, const LoraGrads& grads);
@@ -239,6 +243,8 @@ class ExpertsOp {
   ExpertWeights w_;
   const GemmKernels* k_;
   const PackedKernels* pk_ = nullptr;
+  // The packed passes' work around the panels, in the instruction set of the packed kernels (packed.h).
+  const PackedRowOps& row_ops() const { return *pk_->ops; }
   const Fp8Kernels* fp8_ = nullptr;
   PackedTensor packed_gate_up_, packed_down_;
   int pack_count_ = 0;

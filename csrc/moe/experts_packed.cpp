@@ -92,10 +92,10 @@ bool ExpertsOp::packs() const {
   return pk_ && !(pk_->format == PackedFormat::kBF16 && w_.dtype != DType::kBF16);
 }
 
-PackedTensor ExpertsOp::packed_tensor_layout(bool gate_up) const {
+PackedTensor ExpertsOp::packed_tensor_layout(bool gate_up, bool allocate_data) const {
   const int E = w_.num_experts, H = w_.hidden, I = w_.intermediate;
-  return gate_up ? kt::packed_layout(E, 2 * I, H, packed_format(), true, w_.block_cols)
-                 : kt::packed_layout(E, H, I, packed_format(), false, w_.block_cols);
+  return gate_up ? kt::packed_layout(E, 2 * I, H, packed_format(), true, w_.block_cols, allocate_data)
+                 : kt::packed_layout(E, H, I, packed_format(), false, w_.block_cols, allocate_data);
 }
 
 void ExpertsOp::pack(ThreadPool& pool) {
@@ -146,24 +146,24 @@ std::vector<ExpertsOp::PackedBlob> ExpertsOp::packed_blobs() {
 std::vector<ExpertsOp::PackedBlob> ExpertsOp::packed_layout() const {
   std::vector<PackedBlob> out;
   if (!packs()) return out;
-  // Sizes only: the layouts are allocated (zeroed) and dropped, a cost of the same order as the load itself.
-  PackedTensor gu = packed_tensor_layout(true);
-  PackedTensor d = packed_tensor_layout(false);
+  // Sizes only: the tiles are not allocated; the scales are (small), then dropped.
+  PackedTensor gu = packed_tensor_layout(true, false);
+  PackedTensor d = packed_tensor_layout(false, false);
   append_blobs("gate_up", gu, false, out);
   append_blobs("down", d, false, out);
   return out;
 }
 
 void ExpertsOp::load_packed(const std::string& tag, const std::vector<PackedBlob>& blobs, double gate_up_error,
-                            double down_error) {
+                            double down_error, bool borrow) {
   if (!packs()) throw std::invalid_argument("experts: this kernel and weight dtype have no packed weights to load");
   const std::string expected_tag = packed_format_tag();
   if (tag != expected_tag)
     throw std::invalid_argument("experts: packed weights have format '" + tag + "', this build expects '" +
                                 expected_tag + "'");
-  PackedTensor gu = packed_tensor_layout(true);
-  PackedTensor d = packed_tensor_layout(false);
-  std::vector<PackedBlob> want;
+  PackedTensor gu = packed_tensor_layout(true, !borrow);
+  PackedTensor d = packed_tensor_layout(false, !borrow);
+  std::vector<PackedBlob> want;  // borrowed tiles have no buffer here (data null): their pointers are taken below
   append_blobs("gate_up", gu, true, want);
   append_blobs("down", d, true, want);
   if (blobs.size() != want.size()) {
@@ -181,10 +181,17 @@ void ExpertsOp::load_packed(const std::string& tag, const std::vector<PackedBlob
       throw std::invalid_argument("experts: packed blob '" + w.name + "' has " + std::to_string(src->bytes) +
                                   " bytes, expected " + std::to_string(w.bytes));
     if (!src->data) throw std::invalid_argument("experts: null pointer for packed blob '" + w.name + "'");
+    if (!w.data && reinterpret_cast<uintptr_t>(src->data) % 64 != 0)
+      throw std::invalid_argument("experts: packed blob '" + w.name + "' to borrow is not 64-byte aligned");
   }
   for (const auto& w : want) {
-    for (const auto& b : blobs)
-      if (b.name == w.name) std::memcpy(w.data, b.data, w.bytes);
+    for (const auto& b : blobs) {
+      if (b.name != w.name) continue;
+      if (w.data)
+        std::memcpy(w.data, b.data, w.bytes);
+      else  // borrowed tiles
+        (w.name == "gate_up.data" ? gu : d).data = AlignedBuffer::borrowed(b.data, b.bytes);
+    }
   }
   gu.rel_error = gate_up_error;
   d.rel_error = down_error;
@@ -207,18 +214,17 @@ void ExpertsOp::gather_packed(ThreadPool& pool, const Routing& r, const void* sr
         if (bf16_row)
           std::copy(bf16_row, bf16_row + cols, d);
         else
-          packed_avx512::f32_to_bf16_row(f32_row, cols, d);
+          row_ops().f32_to_bf16_row(f32_row, cols, d);
         std::fill(d + cols, d + width, bf16(0));
         continue;
       }
       if (bf16_row) {
         if (t_row.size() < static_cast<size_t>(cols)) t_row.resize(cols);
-        packed_avx512::bf16_to_f32_row(bf16_row, cols, t_row.data());
+        row_ops().bf16_to_f32_row(bf16_row, cols, t_row.data());
         f32_row = t_row.data();
       }
       // Symmetric per-row int8: the row's largest magnitude maps to 127.
-      scales[row] =
-          packed_avx512::quantize_row_int8(f32_row, cols, width, reinterpret_cast<int8_t*>(dst) + row * width);
+      scales[row] = row_ops().quantize_row_int8(f32_row, cols, width, reinterpret_cast<int8_t*>(dst) + row * width);
     }
   });
 }
@@ -269,9 +275,8 @@ struct ExpertsOp::PackedForward : PassContext {
     if (R > 0 && !int8) {  // on the gathered bf16 rows (copies of x)
       const bf16* xb = reinterpret_cast<const bf16*>(xq);
       op.for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
-        packed_avx512::rows_times_bt_bf16(rows, H, xb + row0 * ldx, ldx,
-                                          lora.gate_up_a + static_cast<int64_t>(e) * R * H, R, lora.scaling,
-                                          xa + row0 * R);
+        op.row_ops().rows_times_bt_bf16(rows, H, xb + row0 * ldx, ldx, lora.gate_up_a + static_cast<int64_t>(e) * R * H,
+                                        R, lora.scaling, xa + row0 * R);
       });
     } else if (R > 0) {  // int8 rows: on fp32 rows, as the exact path does
       float* xg = op.scratch_.x_rows.get(S * H);
@@ -321,7 +326,7 @@ struct ExpertsOp::PackedForward : PassContext {
       bt = lora_slice(lora.gate_up_b, R, rows_of);
     }
     const int64_t ld_lo = ForwardCache::lo_stride(I);
-    packed_avx512::gate_up_epilogue(
+    op.row_ops().gate_up_epilogue(
         rows, ncols, c, R > 0 ? xa + first * R : nullptr, R, bt, kept.gu ? kept.gu + first * I2 + col0 : nullptr,
         kept.gu_hi ? kept.gu_hi + first * I2 + col0 : nullptr, kept.gu_lo ? kept.gu_lo + first * ld_lo + col0 : nullptr,
         I2, ld_lo, I, hb ? hb + first * ldh + col0 : nullptr, ldh, hf ? hf + first * I + col0 : nullptr, I);
@@ -342,8 +347,8 @@ struct ExpertsOp::PackedForward : PassContext {
     }
     if (R > 0 && hb) {  // on the bf16 rows the down projection reads
       op.for_each_row_chunk(pool, r, kLoraRowChunk, [&](int e, int64_t row0, int rows) {
-        packed_avx512::rows_times_bt_bf16(rows, I, hb + row0 * ldh, ldh, lora.down_a + static_cast<int64_t>(e) * R * I,
-                                          R, lora.scaling, ha + row0 * R);
+        op.row_ops().rows_times_bt_bf16(rows, I, hb + row0 * ldh, ldh, lora.down_a + static_cast<int64_t>(e) * R * I, R,
+                                        lora.scaling, ha + row0 * R);
       });
     } else if (R > 0) {
       op.for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
@@ -376,9 +381,9 @@ struct ExpertsOp::PackedForward : PassContext {
             for (int n = 0; n < 32; ++n) rows_of[n] = n < ncols ? static_cast<int64_t>(e) * H + col0 + n : -1;
             bt = lora_slice(lora.down_b, R, rows_of);
           }
-          packed_avx512::down_epilogue(mrows, ncols, c, R > 0 ? ha + first * R : nullptr, R, bt,
-                                       out ? out + first * H + col0 : nullptr,
-                                       out16 ? out16 + first * H + col0 : nullptr, H);
+          op.row_ops().down_epilogue(mrows, ncols, c, R > 0 ? ha + first * R : nullptr, R, bt,
+                                     out ? out + first * H + col0 : nullptr, out16 ? out16 + first * H + col0 : nullptr,
+                                     H);
         }
       }
     });
@@ -463,9 +468,9 @@ void ExpertsOp::combine_bf16_rows(ThreadPool& pool, const Routing& r, const bf16
       for (int k = 0; k < K; ++k) {  // in slot order, as combine: the same sums whatever the thread count
         const int64_t slot = tok * K + k;
         const int64_t row = r.slot_row[slot];
-        if (row >= 0) packed_avx512::add_scaled_bf16_row(H, scale ? scale[slot] : 1.f, rows + row * H, acc);
+        if (row >= 0) row_ops().add_scaled_bf16_row(H, scale ? scale[slot] : 1.f, rows + row * H, acc);
       }
-      packed_avx512::f32_to_bf16_row(acc, H, out + tok * H);
+      row_ops().f32_to_bf16_row(acc, H, out + tok * H);
     }
   });
 }
@@ -572,9 +577,9 @@ void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const
                           reinterpret_cast<const bf16*>(bt1), panel);
         }
         const int col0 = b * 32, ncols = std::min(32, N - col0);
-        packed_avx512::down_epilogue(mrows, ncols, panel, R > 0 ? p + first * R : nullptr, R,
-                                     R > 0 ? bts + (b - t.b0) * R * 32 : nullptr, c ? c + first * N + col0 : nullptr,
-                                     c ? nullptr : c16 + first * N + col0, N);
+        row_ops().down_epilogue(mrows, ncols, panel, R > 0 ? p + first * R : nullptr, R,
+                                R > 0 ? bts + (b - t.b0) * R * 32 : nullptr, c ? c + first * N + col0 : nullptr,
+                                c ? nullptr : c16 + first * N + col0, N);
       }
     }
   });

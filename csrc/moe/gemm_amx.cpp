@@ -10,6 +10,7 @@ namespace {
 // gcc's tile intrinsics paste their tile numbers into the assembly text, so each tile the panels use is
 // spelled out as a literal.
 struct AmxTiles {
+  static const PackedRowOps& ops() { return kPackedRowOpsAvx512; }  // AMX CPUs have AVX512-BF16 / VNNI
   static void configure(const TileConfig* cfg) { _tile_loadconfig(cfg); }
   static void release() { _tile_release(); }
   template <int T>
@@ -68,11 +69,12 @@ struct AmxTiles {
 
 // clang-format off: the kernel table keeps its hand layout (fields in PackedKernels order)
 const PackedKernels kAmxBf16Packed = {"amx_bf16", PackedFormat::kBF16, amx_bf16_panel<AmxTiles>, nullptr,
-                                      packed_avx512::pack_columns_bf16, nullptr, amx_fp8_panel<AmxTiles>};
+                                      packed_avx512::pack_columns_bf16, nullptr, amx_fp8_panel<AmxTiles>,
+                                      &kPackedRowOpsAvx512};
 const PackedKernels kAmxInt8Packed = {"amx_int8", PackedFormat::kInt8, nullptr, amx_int8_panel<AmxTiles>, nullptr,
-                                      nullptr, nullptr};
+                                      nullptr, nullptr, &kPackedRowOpsAvx512};
 const PackedKernels kAmxInt4Packed = {"amx_int4", PackedFormat::kInt4, nullptr, nullptr, nullptr,
-                                      amx_int4_panel<AmxTiles>, nullptr};
+                                      amx_int4_panel<AmxTiles>, nullptr, &kPackedRowOpsAvx512};
 // clang-format on
 
 }  // namespace kt

@@ -1,6 +1,7 @@
 // A scalar model of the AMX instructions the tile panels use, behind the same panel code as gemm_amx.cpp.
-// The registry offers it under the AMX names only when KT_AMX_EMULATE=1 on a CPU without AMX (and with
-// AVX512-BF16 / VNNI for the few-row path): slow, but it runs the tile code's addressing in CI.
+// The registry offers it under the AMX names only when KT_AMX_EMULATE=1 on a CPU without AMX: slow, but it runs
+// the tile code's addressing in CI. The work around the tiles (few-row panels, conversions, epilogues) is
+// AVX-512's where the CPU has AVX512-BF16 / VNNI, else plain C++ (kPackedRowOpsScalar): it runs on any CPU.
 #include <cstring>
 
 #include "amx_panels.h"
@@ -10,7 +11,9 @@ namespace {
 
 thread_local uint8_t t_tiles[8][kTileBytes];
 
+template <const PackedRowOps& kOps>
 struct EmulatedTiles {
+  static const PackedRowOps& ops() { return kOps; }
   static void configure(const TileConfig*) {}
   static void release() {}
   template <int T>
@@ -63,13 +66,23 @@ struct EmulatedTiles {
 
 }  // namespace
 
-// clang-format off: the kernel table keeps its hand layout (fields in PackedKernels order)
-const PackedKernels kAmxBf16Emulated = {"amx_bf16", PackedFormat::kBF16, amx_bf16_panel<EmulatedTiles>, nullptr,
-                                        packed_avx512::pack_columns_bf16, nullptr, amx_fp8_panel<EmulatedTiles>};
-const PackedKernels kAmxInt8Emulated = {"amx_int8", PackedFormat::kInt8, nullptr, amx_int8_panel<EmulatedTiles>,
-                                        nullptr, nullptr, nullptr};
+// clang-format off: the kernel tables keep their hand layout (fields in PackedKernels order)
+using WithAvx512 = EmulatedTiles<kPackedRowOpsAvx512>;
+using Scalar = EmulatedTiles<kPackedRowOpsScalar>;
+const PackedKernels kAmxBf16Emulated = {"amx_bf16", PackedFormat::kBF16, amx_bf16_panel<WithAvx512>, nullptr,
+                                        packed_avx512::pack_columns_bf16, nullptr, amx_fp8_panel<WithAvx512>,
+                                        &kPackedRowOpsAvx512};
+const PackedKernels kAmxInt8Emulated = {"amx_int8", PackedFormat::kInt8, nullptr, amx_int8_panel<WithAvx512>,
+                                        nullptr, nullptr, nullptr, &kPackedRowOpsAvx512};
 const PackedKernels kAmxInt4Emulated = {"amx_int4", PackedFormat::kInt4, nullptr, nullptr, nullptr,
-                                        amx_int4_panel<EmulatedTiles>, nullptr};
+                                        amx_int4_panel<WithAvx512>, nullptr, &kPackedRowOpsAvx512};
+const PackedKernels kAmxBf16EmulatedScalar = {"amx_bf16", PackedFormat::kBF16, amx_bf16_panel<Scalar>, nullptr,
+                                              kPackedRowOpsScalar.pack_columns_bf16, nullptr, amx_fp8_panel<Scalar>,
+                                              &kPackedRowOpsScalar};
+const PackedKernels kAmxInt8EmulatedScalar = {"amx_int8", PackedFormat::kInt8, nullptr, amx_int8_panel<Scalar>,
+                                              nullptr, nullptr, nullptr, &kPackedRowOpsScalar};
+const PackedKernels kAmxInt4EmulatedScalar = {"amx_int4", PackedFormat::kInt4, nullptr, nullptr, nullptr,
+                                              amx_int4_panel<Scalar>, nullptr, &kPackedRowOpsScalar};
 // clang-format on
 
 }  // namespace kt

@@ -567,13 +567,37 @@ void tn_bf16_rows(int R, int N, int rows, const float* p, int ldp, const bf16* a
 
 }  // namespace packed_avx512
 
+const PackedRowOps kPackedRowOpsAvx512 = {
+    packed_avx512::bf16_panel,
+    packed_avx512::int8_panel,
+    packed_avx512::int4_panel,
+    packed_avx512::fp8_panel,
+    packed_avx512::pack_columns_bf16,
+    packed_avx512::unpack_int4_tile,
+    packed_avx512::group_sums,
+    packed_avx512::fold_int4_group,
+    packed_avx512::fp8_tiles_to_bf16,
+    packed_avx512::fold_fp8_segment,
+    packed_avx512::f32_to_bf16_row,
+    packed_avx512::bf16_to_f32_row,
+    packed_avx512::quantize_row_int8,
+    packed_avx512::gate_up_epilogue,
+    packed_avx512::down_epilogue,
+    packed_avx512::add_scaled_bf16_row,
+    packed_avx512::silu_backward_fused_row,
+    packed_avx512::rows_times_bt_bf16,
+    packed_avx512::tn_bf16_rows,
+};
+
 // clang-format off: the kernel table keeps its hand layout (fields in PackedKernels order)
 const PackedKernels kAvx512Bf16Packed = {"avx512_bf16_packed", PackedFormat::kBF16, packed_avx512::bf16_panel,
-                                         nullptr, packed_avx512::pack_columns_bf16, nullptr, packed_avx512::fp8_panel};
+                                         nullptr, packed_avx512::pack_columns_bf16, nullptr, packed_avx512::fp8_panel,
+                                         &kPackedRowOpsAvx512};
 const PackedKernels kAvx512VnniInt8Packed = {"avx512_vnni_int8", PackedFormat::kInt8, nullptr,
-                                             packed_avx512::int8_panel, nullptr, nullptr, nullptr};
+                                             packed_avx512::int8_panel, nullptr, nullptr, nullptr,
+                                             &kPackedRowOpsAvx512};
 const PackedKernels kAvx512VnniInt4Packed = {"avx512_vnni_int4", PackedFormat::kInt4, nullptr, nullptr, nullptr,
-                                             packed_avx512::int4_panel, nullptr};
+                                             packed_avx512::int4_panel, nullptr, &kPackedRowOpsAvx512};
 // clang-format on
 
 }  // namespace kt

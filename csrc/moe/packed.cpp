@@ -149,7 +149,23 @@ AlignedBuffer::AlignedBuffer(size_t bytes) : size_(bytes) {
   data_.reset(static_cast<uint8_t*>(p));
 }
 
-PackedTensor packed_layout(int E, int N, int K, PackedFormat format, bool interleave_halves, int fp8_block_cols) {
+AlignedBuffer AlignedBuffer::borrowed(uint8_t* data, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(data) % 64 != 0)
+    throw std::invalid_argument("packed weights: a borrowed buffer must be 64-byte aligned");
+  AlignedBuffer b;
+  b.data_ = std::unique_ptr<uint8_t, AlignedFree>(data, AlignedFree{false});
+  b.size_ = bytes;
+  return b;
+}
+
+AlignedBuffer AlignedBuffer::unallocated(size_t bytes) {
+  AlignedBuffer b;
+  b.size_ = bytes;
+  return b;
+}
+
+PackedTensor packed_layout(int E, int N, int K, PackedFormat format, bool interleave_halves, int fp8_block_cols,
+                           bool allocate_data) {
   PackedTensor p;
   p.format = format;
   p.experts = E;
@@ -165,7 +181,8 @@ PackedTensor packed_layout(int E, int N, int K, PackedFormat format, bool interl
     p.k_blocks = p.segments.back().kb1;
   }
   const int64_t num_tiles = static_cast<int64_t>(E) * p.n_tiles;
-  p.data = AlignedBuffer(static_cast<size_t>(num_tiles * p.k_blocks * tile_bytes(format)));
+  const auto bytes = static_cast<size_t>(num_tiles * p.k_blocks * tile_bytes(format));
+  p.data = allocate_data ? AlignedBuffer(bytes) : AlignedBuffer::unallocated(bytes);
   if (format == PackedFormat::kInt4) {
     p.scale.assign(num_tiles * p.groups() * kTileRows, 0.f);
     p.scale_zero.assign(num_tiles * p.groups() * kTileRows, 0.f);

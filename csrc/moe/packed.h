@@ -73,6 +73,8 @@ std::vector<Fp8Segment> fp8_segments(int K, int block, int split);
 // Kernels over packed weights. A panel computes C [rows, 32] = A [rows, K] . (two packed n-tiles)^T.
 // `a` must stay readable for round_up(rows, 32) rows of `lda` elements (its owner pads): AMX loads whole
 // 16-row tiles and the rows past `rows` are discarded. C is [round_up(rows, 32)][32] fp32, contiguous.
+struct PackedRowOps;
+
 struct PackedKernels {
   const char* name;
   PackedFormat format;
@@ -92,6 +94,8 @@ struct PackedKernels {
   // b the tiles as q / 256 and s = s0 for n < 16, s1 after (each scale times 256). Null: the format takes no fp8.
   void (*fp8_panel)(int rows, int nseg, const Fp8Segment* seg, const bf16* a, int lda, const uint8_t* b0,
                     const uint8_t* b1, const float* s0, const float* s1, float* c);
+  // The rest of the packed passes' work (PackedRowOps, below), in the instruction set these panels may use.
+  const PackedRowOps* ops;
 };
 
 // AVX-512 panels on packed weights (gemm_packed_avx512.cpp); the AMX panels use them for few rows, where
@@ -153,6 +157,36 @@ void tn_bf16_rows(int R, int N, int rows, const float* p, int ldp, const bf16* a
                   float* out);
 }  // namespace packed_avx512
 
+// The work of the packed passes around the panels' tile products, one table per instruction set, with the contracts
+// of packed_avx512 above: the few-row panels, column packing for the backward, int4 / fp8 tile conversions and folds,
+// row conversions, the epilogues and the rank-r products of the LoRA backward. kPackedRowOpsAvx512 is
+// packed_avx512's; kPackedRowOpsScalar (gemm_packed_scalar.cpp) is plain C++, for the AMX emulation on CPUs without
+// AVX512-BF16 / VNNI.
+struct PackedRowOps {
+  decltype(&packed_avx512::bf16_panel) bf16_panel;
+  decltype(&packed_avx512::int8_panel) int8_panel;
+  decltype(&packed_avx512::int4_panel) int4_panel;
+  decltype(&packed_avx512::fp8_panel) fp8_panel;
+  decltype(&packed_avx512::pack_columns_bf16) pack_columns_bf16;
+  decltype(&packed_avx512::unpack_int4_tile) unpack_int4_tile;
+  decltype(&packed_avx512::group_sums) group_sums;
+  decltype(&packed_avx512::fold_int4_group) fold_int4_group;
+  decltype(&packed_avx512::fp8_tiles_to_bf16) fp8_tiles_to_bf16;
+  decltype(&packed_avx512::fold_fp8_segment) fold_fp8_segment;
+  decltype(&packed_avx512::f32_to_bf16_row) f32_to_bf16_row;
+  decltype(&packed_avx512::bf16_to_f32_row) bf16_to_f32_row;
+  decltype(&packed_avx512::quantize_row_int8) quantize_row_int8;
+  decltype(&packed_avx512::gate_up_epilogue) gate_up_epilogue;
+  decltype(&packed_avx512::down_epilogue) down_epilogue;
+  decltype(&packed_avx512::add_scaled_bf16_row) add_scaled_bf16_row;
+  decltype(&packed_avx512::silu_backward_fused_row) silu_backward_fused_row;
+  decltype(&packed_avx512::rows_times_bt_bf16) rows_times_bt_bf16;
+  decltype(&packed_avx512::tn_bf16_rows) tn_bf16_rows;
+};
+
+extern const PackedRowOps kPackedRowOpsAvx512;
+extern const PackedRowOps kPackedRowOpsScalar;
+
 extern const PackedKernels kAvx512Bf16Packed;
 extern const PackedKernels kAvx512VnniInt8Packed;
 extern const PackedKernels kAmxBf16Packed;
@@ -162,20 +196,35 @@ extern const PackedKernels kAmxInt8Emulated;
 extern const PackedKernels kAvx512VnniInt4Packed;
 extern const PackedKernels kAmxInt4Packed;
 extern const PackedKernels kAmxInt4Emulated;
+// The emulation on CPUs without AVX512-BF16 / VNNI: scalar row work (kPackedRowOpsScalar) beside the tile model.
+extern const PackedKernels kAmxBf16EmulatedScalar;
+extern const PackedKernels kAmxInt8EmulatedScalar;
+extern const PackedKernels kAmxInt4EmulatedScalar;
 
-// 64-byte aligned, zero-initialized bytes.
+// Frees an AlignedBuffer's bytes, unless they are borrowed.
+struct AlignedFree {
+  bool owned = true;
+  void operator()(uint8_t* p) const {
+    if (owned) std::free(p);
+  }
+};
+
+// 64-byte aligned, zero-initialized bytes; or bytes owned elsewhere (borrowed), or a size with no bytes yet.
 class AlignedBuffer {
  public:
   AlignedBuffer() = default;
   explicit AlignedBuffer(size_t bytes);
+  // `bytes` at `data`, 64-byte aligned, owned by the caller (a file mapping every rank of a node shares), which
+  // keeps them alive and unchanged while the buffer is in use; never freed here.
+  static AlignedBuffer borrowed(uint8_t* data, size_t bytes);
+  // The size of a buffer whose bytes are not allocated (a layout whose data will be borrowed).
+  static AlignedBuffer unallocated(size_t bytes);
   uint8_t* data() const { return data_.get(); }
   size_t size() const { return size_; }
+  bool owned() const { return data_.get_deleter().owned; }
 
  private:
-  struct Free {
-    void operator()(uint8_t* p) const { std::free(p); }
-  };
-  std::unique_ptr<uint8_t, Free> data_;
+  std::unique_ptr<uint8_t, AlignedFree> data_;
   size_t size_ = 0;
 };
 
@@ -214,8 +263,10 @@ struct PackedTensor {
 };
 
 // The zeroed layout pack_tensor fills (sizes of every buffer), for packing or for loading saved buffers.
-// fp8_block_cols: the inputs per block of the fp8 scales (fp8 only).
-PackedTensor packed_layout(int E, int N, int K, PackedFormat format, bool interleave_halves, int fp8_block_cols = 0);
+// fp8_block_cols: the inputs per block of the fp8 scales (fp8 only). allocate_data: false leaves the tiles'
+// buffer unallocated (its size only), for a layout whose tiles are borrowed or only measured.
+PackedTensor packed_layout(int E, int N, int K, PackedFormat format, bool interleave_halves, int fp8_block_cols = 0,
+                           bool allocate_data = true);
 
 // Names the packed layout and its version ("kt-packed-v1/int8/tile1024/g128"): saved buffers are only
 // reloaded under the same tag.

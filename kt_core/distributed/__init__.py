@@ -4,6 +4,8 @@ the routed experts in host memory once per node.
 ranks.py         this process's place among the ranks of its node (LOCAL_RANK / LOCAL_WORLD_SIZE)
 shared_store.py  the frozen expert weights of every CPU-experts layer in one file under /dev/shm, written by local
                  rank 0 and mapped by every rank of the node (kt_core.load_model)
+shared_packs.py  the packed kernels' copy of those weights (their tile layout) in a second such file: local rank 0
+                 packs, every rank's operators borrow the tiles
 cpus.py          each rank's share of the node's CPUs for its experts thread pool
 ddp.py           the experts kept out of DistributedDataParallel (its own params-to-ignore hook): the frozen
                  weights, and the expert LoRA factors, whose gradients ExpertLoraAverager averages over gloo

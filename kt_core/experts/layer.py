@@ -129,6 +129,7 @@ class KTExperts(nn.Module):
         # The C++ operator over these weights, and the (kernel, weight pointers) it was built for: see operator().
         self._op = None
         self._op_key: tuple | None = None
+        self._packed_source = None  # what holds the tiles `_op` borrows, if it borrows them (use_operator)
         # The GPU side of the split (None: every expert on the CPU); not a submodule, not in the state dict.
         self.gpu_share: GpuShare | None = None
         if lora_rank:
@@ -317,13 +318,23 @@ class KTExperts(nn.Module):
 
     def operator(self):
         """The C++ operator over this layer's weights (built, and packed, on first use or when they were replaced)."""
+        key = self._operator_key()
+        if self._op_key != key:
+            self._op = kernels.build_operator(self)
+            self._op_key = key  # a shared packed copy stays mapped (`_packed_source`): ops built on it may live on
+        return self._op
+
+    def use_operator(self, op, packed_source=None) -> None:
+        """Takes `op`, built over this layer's weights as they are now (kernels.new_operator), as the operator until
+        they are replaced; `packed_source` (kept alive with it) holds the packed tiles it borrows
+        (kt_core.distributed.shared_packs)."""
+        self._op, self._op_key, self._packed_source = op, self._operator_key(), packed_source
+
+    def _operator_key(self) -> tuple:
         key = (self.kernel, self.gate_up_proj.data_ptr(), self.down_proj.data_ptr())
         if self.is_fp8:
             key += (self.gate_up_proj_scale_inv.data_ptr(), self.down_proj_scale_inv.data_ptr())
-        if self._op_key != key:
-            self._op = kernels.build_operator(self)
-            self._op_key = key
-        return self._op
+        return key
 
     def active_lora_factors(self) -> tuple[torch.Tensor, ...]:
         """The LoRA factors a forward applies: none without an adapter or while `lora_enabled` is False."""

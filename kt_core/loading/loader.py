@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from kt_core.architectures import Architecture, get_architecture
 from kt_core.distributed import SharedExperts, local_ranks
+from kt_core.distributed.shared_packs import share_packed_weights
 from kt_core.distributed.shared_store import DEFAULT_FOLDER
 from kt_core.loading.checkpoint import Checkpoint, CheckpointError
 from kt_core.loading.fp8 import (
@@ -268,6 +269,8 @@ def load_model(
         if shared is not None:
             shared.publish()
     _finish(model, plan, str(path))
+    if shared is not None:  # the packed kernels' copy of the experts, once per node too
+        share_packed_weights(model, shared)
     _expect_peft()
     return model
 
