@@ -53,7 +53,10 @@ SHAPES = {
         "qk_nope_head_dim": 64,
         "qk_rope_head_dim": 32,
         "v_head_dim": 64,
-        "moe_layer_freq": 1,  # SGLang's DeepSeek model reads it; DeepSeek's own config.json has it
+        # SGLang's DeepSeek model reads these three; DeepSeek-V3's own config.json has them with these values
+        "moe_layer_freq": 1,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
     },
 }
 SERVER_FLAGS = ["--mem-fraction-static", "0.15", "--cuda-graph-max-bs", "16", "--log-level", "warning"]

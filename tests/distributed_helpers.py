@@ -28,8 +28,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: str, args: list[str], *, ranks: int, env: dict | None = None, timeout: float = 600):
-    """Runs `script args` as one process (ranks 1) or under `python -m torch.distributed.run` with `ranks` processes,
+def launch(script: str, args: list[str], *, ranks: int, env: dict | None = None, timeout: float = 600,
+           torchrun: bool | None = None):  # fmt: skip
+    """Runs `script args` as one process (ranks 1) or under `python -m torch.distributed.run` with `ranks` processes
+    (`torchrun=True`: under torchrun with one rank too),
     with the repository first on PYTHONPATH, one OpenMP thread per process and no torchrun variables inherited;
     fails the test with the output's end when it fails. Returns the CompletedProcess."""
     environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -37,7 +39,7 @@ def launch(script: str, args: list[str], *, ranks: int, env: dict | None = None,
     for name in TORCHRUN_VARIABLES:
         environ.pop(name, None)
     launcher = [sys.executable]
-    if ranks > 1:
+    if ranks > 1 if torchrun is None else torchrun:
         launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(free_port())]
     done = subprocess.run([*launcher, script, *map(str, args)], env=environ, capture_output=True, text=True,
                           timeout=timeout)  # fmt: skip

@@ -37,7 +37,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Unsupported layer type")
 
 
 def _run(checkpoint: Path, out: Path, *, ranks: int, fsdp: bool, accumulate: int = 1, device: str = "cpu") -> dict:
-    done = launch(__file__, [checkpoint, out, int(fsdp), accumulate, device], ranks=ranks)
+    hide_gpus = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}  # a CPU run's mesh on a GPU machine: cpu
+    done = launch(__file__, [checkpoint, out, int(fsdp), accumulate, device], ranks=ranks, env=hide_gpus,
+                  torchrun=fsdp or None)  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     report["log"] = done.stdout + done.stderr
     return report
@@ -98,6 +100,25 @@ def test_fsdp2_two_gpus_match_one_gpu(tmp_path):
     one = _run(tmp_path / "ckpt", tmp_path / "one", ranks=1, fsdp=False, accumulate=2, device="cuda")
     two = _run(tmp_path / "ckpt", tmp_path / "two", ranks=2, fsdp=True, accumulate=2, device="cuda")
     _check_two_ranks(one, two, tmp_path / "two")
+
+
+@pytest.mark.gpu
+def test_fsdp2_on_one_gpu_keeps_the_experts_in_host_memory(tmp_path):
+    """torchrun with one rank over NCCL: the Trainer moves the model to the GPU and FSDP2 shards it, the routed
+    experts' weights stay in host memory (their LoRA factors too), and the curve is the plain one-GPU run's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from tests.tiny_models import build_tiny_model, save_fused_checkpoint
+
+    save_fused_checkpoint(build_tiny_model("qwen3_moe", num_layers=2), tmp_path / "ckpt")
+    plain = _run(tmp_path / "ckpt", tmp_path / "plain", ranks=1, fsdp=False, device="cuda")
+    fsdp = _run(tmp_path / "ckpt", tmp_path / "fsdp", ranks=1, fsdp=True, device="cuda")
+    assert fsdp["engine"] == "FSDP2" and fsdp["world_size"] == 1
+    for report in (plain, fsdp):
+        assert report["expert_devices"] == ["cpu"], report["expert_devices"]
+        assert report["attention_devices"] == ["cuda:0"], report["attention_devices"]
+    assert plain["losses"][-1] != plain["losses"][0]
+    torch.testing.assert_close(torch.tensor(fsdp["losses"]), torch.tensor(plain["losses"]), rtol=2e-3, atol=0)
 
 
 # ---- one rank: the hook-up and the refusals ----------------------------------------------------------------------
@@ -263,6 +284,7 @@ def _train(checkpoint: str, out: str, fsdp: str, accumulate: str, device: str) -
         f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, KTExperts) for p, _ in m.named_parameters()
     ]
     factors.update({f"{n}.value": p.detach().clone() for n, p in model.named_parameters() if ".experts.lora." in n})
+    expert_tensors = [t for m in model.modules() if isinstance(m, KTExperts) for t in [*m.parameters(), *m.buffers()]]
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(factors, Path(out, f"factors-{rank}.pt"))
     if trainer.is_world_process_zero():
@@ -271,10 +293,12 @@ def _train(checkpoint: str, out: str, fsdp: str, accumulate: str, device: str) -
             "grad_norms": [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e],
             "reductions": model.kt_lora_averager.reductions,
             "broadcasts": model.kt_lora_averager.broadcasts,
-            "engine": model.kt_lora_averager._engine if world > 1 else None,
+            "engine": model.kt_lora_averager._engine if dist.is_initialized() else None,
             "world_size": trainer.args.world_size,
             "expert_tensors": experts,
             "sharded": [n for n, p in model.named_parameters() if isinstance(p, DTensor)],
+            "expert_devices": sorted({str(t.device) for t in expert_tensors}),
+            "attention_devices": sorted({str(p.device) for n, p in model.named_parameters() if ".self_attn." in n}),
         }
         Path(out, "report.json").write_text(json.dumps(report))
 

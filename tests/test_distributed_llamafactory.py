@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 from kt_core.settings import SettingError
 from kt_plugins.llamafactory.config import split_kt_args
@@ -16,7 +17,7 @@ RANK_VARIABLES = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK", "RANK")
 
 @pytest.fixture
 def torchrun(monkeypatch):
-    """This process as local rank 1 of 2 of a two-rank job (on this CPU machine: each rank's device is cpu)."""
+    """This process as local rank 1 of 2 of a two-rank job (each rank's device: cpu, or its GPU where there are)."""
     for name, value in zip(RANK_VARIABLES, ("2", "2", "1", "1"), strict=True):
         monkeypatch.setenv(name, value)
 
@@ -58,8 +59,10 @@ def test_shared_experts_reach_load_model(one_process, monkeypatch, tmp_path):
 def test_each_rank_takes_its_own_device(torchrun):
     from kt_core.loading.loader import resolve_devices
 
-    assert _settings().kt_device is None and resolve_devices(None) == ["cpu"]
-    assert _settings(kt_device="cpu").kt_device == "cpu"  # this rank's device on a CPU machine: accepted
+    gpus = torch.cuda.device_count()
+    assert _settings().kt_device is None and resolve_devices(None) == [f"cuda:{1 % gpus}" if gpus else "cpu"]
+    if not gpus:
+        assert _settings(kt_device="cpu").kt_device == "cpu"  # this rank's device on a CPU machine: accepted
     assert _settings(kt_optimize_rule="cpu-only.yaml").kt_optimize_rule == "cpu-only.yaml"
 
 

@@ -259,7 +259,11 @@ def _param_groups(module: nn.Module) -> list:
     groups, seen = [], set()
     for m in module.modules():
         if isinstance(m, FSDPModule):
-            for g in m._get_fsdp_state()._fsdp_param_groups:
+            state = m._get_fsdp_state()
+            own = getattr(state, "_fsdp_param_groups", None)
+            if own is None:  # torch <= 2.11: one group per module (None when it holds no parameter of its own)
+                own = [g for g in [state._fsdp_param_group] if g is not None]
+            for g in own:
                 if id(g) not in seen:
                     seen.add(id(g))
                     groups.append(g)
