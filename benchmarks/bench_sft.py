@@ -219,6 +219,10 @@ def write_checkpoint(
         weight_map.update(dict.fromkeys(keys, name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    if not config.architectures:  # servers (SGLang) pick the model class by it, as from a released config.json
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     config.save_pretrained(tmp)
     if fp8:
         saved = json.loads((tmp / "config.json").read_text())

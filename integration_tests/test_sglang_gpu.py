@@ -48,11 +48,12 @@ SHAPES = {
         "hidden_size": 256,
         "moe_intermediate_size": 128,
         "intermediate_size": 512,
+        # DeepSeek-V3's MLA widths: SGLang's MLA decode kernels take a latent of 512 + 64 (or 256 + 32) only
         "q_lora_rank": 64,
-        "kv_lora_rank": 64,
-        "qk_nope_head_dim": 64,
-        "qk_rope_head_dim": 32,
-        "v_head_dim": 64,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
         # SGLang's DeepSeek model reads these three; DeepSeek-V3's own config.json has them with these values
         "moe_layer_freq": 1,
         "scoring_func": "sigmoid",

@@ -215,6 +215,51 @@ def test_accelerate_fsdp_settings_we_do_not_run_are_refused(setting, message):
         prepare_fsdp2(_tiny_with_expert_lora(), plugin)
 
 
+def test_per_mesh_clipping_takes_the_host_gradients():
+    """Newer accelerate clips under FSDP2 one device mesh at a time (Accelerator._clip_grad_norm_dtensor_aware),
+    which cannot take the factors' plain host gradients beside DTensor ones; wrapped, the total norm and the clipped
+    gradients are torch.nn.utils.clip_grad_norm_'s over all of them."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    from kt_core.distributed.fsdp import clip_with_host_gradients
+
+    def per_mesh(self, parameters, max_norm, norm_type=2, foreach=None):  # stand-in for accelerate's
+        if not all(isinstance(p.grad, DTensor) for p in parameters):
+            raise RuntimeError("Expected all tensors to be on the same device")
+        total = torch.nn.utils.get_total_norm([p.grad.full_tensor() for p in parameters], norm_type)
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach)
+        return total
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 5), (7,), (3, 4), (9,)]  # two FSDP2 parameters, then two host factors
+    values = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) * (i + 1) for i, s in enumerate(shapes)]
+    reference = [torch.nn.Parameter(v.clone()) for v in values]
+    for p, grad in zip(reference, grads, strict=True):
+        p.grad = grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_(reference, max_norm=0.5)
+    with _one_rank_group():
+        mesh = init_device_mesh("cpu", (1,))
+        params = []
+        for i, (v, grad) in enumerate(zip(values, grads, strict=True)):
+            p = torch.nn.Parameter(distribute_tensor(v, mesh, [Shard(0)]) if i < 2 else v.clone())
+            p.grad = distribute_tensor(grad, mesh, [Shard(0)]) if i < 2 else grad.clone()
+            params.append(p)
+        with implicit_replication():
+            with pytest.raises(RuntimeError, match="same device"):
+                per_mesh(None, params, 0.5)
+            clip = clip_with_host_gradients(per_mesh)
+            norm = clip(None, params, float("inf"))
+            assert torch.allclose(norm, torch.linalg.vector_norm(torch.cat([x.flatten() for x in grads])))
+            total = clip(None, params, 0.5)
+        assert torch.allclose(total, expected)
+        for p, ref in zip(params, reference, strict=True):
+            got = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            torch.testing.assert_close(got, ref.grad)
+
+
 def test_prepare_fsdp2_adds_the_experts_to_accelerates_ignored_modules():
     from kt_core import KTExperts
 

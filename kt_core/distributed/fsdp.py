@@ -43,7 +43,14 @@ from torch import nn
 from kt_core.distributed.ddp import EngineSync, ExpertLoraAverager, prepare_data_parallel
 from kt_core.settings import SettingError
 
-__all__ = ["accelerate_fsdp_plugin", "check_fsdp_plugin", "fsdp2_sync", "fsdp_ignored_params", "prepare_fsdp2"]
+__all__ = [
+    "accelerate_fsdp_plugin",
+    "check_fsdp_plugin",
+    "clip_with_host_gradients",
+    "fsdp2_sync",
+    "fsdp_ignored_params",
+    "prepare_fsdp2",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +157,7 @@ def prepare_fsdp2(model: nn.Module, plugin=None) -> ExpertLoraAverager | None:
     if plugin is None:
         return None
     check_fsdp_plugin(plugin)
+    _clip_host_gradients_apart()
     experts = _experts_modules(model)
     if experts:
         modules = _user_ignored_modules(plugin, model)
@@ -157,6 +165,59 @@ def prepare_fsdp2(model: nn.Module, plugin=None) -> ExpertLoraAverager | None:
         plugin.ignored_modules = modules + [m for m in experts if id(m) not in known]
         logger.info("FSDP2 leaves the %d routed-experts modules unsharded (ignored_params)", len(experts))
     return prepare_data_parallel(model)
+
+
+def _clip_host_gradients_apart() -> None:
+    """Makes accelerate's FSDP2 gradient clipping take the expert-LoRA factors' host gradients (idempotent).
+
+    Newer accelerate releases (1.16; 1.11 clips through torch.nn.utils.clip_grad_norm_, which needs nothing)
+    clip under FSDP2 with `Accelerator._clip_grad_norm_dtensor_aware`: one norm per device mesh, stacked. The
+    factors' gradients are plain host tensors beside FSDP2's DTensor gradients on the GPU, so their norm is a host
+    tensor stacked with a GPU one, and the Trainer's first clipped step stops ("Expected all tensors to be on the
+    same device"). `clip_with_host_gradients` wraps that method.
+    """
+    from accelerate import Accelerator
+
+    clip = getattr(Accelerator, "_clip_grad_norm_dtensor_aware", None)
+    if clip is None or getattr(clip, "kt_host_gradients", False):
+        return
+    Accelerator._clip_grad_norm_dtensor_aware = clip_with_host_gradients(clip)
+
+
+def clip_with_host_gradients(clip):
+    """`clip(self, parameters, max_norm, norm_type=2, foreach=None)` (accelerate's per-mesh clipping) with the
+    plain host-tensor gradients taken apart: `clip` gives the norm of the others (max_norm inf: nothing clipped),
+    the host gradients' norm joins it on its device, and every gradient is clipped by the total, group by group
+    (host gradients; each mesh's DTensor gradients). Returns the total norm, as `clip` does. Without DTensor
+    gradients, or with norm_type 0, `clip` runs as it is."""
+    import functools
+    from collections import defaultdict
+
+    import torch
+    from torch.distributed.tensor import DTensor
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    @functools.wraps(clip)
+    def clipped(self, parameters, max_norm, norm_type=2, foreach=None):
+        parameters = [p for p in parameters if p.grad is not None]
+        host = [p for p in parameters if not isinstance(p.grad, DTensor) and p.grad.device.type == "cpu"]
+        if not host or norm_type == 0 or not any(isinstance(p.grad, DTensor) for p in parameters):
+            return clip(self, parameters, max_norm, norm_type, foreach)
+        on_host = {id(p) for p in host}
+        rest = [p for p in parameters if id(p) not in on_host]
+        theirs = clip(self, rest, float("inf"), norm_type, foreach)
+        ours = get_total_norm([p.grad for p in host], norm_type, foreach=foreach).to(theirs.device)
+        total = torch.linalg.vector_norm(torch.stack([theirs, ours]), norm_type)
+        if max_norm != float("inf"):
+            groups = defaultdict(list)
+            for p in rest:
+                groups[getattr(p.grad, "device_mesh", None)].append(p)
+            for group in [host, *groups.values()]:
+                clip_grads_with_norm_(group, max_norm, total, foreach)
+        return total
+
+    clipped.kt_host_gradients = True
+    return clipped
 
 
 # ---- at each forward: read by ExpertLoraAverager -----------------------------------------------------------------

@@ -3,6 +3,7 @@
 python -m kt_core.plan --model deepseek-v3 --machine kt-2x4090-8488c --tokens-per-step 8192
 python -m kt_core.plan --model kimi-k2 --gpus 2x24GiB --pcie 25GB/s --cpu-tflops 4.8 --host-ram 1.5TiB
 python -m kt_core.plan --table          # every model on every known machine, as the README shows it
+python -m kt_core.plan --model deepseek-v3 --machine h200-16c --expert-gpu-memory 24GiB   # a given slot budget
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-tflops", type=float, help="override: effective bf16 TFLOP/s per GPU")
     ap.add_argument("--cpu-tflops", type=float, help="override: effective TFLOP/s of the CPU experts operator")
     ap.add_argument("--host-ram", help="override: host RAM, e.g. 1.5TiB")
+    ap.add_argument("--expert-gpu-memory", help="GPU memory for the streaming slots, e.g. 24GiB (0: experts on the "
+                    "CPU; default: all the room the rest leaves)")  # fmt: skip
     ap.add_argument("--table", action="store_true", help="every model x machine x {bf16, fp8} at --tokens-per-step")
     a = ap.parse_args(argv)
     try:
@@ -86,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                  expert_dtype=dtype)))  # fmt: skip
             return 0
         machine = _machine(a)
-        p = project(MODELS[a.model], machine, tokens_per_step=a.tokens_per_step, seq=a.seq, expert_dtype=a.expert_dtype)
+        budget = None if a.expert_gpu_memory is None else parse_size(a.expert_gpu_memory, "--expert-gpu-memory")
+        p = project(MODELS[a.model], machine, tokens_per_step=a.tokens_per_step, seq=a.seq,
+                    expert_dtype=a.expert_dtype, expert_gpu_memory=budget)  # fmt: skip
     except SettingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,9 +1,12 @@
 """Machines the projection knows. Speeds are effective ones (what our kernels reach), not data-sheet peaks.
 
-Measured on the H200 machine (benchmarks/RESULTS.md): 50-55 GB/s pinned host -> GPU, the CPU operator's
-~0.8 TFLOP/s on 16 AMX Xeon cores, the streamed experts' grouped GEMMs at ~300 TFLOP/s. Other machines
-scale these: CPU by AMX cores (the same kernels), GPU by the data-sheet bf16 peak (the same kernels at the
-same share of peak), PCIe by the link generation. Those scalings are assumptions until measured there.
+Measured on the H200 machine (benchmarks/RESULTS.md): 50-55 GB/s pinned host -> GPU, the streamed experts'
+grouped GEMMs at ~300 TFLOP/s, and the CPU operator at 4.0 TFLOP/s on 15 threads of its 16 AMX Xeon cores (one
+left to the driving thread), counted as the planner counts (4 passes of 2 x 3 x H x I per routed slot) on
+full-width DeepSeek-V3 layers, FP8 experts, 8,192 tokens per step (2026-12-04; bf16 experts on the same run's
+mixed split: 4.4). Other machines scale these: CPU by AMX cores (the same kernels), GPU by the data-sheet bf16
+peak (the same kernels at the same share of peak), PCIe by the link generation. Those scalings are assumptions
+until measured there.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ __all__ = ["MACHINES", "Machine"]
 
 GIB = 2**30
 H200_EFFECTIVE_SHARE = 300e12 / 989e12  # our grouped GEMMs at training batch sizes vs the H200's bf16 dense peak
-CPU_FLOPS_PER_AMX_CORE = 0.8e12 / 16  # the CPU operator's LoRA forward + backward, 16 cores measured
+CPU_FLOPS_PER_AMX_CORE = 4.0e12 / 15  # the CPU operator's LoRA forward + backward, 15 threads measured
+H200_MACHINE_CPU_THREADS = 15  # the operator's threads on the 16-core GPU test machine
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ class Machine:
 MACHINES = {
     m.name: m
     for m in (
-        Machine("h200-16c", 1, 140 * GIB, 300e12, 50e9, 16 * CPU_FLOPS_PER_AMX_CORE, 125 * GIB,
+        Machine("h200-16c", 1, 140 * GIB, 300e12, 50e9, H200_MACHINE_CPU_THREADS * CPU_FLOPS_PER_AMX_CORE, 125 * GIB,
                 "the GPU test machine, measured: one H200, 16 AMX Xeon cores, 125 GiB"),
         Machine("kt-2x4090-8488c", 2, 48 * GIB, 165e12 * H200_EFFECTIVE_SHARE, 25e9, 96 * CPU_FLOPS_PER_AMX_CORE,
                 1536 * GIB, "KTransformers' published class: 2 x RTX 4090 48 GB (PCIe 4), 2 x Xeon 8488C, 1.5 TiB"),

@@ -72,8 +72,14 @@ def project(
     seq: int = 2048,
     expert_dtype: str = "bf16",
     lora_rank: int = 8,
+    expert_gpu_memory: int | None = None,
 ) -> Projection:
-    """Projects one LoRA training step (gradient checkpointing, bf16 non-expert weights)."""
+    """Projects one LoRA training step (gradient checkpointing, bf16 non-expert weights).
+
+    Args:
+        expert_gpu_memory: GPU bytes for the streaming slots, as the runtime's `expert_gpu_memory` (0: every
+            expert on the CPU); None: all the room the rest leaves.
+    """
     if expert_dtype not in BYTES_PER_WEIGHT:
         raise ValueError(f"expert_dtype: got {expert_dtype!r}, expected one of {', '.join(BYTES_PER_WEIGHT)}")
     n, h = tokens_per_step, model.hidden
@@ -93,7 +99,8 @@ def project(
     head = 2 * model.vocab * h * 2 + loss_workspace_bytes(n, model.vocab, h, backend="liger")
     room = machine.gpu_bytes - weights - activations - head
     group = dict(group=dequant_group(H, I), group_expert_bytes=3 * H * I * 2) if block else {}  # FP8 buffer
-    capacity = slot_capacity(max(0, room), model.experts, slot_bytes, slots=1, **group)
+    budget = max(0, room) if expert_gpu_memory is None else min(max(0, room), expert_gpu_memory)
+    capacity = slot_capacity(budget, model.experts, slot_bytes, slots=1, **group)
 
     slots = n * model.experts_per_token / model.experts
     plan = plan_layer(
@@ -114,7 +121,7 @@ def project(
     gpu_bytes = [used] * (machine.gpus - 1) + [used + head]
     host_bytes = HOST_COPIES * model.moe_layers * model.experts * expert_bytes
     problems = []
-    if capacity == 0:
+    if capacity == 0 and expert_gpu_memory != 0:
         problems.append(
             f"GPU: {_gib(machine.gpu_bytes)} per GPU leaves no room for a streaming slot after the non-expert "
             f"weights ({_gib(weights)}), activations ({_gib(activations)}) and lm_head + loss ({_gib(head)}): "
