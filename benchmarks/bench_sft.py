@@ -27,7 +27,7 @@ rows of `--seq` tokens. Modes (each in its own process, so each peak is its own)
 `model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`) in float8_e4m3fn with its 128 x 128 `weight_scale_inv`,
 DeepSeek's `quantization_config` in config.json; the same random weights as the bf16 checkpoint, quantized. kt modes
 load it with `kt_core.load_model(..., expert_dtype="fp8")` (experts kept FP8 in host RAM, half of bf16's bytes);
-kt-stream modes load the experts dequantized to bf16 while a GPU share takes no fp8 weights (the output says so);
+kt-stream modes stream them as FP8 (e4m3 and scales over PCIe, dequantized on the GPU a group at a time);
 the gpu modes load a bf16-dequantized copy (load_dequantized: transformers' FP8 modules do not train); LLaMA-Factory
 modes are refused.
 
@@ -288,17 +288,6 @@ def load_dequantized(path: Path, device: str, dtype: torch.dtype = torch.bfloat1
     return model.eval()
 
 
-def fp8_streaming_supported() -> bool:
-    """Whether a GPU share takes fp8 expert weights (KTExperts.attach_gpu_share refused them when this was written)."""
-    from kt_core import KTExperts
-
-    try:
-        KTExperts(2, 64, 32, dtype=torch.float8_e4m3fn).attach_gpu_share(object())
-    except NotImplementedError:
-        return False
-    return True
-
-
 class StepMeter:
     """A TrainerCallback timing each optimizer step (device-synchronized) and reading the peak GPU memory."""
 
@@ -460,9 +449,6 @@ def run_trainer_mode(mode: str, a) -> dict:
     else:
         expert_dtype = "fp8" if fp8 else None
         weights = "fp8 experts (e4m3, block scales) in host RAM, the rest bf16" if fp8 else "bf16"
-        if fp8 and mode.startswith("kt-stream") and not fp8_streaming_supported():
-            expert_dtype = None
-            weights = "bf16 experts, dequantized from the FP8 checkpoint at load (FP8 experts are not streamed yet)"
         model = kt_core.load_model(
             a.checkpoint, device=a.device, dtype=torch.bfloat16, cpu_infer=a.cpu_infer, expert_dtype=expert_dtype
         )
