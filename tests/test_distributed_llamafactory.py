@@ -125,9 +125,10 @@ def test_stock_launcher_decides_torchrun(monkeypatch, env, devices, torchrun):
         launched.append(command)
         return subprocess.CompletedProcess(command, 0)
 
+    # the tuner first: importing it may build matplotlib's font cache, which runs fc-list through subprocess.run
+    monkeypatch.setattr("llamafactory.train.tuner.run_exp", lambda *a, **k: launched.append("one process"))
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setattr(sys, "argv", ["llamafactory-cli", "train", "config.yaml"])
-    monkeypatch.setattr("llamafactory.train.tuner.run_exp", lambda *a, **k: launched.append("one process"))
     with pytest.raises(SystemExit) if torchrun else _nothing():
         launcher.launch()
     if torchrun:

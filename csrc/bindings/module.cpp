@@ -236,10 +236,13 @@ PYBIND11_MODULE(_C, m) {
     return out;
   });
 
+  // fp8 weights: the packed variants first (they convert e4m3 to bf16 once per packed row and run the bf16 dot
+  // products), then the unpacked ones (e4m3 to fp32 in registers), each group in kernel_variants()'s order.
   m.def("fp8_kernels", [] {
     py::list out;
-    for (const auto& k : kt::kernel_variants())
-      if (k.runnable && k.fp8) out.append(k.name);
+    for (const bool packed : {true, false})
+      for (const auto& k : kt::kernel_variants())
+        if (k.runnable && k.fp8 && (k.packed != nullptr) == packed) out.append(k.name);
     return out;
   });
 
