@@ -108,7 +108,8 @@ def fp8_kernels() -> list[str]:
     """Kernel variants this CPU runs on fp8 expert weights, best first: the bf16 packed variants (amx_bf16,
     avx512_bf16_packed), which pack the e4m3 bytes with their block scales and convert them to bf16 right before the
     dot products, then the unpacked ones, which convert them to fp32 in registers; "torch" (the reference, on weights
-    dequantized per call) is always last. The quantized variants (int8 / int4), which quantize bf16 weights, are not among them."""
+    dequantized per call) is always last. The quantized variants (int8 / int4), which quantize bf16 weights, are
+    not among them."""
     current()
     return [*(_C.fp8_kernels() if _C is not None else []), TORCH_KERNEL]
 
