@@ -28,7 +28,7 @@ Runtime
     configure            sets knobs of the process's RuntimeConfig; they win over the environment
     get_thread_pool      the process-wide pool of `cpu_infer` threads
     enable_streaming     split MoE layers between CPU compute and GPU compute on PCIe-streamed weights
-    ExpertTimer          wall time in a model's routed experts per training step, and its input tokens
+    ExpertTimer          seconds the CPU experts operator computed per training step, and the input tokens
     speed_logs           what the training plugins log per step: tokens/s, the CPU experts' share, the stream split
 Loss
     enable_efficient_loss, disable_efficient_loss, EfficientLoss    the causal-LM loss without [tokens x vocab] logits

@@ -8,7 +8,10 @@ Legend: T = tokens, K = experts per token, E = experts, H = hidden, I = expert i
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -36,6 +39,7 @@ __all__ = [
     "fp8_kernels",
     "lora_args",
     "new_operator",
+    "operator_seconds",
     "phase_times",
     "quantization_error",
     "quantized_kernels",
@@ -279,6 +283,33 @@ def cache_row_floats(module: KTExperts, lora, dtype: torch.dtype | None = None) 
     return _C.cache_row_floats(module.intermediate_dim, module.lora.rank if lora else 0, _DTYPE_NAMES[dtype])
 
 
+_operator_s = 0.0  # wall seconds inside experts_forward / experts_backward in this process (operator_seconds)
+_operator_lock = threading.Lock()  # calls come from the training thread and from the streaming runtime's pool
+
+
+def operator_seconds() -> float:
+    """Wall seconds this process has spent in the CPU operator's calls (experts_forward and experts_backward: every
+    forward, checkpointed recomputation and backward, any thread), cumulative. What `kt_cpu_expert_share` counts
+    (kt_core.runtime.expert_time)."""
+    return _operator_s
+
+
+def _timed(call):
+    @functools.wraps(call)
+    def timed(*args, **kwargs):
+        global _operator_s
+        t0 = time.perf_counter()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            elapsed = time.perf_counter() - t0
+            with _operator_lock:
+                _operator_s += elapsed
+
+    return timed
+
+
+@_timed
 def experts_forward(
     module: KTExperts,
     x: torch.Tensor,
@@ -333,6 +364,7 @@ def experts_forward(
     return y, cache
 
 
+@_timed
 def experts_backward(
     module: KTExperts,
     x: torch.Tensor,

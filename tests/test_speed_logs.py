@@ -54,7 +54,7 @@ def test_with_streaming_the_share_is_the_cpu_operators_seconds():
     assert speed["kt_stream_gpu_ms"] == 5.0 and speed["kt_stream_cpu_slot_share"] == 0.375
 
 
-def test_without_streaming_the_share_is_the_expert_layers_time():
+def test_without_streaming_the_share_is_the_timers_operator_seconds():
     timer = ExpertTimer(nn.Linear(2, 2))
     _timed_steps(timer, n=1, seconds=0.05)
     timer.expert_s = 0.025

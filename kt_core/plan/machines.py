@@ -1,23 +1,24 @@
 """Machines the projection knows. Speeds are effective ones (what our kernels reach), not data-sheet peaks.
 
 Measured on the H200 machine (benchmarks/RESULTS.md): 50-55 GB/s pinned host -> GPU, the streamed experts'
-grouped GEMMs at ~300 TFLOP/s, and the CPU operator at 4.0 TFLOP/s on 15 threads of its 16 AMX Xeon cores (one
-left to the driving thread), counted as the planner counts (4 passes of 2 x 3 x H x I per routed slot) on
-full-width DeepSeek-V3 layers, FP8 experts, 8,192 tokens per step (2026-12-04; bf16 experts on the same run's
-mixed split: 4.4). Other machines scale these: CPU by AMX cores (the same kernels), GPU by the data-sheet bf16
-peak (the same kernels at the same share of peak), PCIe by the link generation. Those scalings are assumptions
-until measured there.
+grouped GEMMs at ~300 TFLOP/s, and the CPU operator on 15 threads of its 16 AMX Xeon cores (one left to the
+driving thread) on full-width DeepSeek-V3 layers at 8,192 tokens per step (2026-12-04), counted as the planner
+counts (4 passes of 2 x 3 x H x I per routed slot): 4.3 TFLOP/s on bf16 experts (the mixed split's CPU calls as
+the streaming runtime times them), ~3.0 on FP8 experts dequantized in registers (the all-CPU run). Other machines
+scale these: CPU by AMX cores (the same kernels), GPU by the data-sheet bf16 peak (the same kernels at the same
+share of peak), PCIe by the link generation. Those scalings are assumptions until measured there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["MACHINES", "Machine"]
+__all__ = ["FP8_CPU_SPEED", "MACHINES", "Machine"]
 
 GIB = 2**30
 H200_EFFECTIVE_SHARE = 300e12 / 989e12  # our grouped GEMMs at training batch sizes vs the H200's bf16 dense peak
-CPU_FLOPS_PER_AMX_CORE = 4.0e12 / 15  # the CPU operator's LoRA forward + backward, 15 threads measured
+CPU_FLOPS_PER_AMX_CORE = 4.3e12 / 15  # the CPU operator's LoRA passes on bf16 experts, 15 threads measured
+FP8_CPU_SPEED = 3.0 / 4.3  # the operator's speed on FP8 experts against bf16 (the in-register dequantization)
 H200_MACHINE_CPU_THREADS = 15  # the operator's threads on the 16-core GPU test machine
 
 
@@ -28,7 +29,7 @@ class Machine:
     gpu_bytes: int  # per GPU
     gpu_flops: float  # per GPU, effective
     pcie_bytes_per_s: float  # per GPU link, effective
-    cpu_flops: float  # the CPU operator, effective
+    cpu_flops: float  # the CPU operator on bf16 experts, effective (FP8: x FP8_CPU_SPEED)
     host_bytes: int
     about: str
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kt_core.loss import loss_workspace_bytes
-from kt_core.plan.machines import Machine
+from kt_core.plan.machines import FP8_CPU_SPEED, Machine
 from kt_core.plan.models import ModelShape
 from kt_core.streaming.planner import (
     CostModel,
@@ -89,9 +89,8 @@ def project(
     H, I = model.hidden, model.expert_intermediate
     expert_bytes = stored_expert_bytes(H, I, item, block)  # streamed over PCIe, per expert
     slot_bytes = slot_bytes_per_expert(H, I, 2 if quantize else item, quantize, block=block)  # GPU, per expert
-    cost = CostModel(
-        pcie_bytes_per_s=machine.pcie_bytes_per_s, cpu_flops=machine.cpu_flops, gpu_flops=machine.gpu_flops
-    )
+    cpu_flops = machine.cpu_flops * (FP8_CPU_SPEED if expert_dtype == "fp8" else 1.0)
+    cost = CostModel(pcie_bytes_per_s=machine.pcie_bytes_per_s, cpu_flops=cpu_flops, gpu_flops=machine.gpu_flops)
     layers_per_gpu = -(-model.layers // machine.gpus)
     activations = layers_per_gpu * n * h * 2 + WORKING_SET_TENSORS * n * h * 2
     lora = 4 * 4 * lora_rank * model.attention_params // h  # fp32 factors, grads, Adam moments (attention LoRA)

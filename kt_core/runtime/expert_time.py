@@ -1,16 +1,13 @@
-"""`ExpertTimer`: wall time spent in a model's routed experts, and the input tokens it trained on.
+"""`ExpertTimer`: seconds the CPU experts operator computed, and the input tokens the model trained on.
 
-The figure behind `kt_cpu_expert_share` (KTCallback, the LLaMA-Factory plugin). Each experts layer counts
-one forward and one backward per training step, whether or not gradient checkpointing is on:
-
-- a forward run by the autograd engine is a checkpoint recomputation (non-reentrant checkpointing
-  recomputes inside the backward of a node whose saved tensors it restores; reentrant checkpointing inside
-  its CheckpointFunction node) and is not counted: the step's first forward was;
-- the backward is the time of the experts' own autograd node (prehook to hook). With reentrant
-  checkpointing the first forward runs without a graph and the recomputation's node is the one that runs
-  backward, so hooks go on every forward's output node: only nodes that run are timed.
-
-Counting the recomputation as well over-reported the share by 1.2-1.7x with gradient checkpointing on.
+The figure behind `kt_cpu_expert_share` (KTCallback, the LLaMA-Factory plugin): the operator's own wall seconds
+(`kt_core.kernels.operator_seconds`: every call of experts_forward / experts_backward, so a checkpointed layer's
+recomputation counts, as the CPU computes it) over the step's wall time. The same meaning as with streaming, where
+the runtime times its CPU calls the same way. Timing the expert layers from the outside instead (hooks on the
+module and its autograd node) depended on the model: with gradient checkpointing, a layer whose first backward
+node is not the experts' recomputes them outside the experts' backward window and the figure dropped that pass
+(DeepSeek-V3 at full width: 74% of the step logged for an operator busy ~99% of it); it also counted the host
+copies around the operator.
 """
 
 from __future__ import annotations
@@ -19,6 +16,8 @@ import time
 
 import torch
 from torch import nn
+
+from kt_core import kernels
 
 __all__ = ["ExpertTimer", "speed_logs"]
 
@@ -29,56 +28,35 @@ def _in_backward() -> bool:
 
 
 class ExpertTimer:
-    """Wall time of the KTExperts layers of a model (forward and backward once each), and input tokens.
+    """The CPU experts operator's seconds, and the input tokens, of a model's training steps.
 
     Args:
         model: a model whose routed experts are KTExperts; its input embeddings, when it has them, count
             the training tokens.
+
+    `expert_s` holds seconds counted but not yet taken (besides the operator's since the last `take`).
     """
 
     def __init__(self, model: nn.Module):
-        from kt_core.experts import KTExperts
-
         self.expert_s = 0.0
         self.tokens = 0
         self._step_s = 0.0
         self._last: float | None = None
+        self._operator_s = kernels.operator_seconds()
         self._handles = []
-        self._start: dict[int, float] = {}
-        for module in model.modules():
-            if isinstance(module, KTExperts):
-                self._handles.append(module.register_forward_pre_hook(self._forward_start))
-                self._handles.append(module.register_forward_hook(self._forward_end))
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if embeddings is not None:
             self._handles.append(embeddings.register_forward_pre_hook(self._count_tokens))
-
-    def _forward_start(self, module, args) -> None:
-        if not _in_backward():
-            self._start[id(module)] = time.perf_counter()
-
-    def _forward_end(self, module, args, output) -> None:
-        started = self._start.pop(id(module), None)
-        if started is not None:
-            self.expert_s += time.perf_counter() - started
-        node = output.grad_fn if isinstance(output, torch.Tensor) else None
-        if node is not None:  # the experts' own backward node: time it when it runs
-            begun: list[float] = []
-            node.register_prehook(lambda grad_outputs: begun.append(time.perf_counter()))
-            node.register_hook(lambda grad_inputs, grad_outputs: self._backward_end(begun))
-
-    def _backward_end(self, begun: list[float]) -> None:
-        if begun:
-            self.expert_s += time.perf_counter() - begun.pop()
 
     def _count_tokens(self, module, args) -> None:
         if module.training and args and isinstance(args[0], torch.Tensor) and not _in_backward():
             self.tokens += args[0].numel()
 
     def take(self) -> tuple[float, int]:
-        """Returns (expert seconds, tokens) since the last call and starts counting again."""
-        out = (self.expert_s, self.tokens)
-        self.expert_s, self.tokens = 0.0, 0
+        """Returns (operator seconds, tokens) since the last call and starts counting again."""
+        now = kernels.operator_seconds()
+        out = (self.expert_s + now - self._operator_s, self.tokens)
+        self.expert_s, self.tokens, self._operator_s = 0.0, 0, now
         return out
 
     def start_steps(self) -> None:
@@ -100,9 +78,8 @@ class ExpertTimer:
     def report(self, cpu_expert_s: float | None = None) -> dict[str, float] | None:
         """`kt_tokens_per_s` and `kt_cpu_expert_share` over the steps since the last report (None: no step).
 
-        The share is expert seconds over step wall time, forward and backward counted once per layer, or
-        `cpu_expert_s` over it when the caller knows the CPU operator's own seconds (streaming: see
-        `speed_logs`).
+        The share is the operator's seconds over step wall time, or `cpu_expert_s` over it when the caller
+        counts them itself (streaming: see `speed_logs`).
         """
         if self._step_s <= 0.0:
             return None
@@ -126,11 +103,10 @@ def speed_logs(timer: ExpertTimer, streaming=None) -> dict[str, float] | None:
     """What the training plugins log (KTCallback, `use_kt`), over the steps since their last log; None: no step.
 
     `kt_tokens_per_s`, and `kt_cpu_expert_share`: the fraction of step wall time the CPU experts operator
-    computed. Without streaming that is the time inside the expert layers. With streaming (`streaming`, the
-    StreamingRuntime) it is the CPU operator's own seconds as the runtime measures them, since there a layer's
-    wall time also covers launching its GPU share and waiting for copies; the per-step split is added as
-    `kt_stream_cpu_ms`, `kt_stream_pcie_ms`, `kt_stream_gpu_ms` (means per step) and `kt_stream_cpu_slot_share`
-    (the CPU's share of the routed slots).
+    computed (every pass it runs, recomputations included). Without streaming, the operator's seconds
+    (`kernels.operator_seconds`); with streaming (`streaming`, the StreamingRuntime), its CPU calls as the runtime
+    times them; the per-step split is added as `kt_stream_cpu_ms`, `kt_stream_pcie_ms`, `kt_stream_gpu_ms` (means
+    per step) and `kt_stream_cpu_slot_share` (the CPU's share of the routed slots).
     """
     totals = streaming.take_totals() if streaming is not None else None
     cpu_s = None if streaming is None else (totals["cpu_s"] if totals else 0.0)
