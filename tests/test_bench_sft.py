@@ -128,6 +128,12 @@ def test_bf16_checkpoint_loads_in_transformers(checkpoints):
     assert torch.equal(gu[2, : gu.shape[1] // 2], tensors["model.layers.1.mlp.experts.2.gate_proj.weight"])
 
 
+def test_config_names_its_model_class_as_a_release_does(checkpoints):
+    """Servers pick the model class from config.json's `architectures` (SGLang refuses a config without it)."""
+    for path in checkpoints[:2]:
+        assert json.loads((path / "config.json").read_text())["architectures"] == ["DeepseekV3ForCausalLM"]
+
+
 def test_reuse_refuses_the_other_dtype(checkpoints):
     with pytest.raises(SystemExit, match="FP8"):
         bench_sft.write_checkpoint(tiny_config(), checkpoints[1], "cpu", "bf16", tokenizer=False)
