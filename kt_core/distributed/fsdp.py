@@ -33,10 +33,13 @@ or pipeline parallel beside FSDP2: the factors are averaged over every rank).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import weakref
+from collections import defaultdict
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -190,10 +193,6 @@ def clip_with_host_gradients(clip):
     the host gradients' norm joins it on its device, and every gradient is clipped by the total, group by group
     (host gradients; each mesh's DTensor gradients). Returns the total norm, as `clip` does. Without DTensor
     gradients, or with norm_type 0, `clip` runs as it is."""
-    import functools
-    from collections import defaultdict
-
-    import torch
     from torch.distributed.tensor import DTensor
     from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 

@@ -98,7 +98,7 @@ def project(
     head = 2 * model.vocab * h * 2 + loss_workspace_bytes(n, model.vocab, h, backend="liger")
     room = machine.gpu_bytes - weights - activations - head
     group = dict(group=dequant_group(H, I), group_expert_bytes=3 * H * I * 2) if block else {}  # FP8 buffer
-    budget = max(0, room) if expert_gpu_memory is None else min(max(0, room), expert_gpu_memory)
+    budget = max(0, room if expert_gpu_memory is None else min(room, expert_gpu_memory))
     capacity = slot_capacity(budget, model.experts, slot_bytes, slots=1, **group)
 
     slots = n * model.experts_per_token / model.experts

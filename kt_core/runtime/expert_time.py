@@ -33,12 +33,9 @@ class ExpertTimer:
     Args:
         model: a model whose routed experts are KTExperts; its input embeddings, when it has them, count
             the training tokens.
-
-    `expert_s` holds seconds counted but not yet taken (besides the operator's since the last `take`).
     """
 
     def __init__(self, model: nn.Module):
-        self.expert_s = 0.0
         self.tokens = 0
         self._step_s = 0.0
         self._last: float | None = None
@@ -55,8 +52,8 @@ class ExpertTimer:
     def take(self) -> tuple[float, int]:
         """Returns (operator seconds, tokens) since the last call and starts counting again."""
         now = kernels.operator_seconds()
-        out = (self.expert_s + now - self._operator_s, self.tokens)
-        self.expert_s, self.tokens, self._operator_s = 0.0, 0, now
+        out = (now - self._operator_s, self.tokens)
+        self.tokens, self._operator_s = 0, now
         return out
 
     def start_steps(self) -> None:
