@@ -180,3 +180,21 @@ def test_fp32_weights_on_bf16_packing_bypass_cache(tmp_path):
     layer = KTExperts.from_tensors(gate_up.float(), down.float(), kernel="avx512_bf16_packed", pack_cache=tmp_path)
     op = layer.operator()
     assert not op.packs and op.packed_format == "" and not cache_files(tmp_path)
+
+
+def test_pack_experts_builds_the_cpu_only_layers_before_their_first_call(kernel, tmp_path):
+    """At train start the plugins pack every CPU-only layer (a progress bar), so the first step does not; the
+    packed result is the one a first call would have built, and a layer with a GPU share is left to its first
+    use (some never compute on the CPU)."""
+    model = torch.nn.ModuleList(
+        KTExperts.from_tensors(*weights(seed), kernel=kernel, pack_cache=tmp_path) for seed in range(3)
+    )
+    model[2].gpu_share = object()  # streamed: stands for a GPU share attached (only its presence is read)
+    assert pack_cache.pack_experts(model, progress=False) == 2
+    assert len(cache_files(tmp_path)) == 2  # packed now (written through the cache folder)
+    ops = [model[0]._op, model[1]._op]
+    assert all(op is not None for op in ops) and model[2]._op is None
+    assert pack_cache.pack_experts(model, progress=False) == 2  # again: nothing rebuilt
+    assert [model[0]._op, model[1]._op] == ops
+    torch.testing.assert_close(forward(model[0]), forward(build(kernel, None)), rtol=0, atol=0)
+    assert model[0]._op is ops[0]  # the first call used the operator packed before it

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from kt_core import ExpertTimer, KTExperts, resolve_kernel, speed_logs
+from kt_core import ExpertTimer, KTExperts, pack_experts, resolve_kernel, speed_logs
 from kt_core import settings as checks
 from kt_core.peft import warn_if_shape_dependent
 from kt_core.placement import PlacementRule, resolve_rule_file
@@ -279,6 +279,8 @@ class KTCallback(TrainerCallback):
                     f"KTCallback: the optimizer does not hold {len(missing)} expert-LoRA factors; it was built "
                     "before the experts moved to the CPU operator. Call kt_prepare(model) before creating it."
                 )
+        if model is not None:  # packed kernels pack now, with a progress bar, not inside the first step
+            pack_experts(model, progress=state.is_local_process_zero)
         if self._timer is not None:
             self._timer.start_steps()
 

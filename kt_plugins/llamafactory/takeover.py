@@ -166,7 +166,7 @@ def _training_callback():
     kt_tokens_per_s / kt_cpu_expert_share."""
     from transformers import TrainerCallback
 
-    from kt_core import ExpertTimer, KTExperts, speed_logs
+    from kt_core import ExpertTimer, KTExperts, pack_experts, speed_logs
     from kt_core.loading import check_training_checkpoint
     from kt_core.peft import expert_lora_parameters, warn_if_shape_dependent
     from kt_plugins.hf_trainer.engines import attach_deepspeed, prepare_engines, save_engine_state
@@ -185,6 +185,8 @@ def _training_callback():
             self.timer = ExpertTimer(model)
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if model is not None:  # packed kernels pack now, with a progress bar, not inside the first step
+                pack_experts(model, progress=state.is_local_process_zero)
             if self.timer is not None:
                 self.timer.start_steps()
             beside_deepspeed = attach_deepspeed(args, state, model, optimizer, caller="use_kt")  # own optimizer
