@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed_helpers import launch, peft_model_with_expert_lora
+from tests.distributed_helpers import launch, peft_model_with_expert_lora, run_rank
 
 STEPS = 4
 GLOBAL_BATCH = 4
@@ -123,4 +123,4 @@ def _train(checkpoint: str, out: str, resume: str, accumulate: str) -> None:
 
 
 if __name__ == "__main__":
-    _train(*sys.argv[1:5])
+    run_rank(_train, *sys.argv[1:5])

@@ -106,3 +106,14 @@ def cpu_map_location() -> None:
 
     cpu_load._kt_cpu_map_location = True
     torch.load = cpu_load
+
+
+def run_rank(train, *args) -> None:
+    """A rank's script body: `train(*args)`, then the process group destroyed before the interpreter exits, as
+    torch asks (gloo's threads left to the interpreter's teardown sometimes abort the process as it exits:
+    "terminate called without an active exception", after the work was done)."""
+    import torch.distributed as dist
+
+    train(*args)
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from kt_core.settings import SettingError
-from tests.distributed_helpers import launch, peft_model_with_expert_lora
+from tests.distributed_helpers import launch, peft_model_with_expert_lora, run_rank
 
 STEPS = 4
 GLOBAL_BATCH = 4
@@ -264,4 +264,4 @@ def _train(checkpoint: str, out: str, stage: str, accumulate: str, saves: str, c
 
 
 if __name__ == "__main__":
-    _train(*sys.argv[1:7])
+    run_rank(_train, *sys.argv[1:7])

@@ -26,7 +26,7 @@ import torch
 from kt_core.distributed import fsdp_ignored_params, prepare_data_parallel, prepare_fsdp2
 from kt_core.distributed.fsdp import check_fsdp_plugin
 from kt_core.settings import SettingError
-from tests.distributed_helpers import fsdp_on_the_cpu, launch, peft_model_with_expert_lora
+from tests.distributed_helpers import fsdp_on_the_cpu, launch, peft_model_with_expert_lora, run_rank
 from tests.test_distributed import _counting_all_reduce, _one_rank_group, _tiny_with_expert_lora
 
 STEPS = 4
@@ -349,4 +349,4 @@ def _train(checkpoint: str, out: str, fsdp: str, accumulate: str, device: str) -
 
 
 if __name__ == "__main__":
-    _train(*sys.argv[1:6])
+    run_rank(_train, *sys.argv[1:6])

@@ -61,7 +61,7 @@ def test_two_rank_checkpoint_resumes_on_one_process(uninterrupted, tmp_path):
 
 if __name__ == "__main__":  # one process, or each torchrun worker
     from integration_tests.test_distributed_trainer import _train
-    from tests.distributed_helpers import cpu_map_location
+    from tests.distributed_helpers import cpu_map_location, run_rank
 
     cpu_map_location()
-    _train(*sys.argv[1:5])
+    run_rank(_train, *sys.argv[1:5])
