@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from kt_core.distributed import fsdp_ignored_params, prepare_data_parallel, prepare_fsdp2
 from kt_core.distributed.fsdp import check_fsdp_plugin
@@ -225,11 +226,11 @@ def test_per_mesh_clipping_takes_the_host_gradients():
 
     from kt_core.distributed.fsdp import clip_with_host_gradients
 
-    def per_mesh(self, parameters, max_norm, norm_type=2, foreach=None):  # stand-in for accelerate's
+    def per_mesh(self, parameters, max_norm, norm_type=2):  # stand-in for accelerate 1.16's signature
         if not all(isinstance(p.grad, DTensor) for p in parameters):
             raise RuntimeError("Expected all tensors to be on the same device")
         total = torch.nn.utils.get_total_norm([p.grad.full_tensor() for p in parameters], norm_type)
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach)
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
         return total
 
     g = torch.Generator().manual_seed(0)
@@ -258,6 +259,32 @@ def test_per_mesh_clipping_takes_the_host_gradients():
         for p, ref in zip(params, reference, strict=True):
             got = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
             torch.testing.assert_close(got, ref.grad)
+
+
+def test_trainer_mixed_mesh_clipping_scales_each_gradient_on_its_device():
+    """transformers >= 5.17 clips mixed DTensor / plain gradients itself (Trainer._mixed_mesh_grad_norm) and scales
+    the plain ones in place by a GPU scalar, which host gradients refuse; wrapped, the total is its own and every
+    gradient is scaled as torch.nn.utils.clip_grad_norm_ scales it."""
+    from kt_core.distributed.fsdp import clip_mixed_mesh_on_each_device
+
+    def mixed_mesh(self, model, max_norm):  # stand-in: the norm it computes, the in-place scaling it cannot do
+        total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        if max_norm != float("inf"):
+            raise RuntimeError("Expected all tensors to be on the same device")
+        return total
+
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 2))
+    reference = nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 2))
+    for p, ref in zip(model.parameters(), reference.parameters(), strict=True):
+        p.grad = torch.randn(p.shape, generator=g) * 3
+        ref.grad = p.grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm=0.5)
+    clip = clip_mixed_mesh_on_each_device(mixed_mesh)
+    total = clip(None, model, 0.5)
+    torch.testing.assert_close(total, expected)
+    for p, ref in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, ref.grad)
 
 
 def test_prepare_fsdp2_adds_the_experts_to_accelerates_ignored_modules():

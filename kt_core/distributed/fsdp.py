@@ -177,18 +177,46 @@ def _clip_host_gradients_apart() -> None:
     clip under FSDP2 with `Accelerator._clip_grad_norm_dtensor_aware`: one norm per device mesh, stacked. The
     factors' gradients are plain host tensors beside FSDP2's DTensor gradients on the GPU, so their norm is a host
     tensor stacked with a GPU one, and the Trainer's first clipped step stops ("Expected all tensors to be on the
-    same device"). `clip_with_host_gradients` wraps that method.
+    same device"). `clip_with_host_gradients` wraps that method. transformers 5.17's Trainer clips mixed DTensor
+    and plain gradients itself (`Trainer._mixed_mesh_grad_norm`) and stops at the host gradients' in-place
+    scaling: `clip_mixed_mesh_on_each_device` wraps that one.
     """
     from accelerate import Accelerator
+    from transformers import Trainer
 
     clip = getattr(Accelerator, "_clip_grad_norm_dtensor_aware", None)
-    if clip is None or getattr(clip, "kt_host_gradients", False):
-        return
-    Accelerator._clip_grad_norm_dtensor_aware = clip_with_host_gradients(clip)
+    if clip is not None and not getattr(clip, "kt_host_gradients", False):
+        Accelerator._clip_grad_norm_dtensor_aware = clip_with_host_gradients(clip)
+    mixed = getattr(Trainer, "_mixed_mesh_grad_norm", None)
+    if mixed is not None and not getattr(mixed, "kt_host_gradients", False):
+        Trainer._mixed_mesh_grad_norm = clip_mixed_mesh_on_each_device(mixed)
+
+
+def clip_mixed_mesh_on_each_device(norm):
+    """`norm(self, model, max_norm)` (transformers >= 5.17's Trainer clipping when DTensor and plain gradients
+    mix) with the clipping done on each gradient's own device: it counts the plain gradients once (the expert-LoRA
+    factors' host gradients are averaged over the ranks, so that is right) but multiplies them in place by a GPU
+    scalar, which host tensors refuse. `norm` gives the total (max_norm inf: nothing clipped), then each
+    gradient is scaled by transformers' factor, moved to its device."""
+    from torch.distributed.tensor import DTensor
+
+    @functools.wraps(norm)
+    def clipped(self, model, max_norm):
+        total = norm(self, model, float("inf"))
+        if max_norm != float("inf"):
+            clip = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            for p in model.parameters():
+                if p.grad is not None:
+                    grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                    grad.mul_(clip.to(grad.device))
+        return total
+
+    clipped.kt_host_gradients = True
+    return clipped
 
 
 def clip_with_host_gradients(clip):
-    """`clip(self, parameters, max_norm, norm_type=2, foreach=None)` (accelerate's per-mesh clipping) with the
+    """`clip(self, parameters, max_norm, norm_type=2, ...)` (accelerate's per-mesh clipping) with the
     plain host-tensor gradients taken apart: `clip` gives the norm of the others (max_norm inf: nothing clipped),
     the host gradients' norm joins it on its device, and every gradient is clipped by the total, group by group
     (host gradients; each mesh's DTensor gradients). Returns the total norm, as `clip` does. Without DTensor
@@ -197,22 +225,22 @@ def clip_with_host_gradients(clip):
     from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
     @functools.wraps(clip)
-    def clipped(self, parameters, max_norm, norm_type=2, foreach=None):
+    def clipped(self, parameters, max_norm, norm_type=2, *args, **kwargs):
         parameters = [p for p in parameters if p.grad is not None]
         host = [p for p in parameters if not isinstance(p.grad, DTensor) and p.grad.device.type == "cpu"]
         if not host or norm_type == 0 or not any(isinstance(p.grad, DTensor) for p in parameters):
-            return clip(self, parameters, max_norm, norm_type, foreach)
+            return clip(self, parameters, max_norm, norm_type, *args, **kwargs)
         on_host = {id(p) for p in host}
         rest = [p for p in parameters if id(p) not in on_host]
-        theirs = clip(self, rest, float("inf"), norm_type, foreach)
-        ours = get_total_norm([p.grad for p in host], norm_type, foreach=foreach).to(theirs.device)
+        theirs = clip(self, rest, float("inf"), norm_type, *args, **kwargs)
+        ours = get_total_norm([p.grad for p in host], norm_type).to(theirs.device)
         total = torch.linalg.vector_norm(torch.stack([theirs, ours]), norm_type)
         if max_norm != float("inf"):
             groups = defaultdict(list)
             for p in rest:
                 groups[getattr(p.grad, "device_mesh", None)].append(p)
             for group in [host, *groups.values()]:
-                clip_grads_with_norm_(group, max_norm, total, foreach)
+                clip_grads_with_norm_(group, max_norm, total)
         return total
 
     clipped.kt_host_gradients = True
