@@ -31,7 +31,8 @@ def test_matches_the_measured_full_width_deepseek_v3_runs():
     """benchmarks/RESULTS.md 2026-12-04: DeepSeek-V3 at full width, 3 dense + 2 MoE layers, 8,192 tokens per step,
     through the stock Trainer on the H200 machine: every expert on the CPU (FP8 as shipped), 15.54 s per step; the
     planner's split at expert_gpu_memory 24GiB (146 of 256 experts streamed, bf16, the rest on the CPU at the same
-    time), 5.58 s. Their CPU speeds feed the machine table (kt_core/plan/machines.py)."""
+    time), 5.58 s; the same budget with FP8 streamed (every expert fits the slots), 1.89 s. Their CPU and FP8 GPU
+    speeds feed the machine table (kt_core/plan/machines.py)."""
     model = dataclasses.replace(MODELS["deepseek-v3"], layers=5)
     machine = MACHINES["h200-16c"]
     mixed = project(model, machine, tokens_per_step=8192, expert_gpu_memory=24 * 2**30)
@@ -40,6 +41,9 @@ def test_matches_the_measured_full_width_deepseek_v3_runs():
     on_cpu = project(model, machine, tokens_per_step=8192, expert_dtype="fp8", expert_gpu_memory=0)
     assert on_cpu.experts_streamed == 0 and not on_cpu.problems
     assert on_cpu.step_s == pytest.approx(15.54, rel=0.15)
+    fp8 = project(model, machine, tokens_per_step=8192, expert_dtype="fp8", expert_gpu_memory=24 * 2**30)
+    assert fp8.slot_capacity == 256 and not fp8.problems
+    assert fp8.step_s == pytest.approx(1.89, rel=0.15)
 
 
 def test_faster_parts_never_make_it_slower():

@@ -4,7 +4,10 @@ Measured on the H200 machine (benchmarks/RESULTS.md): 50-55 GB/s pinned host -> 
 grouped GEMMs at ~300 TFLOP/s, and the CPU operator on 15 threads of its 16 AMX Xeon cores (one left to the
 driving thread) on full-width DeepSeek-V3 layers at 8,192 tokens per step (2026-12-04), counted as the planner
 counts (4 passes of 2 x 3 x H x I per routed slot): 4.3 TFLOP/s on bf16 experts (the mixed split's CPU calls as
-the streaming runtime times them), ~3.0 on FP8 experts dequantized in registers (the all-CPU run). Other machines
+the streaming runtime times them), ~3.0 on FP8 experts dequantized in registers (the all-CPU run); the streamed FP8
+experts' GPU share ran at ~60 TFLOP/s counted the same way (5 passes), a fifth of the bf16 GEMMs' 300: the GPU
+dequantizes each group of experts into its bf16 buffer before their GEMMs, on the same stream (the FP8 streamed run,
+2026-12-04, 0.47 s of GPU per MoE layer). Other machines
 scale these: CPU by AMX cores (the same kernels), GPU by the data-sheet bf16 peak (the same kernels at the same
 share of peak), PCIe by the link generation. Those scalings are assumptions until measured there.
 """
@@ -13,12 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["FP8_CPU_SPEED", "MACHINES", "Machine"]
+__all__ = ["FP8_CPU_SPEED", "FP8_GPU_SPEED", "MACHINES", "Machine"]
 
 GIB = 2**30
 H200_EFFECTIVE_SHARE = 300e12 / 989e12  # our grouped GEMMs at training batch sizes vs the H200's bf16 dense peak
 CPU_FLOPS_PER_AMX_CORE = 4.3e12 / 15  # the CPU operator's LoRA passes on bf16 experts, 15 threads measured
 FP8_CPU_SPEED = 3.0 / 4.3  # the operator's speed on FP8 experts against bf16 (the in-register dequantization)
+FP8_GPU_SPEED = 60 / 300  # streamed FP8 experts' GPU share against bf16 (dequantization into the bf16 buffer)
 H200_MACHINE_CPU_THREADS = 15  # the operator's threads on the 16-core GPU test machine
 
 

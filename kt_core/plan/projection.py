@@ -2,7 +2,7 @@
 
 Per MoE layer and step the experts are split exactly as the runtime's planner splits them
 (`kt_core.streaming.planner.plan_layer`, the same `CostModel` and pass counts), with routing spread evenly
-over the experts; the GPU also runs the layer's attention and shared experts (forward, recomputation,
+over the experts (FP8 experts at their measured CPU and GPU speeds, `kt_core.plan.machines`); the GPU also runs the layer's attention and shared experts (forward, recomputation,
 backward: 4 passes of 2 FLOPs per weight and token, plus the attention scores over the sequence). A layer
 costs the attention, then the slower of its CPU and GPU expert shares; the next layer's copy runs under it
 and shows only where it takes longer (`max(attention + experts, PCIe)`). Layers are split over the GPUs in
@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kt_core.loss import loss_workspace_bytes
-from kt_core.plan.machines import FP8_CPU_SPEED, Machine
+from kt_core.plan.machines import FP8_CPU_SPEED, FP8_GPU_SPEED, Machine
 from kt_core.plan.models import ModelShape
 from kt_core.streaming.planner import (
     CostModel,
@@ -90,7 +90,8 @@ def project(
     expert_bytes = stored_expert_bytes(H, I, item, block)  # streamed over PCIe, per expert
     slot_bytes = slot_bytes_per_expert(H, I, 2 if quantize else item, quantize, block=block)  # GPU, per expert
     cpu_flops = machine.cpu_flops * (FP8_CPU_SPEED if expert_dtype == "fp8" else 1.0)
-    cost = CostModel(pcie_bytes_per_s=machine.pcie_bytes_per_s, cpu_flops=cpu_flops, gpu_flops=machine.gpu_flops)
+    expert_gpu_flops = machine.gpu_flops * (FP8_GPU_SPEED if expert_dtype == "fp8" else 1.0)
+    cost = CostModel(pcie_bytes_per_s=machine.pcie_bytes_per_s, cpu_flops=cpu_flops, gpu_flops=expert_gpu_flops)
     layers_per_gpu = -(-model.layers // machine.gpus)
     activations = layers_per_gpu * n * h * 2 + WORKING_SET_TENSORS * n * h * 2
     lora = 4 * 4 * lora_rank * model.attention_params // h  # fp32 factors, grads, Adam moments (attention LoRA)
