@@ -2,11 +2,12 @@
 
 Per MoE layer and step the experts are split exactly as the runtime's planner splits them
 (`kt_core.streaming.planner.plan_layer`, the same `CostModel` and pass counts), with routing spread evenly
-over the experts (FP8 experts at their measured CPU and GPU speeds, `kt_core.plan.machines`); the GPU also runs the layer's attention and shared experts (forward, recomputation,
-backward: 4 passes of 2 FLOPs per weight and token, plus the attention scores over the sequence). A layer
-costs the attention, then the slower of its CPU and GPU expert shares; the next layer's copy runs under it
-and shows only where it takes longer (`max(attention + experts, PCIe)`). Layers are split over the GPUs in
-ranges, one GPU working at a time (today's runtime), each with its own PCIe link and two slots.
+over the experts (FP8 experts at their measured CPU and GPU speeds, `kt_core.plan.machines`); the GPU also
+runs the layer's attention and shared experts (forward, recomputation, backward: 4 passes of 2 FLOPs per
+weight and token, plus the attention scores over the sequence). A layer costs the attention, then the slower
+of its CPU and GPU expert shares; the next layer's copy runs under it and shows only where it takes longer
+(`max(attention + experts, PCIe)`). Layers are split over the GPUs in ranges, one GPU working at a time (today's
+runtime), each with its own PCIe link and two slots.
 
 GPU memory per GPU: its layers' non-expert weights, two slots of the experts it streams, the checkpointed
 layer inputs of its layers, one layer's working set (36 hidden-sized tensors of the step's tokens: measured
