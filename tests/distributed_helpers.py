@@ -109,11 +109,16 @@ def cpu_map_location() -> None:
 
 
 def run_rank(train, *args) -> None:
-    """A rank's script body: `train(*args)`, then the process group destroyed before the interpreter exits, as
-    torch asks (gloo's threads left to the interpreter's teardown sometimes abort the process as it exits:
-    "terminate called without an active exception", after the work was done)."""
+    """A rank's script body: `train(*args)`, then the process group destroyed, as torch asks, and the process ended
+    without the interpreter's teardown. Now and then a rank aborted in that teardown ("terminate called without an
+    active exception", a C++ thread's std::terminate) after its work and its files were done, with or without the
+    group destroyed first; the cause is not found (README, "Several GPUs", Known). The tests judge what the ranks
+    wrote, so they skip the teardown rather than fail on it."""
     import torch.distributed as dist
 
     train(*args)
     if dist.is_initialized():
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
