@@ -398,20 +398,105 @@ class SplitLines(logging.Handler):
 
 
 def _start_profiler(cuda: bool):
+    import warnings
+
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     profiler = profile(activities=activities)
     profiler.__enter__()
+    profiler.kt_syncs = None
+    if cuda:  # every host synchronisation an op makes during the step, by the Python line that made it
+        profiler.kt_syncs = warnings.catch_warnings(record=True)
+        profiler.kt_sync_list = profiler.kt_syncs.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
     return profiler
 
 
+def stream_summary(events) -> list[str]:
+    """Busy time of each CUDA stream in the step and the overlap of the copy streams with the compute stream.
+
+    events: the profiler's kineto events. The compute stream is the one with the most kernel time; a copy
+    stream is one whose time is mostly host-to-device copies. Busy = the union of the stream's event intervals.
+    """
+    from torch.autograd import DeviceType
+
+    spans: dict[int, list[tuple[int, int]]] = {}
+    copy_ns: dict[int, int] = {}
+    kernel_ns: dict[int, int] = {}
+    for e in events:
+        if e.device_type() != DeviceType.CUDA or e.duration_ns() <= 0:
+            continue
+        stream = e.device_resource_id()
+        spans.setdefault(stream, []).append((e.start_ns(), e.end_ns()))
+        into = copy_ns if "Memcpy HtoD" in e.name() else kernel_ns
+        into[stream] = into.get(stream, 0) + e.duration_ns()
+    if not spans:
+        return ["streams: no device events"]
+
+    def union(intervals):
+        out = []
+        for a, b in sorted(intervals):
+            if out and a <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], b)
+            else:
+                out.append([a, b])
+        return out
+
+    def total(intervals):
+        return sum(b - a for a, b in intervals)
+
+    def intersect(x, y):
+        i = j = n = 0
+        while i < len(x) and j < len(y):
+            n += max(0, min(x[i][1], y[j][1]) - max(x[i][0], y[j][0]))
+            if x[i][1] < y[j][1]:
+                i += 1
+            else:
+                j += 1
+        return n
+
+    busy = {s: union(v) for s, v in spans.items()}
+    wall = max(b for v in busy.values() for _, b in v) - min(a for v in busy.values() for a, _ in v)
+    compute = max(kernel_ns, key=kernel_ns.get) if kernel_ns else None
+    lines = [f"device streams over the step ({wall / 1e6:.1f} ms from the first device event to the last):"]
+    for s in sorted(busy, key=lambda s: -total(busy[s])):
+        role = "compute" if s == compute else ("copies" if copy_ns.get(s, 0) > kernel_ns.get(s, 0) else "other")
+        line = (
+            f"  stream {s:4d} ({role:7s}) busy {total(busy[s]) / 1e6:9.1f} ms: kernels {kernel_ns.get(s, 0) / 1e6:8.1f}"
+            f" ms, host-to-device copies {copy_ns.get(s, 0) / 1e6:8.1f} ms"
+        )
+        if compute is not None and s != compute:
+            line += f", overlapping compute {intersect(busy[s], busy[compute]) / 1e6:8.1f} ms"
+        lines.append(line)
+    return lines
+
+
+def sync_summary(caught) -> list[str]:
+    """Host synchronisations recorded by CUDA's sync debug mode, counted by the Python line that made them."""
+    counts: dict[str, int] = {}
+    for w in caught:
+        if "synchronizing" in str(w.message):
+            key = f"{w.filename}:{w.lineno}"
+            counts[key] = counts.get(key, 0) + 1
+    lines = [f"host synchronisations in the step: {sum(counts.values())}"]
+    lines += [f"  {n:5d}  {where}" for where, n in sorted(counts.items(), key=lambda kv: -kv[1])[:25]]
+    return lines
+
+
 def _write_profile(profiler, path: str, cuda: bool) -> None:
-    """The step's GPU kernels and host ops, by self time, as text tables."""
+    """The step's GPU kernels and host ops, by self time, as text tables; the streams' overlap and host syncs."""
+    if profiler.kt_syncs is not None:
+        torch.cuda.set_sync_debug_mode("default")
+        profiler.kt_syncs.__exit__(None, None, None)
     profiler.__exit__(None, None, None)
     events = profiler.key_averages()
     with open(path, "w") as f:
         if cuda:
+            summary = stream_summary(profiler.profiler.kineto_results.events()) + sync_summary(profiler.kt_sync_list)
+            f.write("\n".join(summary) + "\n\n")
+            print("\n".join(f"    {line}" for line in summary), flush=True)
             f.write(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=80) + "\n")
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=80) + "\n")
         f.write(events.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=80) + "\n")

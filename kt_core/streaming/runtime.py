@@ -107,7 +107,8 @@ class StreamingRuntime:
     def begin(self, layer: int, ids: torch.Tensor, phase: str) -> list[tuple]:
         """Weights of the GPU side of `layer` for this call: [(experts, w13 [G, 2I, H], w2 [G, H, I]), ...].
 
-        Never waits for the device: the routing counts are accumulated where `ids` lives.
+        Never waits for the device: the routing counts are accumulated where `ids` lives. The next layer's
+        copy is started by `prefetch`, which the call makes.
         """
         if phase == "fwd":
             if layer == 0 and self._saw_backward:
@@ -118,11 +119,7 @@ class StreamingRuntime:
         slots = ids.numel()
         if self.store.holds(layer) is None:
             self.store.load(layer, self.plan(layer, slots).stream)
-        step = 1 if phase == "fwd" else -1
-        nxt = layer + step
         experts, w13, w2 = self.store.acquire(layer)
-        if 0 <= nxt < len(self.layers):  # prefetch one layer ahead, in this pass's order
-            self.store.load(nxt, self.plan(nxt, slots).stream, avoid=layer)
         lw = self.store.layers[layer]
         in_slot = set(lw.resident) & set(experts)  # residents a whole-layer slot holds as well
         if phase == "fwd" and layer < len(self._streamed):
@@ -131,6 +128,18 @@ class StreamingRuntime:
         if lw.resident and not in_slot:
             out.append((lw.resident, *self.store.resident_weights(layer)))
         return out
+
+    def prefetch(self, layer: int, phase: str, slots: int) -> None:
+        """Starts copying the layer after `layer` in this pass's order (the following one in the forward, the
+        preceding one in the backward and the recomputation) into the other slot.
+
+        Call it once the call's own host-to-device copies are queued (the expert-LoRA factors): copies from the
+        host share the GPU's copy engine whatever their stream, so a small copy the compute stream needs, queued
+        behind a whole layer's weights, would hold the layer's compute until that prefetch is done.
+        """
+        nxt = layer + (1 if phase == "fwd" else -1)
+        if 0 <= nxt < len(self.layers):
+            self.store.load(nxt, self.plan(nxt, slots).stream, avoid=layer)
 
     def _count(self, layer: int, ids: torch.Tensor) -> None:
         E = self.layers[layer].num_experts

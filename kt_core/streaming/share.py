@@ -61,7 +61,10 @@ class StreamedShare:
 
     def begin(self, ids: torch.Tensor, phase: str) -> _StreamedCall:
         weight_sets = self.runtime.begin(self.layer, ids, phase)
-        return _StreamedCall(self, phase, weight_sets)
+        call = _StreamedCall(self, phase, weight_sets, ids.numel())
+        if not call.covers_all:  # the host split waits for the device before the GPU part: copy the next layer now
+            call.prefetch()
+        return call
 
 
 @dataclass
@@ -77,8 +80,9 @@ class _Route:
 
 
 class _StreamedCall:
-    def __init__(self, share: StreamedShare, phase: str, weight_sets: list[tuple]):
-        self.share, self.phase = share, phase
+    def __init__(self, share: StreamedShare, phase: str, weight_sets: list[tuple], slots: int):
+        self.share, self.phase, self.slots = share, phase, slots
+        self._prefetched = False
         rt = share.runtime
         self.module = rt.layers[share.layer]
         E = self.module.num_experts
@@ -89,8 +93,16 @@ class _StreamedCall:
 
     # ---- the contract -------------------------------------------------------------------------------
 
+    def prefetch(self) -> None:
+        """The next layer's copy, once per call: on the device path after the layer has queued its factor upload
+        (StreamingRuntime.prefetch says why), so right before the GPU work."""
+        if not self._prefetched:
+            self._prefetched = True
+            self.share.runtime.prefetch(self.share.layer, self.phase, self.slots)
+
     def forward(self, x, ids, w, parts: list[GpuPart] | None, lora_dev, *, keep: bool) -> torch.Tensor:
         rt, layer = self.share.runtime, self.share.layer
+        self.prefetch()
         _check_factors(lora_dev, self.share.compute_dtype)
         slots = ids.numel() if self.covers_all else sum(p.flat.numel() for p in parts)
         with rt.gpu_timer(layer, self.phase, slots):
@@ -100,6 +112,7 @@ class _StreamedCall:
 
     def backward(self, x, ids, w, dy, parts: list[GpuPart] | None, lora_dev):
         rt, layer = self.share.runtime, self.share.layer
+        self.prefetch()
         _check_factors(lora_dev, self.share.compute_dtype)
         slots = ids.numel() if self.covers_all else sum(p.flat.numel() for p in parts)
         with rt.gpu_timer(layer, "bwd", slots):
@@ -111,6 +124,7 @@ class _StreamedCall:
         return self.share.runtime.submit_cpu(self.share.layer, self.phase, fn, slots=slots)
 
     def end(self) -> None:
+        self.prefetch()
         self.share.runtime.end(self.share.layer)
 
     # ---- device path --------------------------------------------------------------------------------
