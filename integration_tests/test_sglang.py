@@ -6,6 +6,10 @@ Run in the SGLang environment (scripts/setup_sglang.sh):
 - FusedMoE with KTExpertsMethod against SGLang's own unquantized method on the same random weights, loaded
   through the layer's weight_loader as a checkpoint would be (all experts on the CPU, the first N on the
   GPU method, a chosen set on it), in fp32 and bf16; plus a PEFT-format expert LoRA.
+- Block-FP8 checkpoints (DeepSeek-V3's e4m3 weights with 128x128 weight_scale_inv) under SGLang's Fp8MoEMethod:
+  every expert on the CPU, kept in FP8, against SGLang's native unquantized method on the dequantized weights
+  (with and without expert LoRA); with GPU experts, which compact rows got which experts' weights and scales
+  (SGLang's FP8 kernels need CUDA: no forward there); and the refusals (missing scales, per-tensor FP8).
 - `python -m sglang.launch_server --help` lists the flags (the entry point is discovered as installed).
 - The whole route in fresh processes: flags parsed by SGLang's parser, exported, and a `spawn`ed process
   (as SGLang starts its schedulers) that loads the plugins, builds a FusedMoE and gets our method.
@@ -52,21 +56,21 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def _random_experts(dtype, seed=0):
+def _random_experts(dtype, seed=0, hidden=H, intermediate=I):
     g = torch.Generator().manual_seed(seed)
-    gate = torch.randn(E, I, H, generator=g) / H**0.5  # [E, I, H]
-    up = torch.randn(E, I, H, generator=g) / H**0.5  # [E, I, H]
-    down = torch.randn(E, H, I, generator=g) / I**0.5  # [E, H, I]
+    gate = torch.randn(E, intermediate, hidden, generator=g) / hidden**0.5  # [E, I, H]
+    up = torch.randn(E, intermediate, hidden, generator=g) / hidden**0.5  # [E, I, H]
+    down = torch.randn(E, hidden, intermediate, generator=g) / intermediate**0.5  # [E, H, I]
     return gate.to(dtype), up.to(dtype), down.to(dtype)
 
 
-def _build_layer(dtype, quant_method=None):
+def _build_layer(dtype, quant_method=None, hidden=H, intermediate=I):
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 
     return FusedMoE(
         num_experts=E,
-        hidden_size=H,
-        intermediate_size=I,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         layer_id=0,
         top_k=K,
         params_dtype=dtype,
@@ -88,22 +92,26 @@ def _load(layer, gate, up, down):
     layer.quant_method.process_weights_after_loading(layer)
 
 
-def _routing(T, dtype, seed=1):
+def _routing(T, dtype, seed=1, hidden=H, idle=None):
+    """x [T, H] and top-K routing; expert `idle` (if given) gets no token."""
     from sglang.srt.layers.moe.topk import StandardTopKOutput
 
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, H, generator=g).to(dtype)  # [T, H]
+    x = torch.randn(T, hidden, generator=g).to(dtype)  # [T, H]
     logits = torch.randn(T, E, generator=g)  # [T, E]
+    if idle is not None:
+        logits[:, idle] = float("-inf")
     weights, ids = torch.softmax(logits, dim=-1).topk(K, dim=-1)  # [T, K]
     return x, StandardTopKOutput(topk_weights=weights, topk_ids=ids.to(torch.int32), router_logits=logits)
 
 
-def _ours(options: KTExpertsOptions):
+def _ours(options: KTExpertsOptions, gpu_method=None):
     from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 
     from kt_plugins.sglang.method import KTExpertsLayerConfig, KTExpertsMethod
 
-    return KTExpertsMethod(UnquantizedFusedMoEMethod(False), KTExpertsLayerConfig(layer_idx=0, options=options))
+    gpu_method = gpu_method if gpu_method is not None else UnquantizedFusedMoEMethod(False)
+    return KTExpertsMethod(gpu_method, KTExpertsLayerConfig(layer_idx=0, options=options))
 
 
 TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
@@ -170,17 +178,20 @@ def test_missing_cpu_expert_is_named(model_dir):
         ours.quant_method.process_weights_after_loading(ours)
 
 
-def _write_peft_adapter(path: Path, r: int, alpha: float, peft_version: str, swapped: bool, seed=2):
+def _write_peft_adapter(
+    path: Path, r: int, alpha: float, peft_version: str, swapped: bool, seed=2, hidden=H, intermediate=I
+):
     """A PEFT adapter with expert LoRA on layer 0 as PEFT `peft_version` saves it (`swapped`: its factor layout is
     the one of PEFT >= 0.19); returns our-layout factors."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
+    h, i = hidden, intermediate
     factors = {
-        "gate_up_A": torch.randn(E, r, H, generator=g) * 0.1,  # [E, r, H]
-        "gate_up_B": torch.randn(E, 2 * I, r, generator=g) * 0.1,  # [E, 2I, r]
-        "down_A": torch.randn(E, r, I, generator=g) * 0.1,  # [E, r, I]
-        "down_B": torch.randn(E, H, r, generator=g) * 0.1,  # [E, H, r]
+        "gate_up_A": torch.randn(E, r, h, generator=g) * 0.1,  # [E, r, H]
+        "gate_up_B": torch.randn(E, 2 * i, r, generator=g) * 0.1,  # [E, 2I, r]
+        "down_A": torch.randn(E, r, i, generator=g) * 0.1,  # [E, r, I]
+        "down_B": torch.randn(E, h, r, generator=g) * 0.1,  # [E, H, r]
     }
     prefix = "base_model.model.model.layers.0.mlp.experts."
     state = {}
@@ -190,7 +201,7 @@ def _write_peft_adapter(path: Path, r: int, alpha: float, peft_version: str, swa
         lora_A, lora_B = expert_factors_to_peft(factors[a], factors[b], swapped=swapped)
         state[f"{prefix}{nest}lora_A.weight"] = lora_A.contiguous()
         state[f"{prefix}{nest}lora_B.weight"] = lora_B.contiguous()
-    state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(r, H)
+    state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(r, hidden)
     path.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path / "adapter_model.safetensors"))
     config = {
@@ -224,6 +235,197 @@ def test_expert_lora_from_peft_adapter(model_dir, tmp_path, gpu_experts, peft_ve
     assert ours.quant_method.cpu_experts.lora is not None
     x, topk = _routing(9, torch.float32)
     torch.testing.assert_close(ours(x.clone(), topk), native(x.clone(), topk), rtol=1e-4, atol=1e-4)
+
+
+# ---- block-FP8 checkpoints (DeepSeek-V3's format) -------------------------------------------------------------
+
+FP8 = torch.float8_e4m3fn
+FP8_BLOCK = (128, 128)
+# H is not a multiple of the block: partial scale blocks along H in gate / up [I, H] and down [H, I]. SGLang's
+# Fp8MoEMethod itself requires I % 128 == 0 (its gate / up scales are per shard).
+FP8_H, FP8_I = 192, 128
+_PROJS = (("gate", "w1", "w13"), ("up", "w3", "w13"), ("down", "w2", "w2"))  # (ours, SGLang's shard, parameter)
+
+
+def _fp8_method(**config):
+    """SGLang's Fp8MoEMethod for a checkpoint as DeepSeek-V3 ships it (block-quantized, FP8-serialized), or as
+    `config` says."""
+    from sglang.srt.layers.quantization.fp8 import Fp8Config, Fp8MoEMethod
+
+    config = {"is_checkpoint_fp8_serialized": True, "weight_block_size": list(FP8_BLOCK), **config}
+    return Fp8MoEMethod(Fp8Config(**config))
+
+
+def _fp8_experts(seed=0):
+    """Per-expert block-FP8 checkpoint tensors {"gate" / "up" / "down": [(q e4m3, scale_inv fp32)] * E}, and
+    their dequantization (gate, up, down) [E, ...] fp32."""
+    from kt_core.loading.fp8 import dequantize_fp8_blockwise, quantize_fp8_blockwise
+
+    dense = dict(zip(("gate", "up", "down"), _random_experts(torch.float32, seed, FP8_H, FP8_I), strict=True))
+    fp8 = {proj: [quantize_fp8_blockwise(w, FP8_BLOCK) for w in dense[proj]] for proj in dense}
+    dequantized = tuple(
+        torch.stack([dequantize_fp8_blockwise(q, s, FP8_BLOCK, torch.float32) for q, s in fp8[proj]])
+        for proj in ("gate", "up", "down")
+    )
+    return fp8, dequantized
+
+
+def _load_fp8(layer, fp8, skip=(), process=True, threads=0):
+    """As DeepSeek's load_weights does: per (expert, shard) one call for the weight and one for its
+    weight_scale_inv (the scale first for odd experts), from a pool of `threads` threads if > 0 (as DeepSeek's
+    loader submits host tensors); `skip` leaves out (expert, "gate", "weight_scale_inv")..."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = []
+    for e in range(E):
+        for proj, shard, fused in _PROJS:
+            q, scale = fp8[proj][e]
+            pair = [("weight", q), ("weight_scale_inv", scale)]
+            for kind, tensor in pair[::-1] if e % 2 else pair:
+                if (e, proj, kind) not in skip:
+                    param = getattr(layer, f"{fused}_{kind}")
+                    name = f"model.layers.0.mlp.experts.{fused}_{kind}"
+                    calls.append((param, tensor, name, shard, e))
+
+    def load(param, tensor, name, shard, e):
+        param.weight_loader(param, tensor, name, shard_id=shard, expert_id=e)
+
+    if threads:
+        with ThreadPoolExecutor(threads) as pool:
+            for future in [pool.submit(load, *call) for call in calls]:
+                future.result()
+    else:
+        for call in calls:
+            load(*call)
+    if process:
+        layer.quant_method.process_weights_after_loading(layer)
+
+
+def _same_bytes(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    return actual.dtype == expected.dtype and torch.equal(actual.view(torch.uint8), expected.view(torch.uint8))
+
+
+def _assert_cpu_expert_as_shipped(cpu, row: int, fp8, expert: int) -> None:
+    """Row `row` of the CPU store holds expert `expert`'s checkpoint bytes and block scales."""
+    assert _same_bytes(cpu.gate_up_proj[row, :FP8_I], fp8["gate"][expert][0])
+    assert _same_bytes(cpu.gate_up_proj[row, FP8_I:], fp8["up"][expert][0])
+    assert _same_bytes(cpu.down_proj[row], fp8["down"][expert][0])
+    assert torch.equal(cpu.gate_up_proj_scale_inv[row], torch.cat([fp8["gate"][expert][1], fp8["up"][expert][1]]))
+    assert torch.equal(cpu.down_proj_scale_inv[row], fp8["down"][expert][1])
+
+
+@pytest.mark.parametrize("T", [1, 7])
+def test_fp8_checkpoint_all_cpu_matches_sglang_native(model_dir, T):
+    fp8, (gate, up, down) = _fp8_experts()
+    native = _build_layer(torch.bfloat16, hidden=FP8_H, intermediate=FP8_I)
+    _load(native, gate.bfloat16(), up.bfloat16(), down.bfloat16())
+    method = _ours(KTExpertsOptions(kernel="auto", gpu_experts="0"), _fp8_method())
+    ours = _build_layer(torch.bfloat16, method, hidden=FP8_H, intermediate=FP8_I)
+    _load_fp8(ours, fp8)
+    assert ours.w13_weight.shape[0] == 0 and ours.w13_weight.dtype == FP8  # SGLang's FP8 method, no GPU experts
+
+    # The CPU store holds the checkpoint's e4m3 bytes and block scales as shipped: no bf16 copy.
+    cpu = method.cpu_experts
+    assert cpu.is_fp8 and cpu.weight_block_size == FP8_BLOCK
+    assert {p.dtype for p in cpu.parameters()} == {FP8, torch.float32}  # e4m3 weights, fp32 scales
+    assert tuple(cpu.gate_up_proj_scale_inv.shape) == (E, 2, 2) and tuple(cpu.down_proj_scale_inv.shape) == (E, 2, 1)
+    for e in range(E):
+        _assert_cpu_expert_as_shipped(cpu, e, fp8, e)
+
+    x, topk = _routing(T, torch.bfloat16, hidden=FP8_H, idle=3)
+    assert not bool((topk.topk_ids == 3).any())  # an expert with no tokens
+    expected = native(x.clone(), topk)
+    torch.testing.assert_close(ours(x.clone(), topk), expected, **TOLERANCE[torch.bfloat16])
+    # Activations the CPU operator does not take (fp16) reach it as bf16, not in the weights' dtype (e4m3).
+    half = ours(x.to(torch.float16), topk)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.to(torch.bfloat16), expected, **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("placement", [{"gpu_experts": "2"}, {"gpu_expert_ids": "1,6"}], ids=["first-2", "ids-1-6"])
+def test_fp8_checkpoint_gpu_rows_get_their_experts(model_dir, monkeypatch, placement):
+    """With GPU experts, SGLang's Fp8MoEMethod holds compact [N_gpu, ...] weights and scales, row r the r-th GPU
+    expert's; the CPU store the others'. No forward: SGLang's FP8 kernels need CUDA (or AMX)."""
+    fp8, _ = _fp8_experts()
+    method = _ours(KTExpertsOptions(**placement), _fp8_method())
+    ours = _build_layer(torch.bfloat16, method, hidden=FP8_H, intermediate=FP8_I)
+    processed = []  # SGLang's own FP8 post-processing needs CUDA or AMX: recorded, not run
+    monkeypatch.setattr(method.gpu_method, "process_weights_after_loading", processed.append)
+    _load_fp8(ours, fp8, threads=8)
+    assert processed == [ours]
+    gpu_ids = [0, 1] if "gpu_experts" in placement else [1, 6]
+    assert method.gpu_ids == gpu_ids and method.cpu_experts.gpu_share is method.gpu_share
+
+    n_i = -(-FP8_I // FP8_BLOCK[0])  # gate's (and up's) scale rows
+    assert ours.w13_weight.dtype == FP8 and tuple(ours.w13_weight.shape) == (2, 2 * FP8_I, FP8_H)
+    assert tuple(ours.w13_weight_scale_inv.shape) == (2, 2 * n_i, 2)
+    for row, e in enumerate(gpu_ids):
+        assert _same_bytes(ours.w13_weight.data[row, :FP8_I], fp8["gate"][e][0])
+        assert _same_bytes(ours.w13_weight.data[row, FP8_I:], fp8["up"][e][0])
+        assert _same_bytes(ours.w2_weight.data[row], fp8["down"][e][0])
+        assert torch.equal(ours.w13_weight_scale_inv.data[row, :n_i], fp8["gate"][e][1])
+        assert torch.equal(ours.w13_weight_scale_inv.data[row, n_i:], fp8["up"][e][1])
+        assert torch.equal(ours.w2_weight_scale_inv.data[row], fp8["down"][e][1])
+    cpu = method.cpu_experts
+    assert cpu.is_fp8 and cpu.num_experts == E - 2
+    for e in method.cpu_ids:
+        _assert_cpu_expert_as_shipped(cpu, int(cpu.host_rows[e]), fp8, e)
+
+
+def test_fp8_checkpoint_missing_scale_and_stray_tensor_are_named(model_dir):
+    fp8, _ = _fp8_experts()
+    ours = _build_layer(torch.bfloat16, _ours(KTExpertsOptions(gpu_experts="2"), _fp8_method()), FP8_H, FP8_I)
+    _load_fp8(ours, fp8, skip={(3, "gate", "weight_scale_inv"), (5, "down", "weight")}, process=False)
+    with pytest.raises(
+        ValueError, match=r"2 CPU expert tensors \(expert 3 gate_proj weight_scale_inv, expert 5 down_proj"
+    ):
+        ours.quant_method.process_weights_after_loading(ours)
+    with pytest.raises(ValueError, match="w13_input_scale"):
+        ours.w13_weight.weight_loader(
+            ours.w13_weight, torch.ones(()), "model.layers.0.mlp.experts.w13_input_scale", shard_id="w1", expert_id=5
+        )
+
+
+@pytest.mark.parametrize(
+    ("config", "why"),
+    [
+        ({"weight_block_size": None}, "per-tensor FP8"),
+        ({"is_checkpoint_fp8_serialized": False, "weight_block_size": None}, "quantized at load"),
+    ],
+    ids=["per-tensor", "quantized-at-load"],
+)
+def test_other_fp8_checkpoints_are_refused_by_name(model_dir, config, why):
+    with pytest.raises(NotImplementedError, match=rf"layer 0\).*Fp8MoEMethod with .*{why}"):
+        _build_layer(torch.bfloat16, _ours(KTExpertsOptions(gpu_experts="0"), _fp8_method(**config)), FP8_H, FP8_I)
+
+
+def test_fp8_checkpoint_expert_lora_on_the_cpu(model_dir, tmp_path):
+    """Every expert on the CPU: the FP8 experts take the adapter's expert LoRA unmerged (KTExperts' own LoRA)."""
+    r, alpha = 4, 8.0
+    adapter = tmp_path / "adapter"
+    factors = _write_peft_adapter(adapter, r, alpha, "0.19.1", True, hidden=FP8_H, intermediate=FP8_I)
+    scaling = alpha / r
+    fp8, (gate, up, down) = _fp8_experts()
+    gate_up_delta = scaling * factors["gate_up_B"] @ factors["gate_up_A"]  # [E, 2I, H]
+    down_delta = scaling * factors["down_B"] @ factors["down_A"]  # [E, H, I]
+    native = _build_layer(torch.bfloat16, hidden=FP8_H, intermediate=FP8_I)
+    merged = (gate + gate_up_delta[:, :FP8_I], up + gate_up_delta[:, FP8_I:], down + down_delta)
+    _load(native, *(w.bfloat16() for w in merged))
+    method = _ours(KTExpertsOptions(gpu_experts="0", lora_path=str(adapter)), _fp8_method())
+    ours = _build_layer(torch.bfloat16, method, hidden=FP8_H, intermediate=FP8_I)
+    _load_fp8(ours, fp8)
+    assert method.cpu_experts.is_fp8 and method.cpu_experts.lora is not None
+    x, topk = _routing(9, torch.bfloat16, hidden=FP8_H)
+    torch.testing.assert_close(ours(x.clone(), topk), native(x.clone(), topk), **TOLERANCE[torch.bfloat16])
+
+    # With FP8 GPU experts, the LoRA would have to be merged into e4m3 weights: refused before any loading.
+    with pytest.raises(NotImplementedError, match=r"--kt-experts-lora .*FP8"):
+        _build_layer(
+            torch.bfloat16,
+            _ours(KTExpertsOptions(gpu_experts="2", lora_path=str(adapter)), _fp8_method()),
+            FP8_H,
+            FP8_I,
+        )
 
 
 def test_routing_is_recorded_per_layer(model_dir, tmp_path):

@@ -11,6 +11,12 @@ FusedMoE hands to `create_weights` is wrapped; GPU experts go on to SGLang's loa
 index, CPU experts are copied into the KTExperts store (full intermediate size, as only TP rank 0 computes
 them; other ranks contribute zeros to the all-reduce, as with SGLang's KTransformers backend).
 
+Checkpoints: unquantized ones (SGLang's UnquantizedFusedMoEMethod: CPU experts in bf16 / fp32), and block-FP8
+ones as DeepSeek-V3 ships them (SGLang's Fp8MoEMethod with weight_block_size, e.g. [128, 128]: e4m3 weights
+with fp32 `weight_scale_inv` block scales). Those stay FP8 on both sides: SGLang's FP8 method over the GPU
+experts, a KTExperts(dtype=torch.float8_e4m3fn) holding the CPU experts' e4m3 weights and block scales as shipped
+(no bf16 copy in host RAM); the CPU operator takes bf16 / fp32 activations.
+
 Legend: T = tokens, K = experts per token, E = experts of the layer, H = hidden, I = expert intermediate.
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +50,10 @@ CUDA_GRAPH_MESSAGE = (
 STREAM_ORDERED_MAX_TOKENS = 8192
 
 _SHARDS = {"w1": "gate", "w3": "up", "w2": "down"}  # SGLang's shard ids -> KTExperts.load_expert_ keywords
+# What the checkpoint holds per (expert, shard): the weight, and for block-FP8 checkpoints its block scales.
+WEIGHT, SCALE = "weight", "weight_scale_inv"
+_ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)  # what the CPU operator takes
+_SUPPORTED = "unquantized (bf16 / fp16 / fp32) and block-quantized FP8 (DeepSeek-style weight_scale_inv) checkpoints"
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,8 @@ class KTExpertsMethod(KTEPWrapperMethod):
     as it requires the kt_kernel package.
 
     Args:
-        gpu_method: the method FusedMoE would have used (only the unquantized one is supported).
+        gpu_method: the method FusedMoE would have used: SGLang's unquantized one, or its Fp8MoEMethod for a
+            block-FP8 checkpoint (the CPU experts then stay FP8 too).
         kt_config: KTExpertsLayerConfig.
     """
 
@@ -82,7 +94,10 @@ class KTExpertsMethod(KTEPWrapperMethod):
         self.gpu_ids: list[int] = []
         self.cpu_ids: list[int] = []
         self.gpu_share: SGLangGpuShare | None = None
-        self._pending: set | None = None
+        self._kinds: tuple[str, ...] = (WEIGHT,)  # the checkpoint tensors of each (expert, shard)
+        self._pending: set | None = None  # {(expert, shard id, kind)} not yet received for the CPU experts
+        self._halves: dict[tuple[int, str], tuple[str, torch.Tensor]] = {}  # fp8: the first of (weight, scale)
+        self._halves_lock = threading.Lock()  # SGLang's loaders (DeepSeek's) call weight_loader from a thread pool
         self._stream_ordered: StreamOrderedForward | None = None  # the CPU experts' capturable path
         self._routing: torch.Tensor | None = None  # [E + 1] routing counts (--kt-experts-record-routing)
         self.params_dtype = torch.bfloat16  # set in create_weights
@@ -98,13 +113,14 @@ class KTExpertsMethod(KTEPWrapperMethod):
         params_dtype: torch.dtype,
         **extra_weight_attrs,
     ):
-        """Creates the GPU experts' weights through `gpu_method` and the CPU experts' store."""
+        """Creates the GPU experts' weights through `gpu_method` and the CPU experts' store.
+
+        An unquantized checkpoint gives CPU experts in params_dtype (bf16 for other dtypes); a block-FP8 one,
+        CPU experts in float8_e4m3fn with their block scales (gate_up_proj_scale_inv [N_cpu, 2 ceil(I / b0),
+        ceil(H / b1)], down_proj_scale_inv [N_cpu, ceil(H / b0), ceil(I / b1)]).
+        """
         where = f"--kt-experts (layer {self.kt_config.layer_idx})"
-        if not isinstance(self.gpu_method, UnquantizedFusedMoEMethod):
-            raise NotImplementedError(
-                f"{where}: only unquantized (bf16 / fp16 / fp32) checkpoints are supported, this model uses "
-                f"{type(self.gpu_method).__name__}"
-            )
+        fp8_block = _checkpoint_fp8_block(self.gpu_method, where)  # None: unquantized
         if getattr(layer, "moe_ep_size", 1) > 1:
             raise NotImplementedError(f"{where}: expert parallelism (--ep-size > 1) is not supported; use --tp-size")
         if extra_weight_attrs.get("with_bias"):
@@ -127,6 +143,13 @@ class KTExpertsMethod(KTEPWrapperMethod):
         self.global_num_experts = E
         self.num_gpu_experts = len(self.gpu_ids)
         self.gpu_method.num_gpu_experts = self.num_gpu_experts
+        if fp8_block is not None and self.gpu_ids and self.options.lora_path:
+            raise NotImplementedError(
+                f"{where}: --kt-experts-lora merges the expert LoRA into GPU-resident experts, which are FP8 in this "
+                "checkpoint (merging into e4m3 weights would be lossy); keep every expert on the CPU "
+                "(--kt-experts-gpu-experts 0), where the CPU operator applies it unmerged"
+            )
+        self._kinds = (WEIGHT, SCALE) if fp8_block is not None else (WEIGHT,)
 
         sglang_loader = extra_weight_attrs["weight_loader"]
         extra_weight_attrs["weight_loader"] = self._wrap_weight_loader(sglang_loader, E)
@@ -141,13 +164,16 @@ class KTExpertsMethod(KTEPWrapperMethod):
         if self.tp_rank != 0 or not self.cpu_ids:
             return
         intermediate_full = intermediate_size_per_partition * getattr(layer, "moe_tp_size", 1)
-        dtype = params_dtype if params_dtype in (torch.float32, torch.bfloat16) else torch.bfloat16
+        if fp8_block is not None:  # kept as shipped: e4m3 weights and their block scales
+            storage = {"dtype": torch.float8_e4m3fn, "weight_block_size": fp8_block}
+        else:
+            storage = {"dtype": params_dtype if params_dtype in _ACTIVATION_DTYPES else torch.bfloat16}
         with torch.device("cpu"):  # SGLang builds the model under a device context: the CPU experts stay in RAM
             self.cpu_experts = KTExperts(
                 len(self.cpu_ids),
                 hidden_size,
                 intermediate_full,
-                dtype=dtype,
+                **storage,
                 kernel=self.options.kernel,
                 cpu_infer=self.options.cpu_threads,
                 chunk_size=self.options.chunk_size,
@@ -157,7 +183,8 @@ class KTExpertsMethod(KTEPWrapperMethod):
         if self.gpu_ids:
             self.gpu_share = SGLangGpuShare(self)
             self.cpu_experts.attach_gpu_share(self.gpu_share)
-        self._pending = {(e, s) for e in self.cpu_ids for s in _SHARDS}
+        self._pending = {(e, s, kind) for e in self.cpu_ids for s in _SHARDS for kind in self._kinds}
+        self._halves = {}
 
     def _wrap_weight_loader(self, sglang_loader, num_experts: int):
         def weight_loader(param, loaded_weight, weight_name, shard_id=None, expert_id=None, *args, **kwargs):
@@ -174,21 +201,50 @@ class KTExpertsMethod(KTEPWrapperMethod):
         return weight_loader
 
     def _load_cpu_expert(self, loaded_weight: torch.Tensor, weight_name: str, shard_id: str, expert: int) -> None:
-        if shard_id not in _SHARDS or not str(weight_name).endswith("weight"):
-            raise ValueError(
-                f"--kt-experts (layer {self.kt_config.layer_idx}): cannot place checkpoint tensor {weight_name!r} "
-                f"(shard {shard_id!r}) of expert {expert} on the CPU; expected plain gate / up / down weights"
-            )
+        """Copies one checkpoint tensor of a CPU expert into the store.
+
+        Args:
+            loaded_weight: gate / up [I, H] or down [H, I] weight; for a block-FP8 checkpoint also its block
+                scales (weight_scale_inv, [ceil(rows / b0), ceil(cols / b1)]), each in its own call, in either
+                order and from any thread: a copy of the first of the pair is held until the other arrives.
+            weight_name: SGLang's parameter name ("...experts.w13_weight", "...experts.w2_weight_scale_inv").
+            shard_id: "w1" (gate), "w3" (up) or "w2" (down).
+            expert: the logical expert id.
+        """
+        kind = self._tensor_kind(weight_name, shard_id, expert)
         if self.cpu_experts is None:
             return  # TP rank > 0: rank 0 computes the CPU experts
-        self.cpu_experts.load_expert_(int(self.cpu_experts.host_rows[expert]), **{_SHARDS[shard_id]: loaded_weight})
-        self._pending.discard((expert, shard_id))
+        row, proj = int(self.cpu_experts.host_rows[expert]), _SHARDS[shard_id]
+        self._pending.discard((expert, shard_id, kind))
+        if kind == WEIGHT and not self.cpu_experts.is_fp8:
+            self.cpu_experts.load_expert_(row, **{proj: loaded_weight})
+            return
+        with self._halves_lock:
+            held = self._halves.pop((expert, shard_id), None)
+            if held is None or held[0] == kind:  # the first of the pair (a repeated one replaces it)
+                # A copy: the loader's tensor may be a view of a buffer it reuses (SGLang's RunAI streamer).
+                self._halves[(expert, shard_id)] = (kind, loaded_weight.detach().to("cpu", copy=True))
+                return
+        weight, scale = (loaded_weight, held[1]) if kind == WEIGHT else (held[1], loaded_weight)
+        self.cpu_experts.load_expert_(row, **{proj: weight, f"{proj}_scale_inv": scale})
+
+    def _tensor_kind(self, weight_name: str, shard_id: str, expert: int) -> str:
+        """WEIGHT or SCALE for a checkpoint tensor of a CPU expert; anything else is refused."""
+        name = str(weight_name)
+        kind = SCALE if SCALE in name else WEIGHT if name.endswith("weight") else None
+        if shard_id not in _SHARDS or kind not in self._kinds:
+            expected = "gate / up / down weights" + (" and their weight_scale_inv" if SCALE in self._kinds else "")
+            raise ValueError(
+                f"--kt-experts (layer {self.kt_config.layer_idx}): cannot place checkpoint tensor {weight_name!r} "
+                f"(shard {shard_id!r}) of expert {expert} on the CPU; expected {expected}"
+            )
+        return kind
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Checks that every CPU expert was loaded, applies expert LoRA, then SGLang's GPU post-processing."""
         if self._pending:
             missing = sorted(self._pending)
-            shown = ", ".join(f"expert {e} {_SHARDS[s]}_proj" for e, s in missing[:6])
+            shown = ", ".join(f"expert {e} {_SHARDS[s]}_proj {kind}" for e, s, kind in missing[:6])
             raise ValueError(
                 f"--kt-experts (layer {self.kt_config.layer_idx}): the checkpoint did not provide {len(missing)} CPU "
                 f"expert tensors ({shown}{', ...' if len(missing) > 6 else ''})"
@@ -253,8 +309,7 @@ class KTExpertsMethod(KTEPWrapperMethod):
                 return StandardCombineInput(hidden_states=torch.zeros_like(x))
             return StandardCombineInput(hidden_states=self._gpu_apply(layer, dispatch_output))
         ids, weights = topk_output.topk_ids, topk_output.topk_weights  # [T, K], [T, K]
-        cpu_dtype = self.cpu_experts.gate_up_proj.dtype
-        x_in = x if x.dtype in (torch.float32, torch.bfloat16) else x.to(cpu_dtype)  # the operator's dtypes
+        x_in = x.to(_activation_dtype(self.cpu_experts, x.dtype))  # the operator's dtypes (a no-op for bf16 / fp32)
         if x.is_cuda and 0 < x.shape[0] <= STREAM_ORDERED_MAX_TOKENS:
             return StandardCombineInput(hidden_states=self._apply_stream_ordered(layer, dispatch_output, x_in))
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -331,6 +386,9 @@ class SGLangGpuShare:
     # The GpuCall of every call: a fixed set of GPU experts, routed on the device by SGLang's method.
     covers_all = False
     weight_sets = None
+    # SGLang's method computes from its own (FP8 or not) GPU weights and never takes the host's: an FP8 KTExperts
+    # may attach it.
+    takes_fp8 = True
 
     @property
     def experts(self) -> list[int]:
@@ -362,9 +420,65 @@ def _arenas(hidden: int, top_k: int, dtype: torch.dtype) -> PinnedArenas:
     return _ARENAS[key]
 
 
-def _activation_dtype(cpu_experts: KTExperts, params_dtype: torch.dtype) -> torch.dtype:
-    # As apply() hands activations to the operator: fp32 / bf16 as they come, others in the weights' dtype.
-    return params_dtype if params_dtype in (torch.float32, torch.bfloat16) else cpu_experts.gate_up_proj.dtype
+def _activation_dtype(cpu_experts: KTExperts, dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which activations of `dtype` go to the CPU operator: fp32 / bf16 as they come, others (fp16)
+    in the weights' dtype, or bf16 for FP8 weights."""
+    if dtype in _ACTIVATION_DTYPES:
+        return dtype
+    weights = cpu_experts.gate_up_proj.dtype
+    return weights if weights in _ACTIVATION_DTYPES else torch.bfloat16
+
+
+def _checkpoint_fp8_block(gpu_method, where: str) -> tuple[int, int] | None:
+    """The FP8 quantization block (rows, columns) of the checkpoint behind SGLang's method; None if unquantized.
+
+    Accepts SGLang's UnquantizedFusedMoEMethod and its Fp8MoEMethod on a block-quantized FP8-serialized checkpoint
+    (DeepSeek-V3's: e4m3 weights with weight_scale_inv per 128x128 block). Attributes are read with getattr, as
+    they may differ between SGLang releases.
+
+    Raises:
+        NotImplementedError: any other method or FP8 flavour (per-tensor scales, FP8 quantized at load from a
+            bf16 checkpoint, MXFP8, FP4 experts), naming the layer and the method's class.
+    """
+    if isinstance(gpu_method, UnquantizedFusedMoEMethod):
+        return None
+    name = type(gpu_method).__name__
+    if not _is_fp8_moe_method(gpu_method):
+        raise NotImplementedError(f"{where}: only {_SUPPORTED} are supported, this model's experts use {name}")
+    config = getattr(gpu_method, "quant_config", None)
+    block = getattr(config, "weight_block_size", None) or getattr(gpu_method, "weight_block_size", None)
+    why = None
+    if getattr(gpu_method, "use_mxfp8", False) or getattr(config, "use_mxfp8", False):
+        why = "MXFP8 (ue8m0 scales per 1x32)"
+    elif getattr(gpu_method, "is_fp4_expert", False) or getattr(config, "is_fp4_experts", False):
+        why = "FP4 experts"
+    elif not getattr(config, "is_checkpoint_fp8_serialized", False):
+        why = "FP8 quantized at load from an unquantized checkpoint (--quantization fp8)"
+    elif not getattr(gpu_method, "block_quant", block is not None) or block is None:
+        why = "per-tensor FP8 scales (no weight_block_size)"
+    elif not _is_block_size(block):
+        why = f"weight_block_size {block!r} (expected two positive sizes)"
+    if why is not None:
+        raise NotImplementedError(
+            f"{where}: only {_SUPPORTED} are supported, this model's experts use {name} with {why}"
+        )
+    return int(block[0]), int(block[1])
+
+
+def _is_fp8_moe_method(gpu_method) -> bool:
+    try:
+        from sglang.srt.layers.quantization.fp8 import Fp8MoEMethod
+    except ImportError:  # an SGLang without it, or whose FP8 module does not import here
+        return False
+    return isinstance(gpu_method, Fp8MoEMethod)
+
+
+def _is_block_size(block) -> bool:
+    return (
+        isinstance(block, (list, tuple))
+        and len(block) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+    )
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
