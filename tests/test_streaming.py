@@ -256,27 +256,35 @@ def test_all_streamed_layers_take_the_device_path(monkeypatch):
     assert rt.history[-1]["streamed_per_layer"] == [E, E, E]
 
 
-def test_device_path_queues_the_factor_upload_before_the_next_layers_copy(monkeypatch):
+@pytest.mark.parametrize("split", ["all-streamed", "half-streamed"])
+def test_a_layers_uploads_and_host_wait_come_before_the_next_layers_copy(monkeypatch, split):
     """Host-to-device copies share the copy engine whatever their stream: a layer's factor upload queued behind
-    the next layer's weights would hold its compute until that copy ends (copies and compute serialized)."""
+    the next layer's weights would hold its compute until that copy ends (copies and compute serialized), and a
+    host split's wait for its routing would last as long."""
     from kt_core.experts import bridge
 
     model = ToyMoE(3)
-    rt = enable_streaming(model, device="cpu", mode="gpu")
+    rt = enable_streaming(model, device="cpu", **SPLITS[split])
     events = []
-    upload, load, begin = bridge.upload_factors, rt.store.load, rt.begin
+    upload, stage, load, begin = bridge.upload_factors, bridge.stage_to_host, rt.store.load, rt.begin
     monkeypatch.setattr(bridge, "upload_factors", lambda *a: events.append(("factors", None)) or upload(*a))
+    monkeypatch.setattr(bridge, "stage_to_host", lambda *a: events.append(("to host", None)) or stage(*a))
     monkeypatch.setattr(rt.store, "load", lambda layer, *a, **k: events.append(("load", layer)) or load(layer, *a, **k))
     monkeypatch.setattr(
         rt, "begin", lambda layer, ids, phase: events.append((phase, layer)) or begin(layer, ids, phase)
     )
     train(model, steps=2)
-    calls = [i for i, (what, _) in enumerate(events) if what in ("fwd", "recompute")]
-    assert len(calls) == 2 * 2 * 3  # forward and recomputation of 3 layers, 2 steps
-    for i in calls:
-        layer, until = events[i][1], next(j for j in range(i, len(events)) if events[j][0] == "factors")
-        assert all(e == ("load", layer) for e in events[i + 1 : until]), events[i:until]  # only its own weights
+    calls = [i for i, (what, _) in enumerate(events) if what in ("fwd", "recompute", "bwd")]
+    assert len(calls) == 3 * 2 * 3  # forward, recomputation and backward of 3 layers, 2 steps
+    split_calls = 0
+    for n, i in enumerate(calls):
+        (_, layer), end = events[i], calls[n + 1] if n + 1 < len(calls) else len(events)
+        marks = [j for j in range(i, end) if events[j][0] in ("factors", "to host")]
+        split_calls += any(events[j][0] == "to host" for j in marks)
+        if marks:  # nothing but its own weights copied before them
+            assert all(e == ("load", layer) for e in events[i + 1 : marks[-1]] if e[0] == "load"), events[i:end]
     assert sum(what == "load" for what, _ in events) >= 2 * 3  # the prefetches still happen
+    assert (split_calls > 0) == (split == "half-streamed")
 
 
 def test_plans_are_made_once_per_step(monkeypatch):

@@ -61,10 +61,7 @@ class StreamedShare:
 
     def begin(self, ids: torch.Tensor, phase: str) -> _StreamedCall:
         weight_sets = self.runtime.begin(self.layer, ids, phase)
-        call = _StreamedCall(self, phase, weight_sets, ids.numel())
-        if not call.covers_all:  # the host split waits for the device before the GPU part: copy the next layer now
-            call.prefetch()
-        return call
+        return _StreamedCall(self, phase, weight_sets, ids.numel())
 
 
 @dataclass
@@ -94,8 +91,9 @@ class _StreamedCall:
     # ---- the contract -------------------------------------------------------------------------------
 
     def prefetch(self) -> None:
-        """The next layer's copy, once per call: on the device path after the layer has queued its factor upload
-        (StreamingRuntime.prefetch says why), so right before the GPU work."""
+        """The next layer's copy, once per call, right before the GPU work (or at the end of a call that has none):
+        after the layer has queued its factor upload and, with a host split, after its routing reached the host
+        (that wait would otherwise last until the copy is done). StreamingRuntime.prefetch says why."""
         if not self._prefetched:
             self._prefetched = True
             self.share.runtime.prefetch(self.share.layer, self.phase, self.slots)
