@@ -360,6 +360,38 @@ def test_residents_keep_the_device_path(monkeypatch):
     assert not parts
 
 
+def test_slot_loads_make_no_tensor_from_host_values(monkeypatch):
+    """A tensor made from Python values on a CUDA device is a blocking copy: made while a layer's copy is being
+    queued, it held the host until the copy was done, and the compute it had not queued yet waited with it.
+    The per-call path (load, acquire, the residents' device copies) must use tensors made between steps."""
+    import sys
+
+    ours = ToyMoE(3)
+    rt = enable_streaming(ours, device="cpu", **SPLITS["resident"])
+    train(ours, steps=2)  # residents chosen after step 1
+    assert all(len(layer.resident) == 3 for layer in rt.store.layers)
+    made, tensor = [], torch.tensor
+
+    def traced(*args, **kwargs):
+        made.append(sys._getframe(1).f_code.co_name)
+        return tensor(*args, **kwargs)
+
+    for name in ("load", "acquire", "_copy", "_fill_residents", "release"):
+        method = getattr(rt.store, name)
+        monkeypatch.setattr(rt.store, name, lambda *a, _m=method, **k: _trace(_m, traced, *a, **k))
+    train(ours, steps=1)
+    assert made == []
+
+
+def _trace(method, traced, *args, **kwargs):
+    original = torch.tensor
+    torch.tensor = traced
+    try:
+        return method(*args, **kwargs)
+    finally:
+        torch.tensor = original
+
+
 EXPERT_BYTES = 3 * I * H * 4  # gate, up and down of one fp32 expert
 
 

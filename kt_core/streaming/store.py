@@ -116,6 +116,7 @@ class _Layer:
     q: tuple[torch.Tensor, ...] | None = None  # int8 gate_up, int8 down, scales [E, 2I], scales [E, H]
     resident: list[int] = field(default_factory=list)
     res: tuple[torch.Tensor, ...] | None = None  # the residents as stored ([R, ...] each of `stored`), device
+    res_ids: torch.Tensor | None = None  # [R] int64 their expert ids, device (a whole-layer slot's positions)
 
     @property
     def stored(self) -> tuple[torch.Tensor, ...]:
@@ -298,10 +299,11 @@ class ExpertStore:
         lw.resident = sorted(experts)
         self._forget(lambda key: key[:2] == ("res", layer))
         if not experts:
-            lw.res = None
+            lw.res = lw.res_ids = None
             return
         idx = torch.tensor(lw.resident)
         lw.res = tuple(_raw(t)[idx].to(self.device).view(t.dtype) for t in lw.stored)
+        lw.res_ids = idx.to(self.device)  # made here, between steps: a list -> device tensor waits for the device
 
     def resident_bytes(self, layer: int = 0) -> int:
         """Device bytes one resident expert takes (the weights as stored on the host, FP8 block scales included)."""
@@ -424,9 +426,8 @@ class ExpertStore:
     def _fill_residents(self, layer: int, dst: tuple[torch.Tensor, ...]) -> None:
         """Device copies of `layer`'s residents into a whole-layer weight set (positions = expert ids)."""
         lw = self.layers[layer]
-        idx = torch.tensor(lw.resident, device=self.device)
         for d, r in zip(dst, lw.res, strict=True):  # int8: into the dequantized pair, from the bf16 residents
-            _raw(d).index_copy_(0, idx, _raw(r))
+            _raw(d).index_copy_(0, lw.res_ids, _raw(r))
 
     def acquire(self, layer: int) -> tuple[list[int], Weight | None, Weight | None]:
         """The streamed experts of `layer` present in a slot, and their weights [G, 2I, H], [G, H, I].
