@@ -1,10 +1,12 @@
 """Real SGLang servers on a GPU, with and without --kt-experts, answering the same greedy requests.
 
-For tiny Qwen3-MoE and DeepSeek-V3 checkpoints (random weights, bf16), one plain server and two with the
-routed experts on the CPU: a quarter kept on SGLang's GPU method with decode under CUDA graphs (the default),
-and all of them on the CPU without graphs; and an expert-LoRA adapter served by `--kt-experts-lora` against
-the plain server on the same adapter merged into the checkpoint by PEFT. Each answers the same prompts, one
-at a time and 16 at once. Compared with the reference server:
+For tiny Qwen3-MoE and DeepSeek-V3 checkpoints (random weights, bf16), and a tiny DeepSeek-V3 in block FP8 as
+DeepSeek ships it (e4m3 projections with 128 x 128 `weight_scale_inv`: the plain server runs SGLang's own FP8
+path, ours keeps the CPU experts in FP8 and the GPU ones on SGLang's Fp8MoEMethod), one plain server and two
+with the routed experts on the CPU: a quarter kept on SGLang's GPU method with decode under CUDA graphs (the
+default), and all of them on the CPU without graphs; and an expert-LoRA adapter served by `--kt-experts-lora`
+against the plain server on the same adapter merged into the checkpoint by PEFT. Each answers the same prompts,
+one at a time and 16 at once. Compared with the reference server:
 - greedy continuations token for token where bf16 allows it (reported), and
 - next-token agreement with teacher forcing: both servers score the plain server's own sequences
   (`input_top_logprobs`), and their top-1 tokens agree at >= 95% of positions (the plain server against
@@ -14,7 +16,8 @@ at a time and 16 at once. Compared with the reference server:
   through prefill, so this is what checks the decode path; the plain server's share is the floor, and ours must
   reach 95% or that floor less 3 points.
 
-Needs SGLang on a GPU machine (README, "SGLang"): `pytest -m gpu integration_tests/test_sglang_gpu.py`.
+Needs SGLang on a GPU machine (README, "SGLang"): `pytest -m gpu integration_tests/test_sglang_gpu.py`
+(`-k fp8`: the FP8 checkpoint alone).
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ from make_checkpoint import write_checkpoint  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from sglang_server import SGLangServer  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+import bench_sft  # noqa: E402  (write_checkpoint(..., expert_dtype="fp8"): DeepSeek-V3's FP8 layout)
+
 # Sizes SGLang's GPU kernels take (head dims of 64, hidden 256), still tiny.
 SHAPES = {
     "qwen3_moe": {"hidden_size": 256, "head_dim": 64, "moe_intermediate_size": 128, "intermediate_size": 512},
@@ -60,11 +66,23 @@ SHAPES = {
         "topk_method": "noaux_tc",
     },
 }
+# The FP8 checkpoint: DeepSeek-V3's tiny shapes above, every projection (attention's included) in e4m3 with
+# 128 x 128 block scales, as DeepSeek ships it (bench_sft.is_fp8_weight; embeddings, LM head, router and norms
+# bf16). SGLang loads q_a_proj and kv_a_proj_with_mqa as one fused layer and concatenates their block scales,
+# which gives the fused weight's scales only when q_lora_rank is whole blocks (DeepSeek-V3: 1536): 128 here.
+# Its FP8 MoE method wants moe_intermediate_size, and its merged FP8 layers (dense / shared gate_up) each half,
+# in whole blocks: 128 and 512 above are.
+# Weights drawn with DeepSeek-V3's initializer_range (0.02), not the bundled config's 0.2: SGLang's FP8 layers
+# quantize their inputs per token and 128 columns (e4m3), our CPU experts do not, and at 0.2 the random model is
+# chaotic enough that this alone flips ~15% of top-1 tokens (a CPU simulation of both; the plain FP8 server's
+# own decode agreed with its prefill at 53% on the H200). At 0.02 the simulation gives ~97% for CPU experts, and
+# still 76% with each expert given its neighbour's gate_up, 83% with the routed experts zeroed.
+FP8_SHAPES = {**SHAPES["deepseek_v3"], "q_lora_rank": 128, "initializer_range": 0.02}
 SERVER_FLAGS = ["--mem-fraction-static", "0.15", "--cuda-graph-max-bs", "16", "--log-level", "warning"]
 VARIANTS = {  # the plain server first: the others are compared with it
     "plain": [],
     "kt-quarter-gpu": ["--kt-experts", "--kt-experts-gpu-experts", "0.25"],
-    "kt-cpu-eager": ["--kt-experts", "--disable-cuda-graph"],
+    "kt-cpu-eager": ["--kt-experts", "--disable-cuda-graph", "--kt-experts-gpu-experts", "0"],
 }
 NEW_TOKENS = 32  # x 16 prompts: 512 decoded positions (sampling noise of an agreement near 90%: ~1.3 points)
 LOGS = Path(os.environ.get("OUT", "/tmp")) / "sglang-gpu-logs"
@@ -91,15 +109,34 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in pairs) / len(pairs)
 
 
+def _tiny_config(root: Path, family: str, shapes: dict) -> Path:
+    """The bundled tiny `family`'s config.json with `shapes` applied, written into root/config (returned)."""
+    config = json.loads((REPO / "examples" / "tiny_moe" / family / "config.json").read_text())
+    config.update(shapes)
+    (root / "config").mkdir()
+    (root / "config" / "config.json").write_text(json.dumps(config))
+    return root / "config"
+
+
 @pytest.fixture(scope="module", params=sorted(SHAPES))
 def checkpoint(request, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(family)
-    config = json.loads((REPO / "examples" / "tiny_moe" / family / "config.json").read_text())
-    config.update(SHAPES[family])
-    (root / "config").mkdir()
-    (root / "config" / "config.json").write_text(json.dumps(config))
-    return write_checkpoint(root / f"tiny-{family}", root / "config", dtype=torch.bfloat16)
+    return write_checkpoint(root / f"tiny-{family}", _tiny_config(root, family, SHAPES[family]), dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory):
+    """The tiny DeepSeek-V3 (FP8_SHAPES) as DeepSeek ships it: FP8 projections with their block scales, routed experts
+    per expert, DeepSeek's `quantization_config` in config.json; random weights (normal(0, initializer_range), norms
+    1, as transformers initializes), the bundled tokenizer."""
+    from transformers import AutoConfig
+
+    root = tmp_path_factory.mktemp("deepseek_v3-fp8")
+    config = AutoConfig.from_pretrained(_tiny_config(root, "deepseek_v3", FP8_SHAPES))
+    path = root / "tiny-deepseek_v3-fp8"
+    bench_sft.write_checkpoint(config, path, "cpu", expert_dtype="fp8", progress=False)
+    return path
 
 
 def _decode_vs_prefill(server: SGLangServer, prompts: list[list[int]], outputs: list[list[int]]) -> float:
@@ -148,8 +185,19 @@ def _compare(checkpoint: Path, variants: dict[str, tuple[Path, list[str]]], tag:
     assert not failures, failures
 
 
-def test_kt_experts_answer_like_the_plain_server(checkpoint):
+def _compare_variants(checkpoint: Path) -> None:
+    """VARIANTS on `checkpoint`, compared with its plain server."""
     _compare(checkpoint, {name: (checkpoint, flags) for name, flags in VARIANTS.items()}, checkpoint.name)
+
+
+def test_kt_experts_answer_like_the_plain_server(checkpoint):
+    _compare_variants(checkpoint)
+
+
+def test_kt_experts_answer_like_the_plain_server_fp8(fp8_checkpoint):
+    """Block-FP8 DeepSeek-V3: the reference is the plain server on SGLang's own FP8 path (block-FP8 linear layers,
+    Fp8MoEMethod); ours keeps the CPU experts in e4m3 with their scales, a quarter on Fp8MoEMethod."""
+    _compare_variants(fp8_checkpoint)
 
 
 def test_expert_lora_serves_like_the_merged_checkpoint(checkpoint, tmp_path):
