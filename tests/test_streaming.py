@@ -273,7 +273,13 @@ def test_a_layers_uploads_and_host_wait_come_before_the_next_layers_copy(monkeyp
     monkeypatch.setattr(
         rt, "begin", lambda layer, ids, phase: events.append((phase, layer)) or begin(layer, ids, phase)
     )
+    ready = rt.store.ready
+    monkeypatch.setattr(rt.store, "ready", lambda layer: events.append(("ready", layer)) or ready(layer))
     train(model, steps=2)
+    for i, (what, _) in enumerate(events):  # the compute stream waits for a slot only after the host has its routing
+        if what == "to host":
+            call = max(j for j in range(i) if events[j][0] in ("fwd", "recompute", "bwd"))
+            assert ("ready", events[call][1]) not in events[call:i], events[call : i + 1]
     calls = [i for i, (what, _) in enumerate(events) if what in ("fwd", "recompute", "bwd")]
     assert len(calls) == 3 * 2 * 3  # forward, recomputation and backward of 3 layers, 2 steps
     split_calls = 0
@@ -281,6 +287,8 @@ def test_a_layers_uploads_and_host_wait_come_before_the_next_layers_copy(monkeyp
         (_, layer), end = events[i], calls[n + 1] if n + 1 < len(calls) else len(events)
         marks = [j for j in range(i, end) if events[j][0] in ("factors", "to host")]
         split_calls += any(events[j][0] == "to host" for j in marks)
+        kinds = [events[j][0] for j in marks]
+        assert kinds in ([], ["factors"], ["to host"], ["to host", "factors"]), kinds  # uploads after the host wait
         if marks:  # nothing but its own weights copied before them
             assert all(e == ("load", layer) for e in events[i + 1 : marks[-1]] if e[0] == "load"), events[i:end]
     assert sum(what == "load" for what, _ in events) >= 2 * 3  # the prefetches still happen

@@ -130,9 +130,13 @@ def _split_forward(ctx, module, x, ids, w, lora, needs_grad):
     call = share.begin(ids, step_phase)
     uses_our_lora = call.covers_all or bool(call.weight_sets)  # a share that routes itself brings its own
     dtype = getattr(share, "compute_dtype", None) or module.gate_up_proj.dtype  # fp8 weights: the share's GEMM dtype
-    lora_dev = upload_factors(lora, dtype, share.device) if uses_our_lora else None
+
+    def device_factors():
+        return upload_factors(lora, dtype, share.device) if uses_our_lora else None
+
     cache = None
     if call.covers_all:
+        lora_dev = device_factors()
         y = call.forward(x, ids, w, None, lora_dev, keep=needs_grad and step_phase == "recompute")
         call.end()
         cpu_ids = torch.full(ids.shape, -1, dtype=torch.int64)
@@ -150,6 +154,9 @@ def _split_forward(ctx, module, x, ids, w, lora, needs_grad):
                 ),
                 slots=int((cpu_ids >= 0).sum()),
             )  # fmt: skip
+        # After the routing reached the host: the host waits for the compute stream, whose uploads would wait
+        # behind the layer's slot copy (host-to-device copies share one engine).
+        lora_dev = device_factors()
         y = call.forward(x, ids, w, parts, lora_dev, keep=False) if parts or call.weight_sets is None else None
         call.end()
         if future is not None:

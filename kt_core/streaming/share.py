@@ -98,9 +98,13 @@ class _StreamedCall:
             self._prefetched = True
             self.share.runtime.prefetch(self.share.layer, self.phase, self.slots)
 
+    def _start_gpu_work(self) -> None:
+        self.prefetch()
+        self.share.runtime.ready(self.share.layer)
+
     def forward(self, x, ids, w, parts: list[GpuPart] | None, lora_dev, *, keep: bool) -> torch.Tensor:
         rt, layer = self.share.runtime, self.share.layer
-        self.prefetch()
+        self._start_gpu_work()
         _check_factors(lora_dev, self.share.compute_dtype)
         slots = ids.numel() if self.covers_all else sum(p.flat.numel() for p in parts)
         with rt.gpu_timer(layer, self.phase, slots):
@@ -110,7 +114,7 @@ class _StreamedCall:
 
     def backward(self, x, ids, w, dy, parts: list[GpuPart] | None, lora_dev):
         rt, layer = self.share.runtime, self.share.layer
-        self.prefetch()
+        self._start_gpu_work()
         _check_factors(lora_dev, self.share.compute_dtype)
         slots = ids.numel() if self.covers_all else sum(p.flat.numel() for p in parts)
         with rt.gpu_timer(layer, "bwd", slots):

@@ -432,32 +432,46 @@ class ExpertStore:
     def acquire(self, layer: int) -> tuple[list[int], Weight | None, Weight | None]:
         """The streamed experts of `layer` present in a slot, and their weights [G, 2I, H], [G, H, I].
 
-        The compute stream is made to wait for the copy; call `release(layer)` after the last kernel
-        that reads them has been queued. FP8 weights come as GroupedWeights (dequantized a group at a time when
-        the GEMMs take them; the residents of a whole-layer slot were copied in as FP8).
+        Queues nothing on the device: `ready(layer)` makes the compute stream wait for the copy (and fills the int8
+        dequantized pair) right before the GPU work, so a host split's wait for its routing never lasts until the
+        copy is done. Call `release(layer)` after the last kernel that reads them has been queued. FP8 weights come
+        as GroupedWeights (dequantized a group at a time when the GEMMs take them; the residents of a whole-layer
+        slot were copied in as FP8).
         """
-        slot = next((s for s in self.slots if s.tag is not None and s.tag[0] == layer), None)
+        slot = self._slot_of(layer)
         if slot is None:
             return [], None, None
         experts = list(slot.tag[1])
         n = len(experts)
         self._clock += 1
         slot.used = self._clock
-        if self.cuda and slot.ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(slot.ready)
         if self.scratch is None:
             return experts, slot.bufs[0][:n], slot.bufs[1][:n]
         q13, q2, s13, s2 = slot.bufs
         if self.fp8:
             key = ("slot", slot.tag)
             return experts, *self._grouped(q13[:n], s13[:n], q2[:n], s2[:n], key, 0)
-        if self.scratch_tag != slot.tag:  # int8: dequantize on the compute stream, fp32 scales per row
-            torch.mul(q13[:n], s13[:n, :, None], out=self.scratch[0][:n])
-            torch.mul(q2[:n], s2[:n, :, None], out=self.scratch[1][:n])
-            if set(self.layers[layer].resident) & set(experts):  # a whole layer: the residents' exact weights
-                self._fill_residents(layer, self.scratch)
-            self.scratch_tag = slot.tag
-        return experts, self.scratch[0][:n], self.scratch[1][:n]
+        return experts, self.scratch[0][:n], self.scratch[1][:n]  # int8: filled by ready()
+
+    def ready(self, layer: int) -> None:
+        """Makes the compute stream wait for `layer`'s slot copy; int8 slots are dequantized there, once per load."""
+        slot = self._slot_of(layer)
+        if slot is None:
+            return
+        if self.cuda and slot.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(slot.ready)
+        if self.scratch is None or self.fp8 or self.scratch_tag == slot.tag:
+            return
+        n = len(slot.tag[1])
+        q13, q2, s13, s2 = slot.bufs  # int8: dequantize on the compute stream, fp32 scales per row
+        torch.mul(q13[:n], s13[:n, :, None], out=self.scratch[0][:n])
+        torch.mul(q2[:n], s2[:n, :, None], out=self.scratch[1][:n])
+        if set(self.layers[layer].resident) & set(slot.tag[1]):  # a whole layer: the residents' exact weights
+            self._fill_residents(layer, self.scratch)
+        self.scratch_tag = slot.tag
+
+    def _slot_of(self, layer: int) -> _Slot | None:
+        return next((s for s in self.slots if s.tag is not None and s.tag[0] == layer), None)
 
     def release(self, layer: int) -> None:
         if not self.cuda:
