@@ -34,6 +34,10 @@ modes are refused.
 --tokens-per-step 2048,8192,32768 runs every mode at each size (sequences of --seq tokens, batch = size / seq) and
 adds per size the tokens/s, peak GPU memory, the split and the largest loss-curve difference between modes.
 
+--profile PREFIX writes, for the modes of --profile-modes, `torch.profiler` tables of the last step to PREFIX-MODE.txt,
+headed on CUDA by each stream's busy time and its overlap with the compute stream (copies hidden or not) and by the
+step's host synchronisations counted by Python line (torch.cuda.set_sync_debug_mode("warn")).
+
 Reported per mode: tokens/s (median step after --warmup steps, timed between the Trainer's step callbacks,
 tokens counted by the Trainer's `include_num_input_tokens_seen`),
 peak GPU memory (torch.cuda.max_memory_allocated over training) and, for the kt modes, the peak the memory plan
