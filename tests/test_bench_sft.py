@@ -200,3 +200,58 @@ def test_split_lines_are_kept():
         logger.removeHandler(handler)
         logger.setLevel(level)
     assert lines == ["streaming step 3: 120 ms | CPU 40 ms"]
+
+
+class _DeviceEvent:
+    """A profiler kineto event as stream_summary reads it: a CUDA event on a stream, [start, end) in ns."""
+
+    def __init__(self, stream: int, start: int, end: int, name: str):
+        self.stream, self.start, self.end, self._name = stream, start, end, name
+
+    def device_type(self):
+        from torch.autograd import DeviceType
+
+        return DeviceType.CUDA
+
+    def device_resource_id(self):
+        return self.stream
+
+    def start_ns(self):
+        return self.start
+
+    def end_ns(self):
+        return self.end
+
+    def duration_ns(self):
+        return self.end - self.start
+
+    def name(self):
+        return self._name
+
+
+def test_profile_summary_reads_the_streams_overlap_and_the_host_syncs():
+    ms = 1_000_000
+    copy = "Memcpy HtoD (Pinned -> Device)"
+    events = [  # compute busy [0, 10) and [15, 30) ms; copies [5, 20) and [25, 40) ms: 5 + 5 + 5 = 15 ms overlap
+        _DeviceEvent(7, 0, 10 * ms, "gemm"),
+        _DeviceEvent(7, 15 * ms, 30 * ms, "gemm"),
+        _DeviceEvent(7, 16 * ms, 18 * ms, "nested"),  # inside a busy span: counted once
+        _DeviceEvent(13, 5 * ms, 20 * ms, copy),
+        _DeviceEvent(13, 25 * ms, 40 * ms, copy),
+    ]
+    lines = bench_sft.stream_summary(events)
+    assert "40.0 ms from the first device event to the last" in lines[0]
+    compute = next(line for line in lines if "(compute)" in line)
+    copies = next(line for line in lines if "(copies )" in line)
+    assert "busy      25.0 ms" in compute and "stream    7" in compute
+    assert "busy      30.0 ms" in copies and "overlapping compute     15.0 ms" in copies
+
+    class Caught:
+        def __init__(self, message, filename, lineno):
+            self.message, self.filename, self.lineno = message, filename, lineno
+
+    sync = "called a synchronizing CUDA operation"
+    caught = [Caught(sync, "store.py", 427)] * 3 + [Caught(sync, "clip.py", 9), Caught("other", "x.py", 1)]
+    lines = bench_sft.sync_summary(caught)
+    assert lines[0] == "host synchronisations in the step: 4"
+    assert lines[1].split() == ["3", "store.py:427"] and lines[2].split() == ["1", "clip.py:9"]
