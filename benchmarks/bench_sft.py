@@ -31,6 +31,10 @@ kt-stream modes stream them as FP8 (e4m3 and scales over PCIe, dequantized on th
 the gpu modes load a bf16-dequantized copy (load_dequantized: transformers' FP8 modules do not train); LLaMA-Factory
 modes are refused.
 
+--expert-lora off trains LoRA on attention only (and, in LLaMA-Factory modes, on the other linear modules `lora_target:
+all` finds): with transformers 5 stock LLaMA-Factory cannot put LoRA on the fused expert weights, so `use_kt` modes
+train more than lf-gpu by default (`kt_expert_lora`); off gives both the same trainable set and the same loss curve.
+
 --tokens-per-step 2048,8192,32768 runs every mode at each size (sequences of --seq tokens, batch = size / seq) and
 adds per size the tokens/s, peak GPU memory, the split and the largest loss-curve difference between modes.
 
@@ -549,7 +553,7 @@ def run_trainer_mode(mode: str, a) -> dict:
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
         target_modules=attention_targets(model.config),
-        target_parameters=EXPERT_TARGETS,
+        target_parameters=EXPERT_TARGETS if a.expert_lora == "on" else None,
     )
     model = peft.get_peft_model(model, lora)
     meter = StepMeter(cuda, _profile_path(a, mode), a.warmup + a.steps - 1)
@@ -621,50 +625,55 @@ def write_dataset(folder: Path, records: int, seq: int) -> None:
     (folder / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.json"}}))
 
 
+def llamafactory_config(mode: str, a, work: Path) -> dict:
+    """The YAML keys of `mode`'s SFT run (what `llamafactory-cli train run.yaml` reads), data and output in `work`."""
+    config = dict(
+        model_name_or_path=str(a.checkpoint),
+        stage="sft",
+        do_train=True,
+        finetuning_type="lora",
+        lora_rank=a.rank,
+        lora_alpha=2 * a.rank,
+        lora_target="all",
+        dataset="bench",
+        dataset_dir=str(work / "data"),
+        template="qwen3_nothink",
+        cutoff_len=a.seq,
+        output_dir=str(work / "out"),
+        per_device_train_batch_size=a.batch,
+        max_steps=a.warmup + a.steps,
+        learning_rate=a.lr,
+        bf16=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        include_num_input_tokens_seen=True,
+        seed=0,
+        preprocessing_num_workers=4,
+        use_cpu=a.device != "cuda",
+    )
+    if mode == "lf-gpu-liger":
+        config["enable_liger_kernel"] = True
+    if mode.startswith("lf-kt"):
+        config["use_kt"] = True
+        config["kt_expert_lora"] = a.expert_lora == "on"
+        if a.cpu_infer:
+            config["cpu_infer"] = a.cpu_infer
+    if mode == "lf-kt-stream":
+        config["kt_expert_gpu_memory"] = a.expert_gpu_memory
+        if a.gpu_memory_limit:
+            config["kt_gpu_memory_limit"] = a.gpu_memory_limit
+    return config
+
+
 def run_llamafactory_mode(mode: str, a) -> dict:
     """One mode through LLaMA-Factory's `run_exp` (the CLI's entry) with the step meter as its callback."""
     from llamafactory.train.tuner import run_exp
 
-    cuda = a.device == "cuda"
-    meter = StepMeter(cuda, _profile_path(a, mode), a.warmup + a.steps - 1)
+    meter = StepMeter(a.device == "cuda", _profile_path(a, mode), a.warmup + a.steps - 1)
     with tempfile.TemporaryDirectory() as work:
         write_dataset(Path(work) / "data", a.batch * (a.warmup + a.steps), a.seq)
-        config = dict(
-            model_name_or_path=str(a.checkpoint),
-            stage="sft",
-            do_train=True,
-            finetuning_type="lora",
-            lora_rank=a.rank,
-            lora_alpha=2 * a.rank,
-            lora_target="all",
-            dataset="bench",
-            dataset_dir=str(Path(work) / "data"),
-            template="qwen3_nothink",
-            cutoff_len=a.seq,
-            output_dir=str(Path(work) / "out"),
-            per_device_train_batch_size=a.batch,
-            max_steps=a.warmup + a.steps,
-            learning_rate=a.lr,
-            bf16=True,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            include_num_input_tokens_seen=True,
-            seed=0,
-            preprocessing_num_workers=4,
-            use_cpu=not cuda,
-        )
-        if mode == "lf-gpu-liger":
-            config["enable_liger_kernel"] = True
-        if mode.startswith("lf-kt"):
-            config["use_kt"] = True
-            if a.cpu_infer:
-                config["cpu_infer"] = a.cpu_infer
-        if mode == "lf-kt-stream":
-            config["kt_expert_gpu_memory"] = a.expert_gpu_memory
-            if a.gpu_memory_limit:
-                config["kt_gpu_memory_limit"] = a.gpu_memory_limit
-        run_exp(args=config, callbacks=[meter.callback])
+        run_exp(args=llamafactory_config(mode, a, Path(work)), callbacks=[meter.callback])
     return meter.result(mode, a.warmup, batch=a.batch, seq=a.seq)
 
 
@@ -756,6 +765,13 @@ def main() -> None:
         "--expert-dtype", choices=EXPERT_DTYPES, default="bf16", help="fp8: DeepSeek's FP8 checkpoint, experts kept FP8"
     )
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument(
+        "--expert-lora",
+        choices=("on", "off"),
+        default="on",
+        help="LoRA on the routed experts too (Trainer modes: PEFT target_parameters in every mode; lf-kt modes: "
+        "kt_expert_lora). off: stock LLaMA-Factory's trainable set (its lora_target cannot reach fused experts)",
+    )
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     ap.add_argument("--steps", type=int, default=4, help="timed steps")
@@ -812,6 +828,7 @@ def main() -> None:
         seq=a.seq,
         tokens_per_step=[b * s for b, s in sizes],
         rank=a.rank,
+        expert_lora=a.expert_lora,
         expert_gpu_memory=a.expert_gpu_memory,
         gpu_memory_limit=a.gpu_memory_limit,
         command=" ".join(sys.argv),

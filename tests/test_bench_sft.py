@@ -255,3 +255,22 @@ def test_profile_summary_reads_the_streams_overlap_and_the_host_syncs():
     lines = bench_sft.sync_summary(caught)
     assert lines[0] == "host synchronisations in the step: 4"
     assert lines[1].split() == ["3", "store.py:427"] and lines[2].split() == ["1", "clip.py:9"]
+
+
+@pytest.mark.parametrize("expert_lora", ["on", "off"])
+def test_llamafactory_modes_differ_only_in_the_kt_keys(expert_lora, tmp_path):
+    """lf-gpu is stock LLaMA-Factory; the kt modes add `use_kt` and their own keys only, and --expert-lora off gives
+    them stock LLaMA-Factory's trainable set (kt_expert_lora: false)."""
+    from types import SimpleNamespace
+
+    a = SimpleNamespace(
+        checkpoint=tmp_path, rank=8, seq=64, batch=2, warmup=1, steps=2, lr=1e-4, device="cuda", cpu_infer=None,
+        expert_lora=expert_lora, expert_gpu_memory="3GiB", gpu_memory_limit=None,
+    )  # fmt: skip
+    stock = bench_sft.llamafactory_config("lf-gpu", a, tmp_path)
+    assert "use_kt" not in stock and stock["lora_target"] == "all" and stock["use_cpu"] is False
+    cpu = bench_sft.llamafactory_config("lf-kt-cpu", a, tmp_path)
+    stream = bench_sft.llamafactory_config("lf-kt-stream", a, tmp_path)
+    assert {k: v for k, v in cpu.items() if k not in stock} == {"use_kt": True, "kt_expert_lora": expert_lora == "on"}
+    assert stream == {**cpu, "kt_expert_gpu_memory": "3GiB"}
+    assert {k: v for k, v in cpu.items() if k in stock} == stock
