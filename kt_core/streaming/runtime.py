@@ -108,7 +108,7 @@ class StreamingRuntime:
         """Weights of the GPU side of `layer` for this call: [(experts, w13 [G, 2I, H], w2 [G, H, I]), ...].
 
         Never waits for the device, nor makes it wait: the routing counts are accumulated where `ids` lives; the
-        call makes the compute stream wait for the slot (`ready`) and starts the next layer's copy (`prefetch`)
+        call makes the compute stream wait for the slot (`store.ready`) and starts the next layer's copy (`prefetch`)
         right before its GPU work.
         """
         if phase == "fwd":
@@ -129,10 +129,6 @@ class StreamingRuntime:
         if lw.resident and not in_slot:
             out.append((lw.resident, *self.store.resident_weights(layer)))
         return out
-
-    def ready(self, layer: int) -> None:
-        """The compute stream waits for `layer`'s slot (the call's GPU work follows)."""
-        self.store.ready(layer)
 
     def prefetch(self, layer: int, phase: str, slots: int) -> None:
         """Starts copying the layer after `layer` in this pass's order (the following one in the forward, the

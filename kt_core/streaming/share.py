@@ -100,7 +100,7 @@ class _StreamedCall:
 
     def _start_gpu_work(self) -> None:
         self.prefetch()
-        self.share.runtime.ready(self.share.layer)
+        self.share.runtime.store.ready(self.share.layer)
 
     def forward(self, x, ids, w, parts: list[GpuPart] | None, lora_dev, *, keep: bool) -> torch.Tensor:
         rt, layer = self.share.runtime, self.share.layer

@@ -322,8 +322,8 @@ class ExpertStore:
         lw = self.layers[layer]
         if not self.fp8:
             return lw.res[0], lw.res[1]
-        held = next((s.tag for s in self.slots if s.tag is not None and s.tag[0] == layer), None)
-        at = len(held[1]) if held is not None else 0
+        held = self._slot_of(layer)
+        at = len(held.tag[1]) if held is not None else 0
         key = ("res", layer, tuple(lw.resident))
         q13, q2, s13, s2 = lw.res
         return self._grouped(q13, s13, q2, s2, key, at)
@@ -357,10 +357,8 @@ class ExpertStore:
     # ---- streaming -------------------------------------------------------------------------------
 
     def holds(self, layer: int) -> tuple[int, ...] | None:
-        for slot in self.slots:
-            if slot.tag is not None and slot.tag[0] == layer:
-                return slot.tag[1]
-        return None
+        slot = self._slot_of(layer)
+        return slot.tag[1] if slot is not None else None
 
     def invalidate(self, layer: int) -> None:
         for slot in self.slots:
@@ -474,13 +472,10 @@ class ExpertStore:
         return next((s for s in self.slots if s.tag is not None and s.tag[0] == layer), None)
 
     def release(self, layer: int) -> None:
-        if not self.cuda:
-            return
-        for slot in self.slots:
-            if slot.tag is not None and slot.tag[0] == layer:
-                ev = torch.cuda.Event()
-                ev.record(torch.cuda.current_stream(self.device))
-                slot.free = ev
+        slot = self._slot_of(layer)  # one at most: `load` never copies a layer a slot holds
+        if self.cuda and slot is not None:
+            slot.free = torch.cuda.Event()
+            slot.free.record(torch.cuda.current_stream(self.device))
 
     def take_pcie(self) -> tuple[float, int]:
         """(seconds the copies took, bytes) since the last call; synchronizes the copies on CUDA."""
