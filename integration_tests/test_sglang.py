@@ -319,7 +319,8 @@ def test_fp8_checkpoint_all_cpu_matches_sglang_native(model_dir, T):
     fp8, (gate, up, down) = _fp8_experts()
     native = _build_layer(torch.bfloat16, hidden=FP8_H, intermediate=FP8_I)
     _load(native, gate.bfloat16(), up.bfloat16(), down.bfloat16())
-    method = _ours(KTExpertsOptions(kernel="auto", gpu_experts="0"), _fp8_method())
+    # Kept weights, to look at them below (a packed kernel would free them once packed).
+    method = _ours(KTExpertsOptions(kernel="auto", gpu_experts="0", keep_host_weights=True), _fp8_method())
     ours = _build_layer(torch.bfloat16, method, hidden=FP8_H, intermediate=FP8_I)
     _load_fp8(ours, fp8)
     assert ours.w13_weight.shape[0] == 0 and ours.w13_weight.dtype == FP8  # SGLang's FP8 method, no GPU experts
@@ -347,7 +348,7 @@ def test_fp8_checkpoint_gpu_rows_get_their_experts(model_dir, monkeypatch, place
     """With GPU experts, SGLang's Fp8MoEMethod holds compact [N_gpu, ...] weights and scales, row r the r-th GPU
     expert's; the CPU store the others'. No forward: SGLang's FP8 kernels need CUDA (or AMX)."""
     fp8, _ = _fp8_experts()
-    method = _ours(KTExpertsOptions(**placement), _fp8_method())
+    method = _ours(KTExpertsOptions(**placement, keep_host_weights=True), _fp8_method())  # kept: looked at below
     ours = _build_layer(torch.bfloat16, method, hidden=FP8_H, intermediate=FP8_I)
     processed = []  # SGLang's own FP8 post-processing needs CUDA or AMX: recorded, not run
     monkeypatch.setattr(method.gpu_method, "process_weights_after_loading", processed.append)
@@ -428,6 +429,50 @@ def test_fp8_checkpoint_expert_lora_on_the_cpu(model_dir, tmp_path):
         )
 
 
+def _packed_kernel(monkeypatch) -> str:
+    from kt_core import kernels
+
+    for name in ("avx512_bf16_packed", "amx_bf16"):
+        if name.startswith("amx") and name not in kernels.available_kernels():
+            monkeypatch.setenv("KT_AMX_EMULATE", "1")  # the AMX tile code on its scalar model
+        if name in kernels.available_kernels():
+            return name
+    pytest.skip("no packed bf16 kernel runs here")
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("gpu_experts", ["0", "3"], ids=["all-cpu", "first-3-gpu"])
+def test_packed_cpu_experts_keep_one_copy_in_host_ram(model_dir, monkeypatch, gpu_experts, fp8):
+    """A packed kernel packs the CPU experts at load and their weights are freed (serving reads only the packed
+    copy); the answers are those of the layer that keeps them (--kt-experts-keep-host-weights), bit for bit."""
+    kernel = _packed_kernel(monkeypatch)
+    hidden, inter = (FP8_H, FP8_I) if fp8 else (H, I)
+    if fp8:
+        checkpoint, _ = _fp8_experts()
+    else:
+        checkpoint = _random_experts(torch.bfloat16)
+    layers = {}
+    for keep in (False, True):
+        options = KTExpertsOptions(kernel=kernel, gpu_experts=gpu_experts, keep_host_weights=keep)
+        layer = _build_layer(torch.bfloat16, _ours(options, _fp8_method() if fp8 else None), hidden, inter)
+        if fp8:
+            if gpu_experts != "0":  # SGLang's FP8 kernels need CUDA: the GPU rows are loaded, never run
+                monkeypatch.setattr(layer.quant_method.gpu_method, "process_weights_after_loading", lambda _: None)
+            _load_fp8(layer, checkpoint)
+        else:
+            _load(layer, *checkpoint)
+        layers[keep] = layer
+    freed, kept = layers[False].quant_method.cpu_experts, layers[True].quant_method.cpu_experts
+    assert freed.host_weights_released and freed.gate_up_proj.is_meta and freed.down_proj.is_meta
+    assert not kept.host_weights_released and kept.gate_up_proj.device.type == "cpu"
+    assert freed.gate_up_proj.shape == kept.gate_up_proj.shape == (E - int(gpu_experts), 2 * inter, hidden)
+    if fp8 and gpu_experts != "0":
+        return  # no forward: the GPU rows' FP8 kernels need CUDA
+    for T in (1, 7):
+        x, topk = _routing(T, torch.bfloat16, hidden=hidden, idle=3)
+        assert torch.equal(layers[False](x.clone(), topk), layers[True](x.clone(), topk))
+
+
 def test_routing_is_recorded_per_layer(model_dir, tmp_path):
     from kt_plugins.sglang.routing import routing_recorder
 
@@ -458,6 +503,8 @@ def test_options_parse_and_validate(tmp_path):
         KTExpertsOptions(gpu_expert_ids="9").gpu_expert_list(0, 8)
     with pytest.raises(ValueError, match="unknown keys"):
         KTExpertsOptions.from_env_value('{"cpu_thread": 4}')
+    with pytest.raises(ValueError, match="--kt-experts-keep-host-weights: got 'yes'"):
+        KTExpertsOptions(keep_host_weights="yes")
 
 
 def _run(code: str, *args: str, timeout=600) -> subprocess.CompletedProcess:
@@ -495,6 +542,7 @@ def test_launch_server_help_lists_flags():
         "--kt-experts-kernel",
         "--kt-experts-chunk-size",
         "--kt-experts-lora",
+        "--kt-experts-keep-host-weights",
     ):
         assert flag in result.stdout, f"{flag} missing from --help"
     assert "kt-plugins CPU experts" in result.stdout
@@ -513,7 +561,7 @@ SPAWN_ROUTE = """
     assert "KT_SGLANG_EXPERTS" not in os.environ
     server_args = prepare_server_args(["--model-path", str(model_dir), "--device", "cpu", "--kt-experts",
         "--kt-experts-gpu-experts", "0.25", "--kt-experts-cpu-threads", "2", "--kt-experts-kernel", "auto",
-        "--kt-experts-chunk-size", "16"])
+        "--kt-experts-chunk-size", "16", "--kt-experts-keep-host-weights"])
     assert not hasattr(server_args, "kt_experts")  # SGLang's sealed record keeps only its own fields
 
     import sglang_cpu
@@ -541,6 +589,7 @@ def test_options_reach_spawned_scheduler_and_swap_the_method(tmp_path):
         "chunk_size": 16,
         "lora_path": None,
         "record_routing": None,
+        "keep_host_weights": True,
     }
     assert report["method"] == "KTExpertsMethod"
     assert report["is_sglang_kt_method"]  # SGLang's own isinstance special cases see it

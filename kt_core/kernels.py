@@ -334,6 +334,11 @@ def experts_forward(
         y [T, H] in x.dtype, and the cache (or None).
     """
     T, K = _check_inputs(module, x, ids, w)
+    if save_for_backward and module.host_weights_released:
+        raise RuntimeError(
+            "KTExperts: training needs the expert weights (the backward reads them), and this layer released them "
+            "once packed (release_host_weights, forward only); load the model again without releasing them"
+        )
     if module.kernel == TORCH_KERNEL:
         check_expert_ids(ids, module.num_experts)  # the C++ operator checks them itself
         with torch.no_grad():

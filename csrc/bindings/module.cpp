@@ -311,6 +311,13 @@ PYBIND11_MODULE(_C, m) {
            "Copies saved packed buffers [(name, address, nbytes)] in instead of packing; ValueError when the format "
            "tag, the names or the sizes do not match. borrow=True keeps pointers to the tiles ('*.data', 64-byte "
            "aligned) instead of copying them: the caller keeps those bytes alive and unchanged for the op's life.")
+      .def(
+          "release_weights", [](PyExpertsOp& o) { o.op().release_weights(); },
+          "Forgets the weights' addresses once packed, so that their owner may free them: the packed forward reads "
+          "its own copy; the backward, fp32-activation forwards and pack() raise RuntimeError afterwards.")
+      .def_property_readonly(
+          "weights_released", [](const PyExpertsOp& o) { return o.op().weights_released(); },
+          "Whether release_weights() was called.")
       .def_property_readonly(
           "packed_borrowed", [](const PyExpertsOp& o) { return o.op().packed_borrowed(); },
           "Whether the packed tiles are borrowed (load_packed(..., borrow=True)), not owned by the op.");

@@ -201,6 +201,7 @@ struct ExpertsOp::ExactBackward : PassContext {
 void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFactors& lora, const void* dy, void* dx,
                          float* dw, const float* cache, const LoraGrads& grads) {
   std::lock_guard<std::mutex> lock(call_mutex_);
+  require_weights("the backward");
   const Routing r = route(act.T, act.K, w_.num_experts, act.ids);
   if (packed_backward(act.dtype)) return backward_packed(pool, r, act, lora, dy, dx, dw, cache, grads);
   ExactBackward call(*this, pool, r, act, lora);

@@ -43,6 +43,13 @@ ExpertsOp::ExpertsOp(const ExpertWeights& weights, const GemmKernels* kernels, c
   }
 }
 
+void ExpertsOp::require_weights(const char* what) const {
+  if (weights_released())
+    throw std::logic_error(std::string("experts: ") + what +
+                           " reads the expert weights, which were released once packed (forward only: "
+                           "KTExperts.release_host_weights); keep them to train or to run fp32 activations");
+}
+
 const void* ExpertsOp::weight_element(const void* base, int64_t i) const {
   switch (w_.dtype) {
     case DType::kF32: return static_cast<const float*>(base) + i;
@@ -298,6 +305,7 @@ void ExpertsOp::forward(ThreadPool& pool, const Activations& act, const LoraFact
   std::lock_guard<std::mutex> lock(call_mutex_);
   const Routing r = route(act.T, act.K, w_.num_experts, act.ids);
   if (packed_forward(act.dtype)) return forward_packed(pool, r, act, lora, y, cache);
+  require_weights(act.dtype == DType::kF32 ? "a forward with fp32 activations" : "this forward");
   const int H = w_.hidden, I = w_.intermediate, R = lora.rank;
   const int64_t S = r.num_rows();
   const ForwardCache kept = ForwardCache::at(cache, S, I, R, act.dtype);

@@ -147,6 +147,12 @@ class ExpertsOp {
   bool packed_borrowed() const { return packed_gate_up_.data.size() > 0 && !packed_gate_up_.data.owned(); }
   // Times pack() has packed the weights (load_packed does not count).
   int pack_count() const { return pack_count_; }
+  // Drops the pointers to the weights once they are packed (pack() or load_packed()): the packed forward reads only
+  // the packed copy, so the caller may free the weights (KTExperts.release_host_weights: serving holds one copy).
+  // Every call that would read them afterwards throws std::logic_error naming it: a forward the packed kernels do
+  // not take (fp32 activations on a bf16 format), the backward, pack(). fp8 block scales stay borrowed.
+  void release_weights();
+  bool weights_released() const { return w_.gate_up == nullptr; }
 
   // y [T, H] in act.dtype. cache, when given, receives what backward would otherwise recompute: the
   // gate_up pre-activations [S, 2I] followed by the scaled LoRA inputs of gate_up [S, r] and of down [S, r]
@@ -232,6 +238,8 @@ class ExpertsOp {
   const void* gate_up_weights(int e, int row) const;
   const void* down_weights(int e, int row) const;
   bool use_bf16_dot(DType act) const;
+  // Throws std::logic_error when the weights were released (release_weights): `what` reads them.
+  void require_weights(const char* what) const;
 
   // One call of each long pass, as the phases it books with PhaseLaps (experts_backward.cpp, experts_packed.cpp),
   // on top of what every pass reads (PassContext, below the class).

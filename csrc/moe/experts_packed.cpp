@@ -100,6 +100,7 @@ PackedTensor ExpertsOp::packed_tensor_layout(bool gate_up, bool allocate_data) c
 
 void ExpertsOp::pack(ThreadPool& pool) {
   if (!packs()) return;
+  require_weights("packing");
   const int E = w_.num_experts, H = w_.hidden, I = w_.intermediate;
   if (w_.dtype == DType::kFP8E4M3) {
     packed_gate_up_ = pack_fp8_tensor(pool, static_cast<const uint8_t*>(w_.gate_up), w_.gate_up_scale, E, 2 * I, H,
@@ -111,6 +112,16 @@ void ExpertsOp::pack(ThreadPool& pool) {
     packed_down_ = pack_tensor(pool, w_.down, w_.dtype, E, H, I, pk_->format, false);
   }
   ++pack_count_;
+}
+
+void ExpertsOp::release_weights() {
+  if (!packs() || packed_gate_up_.data.size() == 0)
+    throw std::logic_error(std::string("experts: kernel '") + (pk_ ? pk_->name : k_->name) +
+                           "' computes from the expert weights themselves" +
+                           (packs() ? " until they are packed" : " (it packs none of this dtype)") +
+                           ": they cannot be released");
+  w_.gate_up = nullptr;
+  w_.down = nullptr;
 }
 
 namespace {

@@ -301,6 +301,11 @@ class KTExperts(nn.Module):
         """Lets `share` compute some experts on a GPU from now on (see kt_core/experts/share.py).
 
         fp8 weights take a share that dequantizes them itself (`takes_fp8`: streaming's StreamedShare)."""
+        if self.host_weights_released and getattr(share, "reads_host_weights", False):
+            raise ValueError(
+                f"KTExperts: {type(share).__name__} copies the host weights to the GPU, and this layer released them "
+                "once packed (release_host_weights)"
+            )
         if self.is_fp8 and not getattr(share, "takes_fp8", False):
             raise NotImplementedError(
                 f"KTExperts: fp8 expert weights need a GPU share that dequantizes them ({type(share).__name__} takes "
@@ -316,10 +321,61 @@ class KTExperts(nn.Module):
         """Back to every expert on the CPU."""
         self.gpu_share = None
 
+    @property
+    def host_weights_released(self) -> bool:
+        """Whether `release_host_weights` freed the weights (the packed kernel's copy is all that is left)."""
+        return self.gate_up_proj.is_meta
+
+    def release_host_weights(self) -> int:
+        """Frees the experts' weights in host memory, keeping only the packed kernel's copy: forward only (serving).
+
+        A packed kernel (amx_*, avx512_bf16_packed, avx512_vnni_*) computes the forward from its own copy of the
+        weights in its tile layout, made once at load, so the weights themselves are a second copy: releasing them
+        halves the layer's host RAM (bf16 and fp8 alike; the quantized int8 / int4 copies are smaller still). The
+        layer is packed now if it was not. Afterwards `gate_up_proj` / `down_proj` are meta tensors (shape and dtype
+        kept, no data; fp8 block scales are kept, a few KB), and what needs the weights raises, naming this call:
+        the backward (training), fp32 activations on a bf16-format kernel, loading weights in (`load_expert_`),
+        another kernel, streaming them to a GPU. The memory is returned when nothing else holds the tensors.
+
+        Returns:
+            Bytes of the weights released (0 when they already were).
+
+        Raises:
+            ValueError: the kernel computes from the weights themselves (unpacked kernels, "torch").
+        """
+        if self.host_weights_released:
+            return 0
+        if self.gpu_share is not None and getattr(self.gpu_share, "reads_host_weights", False):
+            raise ValueError(
+                f"KTExperts.release_host_weights: the attached GPU share ({type(self.gpu_share).__name__}) copies "
+                "these weights to the GPU; release only layers whose experts the CPU computes"
+            )
+        op = self.operator() if self.kernel != kernels.TORCH_KERNEL else None
+        if op is None or not op.packs:
+            raise ValueError(
+                f"KTExperts.release_host_weights: kernel {self.kernel!r} computes from the weights themselves "
+                f"({self.gate_up_proj.dtype}), so they must stay; the packed kernels (amx_*, avx512_bf16_packed, "
+                "avx512_vnni_*) keep a copy of their own"
+            )
+        op.release_weights()
+        released = 0
+        for name in ("gate_up_proj", "down_proj"):
+            weight = getattr(self, name)
+            released += weight.numel() * weight.element_size()
+            meta = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+            setattr(self, name, nn.Parameter(meta, requires_grad=False))
+        self._op_key = self._operator_key()
+        return released
+
     def operator(self):
         """The C++ operator over this layer's weights (built, and packed, on first use or when they were replaced)."""
         key = self._operator_key()
         if self._op_key != key:
+            if self.host_weights_released:
+                raise RuntimeError(
+                    f"KTExperts: kernel {self.kernel!r} needs the expert weights, which were released once packed "
+                    "for the previous kernel (release_host_weights); reload the layer to change kernels"
+                )
             self._op = kernels.build_operator(self)
             self._op_key = key  # a shared packed copy stays mapped (`_packed_source`): ops built on it may live on
         return self._op
@@ -356,6 +412,11 @@ class KTExperts(nn.Module):
         fp8 weights come with their block scales (`*_scale_inv`, [ceil(rows / b0), ceil(cols / b1)]): an fp8 layer
         keeps both, a bf16 / fp32 one takes their dequantization.
         """
+        if self.host_weights_released:
+            raise RuntimeError(
+                f"KTExperts.load_expert_: expert {expert}: this layer's host weights were released once packed "
+                "(release_host_weights, forward only); load weights into a layer that keeps them"
+            )
         I = self.intermediate_dim
         given = {"gate": (gate, gate_scale_inv), "up": (up, up_scale_inv), "down": (down, down_scale_inv)}
         if self.is_fp8 or any(w is not None and w.dtype == FP8 for w, _ in given.values()):
@@ -418,7 +479,13 @@ class KTExperts(nn.Module):
         Returns:
             [T, H] on hidden_states' device and dtype.
         """
-        return ExpertsFunction.apply(self, hidden_states, top_k_index, top_k_weights, *self.active_lora_factors())
+        factors = self.active_lora_factors()
+        if not torch.is_grad_enabled():
+            # Inference (generation, evaluation, serving): a Function's needs_input_grad follows requires_grad even
+            # under torch.no_grad(), so trainable LoRA factors would have the forward keep a cache for no backward.
+            hidden_states, top_k_weights = hidden_states.detach(), top_k_weights.detach()
+            factors = tuple(f.detach() for f in factors)
+        return ExpertsFunction.apply(self, hidden_states, top_k_index, top_k_weights, *factors)
 
     def _apply(self, fn, recurse=True):
         # The routed experts live in host memory: `model.to("cuda")` / `.half()` move everything else.
@@ -430,6 +497,7 @@ class KTExperts(nn.Module):
             f"dtype={self.gate_up_proj.dtype}, kernel={self.kernel}"
             + (f", of {self.total_experts} (the others on a GPU)" if self.host_rows is not None else "")
             + (f", gpu_share={type(self.gpu_share).__name__}" if self.gpu_share is not None else "")
+            + (", host weights released (packed copy only)" if self.host_weights_released else "")
         )
 
 

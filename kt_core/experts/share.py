@@ -59,8 +59,9 @@ class GpuShare(Protocol):
     """Computes some experts of one layer on a GPU.
 
     Optional attributes: `compute_dtype` (the dtype of the weights its GEMMs take, in which the layer uploads the
-    expert-LoRA factors; default the layer's weight dtype) and `takes_fp8` (True: it dequantizes fp8 weights
-    itself, so an fp8 layer may attach it).
+    expert-LoRA factors; default the layer's weight dtype), `takes_fp8` (True: it dequantizes fp8 weights
+    itself, so an fp8 layer may attach it) and `reads_host_weights` (True: it copies the layer's host weights to the
+    GPU, so they must stay: KTExperts.release_host_weights refuses).
     """
 
     device: torch.device

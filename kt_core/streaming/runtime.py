@@ -415,6 +415,13 @@ def enable_streaming(
             f"enable_streaming: {len(partial)} KTExperts layers already have experts computed elsewhere "
             "(expert_ids, or a GPU share attached); streaming needs every expert of a layer in host memory"
         )
+    released = [m for m in layers if m.host_weights_released]
+    if released:
+        raise ValueError(
+            f"enable_streaming: {len(released)} KTExperts layers released their host weights once packed "
+            "(release_host_weights, forward only): streaming copies those weights to the GPU; load the model again "
+            "without releasing them"
+        )
     first = layers[0]
     E = first.num_experts
     fp8 = [m.is_fp8 for m in layers]

@@ -44,11 +44,13 @@ class StreamedShare:
 
     Attributes:
         takes_fp8: FP8 expert weights are dequantized by the share itself (the store's working buffer).
+        reads_host_weights: it copies the layer's host weights to the GPU (KTExperts.release_host_weights refuses).
         compute_dtype: the dtype of the weights its GEMMs take (bf16 for FP8 layers; else the weights' own),
             in which the layer uploads the expert-LoRA factors.
     """
 
     takes_fp8 = True
+    reads_host_weights = True
 
     def __init__(self, runtime: StreamingRuntime, layer: int):
         self.runtime = runtime

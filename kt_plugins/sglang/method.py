@@ -17,6 +17,10 @@ with fp32 `weight_scale_inv` block scales). Those stay FP8 on both sides: SGLang
 experts, a KTExperts(dtype=torch.float8_e4m3fn) holding the CPU experts' e4m3 weights and block scales as shipped
 (no bf16 copy in host RAM); the CPU operator takes bf16 / fp32 activations.
 
+Host RAM: a packed kernel (amx_*, avx512_bf16_packed, avx512_vnni_*) packs the CPU experts at load into its own tile
+layout, and serving reads only that copy, so the weights are then freed (KTExperts.release_host_weights): one copy of
+the experts in host RAM, not two. `--kt-experts-keep-host-weights` keeps them.
+
 Legend: T = tokens, K = experts per token, E = experts of the layer, H = hidden, I = expert intermediate.
 """
 
@@ -33,6 +37,7 @@ from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 
 from kt_core import KTExperts, run_now
 from kt_core.experts import PinnedArenas, StreamOrderedForward
+from kt_core.kernels import TORCH_KERNEL
 from kt_plugins.sglang.options import KTExpertsOptions
 from kt_plugins.sglang.routing import RoutingRecorder, routing_recorder
 
@@ -259,12 +264,29 @@ class KTExpertsMethod(KTEPWrapperMethod):
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
             recorder = routing_recorder(self.options.record_routing)
             self._routing = recorder.counter(self.kt_config.layer_idx, self.global_num_experts, device)
+        if self.cpu_experts is not None:
+            self._pack_cpu_experts()
         if self.cpu_experts is not None and torch.cuda.is_available() and getattr(layer, "top_k", None):
             # Pinned buffers now, before SGLang captures any CUDA graph (no pinning is allowed during a capture).
             arenas = _arenas(layer.hidden_size, layer.top_k, _activation_dtype(self.cpu_experts, self.params_dtype))
             self._stream_ordered = StreamOrderedForward(self.cpu_experts, arenas)
-            self.cpu_experts.operator()  # the native operator now: a missing build stops the load, not a capture
             _side_stream(torch.device("cuda", torch.cuda.current_device()))  # made outside captures as well
+
+    def _pack_cpu_experts(self) -> None:
+        """Builds (and packs) the CPU operator at load: a missing build stops the load, not a request or a CUDA graph
+        capture, and no request pays for the packing. Then frees the weights a packed kernel no longer reads."""
+        experts = self.cpu_experts
+        if experts.kernel == TORCH_KERNEL:
+            return
+        if experts.operator().packs and not self.options.keep_host_weights:
+            released = experts.release_host_weights()
+            logger.info(
+                "--kt-experts layer %d: %s packed the CPU experts; their weights (%.2f GiB) are freed "
+                "(--kt-experts-keep-host-weights keeps them)",
+                self.kt_config.layer_idx,
+                experts.kernel,
+                released / 2**30,
+            )
 
     # ---- compute -------------------------------------------------------------------------------------
 

@@ -91,6 +91,15 @@ _FLAGS = {
             "adapter with SGLang's own --lora-paths.",
         },
     ),
+    "--kt-experts-keep-host-weights": (
+        "keep_host_weights",
+        {
+            "action": "store_true",
+            "help": "Keep the CPU experts' weights in host memory beside the packed kernel's own copy (twice the "
+            "host RAM). By default a packed kernel (amx_*, avx512_bf16_packed, avx512_vnni_*) packs them at load "
+            "and the weights are freed: serving reads only the packed copy.",
+        },
+    ),
 }
 
 
@@ -107,6 +116,8 @@ class KTExpertsOptions:
         chunk_size: tokens per kernel call; None = whole batch.
         lora_path: PEFT adapter directory whose expert LoRA the CPU experts apply.
         record_routing: file to write the per-layer routing counts to (kt_plugins/sglang/routing.py).
+        keep_host_weights: keep the CPU experts' weights beside a packed kernel's copy (KTExperts.release_host_weights
+            is not called).
     """
 
     cpu_threads: int | None = None
@@ -116,6 +127,7 @@ class KTExpertsOptions:
     chunk_size: int | None = None
     lora_path: str | None = None
     record_routing: str | None = None
+    keep_host_weights: bool = False
 
     def __post_init__(self):
         from kt_core import settings as checks
@@ -143,6 +155,9 @@ class KTExpertsOptions:
                 f"--kt-experts-record-routing: the folder of {self.record_routing!r} does not exist (the counts are "
                 "written there)"
             )
+        if not isinstance(self.keep_host_weights, bool):
+            got = self.keep_host_weights
+            raise checks.SettingError(f"--kt-experts-keep-host-weights: got {got!r}, expected a bool")
         if self.lora_path is not None and not Path(self.lora_path).is_dir():
             raise ValueError(f"--kt-experts-lora: {self.lora_path!r} is not a directory (expected a PEFT adapter)")
 
