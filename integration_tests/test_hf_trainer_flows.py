@@ -166,3 +166,27 @@ def test_resume_from_checkpoint_continues_the_curve(flow, checkpoints, tmp_path)
     assert check.checked > 0
     assert len(resumed) == STEPS - STEPS // 2
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full[STEPS // 2 :]), rtol=1e-5, atol=0)
+
+
+def test_bf16_training_on_a_packed_kernel_holds_the_experts_once(checkpoints, tmp_path, monkeypatch):
+    """A bf16 model on a packed kernel: KTCallback frees the experts' weights once packed at train start (the packed
+    forward and backward read only their own copy); the loss curve is the one of the run that keeps them, bit for
+    bit, and merge_and_unload writes the weights back before merging."""
+    monkeypatch.setenv("KT_AMX_EMULATE", "1")  # amx_bf16 on its scalar model where the CPU has no AMX
+    family, runs = "qwen3_moe", {}
+    for keep in (True, False):
+        model = kt_core.load_model(
+            checkpoints[family], device="cpu", dtype=torch.bfloat16, kernel="amx_bf16", progress=False
+        )
+        torch.manual_seed(1)
+        model = peft.get_peft_model(model, _lora_config(family))
+        losses, _ = _train(model, _args(tmp_path / f"keep-{keep}"), callbacks=[KTCallback(keep_host_weights=keep)])
+        experts = [m for m in model.modules() if isinstance(m, KTExperts)]
+        assert experts and all(m.host_weights_released != keep for m in experts)
+        runs[keep] = (losses, model)
+    assert runs[False][0] == runs[True][0]
+    assert runs[True][0][-1] < runs[True][0][0]  # it trained
+
+    merged = {keep: model.merge_and_unload() for keep, (_, model) in runs.items()}
+    assert not any(m.host_weights_released for m in merged[False].modules() if isinstance(m, KTExperts))
+    torch.testing.assert_close(eval_logits(merged[False]), eval_logits(merged[True]), rtol=0, atol=0)

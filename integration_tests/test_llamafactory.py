@@ -103,6 +103,20 @@ def test_train_matches_stock_llamafactory(family, checkpoints, tmp_path):
     assert (ours / "training_loss.png").is_file()
 
 
+def test_bf16_run_on_a_packed_kernel_frees_the_weights_once_packed(checkpoints, tmp_path):
+    """bf16 with a packed kernel: the routed experts' weights are freed once packed at train start (host RAM holds
+    the packed copy only) and the loss curve equals that of `kt_keep_host_weights: true`, bit for bit."""
+    freed, kept = tmp_path / "freed", tmp_path / "kept"
+    extra = {"bf16": True, "use_cpu": True, "kt_kernel": "amx_bf16"}
+    env = {"KT_AMX_EMULATE": "1"}  # amx_bf16 on its scalar model where the CPU has no AMX
+    proc = run_cli("train", train_config(checkpoints["qwen3_moe"], freed, use_kt=True, **extra), tmp_path, env=env)
+    assert "are freed once packed" in proc.stdout + proc.stderr
+    config = train_config(checkpoints["qwen3_moe"], kept, use_kt=True, kt_keep_host_weights=True, **extra)
+    proc = run_cli("train", config, tmp_path, env=env)
+    assert "are freed once packed" not in proc.stdout + proc.stderr
+    assert len(losses(freed)) == 4 and losses(freed) == losses(kept)
+
+
 def dpo_config(model: Path, out: Path, *, use_kt: bool, **extra) -> dict:
     """DPO with LoRA and no separate reference model: LLaMA-Factory's reference pass runs the policy inside
     `model.disable_adapter()`, which must switch the expert LoRA off as well."""

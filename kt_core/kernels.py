@@ -334,10 +334,12 @@ def experts_forward(
         y [T, H] in x.dtype, and the cache (or None).
     """
     T, K = _check_inputs(module, x, ids, w)
-    if save_for_backward and module.host_weights_released:
+    released = module.host_weights_released
+    if save_for_backward and released and not module.operator().packed_backward(_DTYPE_NAMES[x.dtype]):
         raise RuntimeError(
-            "KTExperts: training needs the expert weights (the backward reads them), and this layer released them "
-            "once packed (release_host_weights, forward only); load the model again without releasing them"
+            f"KTExperts: the backward of kernel {module.kernel!r} with {x.dtype} activations reads the expert weights, "
+            "which this layer released once packed (release_host_weights); restore_host_weights() gives them back, "
+            "or train with bf16 activations on a bf16-format kernel (amx_bf16, avx512_bf16_packed)"
         )
     if module.kernel == TORCH_KERNEL:
         check_expert_ids(ids, module.num_experts)  # the C++ operator checks them itself

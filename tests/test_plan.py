@@ -78,6 +78,19 @@ def test_what_does_not_fit_is_named():
     assert not project(MODELS["kimi-k2"], two_tib, tokens_per_step=8192, expert_dtype="fp8").problems
 
 
+def test_host_ram_holds_the_experts_once_when_none_stream():
+    """Streaming reads the store beside the packed kernel's copy; with every expert on the CPU the training run
+    frees the store once packed (kt_core.pack_experts(release=True)): half the host RAM."""
+    model, machine = MODELS["kimi-k2"], MACHINES["kt-2x4090-8488c"]
+    streamed = project(model, machine, tokens_per_step=8192, expert_dtype="fp8")
+    on_cpu = project(model, machine, tokens_per_step=8192, expert_dtype="fp8", expert_gpu_memory=0)
+    assert streamed.experts_streamed > 0 and on_cpu.experts_streamed == 0
+    assert on_cpu.host_bytes * 2 == streamed.host_bytes
+    assert not on_cpu.problems  # 945 GiB of FP8 experts fit 1.5 TiB once
+    bf16 = project(model, machine, tokens_per_step=8192, expert_gpu_memory=0).problems
+    assert [p[:72] for p in bf16] == ["host RAM: the routed experts take 1890.0 GiB in bf16 (the packed copy), "]
+
+
 def test_command_line(capsys):
     assert main(["--model", "qwen3-235b-a22b", "--gpus", "2x24GiB", "--pcie", "25GB/s", "--host-ram", "1.5TiB"]) == 0
     out = capsys.readouterr().out

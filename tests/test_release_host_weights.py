@@ -1,8 +1,9 @@
-"""KTExperts.release_host_weights: one copy of the experts in host RAM for forward-only use (serving).
+"""KTExperts.release_host_weights / restore_host_weights: one copy of the experts in host RAM.
 
-A packed kernel computes the forward from its own tile copy, so once packed the weights can go: the forward must
-give the same result bit for bit, the weights' memory must be returned, and everything that reads the weights
-afterwards must refuse, naming the call, instead of computing from nothing.
+A packed kernel computes from its own tile copy (the backward's column blocks too, made from the forward's tiles), so
+once packed the weights can go: forward and backward must give the same results bit for bit, the weights' memory must
+be returned, everything that still reads the weights must refuse, naming the call, instead of computing from nothing,
+and the weights must come back exactly when asked for (restore, LoRA merge).
 
 Legend: T = tokens, K = experts per token, E = experts, H = hidden, I = expert intermediate, r = LoRA rank.
 """
@@ -87,17 +88,47 @@ def test_forward_after_release_is_bit_identical_and_memory_goes(kernel, dtype, l
     assert module.release_host_weights() == 0  # twice: nothing left to release
 
 
+def train_step(module: KTExperts, T: int) -> list[torch.Tensor]:
+    """Output, dx, d(routing weights) and the LoRA factors' gradients of one forward + backward."""
+    x, ids, w = routing(T, idle=3)
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    for factor in module.lora.factors():
+        factor.grad = None
+    y = module(x, ids, w)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(T)).to(y.dtype))
+    return [y.detach(), x.grad, w.grad, *(f.grad.clone() for f in module.lora.factors())]
+
+
+@pytest.mark.parametrize("cached_columns", [False, True], ids=["columns-per-task", "columns-kept"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("kernel", BF16_PACKED)
+def test_training_after_release_is_bit_identical(kernel, dtype, cached_columns, monkeypatch):
+    """The packed backward's column blocks come from the forward's tiles: releasing the weights changes nothing."""
+    from kt_core import configure
+
+    use(kernel, monkeypatch)
+    configure(backward_weight_cache=cached_columns)
+    try:
+        kept, freed = layer(kernel, dtype, lora_rank=4), layer(kernel, dtype, lora_rank=4)
+        freed.release_host_weights()
+        for T in (1, 9, 40):
+            for a, b in zip(train_step(kept, T), train_step(freed, T), strict=True):
+                assert torch.equal(a, b), f"T={T}"
+    finally:
+        configure(backward_weight_cache=None)
+
+
 @pytest.mark.parametrize("kernel", ["avx512_bf16_packed", "amx_bf16"])
 def test_what_needs_the_weights_refuses_after_release(kernel, monkeypatch):
     module = layer(use(kernel, monkeypatch), lora_rank=4)
     module.release_host_weights()
     x, ids, w = routing(5)
 
-    with pytest.raises(RuntimeError, match=r"training needs the expert weights.*release_host_weights"):
-        module(x.clone().requires_grad_(), ids, w)
     fp32 = r"fp32 activations reads the expert weights.*release_host_weights"
     with pytest.raises(RuntimeError, match=fp32), torch.no_grad():
         module(x.float(), ids, w)
+    with pytest.raises(RuntimeError, match=r"backward of kernel .* torch.float32 activations reads the expert"):
+        module(x.float().requires_grad_(), ids, w)
     with pytest.raises(RuntimeError, match=r"load_expert_: expert 2: .*released"):
         module.load_expert_(2, down=torch.zeros(H, I))
     with pytest.raises(ValueError, match=r"enable_streaming: 1 KTExperts layers released their host weights"):
@@ -107,22 +138,80 @@ def test_what_needs_the_weights_refuses_after_release(kernel, monkeypatch):
         module.operator()
 
 
-def test_the_backward_refuses_in_the_operator_too(monkeypatch):
-    """The C++ operator itself refuses to read released weights (a caller that bypasses the module's check)."""
+@pytest.mark.parametrize("kernel", ["avx512_vnni_int8", "amx_int4"])
+def test_quantized_kernels_train_from_the_weights_and_cannot_restore_them(kernel, monkeypatch):
+    """int8 / int4 kernels train with the exact backward on the bf16 weights, and their quantized copy cannot give
+    the weights back: after release, forward only."""
+    module = layer(use(kernel, monkeypatch), lora_rank=4)
+    expected = forward(module, 6)
+    module.release_host_weights()
+    assert torch.equal(forward(module, 6), expected)
+    x, ids, w = routing(5)
+    with pytest.raises(RuntimeError, match=rf"backward of kernel '{kernel}' with torch.bfloat16 activations reads"):
+        module(x.clone().requires_grad_(), ids, w)
+    with pytest.raises(RuntimeError, match=rf"restore_host_weights: kernel '{kernel}' keeps a quantized copy"):
+        module.restore_host_weights()
+    assert module.host_weights_released
+
+
+def test_the_operator_itself_refuses_to_read_released_weights(monkeypatch):
+    """The C++ operator refuses off the packed path (a caller that bypasses the module's checks)."""
     module = layer(use("avx512_bf16_packed", monkeypatch))
     op = module.operator()
     module.release_host_weights()
-    assert op.weights_released
+    assert op.weights_released and op.packed_backward("bfloat16") and not op.packed_backward("float32")
     x, ids, w = routing(3)
-    dy, dx, dw = torch.ones(3, H, dtype=torch.bfloat16), torch.empty(3, H, dtype=torch.bfloat16), torch.empty(3, K)
+    x = x.float()
+    dy, dx, dw = torch.ones(3, H), torch.empty(3, H), torch.empty(3, K)
     pool = kernels.get_thread_pool(None)
-    with pytest.raises(RuntimeError, match=r"the backward reads the expert weights"):
+    with pytest.raises(RuntimeError, match=r"a backward with fp32 activations reads the expert weights"):
         op.backward(
-            pool, 3, K, x.data_ptr(), "bfloat16", ids.data_ptr(), w.data_ptr(), dy.data_ptr(), dx.data_ptr(),
+            pool, 3, K, x.data_ptr(), "float32", ids.data_ptr(), w.data_ptr(), dy.data_ptr(), dx.data_ptr(),
             dw.data_ptr(), 0, None, None,
         )  # fmt: skip
     with pytest.raises(RuntimeError, match=r"packing reads the expert weights"):
         op.pack(pool)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("kernel", BF16_PACKED)
+def test_restore_gives_the_weights_back_exactly_without_packing_again(kernel, dtype, monkeypatch):
+    module = layer(use(kernel, monkeypatch), dtype)
+    original = (module.gate_up_proj.detach().clone(), module.down_proj.detach().clone())
+    expected = forward(module, 9, idle=3)
+    op = module.operator()
+    packs = op.pack_count
+    module.release_host_weights()
+
+    assert module.restore_host_weights() == sum(t.numel() * t.element_size() for t in original)
+    assert not module.host_weights_released and module.restore_host_weights() == 0
+    for restored, weight in zip((module.gate_up_proj, module.down_proj), original, strict=True):
+        assert restored.dtype == dtype and torch.equal(restored.view(torch.uint8), weight.view(torch.uint8))
+    assert module.operator() is op and op.pack_count == packs and not op.weights_released
+    assert torch.equal(forward(module, 9, idle=3), expected)
+    if dtype == torch.bfloat16:  # and the weights take loads again
+        module.load_expert_(2, down=torch.zeros(H, I))
+        assert not bool(module.down_proj[2].float().abs().amax() > 0)
+
+
+def test_peft_merge_after_release_merges_into_the_restored_weights(monkeypatch):
+    from kt_core.peft.attach import merge_expert_lora_
+
+    kept, freed = (layer(use("avx512_bf16_packed", monkeypatch), lora_rank=4) for _ in range(2))
+    freed.release_host_weights()
+    merge_expert_lora_(kept)
+    merge_expert_lora_(freed)
+    assert not freed.host_weights_released and freed.lora is None
+    assert torch.equal(freed.gate_up_proj, kept.gate_up_proj) and torch.equal(freed.down_proj, kept.down_proj)
+    assert torch.equal(forward(freed, 9), forward(kept, 9))
+
+
+def test_restore_then_stream(monkeypatch):
+    module = layer(use("avx512_bf16_packed", monkeypatch))
+    module.release_host_weights()
+    module.restore_host_weights()
+    runtime = enable_streaming(torch.nn.Sequential(module), device="cpu", expert_gpu_memory="1MiB")
+    runtime.disable()
 
 
 @pytest.mark.parametrize("kernel", ["torch", "portable", "avx512_bf16"])
@@ -140,3 +229,30 @@ def test_fp32_weights_on_a_bf16_format_keep_them(monkeypatch):
     with pytest.raises(ValueError, match=r"computes from the weights themselves \(torch.float32\)"):
         module.release_host_weights()
     assert not module.host_weights_released
+
+
+def test_pack_experts_releases_the_layers_whose_packed_copy_trains(monkeypatch):
+    """pack_experts(release=True) frees the weights of layers on a bf16-format packed kernel only; and a training
+    run asks for it for a bf16 model unless the weights are kept."""
+    from kt_core import pack_experts
+    from kt_core.runtime.pack_cache import training_releases_weights
+
+    packed = layer(use("avx512_bf16_packed", monkeypatch))
+    others = [layer(k) for k in ("portable", "torch")]
+    if "avx512_vnni_int8" in runnable():
+        others.append(layer("avx512_vnni_int8"))
+    model = torch.nn.ModuleList([packed, *others])
+    assert pack_experts(model, progress=False, release=True) == len(model)
+    assert packed.host_weights_released and not any(m.host_weights_released for m in others)
+
+    class Model(torch.nn.Module):
+        def __init__(self, dtype):
+            super().__init__()
+            self.embed = torch.nn.Embedding(4, 8, dtype=dtype)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+    assert training_releases_weights(Model(torch.bfloat16), keep_host_weights=False)
+    assert not training_releases_weights(Model(torch.bfloat16), keep_host_weights=True)
+    assert not training_releases_weights(Model(torch.float32), keep_host_weights=False)  # fp32 activations

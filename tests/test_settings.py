@@ -120,6 +120,7 @@ LLAMAFACTORY_BAD = [
     ({"kt_device": "gpu0"}, "kt_device: got 'gpu0', expected a device"),
     ({"kt_optimize_rule": "no/such/rules.yaml"}, "kt_optimize_rule: Rule file no/such/rules.yaml not found"),
     ({"kt_loss": "fast"}, "`kt_loss` must be one of"),
+    ({"kt_keep_host_weights": "maybe"}, "kt_keep_host_weights: got 'maybe', expected true or false"),
     ({"kt_cpu_thread": 4}, "unknown kt-plugins key(s) kt_cpu_thread"),
     ({"kt_gpu_memory_budget": "1GiB", "kt_expert_gpu_memory": "2GiB"}, "kt_gpu_memory_budget and kt_expert_gpu"),
 ]

@@ -313,11 +313,31 @@ PYBIND11_MODULE(_C, m) {
            "aligned) instead of copying them: the caller keeps those bytes alive and unchanged for the op's life.")
       .def(
           "release_weights", [](PyExpertsOp& o) { o.op().release_weights(); },
-          "Forgets the weights' addresses once packed, so that their owner may free them: the packed forward reads "
-          "its own copy; the backward, fp32-activation forwards and pack() raise RuntimeError afterwards.")
+          "Forgets the weights' addresses once packed, so that their owner may free them: the packed forward and "
+          "backward read their own copy; calls off the packed path and pack() raise RuntimeError afterwards.")
       .def_property_readonly(
           "weights_released", [](const PyExpertsOp& o) { return o.op().weights_released(); },
           "Whether release_weights() was called.")
+      .def(
+          "unpack_weights",
+          [](PyExpertsOp& o, kt::ThreadPool& pool, uintptr_t gate_up, uintptr_t down, bool adopt) {
+            void* gu = pointer<void>(gate_up, "gate_up");
+            void* d = pointer<void>(down, "down");
+            py::gil_scoped_release release;
+            o.op().unpack_weights(pool, gu, d, adopt);
+          },
+          py::arg("pool"), py::arg("gate_up_ptr"), py::arg("down_ptr"), py::arg("adopt"),
+          "Writes the weights back from the packed copy (bf16 / fp8 formats: exact) into [E, 2I, H] and [E, H, I] "
+          "buffers of the weights' dtype; adopt=True makes the op read them from there on. RuntimeError for the "
+          "int8 / int4 formats.")
+      .def(
+          "packed_backward",
+          [](const PyExpertsOp& o, const std::string& dtype) {
+            return o.op().packed_backward(parse_dtype(dtype, "activations"));
+          },
+          py::arg("dtype"),
+          "Whether a backward with these activations ('float32' / 'bfloat16') runs on the packed tiles alone (no "
+          "read of the weights: it works after release_weights()).")
       .def_property_readonly(
           "packed_borrowed", [](const PyExpertsOp& o) { return o.op().packed_borrowed(); },
           "Whether the packed tiles are borrowed (load_packed(..., borrow=True)), not owned by the op.");

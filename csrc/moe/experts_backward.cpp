@@ -201,9 +201,9 @@ struct ExpertsOp::ExactBackward : PassContext {
 void ExpertsOp::backward(ThreadPool& pool, const Activations& act, const LoraFactors& lora, const void* dy, void* dx,
                          float* dw, const float* cache, const LoraGrads& grads) {
   std::lock_guard<std::mutex> lock(call_mutex_);
-  require_weights("the backward");
   const Routing r = route(act.T, act.K, w_.num_experts, act.ids);
   if (packed_backward(act.dtype)) return backward_packed(pool, r, act, lora, dy, dx, dw, cache, grads);
+  require_weights(act.dtype == DType::kF32 ? "a backward with fp32 activations" : "this backward");
   ExactBackward call(*this, pool, r, act, lora);
   call.gather_dy_lora_dyb(dy, cache);
   call.dh_from_dy();

@@ -65,7 +65,8 @@ Fp8View ExpertsOp::fp8_view(bool gate_up, int e, int row0, int col0) const {
                                      : (rows + w_.block_rows - 1) / w_.block_rows;
   const int64_t scale_cols = (cols + w_.block_cols - 1) / w_.block_cols;
   Fp8View v;
-  v.q = static_cast<const uint8_t*>(gate_up ? w_.gate_up : w_.down) + e * rows * cols;
+  const void* q = gate_up ? w_.gate_up : w_.down;  // null once released: the packed backward reads only the scales
+  v.q = q ? static_cast<const uint8_t*>(q) + e * rows * cols : nullptr;
   v.scale = (gate_up ? w_.gate_up_scale : w_.down_scale) + e * scale_rows * scale_cols;
   v.ld = static_cast<int>(cols);
   v.ld_scale = static_cast<int>(scale_cols);

@@ -147,12 +147,18 @@ class ExpertsOp {
   bool packed_borrowed() const { return packed_gate_up_.data.size() > 0 && !packed_gate_up_.data.owned(); }
   // Times pack() has packed the weights (load_packed does not count).
   int pack_count() const { return pack_count_; }
-  // Drops the pointers to the weights once they are packed (pack() or load_packed()): the packed forward reads only
-  // the packed copy, so the caller may free the weights (KTExperts.release_host_weights: serving holds one copy).
-  // Every call that would read them afterwards throws std::logic_error naming it: a forward the packed kernels do
-  // not take (fp32 activations on a bf16 format), the backward, pack(). fp8 block scales stay borrowed.
+  // Drops the pointers to the weights once they are packed (pack() or load_packed()): the packed forward and
+  // backward read only the packed copy (the backward's column blocks are made from the forward's tiles), so the
+  // caller may free the weights (KTExperts.release_host_weights: one copy in host RAM). Every call that would read
+  // them afterwards throws std::logic_error naming it: a forward or backward off the packed path (fp32 activations
+  // on a bf16 format; the exact backward of the int8 / int4 kernels), pack(). fp8 block scales stay borrowed.
   void release_weights();
   bool weights_released() const { return w_.gate_up == nullptr; }
+  // Writes the weights back from the packed copy into gate_up [E, 2I, H] and down [E, H, I], in the weights' dtype:
+  // exact for the bf16 and fp8 formats (every bit is kept; fp8 scales are the caller's); with `adopt` the op reads
+  // them from there on (after release_weights: nothing is packed again). std::logic_error for the int8 / int4
+  // formats (their copy is quantized) and before packing.
+  void unpack_weights(ThreadPool& pool, void* gate_up, void* down, bool adopt);
 
   // y [T, H] in act.dtype. cache, when given, receives what backward would otherwise recompute: the
   // gate_up pre-activations [S, 2I] followed by the scaled LoRA inputs of gate_up [S, r] and of down [S, r]
@@ -182,8 +188,8 @@ class ExpertsOp {
   // Activation rows for the packed kernels: bf16 or int8 (+ per-row scale), padded to `width` and 32 extra rows.
   void gather_packed(ThreadPool& pool, const Routing& r, const void* src, DType t, int cols, int width, uint8_t* dst,
                      float* scales) const;
-  // c [rows, cols] (=|+=) a . W[:, cols], W a row-major [K, N] matrix of expert weights, through the
-  // packed panels on column blocks repacked per task (no transposed copy kept).
+  // c [rows, cols] (=|+=) a . W[:, cols], W [K, N] an expert's weights, through the packed panels on column blocks
+  // made per task from the forward's tiles of W (no transposed copy kept; the weights themselves are not read).
   // `columns` keeps those column blocks of every expert once made (the weights are frozen): a second copy of
   // the weights in exchange for not re-reading them column-wise on every backward. Kept when it takes under a
   // quarter of the free memory at the first backward, unless set_backward_weight_cache() says always / never.

@@ -68,7 +68,8 @@ bool ExpertsOp::packed_forward(DType act) const {
 }
 
 bool ExpertsOp::packed_backward(DType act) const {
-  if (!pk_ || act != DType::kBF16) return false;
+  // Its column blocks come from the forward's tiles: packed ones only.
+  if (!pk_ || act != DType::kBF16 || packed_gate_up_.data.size() == 0) return false;
   if (w_.dtype == DType::kFP8E4M3) return packs_fp8();  // the fp8 panels on column blocks made per task or kept
   return pk_->format == PackedFormat::kBF16 && pk_->pack_columns_bf16 && w_.dtype == DType::kBF16;
 }
@@ -122,6 +123,20 @@ void ExpertsOp::release_weights() {
                            ": they cannot be released");
   w_.gate_up = nullptr;
   w_.down = nullptr;
+}
+
+void ExpertsOp::unpack_weights(ThreadPool& pool, void* gate_up, void* down, bool adopt) {
+  const PackedFormat format = packed_format();
+  if (!packs() || packed_gate_up_.data.size() == 0 || (format != PackedFormat::kBF16 && format != PackedFormat::kFP8))
+    throw std::logic_error(std::string("experts: kernel '") + (pk_ ? pk_->name : k_->name) +
+                           "' keeps no exact packed copy of the weights to give them back from");
+  if (!gate_up || !down) throw std::invalid_argument("experts: null weight pointer");
+  unpack_tensor(pool, packed_gate_up_, true, gate_up);
+  unpack_tensor(pool, packed_down_, false, down);
+  if (adopt) {
+    w_.gate_up = gate_up;
+    w_.down = down;
+  }
 }
 
 namespace {
@@ -491,7 +506,6 @@ void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const
                                        const float* lora_a) {
   const bool fp8 = w_.dtype == DType::kFP8E4M3;
   const int K = gate_up ? 2 * w_.intermediate : w_.hidden, N = gate_up ? w_.hidden : w_.intermediate;
-  const void* w = gate_up ? w_.gate_up : w_.down;
   // fp8: W's rows (the inputs here) cut at its block rows, gate_up's up rows apart from its gate rows.
   const std::vector<Fp8Segment> segments =
       fp8 ? fp8_segments(K, w_.block_rows, gate_up ? w_.intermediate : 0) : std::vector<Fp8Segment>();
@@ -501,13 +515,39 @@ void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const
   const int64_t block_bytes = static_cast<int64_t>(k_blocks) * 2 * (fp8 ? kTileBytes / 2 : kTileBytes);
   const int64_t blocks = static_cast<int64_t>(w_.num_experts) * col_blocks;
   const size_t copy_bytes = static_cast<size_t>(blocks * block_bytes);
+  // The column blocks are read from the forward's tiles of W (the weights themselves may be released): W's row r
+  // is an output there, at `rows[r]` (elements for bf16, bytes for fp8) from its expert's first n-tile column.
+  const PackedTensor& fwd = gate_up ? packed_gate_up_ : packed_down_;
+  constexpr int64_t tile_elems = 512;  // elements of a tile: bf16 (1 KB) and fp8 (512 bytes) alike
+  const int64_t tile_column = static_cast<int64_t>(fwd.k_blocks) * tile_elems;
+  std::vector<int64_t> rows(static_cast<size_t>(k_blocks) * 32, -1);
+  for (int r = 0; r < K; ++r) {
+    const int half = r >= w_.intermediate ? 1 : 0, within = gate_up ? r - half * w_.intermediate : r;
+    const int nt = gate_up ? 2 * (within / kTileRows) + half : r / kTileRows;  // gate_up: gate / up tiles alternate
+    rows[r] = nt * tile_column + 2 * (within % kTileRows);
+  }
+  const int64_t expert_elems = static_cast<int64_t>(fwd.n_tiles) * tile_column;
+  // fp8: byte offset, within an expert's tile column, of each of a block's 32 columns (inputs of the forward, cut
+  // into the forward's segments at its block columns), -1 past N.
+  auto fp8_cols = [&](int col0, int64_t* cols) {
+    for (int c = 0; c < 32; ++c) {
+      const int k = col0 + c;
+      cols[c] = -1;
+      for (const Fp8Segment& sg : fwd.segments)
+        if (k >= sg.k0 && k < sg.k1) cols[c] = (sg.kb0 + k / 32 - sg.a_kb) * tile_elems + (k % 32 / 2) * 32 + k % 2;
+    }
+  };
   // One column block [col0, col0 + 32) of expert e into dst (fp8: and its scales into s0 / s1, when given).
   auto pack_block = [&](int e, int col0, uint8_t* dst, float* s0, float* s1) {
-    if (fp8)
-      pack_columns_fp8(fp8_view(gate_up, e, 0, 0), N, col0, segments, dst, s0, s1);
-    else if (dst)
-      pk_->pack_columns_bf16(static_cast<const bf16*>(w) + static_cast<int64_t>(e) * K * N, N, K, N, col0, k_blocks,
-                             reinterpret_cast<bf16*>(dst));
+    if (fp8) {
+      int64_t cols[32];
+      fp8_cols(col0, cols);
+      pack_columns_fp8(fp8_view(gate_up, e, 0, 0), col0, segments, fwd.data.data() + e * expert_elems, rows.data(),
+                       cols, dst, s0, s1);
+    } else if (dst) {
+      const bf16* tiles = reinterpret_cast<const bf16*>(fwd.data.data()) + e * expert_elems + col0 / 32 * tile_elems;
+      pk_->pack_columns_bf16(tiles, rows.data(), k_blocks, reinterpret_cast<bf16*>(dst));
+    }
   };
   bool keep = columns.size() != 0;
   if (!keep) {  // forced always / never, or by default when the copy takes under a quarter of the free memory

@@ -295,26 +295,63 @@ void int8_panel(int rows, int k_blocks, const int8_t* a, int lda, const float* a
 
 // Tile row kp of block kb pairs W rows r0 = 32 kb + 2 kp and r0 + 1: out[n][j] = W[r0 + j][col0 + n]. One
 // two-source permute interleaves the two rows for each 16-column tile.
-void pack_columns_bf16(const bf16* w, int64_t ld, int K, int N, int col0, int k_blocks, bf16* dst) {
+namespace {
+
+// r[i] = row i of a 16 x 16 dword matrix -> r[i] = its column i.
+inline void transpose_16x16_dwords(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {  // t[i] lane L: r_i[4L], r_i+1[4L], r_i[4L+1], r_i+1[4L+1]; t[i+1]: 4L+2, 4L+3
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  __m512i g[16];  // g[4q + c] lane L: rows 4q..4q+3 of column 4L + c
+  for (int q = 0; q < 4; ++q) {
+    g[4 * q] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+    g[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+    g[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+    g[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // column 4L + c: lane L of g[c], g[4 + c], g[8 + c], g[12 + c]
+    const __m512i a = _mm512_shuffle_i32x4(g[c], g[4 + c], 0x44), b = _mm512_shuffle_i32x4(g[8 + c], g[12 + c], 0x44);
+    const __m512i d = _mm512_shuffle_i32x4(g[c], g[4 + c], 0xee), e = _mm512_shuffle_i32x4(g[8 + c], g[12 + c], 0xee);
+    r[c] = _mm512_shuffle_i32x4(a, b, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(a, b, 0xdd);
+    r[8 + c] = _mm512_shuffle_i32x4(d, e, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(d, e, 0xdd);
+  }
+}
+
+}  // namespace
+
+void pack_columns_bf16(const bf16* tiles, const int64_t* rows, int k_blocks, bf16* dst) {
   alignas(64) int16_t lo[32], hi[32];
+  alignas(64) int32_t pairs[16];
   for (int i = 0; i < 32; ++i) {
     lo[i] = static_cast<int16_t>((i & 1) * 32 + i / 2);
     hi[i] = static_cast<int16_t>((i & 1) * 32 + 16 + i / 2);
   }
-  const __m512i idx_lo = _mm512_load_si512(lo), idx_hi = _mm512_load_si512(hi);
-  const int cols = N - col0 < 32 ? N - col0 : 32;
-  const __mmask32 mask = cols >= 32 ? ~__mmask32(0) : (__mmask32(1) << cols) - 1;
+  for (int p = 0; p < 16; ++p) pairs[p] = p * 16;  // a row's input pair p: 32 bf16 (16 dwords) after pair p - 1
+  const __m512i idx_lo = _mm512_load_si512(lo), idx_hi = _mm512_load_si512(hi), at_pairs = _mm512_load_si512(pairs);
   bf16* tile0 = dst;
   bf16* tile1 = dst + static_cast<int64_t>(k_blocks) * 512;
-  for (int kb = 0; kb < k_blocks; ++kb)
-    for (int kp = 0; kp < 16; ++kp) {
-      const int r0 = kb * 32 + 2 * kp;
-      const __m512i va = r0 < K ? _mm512_maskz_loadu_epi16(mask, w + r0 * ld + col0) : _mm512_setzero_si512();
-      const __m512i vb = r0 + 1 < K ? _mm512_maskz_loadu_epi16(mask, w + (r0 + 1) * ld + col0) : _mm512_setzero_si512();
-      const int64_t at = static_cast<int64_t>(kb) * 512 + kp * 32;
-      _mm512_storeu_si512(tile0 + at, _mm512_permutex2var_epi16(va, idx_lo, vb));
-      _mm512_storeu_si512(tile1 + at, _mm512_permutex2var_epi16(va, idx_hi, vb));
+  __m512i r[16];  // 16 rows of W, each its 32 inputs (the block's columns) in order
+  for (int q = 0; q < 2 * k_blocks; ++q) {
+    const int64_t* rq = rows + q * 16;
+    bool whole = rq[0] >= 0;  // the 16 rows are one forward tile's outputs, in order: a dword transpose of it
+    for (int n = 1; n < 16 && whole; ++n) whole = rq[n] == rq[0] + 2 * n;
+    if (whole) {
+      for (int kp = 0; kp < 16; ++kp) r[kp] = _mm512_loadu_si512(tiles + rq[0] + kp * 32);
+      transpose_16x16_dwords(r);
+    } else {  // rows from several tiles (gate_up with I % 16 != 0) or padding: one row at a time, 16 pairs apart
+      for (int n = 0; n < 16; ++n)
+        r[n] = rq[n] >= 0 ? _mm512_i32gather_epi32(at_pairs, tiles + rq[n], 4) : _mm512_setzero_si512();
     }
+    for (int p = 0; p < 8; ++p) {
+      const int64_t at = static_cast<int64_t>(q / 2) * 512 + ((q % 2) * 8 + p) * 32;
+      _mm512_storeu_si512(tile0 + at, _mm512_permutex2var_epi16(r[2 * p], idx_lo, r[2 * p + 1]));
+      _mm512_storeu_si512(tile1 + at, _mm512_permutex2var_epi16(r[2 * p], idx_hi, r[2 * p + 1]));
+    }
+  }
 }
 
 namespace {

@@ -118,14 +118,13 @@ void fp8_panel(int rows, int nseg, const Fp8Segment* seg, const bf16* a, int lda
     }
 }
 
-void pack_columns_bf16(const bf16* w, int64_t ld, int K, int N, int col0, int k_blocks, bf16* dst) {
-  const int cols = std::min(N - col0, 32);
+void pack_columns_bf16(const bf16* tiles, const int64_t* rows, int k_blocks, bf16* dst) {
   for (int kb = 0; kb < k_blocks; ++kb)
     for (int kp = 0; kp < 16; ++kp)
       for (int j = 0; j < 2; ++j) {
-        const int row = kb * 32 + 2 * kp + j;
-        for (int n = 0; n < 32; ++n) {
-          const bf16 v = row < K && n < cols ? w[static_cast<int64_t>(row) * ld + col0 + n] : bf16(0);
+        const int64_t row = rows[kb * 32 + 2 * kp + j];
+        for (int n = 0; n < 32; ++n) {  // column n is input n of the forward's k-block: pair n / 2, half n % 2
+          const bf16 v = row >= 0 ? tiles[row + (n / 2) * 32 + n % 2] : bf16(0);
           dst[(n < 16 ? 0 : static_cast<int64_t>(k_blocks) * 512) + kb * 512 + kp * 32 + 2 * (n % 16) + j] = v;
         }
       }

@@ -275,25 +275,58 @@ PackedTensor pack_fp8_tensor(ThreadPool& pool, const uint8_t* q, const float* sc
   return p;
 }
 
-void pack_columns_fp8(const Fp8View& w, int N, int col0, const std::vector<Fp8Segment>& segments, uint8_t* dst,
-                      float* s0, float* s1) {
+void unpack_tensor(ThreadPool& pool, const PackedTensor& p, bool interleave_halves, void* dst) {
+  if (p.format != PackedFormat::kBF16 && p.format != PackedFormat::kFP8)
+    throw std::logic_error("unpack_tensor: only the bf16 and fp8 formats keep the weights exactly");
+  const int N = p.outputs, K = p.inputs;
+  const bool fp8 = p.format == PackedFormat::kFP8;
+  // Element offset, within a tile column, of input k's value for output 0 of the tile (output n: + 2 n).
+  std::vector<int64_t> at(K);
+  for (int k = 0; k < K; ++k) {
+    int kb = k / 32;
+    for (const Fp8Segment& s : p.segments)  // fp8: the inputs' k-blocks follow their segments
+      if (k >= s.k0 && k < s.k1) kb = s.kb0 + k / 32 - s.a_kb;
+    at[k] = static_cast<int64_t>(kb) * 512 + (k % 32 / 2) * 32 + k % 2;
+  }
+  pool.parallel_for(static_cast<int64_t>(p.experts) * p.n_tiles, [&](int64_t task) {
+    const int e = static_cast<int>(task / p.n_tiles), nt = static_cast<int>(task % p.n_tiles);
+    const uint8_t* tiles = p.tile(e, nt);
+    for (int n = 0; n < kTileRows; ++n) {
+      const int64_t r = source_row(nt * kTileRows + n, N, interleave_halves);
+      if (r < 0) continue;
+      const int64_t row = (static_cast<int64_t>(e) * N + r) * K;
+      if (fp8) {
+        uint8_t* out = static_cast<uint8_t*>(dst) + row;
+        for (int k = 0; k < K; ++k) out[k] = tiles[at[k] + 2 * n];
+      } else {
+        const bf16* src = reinterpret_cast<const bf16*>(tiles);
+        bf16* out = static_cast<bf16*>(dst) + row;
+        for (int k = 0; k < K; ++k) out[k] = src[at[k] + 2 * n];
+      }
+    }
+  });
+}
+
+void pack_columns_fp8(const Fp8View& w, int col0, const std::vector<Fp8Segment>& segments, const uint8_t* tiles,
+                      const int64_t* rows, const int64_t* cols, uint8_t* dst, float* s0, float* s1) {
   const int k_blocks = segments.back().kb1;
   const int64_t tile_column = static_cast<int64_t>(k_blocks) * (kTileBytes / 2);
   if (dst) std::memset(dst, 0, static_cast<size_t>(2 * tile_column));
-  const int cols = std::min(32, N - col0);
+  const bool second = cols[16] >= 0;  // columns past N are -1, and col0 + 16 < N when any of the second tile is
   for (size_t i = 0; i < segments.size(); ++i) {
     const Fp8Segment& s = segments[i];
     if (s0) {
       const float* srow = w.scales_of_row(s.k0);
       s0[i] = srow[col0 / w.block_cols] * 256.f;
-      s1[i] = cols > 16 ? srow[(col0 + 16) / w.block_cols] * 256.f : 0.f;
+      s1[i] = second ? srow[(col0 + 16) / w.block_cols] * 256.f : 0.f;
     }
     if (!dst) continue;
     for (int k = s.k0; k < s.k1; ++k) {
-      const uint8_t* src = w.q + static_cast<int64_t>(k) * w.ld + col0;
+      const uint8_t* src = tiles + rows[k];
       const int kb = s.kb0 + k / 32 - s.a_kb, kp = (k % 32) / 2, j = k % 2;
       uint8_t* row = dst + static_cast<int64_t>(kb) * (kTileBytes / 2) + kp * 2 * kTileRows + j;
-      for (int c = 0; c < cols; ++c) row[(c / kTileRows) * tile_column + (c % kTileRows) * 2] = src[c];
+      for (int c = 0; c < 32 && cols[c] >= 0; ++c)
+        row[(c / kTileRows) * tile_column + (c % kTileRows) * 2] = src[cols[c]];
     }
   }
 }

@@ -83,9 +83,12 @@ struct PackedKernels {
   // unsigned-by-signed instructions (vpdpbusd) take a + 128.
   void (*int8_panel)(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const int8_t* b0,
                      const int8_t* b1, const float* b_scale, const int32_t* b_colsum, float* c);
-  // Backward: packs columns [col0, col0 + 32) of a row-major bf16 W [K, N] (row stride ld) as two n-tiles,
-  // each k_blocks * 512 elements, the second after the first, so that a panel computes A . W[:, cols].
-  void (*pack_columns_bf16)(const bf16* w, int64_t ld, int K, int N, int col0, int k_blocks, bf16* dst);
+  // Backward: packs columns [col0, col0 + 32) of W [K, N] as two n-tiles, each k_blocks * 512 elements, the second
+  // after the first, so that a panel computes A . W[:, cols]; read from the forward's tiles of W (W's rows are their
+  // outputs): `tiles` is the expert's forward k-block holding those 32 columns (inputs), and rows[r] the element
+  // offset from `tiles` of row r's first pair in its n-tile (n-tile start + 2 n), -1 for padding rows (k_blocks * 32
+  // entries). The forward's padding inputs are zero, so columns past N come out zero.
+  void (*pack_columns_bf16)(const bf16* tiles, const int64_t* rows, int k_blocks, bf16* dst);
   // int4: C[m][n] = a_scale[m] * sum_g (scale[g][n] * sum_{k in g} a[m][k] q[n][k] - scale_zero[g][n] * sum_{k in g}
   // a[m][k]), i.e. W = scale * (q - zero) per group; scale / scale_zero are [2 tiles][groups][16], k_blocks even.
   void (*int4_panel)(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const uint8_t* b0,
@@ -104,7 +107,7 @@ namespace packed_avx512 {
 void bf16_panel(int rows, int k_blocks, const bf16* a, int lda, const bf16* b0, const bf16* b1, float* c);
 void int8_panel(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const int8_t* b0,
                 const int8_t* b1, const float* b_scale, const int32_t* b_colsum, float* c);
-void pack_columns_bf16(const bf16* w, int64_t ld, int K, int N, int col0, int k_blocks, bf16* dst);
+void pack_columns_bf16(const bf16* tiles, const int64_t* rows, int k_blocks, bf16* dst);
 void int4_panel(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const uint8_t* b0,
                 const uint8_t* b1, const float* scale, const float* scale_zero, float* c);
 // Pieces of the tile int4 panel that need AVX-512: nibbles of one packed tile to a [16][64] unsigned int8
@@ -282,11 +285,19 @@ PackedTensor pack_tensor(ThreadPool& pool, const void* w, DType dtype, int E, in
 PackedTensor pack_fp8_tensor(ThreadPool& pool, const uint8_t* q, const float* scale, int E, int N, int K,
                              int block_rows, int block_cols, bool interleave_halves);
 
-// The backward's fp8 column blocks: columns [col0, col0 + 32) of one expert's e4m3 W [K, N] (`w`: its view from
-// (0, 0)) as two n-tiles of `segments` (fp8_segments over its rows), the last segment's kb1 tiles each, the second
-// after the first; and the scales of each tile and segment, times 256, into s0 / s1 [segments]. Needs
-// w.block_cols % 16 == 0: a tile's 16 columns share one block column. A null dst or s0 / s1 skips that part.
-void pack_columns_fp8(const Fp8View& w, int N, int col0, const std::vector<Fp8Segment>& segments, uint8_t* dst,
-                      float* s0, float* s1);
+// The inverse of pack_tensor / pack_fp8_tensor for the bf16 and fp8 formats, which keep every bit: the experts'
+// weights back in their own layout, dst [E, N, K] (bf16, or e4m3 bytes; the fp8 scales are not in the tiles' form
+// and are not written). `interleave_halves` as packed.
+void unpack_tensor(ThreadPool& pool, const PackedTensor& p, bool interleave_halves, void* dst);
+
+// The backward's fp8 column blocks: columns [col0, col0 + 32) of one expert's e4m3 W [K, N] as two n-tiles of
+// `segments` (fp8_segments over its rows), the last segment's kb1 tiles each, the second after the first; and the
+// scales of each tile and segment, times 256, into s0 / s1 [segments] (from `w`, the expert's view from (0, 0): only
+// its scales are read). The bytes come from the forward's tiles of W (W's rows are their outputs): `tiles` is the
+// expert's first n-tile column, rows[r] the byte offset from it of row r's first pair in its n-tile (n-tile start +
+// 2 n; every row < K), cols[c] the byte offset within that tile column of column col0 + c's byte of row 0 (-1 past
+// N). Needs w.block_cols % 16 == 0: a tile's 16 columns share one block column. A null dst or s0 / s1 skips that part.
+void pack_columns_fp8(const Fp8View& w, int col0, const std::vector<Fp8Segment>& segments, const uint8_t* tiles,
+                      const int64_t* rows, const int64_t* cols, uint8_t* dst, float* s0, float* s1);
 
 }  // namespace kt

@@ -304,7 +304,7 @@ class KTExperts(nn.Module):
         if self.host_weights_released and getattr(share, "reads_host_weights", False):
             raise ValueError(
                 f"KTExperts: {type(share).__name__} copies the host weights to the GPU, and this layer released them "
-                "once packed (release_host_weights)"
+                "once packed (release_host_weights); restore_host_weights() gives them back"
             )
         if self.is_fp8 and not getattr(share, "takes_fp8", False):
             raise NotImplementedError(
@@ -327,15 +327,18 @@ class KTExperts(nn.Module):
         return self.gate_up_proj.is_meta
 
     def release_host_weights(self) -> int:
-        """Frees the experts' weights in host memory, keeping only the packed kernel's copy: forward only (serving).
+        """Frees the experts' weights in host memory, keeping only the packed kernel's copy.
 
-        A packed kernel (amx_*, avx512_bf16_packed, avx512_vnni_*) computes the forward from its own copy of the
-        weights in its tile layout, made once at load, so the weights themselves are a second copy: releasing them
-        halves the layer's host RAM (bf16 and fp8 alike; the quantized int8 / int4 copies are smaller still). The
-        layer is packed now if it was not. Afterwards `gate_up_proj` / `down_proj` are meta tensors (shape and dtype
-        kept, no data; fp8 block scales are kept, a few KB), and what needs the weights raises, naming this call:
-        the backward (training), fp32 activations on a bf16-format kernel, loading weights in (`load_expert_`),
-        another kernel, streaming them to a GPU. The memory is returned when nothing else holds the tensors.
+        A packed kernel (amx_*, avx512_bf16_packed, avx512_vnni_*) computes from its own copy of the weights in its
+        tile layout, made once at load, so the weights themselves are a second copy: releasing them halves the
+        layer's host RAM (bf16 and fp8 alike; the quantized int8 / int4 copies are smaller still). The layer is
+        packed now if it was not. The forward is bit for bit the same, and so is the backward of the bf16-format
+        kernels (amx_bf16, avx512_bf16_packed) with bf16 activations, which reads the forward's tiles: training
+        works. Afterwards `gate_up_proj` / `down_proj` are meta tensors (shape and dtype kept, no data; fp8 block
+        scales are kept, a few KB), and what needs the weights raises, naming this call: calls off the packed path
+        (fp32 activations on a bf16 format, the exact backward of the int8 / int4 kernels), loading weights in
+        (`load_expert_`), another kernel, streaming them to a GPU. `restore_host_weights()` gives them back; merging
+        the expert LoRA does so itself. The memory is returned when nothing else holds the tensors.
 
         Returns:
             Bytes of the weights released (0 when they already were).
@@ -362,10 +365,43 @@ class KTExperts(nn.Module):
         for name in ("gate_up_proj", "down_proj"):
             weight = getattr(self, name)
             released += weight.numel() * weight.element_size()
-            meta = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
-            setattr(self, name, nn.Parameter(meta, requires_grad=False))
+            self._set_weight(name, torch.empty(weight.shape, dtype=weight.dtype, device="meta"))
         self._op_key = self._operator_key()
         return released
+
+    def restore_host_weights(self) -> int:
+        """Gives the weights back after `release_host_weights`, written from the packed copy (exact: the bf16 and
+        fp8 packed formats keep every bit), and the operator reads them from there on without packing again.
+
+        Returns:
+            Bytes of the weights restored (0 when they were not released).
+
+        Raises:
+            RuntimeError: the packed copy is quantized (int8 / int4 kernels): the weights cannot be recovered from it.
+        """
+        if not self.host_weights_released:
+            return 0
+        gate_up = torch.empty(self.gate_up_proj.shape, dtype=self.gate_up_proj.dtype)
+        down = torch.empty(self.down_proj.shape, dtype=self.down_proj.dtype)
+        try:
+            self._op.unpack_weights(kernels.get_thread_pool(self.cpu_infer), gate_up.data_ptr(), down.data_ptr(), True)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"KTExperts.restore_host_weights: kernel {self.kernel!r} keeps a quantized copy, from which the "
+                "released weights cannot be recovered; load the layer again"
+            ) from exc
+        self._set_weight("gate_up_proj", gate_up)
+        self._set_weight("down_proj", down)
+        self._op_key = self._operator_key()  # the operator reads these now: same packed copy, nothing to redo
+        return sum(t.numel() * t.element_size() for t in (gate_up, down))
+
+    def _set_weight(self, name: str, tensor: torch.Tensor) -> None:
+        # A registered parameter stays one; a tensor a distributed engine moved out of the registry (DeepSpeed:
+        # kt_core.distributed.deepspeed) stays a plain attribute.
+        if name in self._parameters:
+            setattr(self, name, nn.Parameter(tensor, requires_grad=False))
+        else:
+            object.__setattr__(self, name, tensor)
 
     def operator(self):
         """The C++ operator over this layer's weights (built, and packed, on first use or when they were replaced)."""
@@ -374,7 +410,7 @@ class KTExperts(nn.Module):
             if self.host_weights_released:
                 raise RuntimeError(
                     f"KTExperts: kernel {self.kernel!r} needs the expert weights, which were released once packed "
-                    "for the previous kernel (release_host_weights); reload the layer to change kernels"
+                    "for the previous kernel (release_host_weights); restore_host_weights() before changing kernels"
                 )
             self._op = kernels.build_operator(self)
             self._op_key = key  # a shared packed copy stays mapped (`_packed_source`): ops built on it may live on
@@ -415,7 +451,7 @@ class KTExperts(nn.Module):
         if self.host_weights_released:
             raise RuntimeError(
                 f"KTExperts.load_expert_: expert {expert}: this layer's host weights were released once packed "
-                "(release_host_weights, forward only); load weights into a layer that keeps them"
+                "(release_host_weights); restore_host_weights() gives them back first"
             )
         I = self.intermediate_dim
         given = {"gate": (gate, gate_scale_inv), "up": (up, up_scale_inv), "down": (down, down_scale_inv)}

@@ -191,6 +191,7 @@ def merge_expert_lora_(experts: KTExperts) -> None:
     lora = experts.lora
     if lora is None:
         return
+    experts.restore_host_weights()  # released once packed: written back from the packed copy first
     with torch.no_grad():
         for param_name, (a_name, b_name) in EXPERT_PARAMETERS.items():
             A, B = getattr(lora, a_name), getattr(lora, b_name)

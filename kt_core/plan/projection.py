@@ -15,9 +15,10 @@ layer inputs of its layers, one layer's working set (36 hidden-sized tensors of 
 loss (`kt_core.loss.loss_workspace_bytes`, Liger); slots sized as the runtime sizes them
 (`kt_core.streaming.planner.slot_bytes_per_expert`: FP8 slots hold e4m3 weights and block scales, plus once per GPU
 the fixed bf16 buffer the GPU dequantizes them into a group of experts at a time, `dequant_buffer_bytes`).
-Host RAM: every routed expert twice, as the runtime holds it with a packed
-kernel (the speeds above are the packed AMX kernels'): the store in the stored dtype (the one streaming reads)
-and the packed kernel's copy in its tile layout, the same bytes.
+Host RAM: as the runtime holds the routed experts with a packed kernel (the speeds above are the packed AMX
+kernels'): twice when some of them stream, the store in the stored dtype (the one streaming reads) and the packed
+kernel's copy in its tile layout, the same bytes; once when the CPU computes them all, whose training run frees the
+store once packed (`kt_core.pack_experts(release=True)`, the training plugins' default for bf16 runs).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ __all__ = ["Projection", "project"]
 WORKING_SET_TENSORS = 36  # one layer's recomputation + backward, in [tokens, H] bf16 tensors (measured, see above)
 BYTES_PER_WEIGHT = {"bf16": 2, "fp8": 1, "int8": 1}
 FP8_BLOCK = (128, 128)  # DeepSeek-V3's / Kimi-K2's weight_block_size
-HOST_COPIES = 2  # the store and the packed kernel's copy (kt_core/runtime/pack_cache.py, csrc/moe/packed.h)
+# Copies of the routed experts in host RAM: the store and the packed kernel's copy while some stream (streaming
+# reads the store); the packed copy alone when the CPU computes them all (kt_core/runtime/pack_cache.py).
+HOST_COPIES_STREAMING, HOST_COPIES_CPU_ONLY = 2, 1
 
 
 @dataclass
@@ -120,7 +123,8 @@ def project(
 
     used = weights + activations + capacity * slot_bytes + dequant_buffer_bytes(H, I, capacity, block=block)
     gpu_bytes = [used] * (machine.gpus - 1) + [used + head]
-    host_bytes = HOST_COPIES * model.moe_layers * model.experts * expert_bytes
+    copies = HOST_COPIES_STREAMING if capacity > 0 else HOST_COPIES_CPU_ONLY
+    host_bytes = copies * model.moe_layers * model.experts * expert_bytes
     problems = []
     if capacity == 0 and expert_gpu_memory != 0:
         problems.append(
@@ -130,9 +134,9 @@ def project(
         )
     if host_bytes > machine.host_bytes:
         problems.append(
-            f"host RAM: the routed experts take {_gib(host_bytes)} in {expert_dtype} (store + packed copy), the "
-            "machine has "
-            f"{_gib(machine.host_bytes)}: "
+            f"host RAM: the routed experts take {_gib(host_bytes)} in {expert_dtype} "
+            + ("(store + packed copy)" if copies == HOST_COPIES_STREAMING else "(the packed copy)")
+            + f", the machine has {_gib(machine.host_bytes)}: "
             + ("store them in fp8 or int8, or use more RAM" if expert_dtype == "bf16" else "use more RAM")
         )
     return Projection(n, step_s, layer_s, plan, len(plan.stream), capacity, gpu_bytes, host_bytes, problems)

@@ -37,7 +37,15 @@ from kt_core.config import PACK_CACHE_ENV, current
 if TYPE_CHECKING:
     from kt_core.experts import KTExperts
 
-__all__ = ["PACK_CACHE_ENV", "cache_dir", "cache_path", "load_or_pack", "pack_experts", "weights_fingerprint"]
+__all__ = [
+    "PACK_CACHE_ENV",
+    "cache_dir",
+    "cache_path",
+    "load_or_pack",
+    "pack_experts",
+    "training_releases_weights",
+    "weights_fingerprint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -160,25 +168,55 @@ def load_or_pack(module: KTExperts, op, pool) -> bool:
     return False
 
 
-def pack_experts(model: torch.nn.Module, *, progress: bool = True) -> int:
+def pack_experts(model: torch.nn.Module, *, progress: bool = True, release: bool = False) -> int:
     """Builds now, one layer after the other with a progress bar, the CPU operator of every KTExperts of `model`
     that computes on the CPU alone (no GPU share attached): packed kernels pack their weights here (or load them
     from the cache folder) instead of at the layer's first call, where a large model's first training step would
     stall silently (a full-width DeepSeek-V3 layer packs in ~20 s on 15 AMX threads). Layers with a GPU share
-    (streaming, SGLang) keep building on first use: some never compute on the CPU. Returns the layers built."""
+    (streaming, SGLang) keep building on first use: some never compute on the CPU. Returns the layers built.
+
+    With `release`, each layer whose packed copy serves both its forward and its backward with bf16 activations
+    (amx_bf16, avx512_bf16_packed, on bf16 or fp8 weights) frees its weights right after packing
+    (KTExperts.release_host_weights): host RAM then holds the experts once, and the peak is the weights plus one
+    layer's packed copy. Other layers (unpacked or int8 / int4 kernels, whose backward reads the weights) keep them.
+    """
     from tqdm.auto import tqdm
 
     from kt_core.experts import KTExperts
+    from kt_core.kernels import TORCH_KERNEL
 
     layers = [m for m in model.modules() if isinstance(m, KTExperts) and m.gpu_share is None]
     if not layers:
         return 0
     t0 = time.perf_counter()
     gib = sum(m.gate_up_proj.nbytes + m.down_proj.nbytes for m in layers) / 2**30
+    released = 0
     with tqdm(total=len(layers), desc=f"CPU experts ({layers[0].kernel})", unit="layer", disable=not progress) as bar:
         for m in layers:
-            m.operator()
+            op = m.operator() if m.kernel != TORCH_KERNEL else None
+            if release and op is not None and op.packed_backward("bfloat16"):
+                released += m.release_host_weights()
             bar.update()
     seconds = time.perf_counter() - t0
     logger.info("CPU experts: %d layers (%.2f GiB of weights) ready in %.1f s", len(layers), gib, seconds)
+    if released:
+        logger.info(
+            "CPU experts: %.2f GiB of weights released once packed: host RAM holds the packed copy only "
+            "(keep_host_weights / kt_keep_host_weights keeps both)",
+            released / 2**30,
+        )
     return len(layers)
+
+
+def training_releases_weights(model: torch.nn.Module, keep_host_weights: bool) -> bool:
+    """Whether a training run frees the experts' weights once packed (`pack_experts(release=True)`): unless they are
+    kept; only for a bf16 model (the packed backward takes bf16 activations, and the experts get the model's dtype);
+    and not with several ranks, whose node shares one copy of the weights (kt_core/distributed)."""
+    if keep_host_weights:
+        return False
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        return False
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dtype == torch.bfloat16

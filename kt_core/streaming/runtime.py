@@ -419,8 +419,8 @@ def enable_streaming(
     if released:
         raise ValueError(
             f"enable_streaming: {len(released)} KTExperts layers released their host weights once packed "
-            "(release_host_weights, forward only): streaming copies those weights to the GPU; load the model again "
-            "without releasing them"
+            "(release_host_weights): streaming copies those weights to the GPU; restore_host_weights() on each "
+            "gives them back"
         )
     first = layers[0]
     E = first.num_experts

@@ -34,6 +34,7 @@ from kt_core import ExpertTimer, KTExperts, pack_experts, resolve_kernel, speed_
 from kt_core import settings as checks
 from kt_core.peft import warn_if_shape_dependent
 from kt_core.placement import PlacementRule, resolve_rule_file
+from kt_core.runtime.pack_cache import training_releases_weights
 from kt_plugins.hf_trainer.convert import expert_lora_parameters, kt_prepare
 from kt_plugins.hf_trainer.engines import attach_deepspeed, prepare_engines, save_engine_state
 
@@ -138,6 +139,11 @@ class KTCallback(TrainerCallback):
         loss: the causal-LM loss of training steps without [tokens x vocab] logits
             (`kt_core.loss.enable_efficient_loss`): "auto" (Liger-Kernel on CUDA when installed, our chunked
             loss otherwise), "liger", "cce", "chunked", or "off" (transformers' loss).
+        keep_host_weights: keep the experts' weights in host RAM beside a packed kernel's copy. By default a bf16
+            model's layers on amx_bf16 / avx512_bf16_packed free them once packed at train start
+            (`kt_core.pack_experts(release=True)`): the packed forward and backward read only their own copy, so
+            host RAM holds the experts once; merging the LoRA (`merge_and_unload`) writes them back first. Kept
+            anyway with several ranks (a node's shared copy) and for layers whose kernel reads them.
         gpu_memory_budget: the former name of `expert_gpu_memory` (accepted with a warning).
     """
 
@@ -157,6 +163,7 @@ class KTCallback(TrainerCallback):
         loss: str | bool = "auto",
         gpu_memory_limit: int | str | None = None,
         max_seq_length: int | None = None,
+        keep_host_weights: bool = False,
         gpu_memory_budget: int | str | None = None,
     ):
         from kt_core import normalize_loss_mode
@@ -165,6 +172,7 @@ class KTCallback(TrainerCallback):
         self.efficient_loss = None  # kt_core.loss.EfficientLoss once attached
         cpu_infer = checks.cpu_threads("KTCallback(cpu_infer)", cpu_infer)
         log_speed = checks.boolean("KTCallback(log_speed)", log_speed)
+        self.keep_host_weights = checks.boolean("KTCallback(keep_host_weights)", keep_host_weights)
         if not isinstance(kernel, str):
             raise checks.SettingError(f"KTCallback(kernel): got {kernel!r}, expected 'auto' or a kernel name")
         resolve_kernel(kernel)  # a kernel this CPU cannot run fails here, listing the ones it can
@@ -280,7 +288,8 @@ class KTCallback(TrainerCallback):
                     "before the experts moved to the CPU operator. Call kt_prepare(model) before creating it."
                 )
         if model is not None:  # packed kernels pack now, with a progress bar, not inside the first step
-            pack_experts(model, progress=state.is_local_process_zero)
+            release = training_releases_weights(model, self.keep_host_weights)
+            pack_experts(model, progress=state.is_local_process_zero, release=release)
         if self._timer is not None:
             self._timer.start_steps()
 

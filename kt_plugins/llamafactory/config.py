@@ -90,6 +90,10 @@ class KTSettings:
         kt_loss: the causal-LM loss of pt / sft training steps without [tokens x vocab] logits
             (kt_core.loss): "auto" (Liger-Kernel on CUDA when installed, else our chunked loss), "liger",
             "cce", "chunked", or "off" (false) for transformers' own loss.
+        kt_keep_host_weights: keep the routed experts' weights in host RAM beside a packed kernel's copy. By default
+            (false) a bf16 run's layers on amx_bf16 / avx512_bf16_packed free them once packed at train start: the
+            packed forward and backward read only their own copy, so host RAM holds the experts once
+            (kt_core.pack_experts(release=True)). Kept anyway with several ranks and for kernels that read them.
     """
 
     use_kt: bool = False
@@ -113,6 +117,7 @@ class KTSettings:
     kt_stream_mode: str = "auto"
     kt_stream_dequant_bytes: str = "512MiB"
     kt_loss: str = "auto"
+    kt_keep_host_weights: bool = False
     config_dir: Path | None = dataclasses.field(default=None, repr=False)  # the YAML's folder
     given: frozenset[str] = dataclasses.field(default=frozenset(), repr=False)  # keys the user wrote
 
@@ -265,6 +270,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "kt_stream_mode": lambda key, value: checks.choice(key, value, ("auto", "gpu", "cpu")),
     "kt_stream_dequant_bytes": _size_text,
     "kt_loss": _loss_mode,
+    "kt_keep_host_weights": checks.boolean,
 }
 
 

@@ -137,7 +137,9 @@ def patch_loader(loader_module) -> None:
         from kt_plugins.llamafactory.model import kt_model_building
 
         with kt_model_building(loader_module, settings, model_args, finetuning_args, is_trainable):
-            return original(tokenizer, model_args, finetuning_args, is_trainable, add_valuehead)
+            model = original(tokenizer, model_args, finetuning_args, is_trainable, add_valuehead)
+        object.__setattr__(model, SETTINGS_ATTR, settings)  # for the training callback (kt_keep_host_weights)
+        return model
 
     loader_module.load_model = load_model
     loader_module._kt_patched = True
@@ -169,6 +171,7 @@ def _training_callback():
     from kt_core import ExpertTimer, KTExperts, pack_experts, speed_logs
     from kt_core.loading import check_training_checkpoint
     from kt_core.peft import expert_lora_parameters, warn_if_shape_dependent
+    from kt_core.runtime.pack_cache import training_releases_weights
     from kt_plugins.hf_trainer.engines import attach_deepspeed, prepare_engines, save_engine_state
 
     class KTTrainingCallback(TrainerCallback):
@@ -186,7 +189,19 @@ def _training_callback():
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
             if model is not None:  # packed kernels pack now, with a progress bar, not inside the first step
-                pack_experts(model, progress=state.is_local_process_zero)
+                settings = getattr(model, SETTINGS_ATTR, None)
+                keep = settings is not None and settings.kt_keep_host_weights
+                release = training_releases_weights(model, keep)
+                pack_experts(model, progress=state.is_local_process_zero, release=release)
+                freed = [m for m in model.modules() if isinstance(m, KTExperts) and m.host_weights_released]
+                if freed and state.is_local_process_zero:
+                    gib = sum(m.gate_up_proj.nbytes + m.down_proj.nbytes for m in freed) / 2**30
+                    logger.info(
+                        "use_kt: the routed experts' weights of %d layers (%.2f GiB) are freed once packed: host RAM "
+                        "holds the packed copy only (kt_keep_host_weights: true keeps them)",
+                        len(freed),
+                        gib,
+                    )
             if self.timer is not None:
                 self.timer.start_steps()
             beside_deepspeed = attach_deepspeed(args, state, model, optimizer, caller="use_kt")  # own optimizer
