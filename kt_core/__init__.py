@@ -30,7 +30,9 @@ Runtime
     enable_streaming     split MoE layers between CPU compute and GPU compute on PCIe-streamed weights
     ExpertTimer          seconds the CPU experts operator computed per training step, and the input tokens
     speed_logs           what the training plugins log per step: tokens/s, the CPU experts' share, the stream split
-    pack_experts         builds (packs) every CPU-only experts layer's operator now, with a progress bar
+    pack_experts         builds (packs) every CPU-only experts layer's operator now, with a progress bar; with
+                         release=True frees the weights a packed copy makes redundant
+    training_releases_weights  whether a training run frees them (a bf16 model on one process, not kept)
 Loss
     enable_efficient_loss, disable_efficient_loss, EfficientLoss    the causal-LM loss without [tokens x vocab] logits
     normalize_loss_mode  a user's loss setting -> its mode ("off", "auto", a backend); errors name the key
@@ -79,7 +81,7 @@ from kt_core.placement import (
 from kt_core.plugins import get_plugin_manager
 from kt_core.reference import experts_reference
 from kt_core.runtime.expert_time import ExpertTimer, speed_logs
-from kt_core.runtime.pack_cache import pack_experts
+from kt_core.runtime.pack_cache import pack_experts, training_releases_weights
 from kt_core.runtime.pool import get_thread_pool
 from kt_core.streaming import enable_streaming
 
@@ -128,4 +130,5 @@ __all__ = [
     "run_now",
     "settings",
     "speed_logs",
+    "training_releases_weights",
 ]

@@ -322,6 +322,12 @@ class KTExperts(nn.Module):
         self.gpu_share = None
 
     @property
+    def packs_weights(self) -> bool:
+        """Whether the kernel computes from a packed copy of its own (built, and packed, now if need be): the layer can
+        then release its host weights (`release_host_weights`)."""
+        return self.kernel != kernels.TORCH_KERNEL and self.operator().packs
+
+    @property
     def host_weights_released(self) -> bool:
         """Whether `release_host_weights` freed the weights (the packed kernel's copy is all that is left)."""
         return self.gate_up_proj.is_meta
@@ -353,14 +359,13 @@ class KTExperts(nn.Module):
                 f"KTExperts.release_host_weights: the attached GPU share ({type(self.gpu_share).__name__}) copies "
                 "these weights to the GPU; release only layers whose experts the CPU computes"
             )
-        op = self.operator() if self.kernel != kernels.TORCH_KERNEL else None
-        if op is None or not op.packs:
+        if not self.packs_weights:
             raise ValueError(
                 f"KTExperts.release_host_weights: kernel {self.kernel!r} computes from the weights themselves "
                 f"({self.gate_up_proj.dtype}), so they must stay; the packed kernels (amx_*, avx512_bf16_packed, "
                 "avx512_vnni_*) keep a copy of their own"
             )
-        op.release_weights()
+        self._op.release_weights()
         released = 0
         for name in ("gate_up_proj", "down_proj"):
             weight = getattr(self, name)

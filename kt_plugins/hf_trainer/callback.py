@@ -30,11 +30,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from kt_core import ExpertTimer, KTExperts, pack_experts, resolve_kernel, speed_logs
+from kt_core import ExpertTimer, KTExperts, pack_experts, resolve_kernel, speed_logs, training_releases_weights
 from kt_core import settings as checks
 from kt_core.peft import warn_if_shape_dependent
 from kt_core.placement import PlacementRule, resolve_rule_file
-from kt_core.runtime.pack_cache import training_releases_weights
 from kt_plugins.hf_trainer.convert import expert_lora_parameters, kt_prepare
 from kt_plugins.hf_trainer.engines import attach_deepspeed, prepare_engines, save_engine_state
 

@@ -168,10 +168,9 @@ def _training_callback():
     kt_tokens_per_s / kt_cpu_expert_share."""
     from transformers import TrainerCallback
 
-    from kt_core import ExpertTimer, KTExperts, pack_experts, speed_logs
+    from kt_core import ExpertTimer, KTExperts, pack_experts, speed_logs, training_releases_weights
     from kt_core.loading import check_training_checkpoint
     from kt_core.peft import expert_lora_parameters, warn_if_shape_dependent
-    from kt_core.runtime.pack_cache import training_releases_weights
     from kt_plugins.hf_trainer.engines import attach_deepspeed, prepare_engines, save_engine_state
 
     class KTTrainingCallback(TrainerCallback):

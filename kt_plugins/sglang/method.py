@@ -37,7 +37,6 @@ from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 
 from kt_core import KTExperts, run_now
 from kt_core.experts import PinnedArenas, StreamOrderedForward
-from kt_core.kernels import TORCH_KERNEL
 from kt_plugins.sglang.options import KTExpertsOptions
 from kt_plugins.sglang.routing import RoutingRecorder, routing_recorder
 
@@ -276,9 +275,7 @@ class KTExpertsMethod(KTEPWrapperMethod):
         """Builds (and packs) the CPU operator at load: a missing build stops the load, not a request or a CUDA graph
         capture, and no request pays for the packing. Then frees the weights a packed kernel no longer reads."""
         experts = self.cpu_experts
-        if experts.kernel == TORCH_KERNEL:
-            return
-        if experts.operator().packs and not self.options.keep_host_weights:
+        if experts.packs_weights and not self.options.keep_host_weights:  # (builds the operator)
             released = experts.release_host_weights()
             logger.info(
                 "--kt-experts layer %d: %s packed the CPU experts; their weights (%.2f GiB) are freed "
