@@ -130,6 +130,7 @@ class KTExperts(nn.Module):
         self._op = None
         self._op_key: tuple | None = None
         self._packed_source = None  # what holds the tiles `_op` borrows, if it borrows them (use_operator)
+        self._weights_released = False  # release_host_weights: the weights are meta tensors, `_op` reads its tiles
         # The GPU side of the split (None: every expert on the CPU); not a submodule, not in the state dict.
         self.gpu_share: GpuShare | None = None
         if lora_rank:
@@ -330,7 +331,7 @@ class KTExperts(nn.Module):
     @property
     def host_weights_released(self) -> bool:
         """Whether `release_host_weights` freed the weights (the packed kernel's copy is all that is left)."""
-        return self.gate_up_proj.is_meta
+        return self._weights_released
 
     def release_host_weights(self) -> int:
         """Frees the experts' weights in host memory, keeping only the packed kernel's copy.
@@ -371,6 +372,7 @@ class KTExperts(nn.Module):
             weight = getattr(self, name)
             released += weight.numel() * weight.element_size()
             self._set_weight(name, torch.empty(weight.shape, dtype=weight.dtype, device="meta"))
+        self._weights_released = True
         self._op_key = self._operator_key()
         return released
 
@@ -397,6 +399,7 @@ class KTExperts(nn.Module):
             ) from exc
         self._set_weight("gate_up_proj", gate_up)
         self._set_weight("down_proj", down)
+        self._weights_released = False
         self._op_key = self._operator_key()  # the operator reads these now: same packed copy, nothing to redo
         return sum(t.numel() * t.element_size() for t in (gate_up, down))
 
