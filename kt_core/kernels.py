@@ -355,6 +355,8 @@ def experts_forward(
     # Recycled: a fresh buffer this size costs a page fault per 4 KB on first touch (see runtime/buffers.py).
     cache = host_buffers.empty(T * K * row_floats) if save_for_backward else None
     op, pool, factors = module.operator(), get_thread_pool(module.cpu_infer), lora_args(lora, module)
+    if module.release_after_packing and not (released or save_for_backward):
+        _release_once_packed(module, op, x.dtype)
     for t0, t1 in _chunks(module, T):
         op.forward(
             pool,
@@ -369,6 +371,15 @@ def experts_forward(
             factors,
         )
     return y, cache
+
+
+def _release_once_packed(module: KTExperts, op, dtype: torch.dtype) -> None:
+    """Forward-only use (KTExperts.release_after_packing): frees the layer's weights once its packed copy computes
+    forwards of these activations, unless a GPU share copies the weights to the GPU."""
+    if getattr(module.gpu_share, "reads_host_weights", False) or not op.packed_forward(_DTYPE_NAMES[dtype]):
+        return
+    freed = module.release_host_weights()
+    logger.info("experts (%s): %.2f GiB of weights freed once packed (forward only)", module.kernel, freed / 2**30)
 
 
 @_timed

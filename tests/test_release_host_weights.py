@@ -256,3 +256,19 @@ def test_pack_experts_releases_the_layers_whose_packed_copy_trains(monkeypatch):
     assert training_releases_weights(Model(torch.bfloat16), keep_host_weights=False)
     assert not training_releases_weights(Model(torch.bfloat16), keep_host_weights=True)
     assert not training_releases_weights(Model(torch.float32), keep_host_weights=False)  # fp32 activations
+
+
+def test_release_after_packing_frees_at_the_first_forward_the_packed_copy_computes(monkeypatch):
+    """Forward-only use (LLaMA-Factory's chat / api): the weights go at the first call the packed copy computes, not
+    at a training forward nor at one with activations the packed kernel does not take."""
+    module, reference = (layer(use("avx512_bf16_packed", monkeypatch), lora_rank=4) for _ in range(2))
+    module.release_after_packing = True
+    x, ids, w = routing(9)
+    with torch.no_grad():
+        module(x.float(), ids, w)  # fp32 activations: the exact path reads the weights
+    assert not module.host_weights_released
+    module(x.clone().requires_grad_(), ids, w).sum().backward()  # training keeps them
+    assert not module.host_weights_released
+    assert torch.equal(forward(module, 9), forward(reference, 9))
+    assert module.host_weights_released
+    assert torch.equal(forward(module, 9), forward(reference, 9))

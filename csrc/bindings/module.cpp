@@ -331,6 +331,13 @@ PYBIND11_MODULE(_C, m) {
           "buffers of the weights' dtype; adopt=True makes the op read them from there on. RuntimeError for the "
           "int8 / int4 formats.")
       .def(
+          "packed_forward",
+          [](const PyExpertsOp& o, const std::string& dtype) {
+            return o.op().packed_forward(parse_dtype(dtype, "activations"));
+          },
+          py::arg("dtype"),
+          "Whether a forward with these activations ('float32' / 'bfloat16') runs on the packed tiles alone.")
+      .def(
           "packed_backward",
           [](const PyExpertsOp& o, const std::string& dtype) {
             return o.op().packed_backward(parse_dtype(dtype, "activations"));

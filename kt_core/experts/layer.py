@@ -131,6 +131,9 @@ class KTExperts(nn.Module):
         self._op_key: tuple | None = None
         self._packed_source = None  # what holds the tiles `_op` borrows, if it borrows them (use_operator)
         self._weights_released = False  # release_host_weights: the weights are meta tensors, `_op` reads its tiles
+        # Forward-only use (chat, serving): the first forward the packed copy computes frees the weights
+        # (kernels.experts_forward calls release_host_weights); set by the LLaMA-Factory plugin for inference.
+        self.release_after_packing = False
         # The GPU side of the split (None: every expert on the CPU); not a submodule, not in the state dict.
         self.gpu_share: GpuShare | None = None
         if lora_rank:

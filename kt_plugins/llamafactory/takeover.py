@@ -136,13 +136,39 @@ def patch_loader(loader_module) -> None:
             return original(tokenizer, model_args, finetuning_args, is_trainable, add_valuehead)
         from kt_plugins.llamafactory.model import kt_model_building
 
+        _route_kt_core_logs()
         with kt_model_building(loader_module, settings, model_args, finetuning_args, is_trainable):
             model = original(tokenizer, model_args, finetuning_args, is_trainable, add_valuehead)
         object.__setattr__(model, SETTINGS_ATTR, settings)  # for the training callback (kt_keep_host_weights)
+        if not is_trainable and not getattr(model_args, "export_dir", None) and not settings.kt_keep_host_weights:
+            _free_weights_once_packed(model)  # chat / api / webchat: forward only; export reads the weights
         return model
 
     loader_module.load_model = load_model
     loader_module._kt_patched = True
+
+
+def _free_weights_once_packed(model) -> None:
+    """Inference holds the routed experts once in host RAM: each layer's first forward on a packed kernel frees its
+    weights (KTExperts.release_after_packing; kt_keep_host_weights: true keeps them)."""
+    from kt_core import KTExperts
+
+    for module in model.modules():
+        if isinstance(module, KTExperts):
+            module.release_after_packing = True
+
+
+def _route_kt_core_logs() -> None:
+    """kt_core's log lines (loading, packing, weights freed) go out through LLaMA-Factory's handler at its level, as
+    ours do; without it they would reach no handler (Python's last resort prints warnings only)."""
+    library, core = logging.getLogger("llamafactory"), logging.getLogger("kt_core")
+    handlers = [h for h in library.handlers if h not in core.handlers]
+    if not handlers:
+        return
+    for handler in handlers:
+        core.addHandler(handler)
+    core.setLevel(library.level)
+    core.propagate = False  # (the root logger may have handlers of its own: no line twice)
 
 
 def patch_tuner(tuner_module) -> None:
@@ -192,15 +218,6 @@ def _training_callback():
                 keep = settings is not None and settings.kt_keep_host_weights
                 release = training_releases_weights(model, keep)
                 pack_experts(model, progress=state.is_local_process_zero, release=release)
-                freed = [m for m in model.modules() if isinstance(m, KTExperts) and m.host_weights_released]
-                if freed and state.is_local_process_zero:
-                    gib = sum(m.gate_up_proj.nbytes + m.down_proj.nbytes for m in freed) / 2**30
-                    logger.info(
-                        "use_kt: the routed experts' weights of %d layers (%.2f GiB) are freed once packed: host RAM "
-                        "holds the packed copy only (kt_keep_host_weights: true keeps them)",
-                        len(freed),
-                        gib,
-                    )
             if self.timer is not None:
                 self.timer.start_steps()
             beside_deepspeed = attach_deepspeed(args, state, model, optimizer, caller="use_kt")  # own optimizer
