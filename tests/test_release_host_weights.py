@@ -272,3 +272,18 @@ def test_release_after_packing_frees_at_the_first_forward_the_packed_copy_comput
     assert torch.equal(forward(module, 9), forward(reference, 9))
     assert module.host_weights_released
     assert torch.equal(forward(module, 9), forward(reference, 9))
+
+
+def test_release_and_restore_with_the_pack_cache(monkeypatch, tmp_path):
+    """A layer whose packed copy came from the pack cache file releases, trains and restores as one that packed."""
+    use("avx512_bf16_packed", monkeypatch)
+    monkeypatch.setenv("KT_PACK_CACHE", str(tmp_path))
+    packed, cached = layer("avx512_bf16_packed", lora_rank=4), layer("avx512_bf16_packed", lora_rank=4)
+    original = cached.gate_up_proj.detach().clone()
+    assert packed.operator().pack_count == 1 and cached.operator().pack_count == 0  # the second one read the file
+    for module in (packed, cached):
+        module.release_host_weights()
+    for a, b in zip(train_step(packed, 9), train_step(cached, 9), strict=True):
+        assert torch.equal(a, b)
+    cached.restore_host_weights()
+    assert torch.equal(cached.gate_up_proj, original)
