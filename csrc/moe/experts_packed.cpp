@@ -542,8 +542,8 @@ void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const
     if (fp8) {
       int64_t cols[32];
       fp8_cols(col0, cols);
-      pack_columns_fp8(fp8_view(gate_up, e, 0, 0), col0, segments, fwd.data.data() + e * expert_elems, rows.data(),
-                       cols, dst, s0, s1);
+      row_ops().pack_columns_fp8(fp8_view(gate_up, e, 0, 0), col0, segments, fwd.data.data() + e * expert_elems,
+                                 rows.data(), cols, dst, s0, s1);
     } else if (dst) {
       const bf16* tiles = reinterpret_cast<const bf16*>(fwd.data.data()) + e * expert_elems + col0 / 32 * tile_elems;
       pk_->pack_columns_bf16(tiles, rows.data(), k_blocks, reinterpret_cast<bf16*>(dst));

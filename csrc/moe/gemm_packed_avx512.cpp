@@ -354,6 +354,45 @@ void pack_columns_bf16(const bf16* tiles, const int64_t* rows, int k_blocks, bf1
   }
 }
 
+void pack_columns_fp8(const Fp8View& w, int col0, const std::vector<Fp8Segment>& segments, const uint8_t* tiles,
+                      const int64_t* rows, const int64_t* cols, uint8_t* dst, float* s0, float* s1) {
+  kt::pack_columns_fp8(w, col0, segments, tiles, rows, cols, nullptr, s0, s1);  // the scales
+  if (!dst) return;
+  const int64_t tile_column = static_cast<int64_t>(segments.back().kb1) * (kTileBytes / 2);
+  std::memset(dst, 0, static_cast<size_t>(2 * tile_column));
+  // The 32 columns are one forward k-block, in order: a forward tile then holds 16 rows of them.
+  bool whole = cols[0] >= 0 && cols[0] % (kTileBytes / 2) == 0;
+  for (int c = 1; c < 32 && whole; ++c) whole = cols[c] == cols[0] + (c / 2) * 32 + c % 2;
+  // Within each dword of a transposed tile: (row 2p, column c), (2p, c + 1), (2p + 1, c), (2p + 1, c + 1) ->
+  // (2p, c), (2p + 1, c), (2p, c + 1), (2p + 1, c + 1), the backward tile's order.
+  const __m512i swap = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15));
+  __m512i r[16];
+  for (const Fp8Segment& s : segments) {
+    for (int k = s.k0; k < s.k1;) {
+      bool group = whole && k % 16 == 0 && k + 16 <= s.k1;
+      for (int n = 1; n < 16 && group; ++n) group = rows[k + n] == rows[k] + 2 * n;
+      if (!group) {
+        pack_fp8_column_row(s, k, tile_column, tiles + rows[k], cols, dst);
+        ++k;
+        continue;
+      }
+      // The forward tile: 16 rows (input pairs) of 8 dwords (output pairs), transposed to 8 rows of 16 dwords.
+      const uint8_t* tile = tiles + rows[k] + cols[0];
+      for (int kp = 0; kp < 16; ++kp)
+        r[kp] = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + kp * 32)));
+      transpose_16x16_dwords(r);
+      const int64_t kb = s.kb0 + k / 32 - s.a_kb;
+      for (int p = 0; p < 8; ++p) {  // rows k + 2p, k + 2p + 1: one row of each backward tile
+        const __m512i v = _mm512_shuffle_epi8(r[p], swap);
+        uint8_t* row = dst + kb * (kTileBytes / 2) + ((k % 32) / 2 + p) * 32;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row), _mm512_castsi512_si256(v));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + tile_column), _mm512_extracti64x4_epi64(v, 1));
+      }
+      k += 16;
+    }
+  }
+}
+
 namespace {
 
 inline __mmask16 lanes(int n) {
@@ -624,6 +663,7 @@ const PackedRowOps kPackedRowOpsAvx512 = {
     packed_avx512::silu_backward_fused_row,
     packed_avx512::rows_times_bt_bf16,
     packed_avx512::tn_bf16_rows,
+    packed_avx512::pack_columns_fp8,
 };
 
 // clang-format off: the kernel table keeps its hand layout (fields in PackedKernels order)

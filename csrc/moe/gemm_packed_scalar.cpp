@@ -282,6 +282,7 @@ const PackedRowOps kPackedRowOpsScalar = {
     packed_scalar::silu_backward_fused_row,
     packed_scalar::rows_times_bt_bf16,
     packed_scalar::tn_bf16_rows,
+    pack_columns_fp8,
 };
 
 }  // namespace kt

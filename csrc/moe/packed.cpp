@@ -321,14 +321,15 @@ void pack_columns_fp8(const Fp8View& w, int col0, const std::vector<Fp8Segment>&
       s1[i] = second ? srow[(col0 + 16) / w.block_cols] * 256.f : 0.f;
     }
     if (!dst) continue;
-    for (int k = s.k0; k < s.k1; ++k) {
-      const uint8_t* src = tiles + rows[k];
-      const int kb = s.kb0 + k / 32 - s.a_kb, kp = (k % 32) / 2, j = k % 2;
-      uint8_t* row = dst + static_cast<int64_t>(kb) * (kTileBytes / 2) + kp * 2 * kTileRows + j;
-      for (int c = 0; c < 32 && cols[c] >= 0; ++c)
-        row[(c / kTileRows) * tile_column + (c % kTileRows) * 2] = src[cols[c]];
-    }
+    for (int k = s.k0; k < s.k1; ++k) pack_fp8_column_row(s, k, tile_column, tiles + rows[k], cols, dst);
   }
+}
+
+void pack_fp8_column_row(const Fp8Segment& s, int k, int64_t tile_column, const uint8_t* src, const int64_t* cols,
+                         uint8_t* dst) {
+  const int kb = s.kb0 + k / 32 - s.a_kb, kp = (k % 32) / 2, j = k % 2;
+  uint8_t* row = dst + static_cast<int64_t>(kb) * (kTileBytes / 2) + kp * 2 * kTileRows + j;
+  for (int c = 0; c < 32 && cols[c] >= 0; ++c) row[(c / kTileRows) * tile_column + (c % kTileRows) * 2] = src[cols[c]];
 }
 
 }  // namespace kt

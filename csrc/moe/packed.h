@@ -108,6 +108,9 @@ void bf16_panel(int rows, int k_blocks, const bf16* a, int lda, const bf16* b0, 
 void int8_panel(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const int8_t* b0,
                 const int8_t* b1, const float* b_scale, const int32_t* b_colsum, float* c);
 void pack_columns_bf16(const bf16* tiles, const int64_t* rows, int k_blocks, bf16* dst);
+// kt::pack_columns_fp8 (below), 16 rows of a forward tile at a time where they are whole and in order.
+void pack_columns_fp8(const Fp8View& w, int col0, const std::vector<Fp8Segment>& segments, const uint8_t* tiles,
+                      const int64_t* rows, const int64_t* cols, uint8_t* dst, float* s0, float* s1);
 void int4_panel(int rows, int k_blocks, const int8_t* a, int lda, const float* a_scale, const uint8_t* b0,
                 const uint8_t* b1, const float* scale, const float* scale_zero, float* c);
 // Pieces of the tile int4 panel that need AVX-512: nibbles of one packed tile to a [16][64] unsigned int8
@@ -185,6 +188,7 @@ struct PackedRowOps {
   decltype(&packed_avx512::silu_backward_fused_row) silu_backward_fused_row;
   decltype(&packed_avx512::rows_times_bt_bf16) rows_times_bt_bf16;
   decltype(&packed_avx512::tn_bf16_rows) tn_bf16_rows;
+  decltype(&packed_avx512::pack_columns_fp8) pack_columns_fp8;
 };
 
 extern const PackedRowOps kPackedRowOpsAvx512;
@@ -299,5 +303,9 @@ void unpack_tensor(ThreadPool& pool, const PackedTensor& p, bool interleave_halv
 // N). Needs w.block_cols % 16 == 0: a tile's 16 columns share one block column. A null dst or s0 / s1 skips that part.
 void pack_columns_fp8(const Fp8View& w, int col0, const std::vector<Fp8Segment>& segments, const uint8_t* tiles,
                       const int64_t* rows, const int64_t* cols, uint8_t* dst, float* s0, float* s1);
+// pack_columns_fp8's work for W's row k of segment s: its bytes (from `src`, the row's first pair in its forward
+// tile column) at columns cols[] into both n-tiles of dst (each `tile_column` bytes).
+void pack_fp8_column_row(const Fp8Segment& s, int k, int64_t tile_column, const uint8_t* src, const int64_t* cols,
+                         uint8_t* dst);
 
 }  // namespace kt
