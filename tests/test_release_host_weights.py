@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -256,6 +257,12 @@ def test_pack_experts_releases_the_layers_whose_packed_copy_trains(monkeypatch):
     assert training_releases_weights(Model(torch.bfloat16), keep_host_weights=False)
     assert not training_releases_weights(Model(torch.bfloat16), keep_host_weights=True)
     assert not training_releases_weights(Model(torch.float32), keep_host_weights=False)  # fp32 activations
+    for engine in ({"fsdp": "full_shard"}, {"deepspeed": "ds.json"}):  # their state-dict gathering reads every tensor
+        args = SimpleNamespace(**{"fsdp": "", "deepspeed": None, **engine})
+        assert not training_releases_weights(Model(torch.bfloat16), keep_host_weights=False, args=args)
+    assert training_releases_weights(Model(torch.bfloat16), False, SimpleNamespace(fsdp="", deepspeed=None))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert not training_releases_weights(Model(torch.bfloat16), keep_host_weights=False)
 
 
 def test_release_after_packing_frees_at_the_first_forward_the_packed_copy_computes(monkeypatch):

@@ -168,6 +168,9 @@ def load_or_pack(module: KTExperts, op, pool) -> bool:
     return False
 
 
+ENGINES = ("FSDP", "DEEPSPEED")  # accelerate's launch settings (ACCELERATE_USE_<name>) that wrap the model
+
+
 def pack_experts(model: torch.nn.Module, *, progress: bool = True, release: bool = False) -> int:
     """Builds now, one layer after the other with a progress bar, the CPU operator of every KTExperts of `model`
     that computes on the CPU alone (no GPU share attached): packed kernels pack their weights here (or load them
@@ -208,11 +211,17 @@ def pack_experts(model: torch.nn.Module, *, progress: bool = True, release: bool
     return len(layers)
 
 
-def training_releases_weights(model: torch.nn.Module, keep_host_weights: bool) -> bool:
+def training_releases_weights(model: torch.nn.Module, keep_host_weights: bool, args=None) -> bool:
     """Whether a training run frees the experts' weights once packed (`pack_experts(release=True)`): unless they are
     kept; only for a bf16 model (the packed backward takes bf16 activations, and the experts get the model's dtype);
-    and not with several ranks, whose node shares one copy of the weights (kt_core/distributed)."""
+    not with several ranks, whose node shares one copy of the weights (kt_core/distributed); and not under FSDP or
+    DeepSpeed (`args`: the TrainingArguments; or accelerate's launch settings), whose state-dict gathering reads every
+    tensor of the module."""
     if keep_host_weights:
+        return False
+    engine = args is not None and (getattr(args, "fsdp", None) or getattr(args, "deepspeed", None))
+    launched = any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true") for name in ENGINES)
+    if engine or launched:
         return False
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed and torch.distributed.get_world_size() > 1:

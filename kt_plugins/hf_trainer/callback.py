@@ -142,7 +142,8 @@ class KTCallback(TrainerCallback):
             model's layers on amx_bf16 / avx512_bf16_packed free them once packed at train start
             (`kt_core.pack_experts(release=True)`): the packed forward and backward read only their own copy, so
             host RAM holds the experts once; merging the LoRA (`merge_and_unload`) writes them back first. Kept
-            anyway with several ranks (a node's shared copy) and for layers whose kernel reads them.
+            anyway with several ranks (a node's shared copy), under FSDP / DeepSpeed and for layers whose kernel
+            reads them.
         gpu_memory_budget: the former name of `expert_gpu_memory` (accepted with a warning).
     """
 
@@ -287,7 +288,7 @@ class KTCallback(TrainerCallback):
                     "before the experts moved to the CPU operator. Call kt_prepare(model) before creating it."
                 )
         if model is not None:  # packed kernels pack now, with a progress bar, not inside the first step
-            release = training_releases_weights(model, self.keep_host_weights)
+            release = training_releases_weights(model, self.keep_host_weights, args)
             pack_experts(model, progress=state.is_local_process_zero, release=release)
         if self._timer is not None:
             self._timer.start_steps()

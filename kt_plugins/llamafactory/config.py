@@ -94,8 +94,8 @@ class KTSettings:
             (false) a bf16 run's layers on amx_bf16 / avx512_bf16_packed free them once packed at train start: the
             packed forward and backward read only their own copy, so host RAM holds the experts once
             (kt_core.pack_experts(release=True)); chat / api free them at each layer's first forward on the packed
-            copy (KTExperts.release_after_packing), export keeps them. Kept anyway with several ranks and for
-            kernels that read them.
+            copy (KTExperts.release_after_packing), export keeps them. Kept anyway with several ranks, under FSDP /
+            DeepSpeed and for kernels that read them.
     """
 
     use_kt: bool = False

@@ -216,7 +216,7 @@ def _training_callback():
             if model is not None:  # packed kernels pack now, with a progress bar, not inside the first step
                 settings = getattr(model, SETTINGS_ATTR, None)
                 keep = settings is not None and settings.kt_keep_host_weights
-                release = training_releases_weights(model, keep)
+                release = training_releases_weights(model, keep, args)
                 pack_experts(model, progress=state.is_local_process_zero, release=release)
             if self.timer is not None:
                 self.timer.start_steps()
