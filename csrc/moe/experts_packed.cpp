@@ -530,12 +530,7 @@ void ExpertsOp::project_columns_packed(ThreadPool& pool, const Routing& r, const
   // fp8: byte offset, within an expert's tile column, of each of a block's 32 columns (inputs of the forward, cut
   // into the forward's segments at its block columns), -1 past N.
   auto fp8_cols = [&](int col0, int64_t* cols) {
-    for (int c = 0; c < 32; ++c) {
-      const int k = col0 + c;
-      cols[c] = -1;
-      for (const Fp8Segment& sg : fwd.segments)
-        if (k >= sg.k0 && k < sg.k1) cols[c] = (sg.kb0 + k / 32 - sg.a_kb) * tile_elems + (k % 32 / 2) * 32 + k % 2;
-    }
+    for (int c = 0; c < 32; ++c) cols[c] = col0 + c < N ? fwd.input_offset(col0 + c) : -1;
   };
   // One column block [col0, col0 + 32) of expert e into dst (fp8: and its scales into s0 / s1, when given).
   auto pack_block = [&](int e, int col0, uint8_t* dst, float* s0, float* s1) {

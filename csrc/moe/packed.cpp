@@ -280,14 +280,8 @@ void unpack_tensor(ThreadPool& pool, const PackedTensor& p, bool interleave_halv
     throw std::logic_error("unpack_tensor: only the bf16 and fp8 formats keep the weights exactly");
   const int N = p.outputs, K = p.inputs;
   const bool fp8 = p.format == PackedFormat::kFP8;
-  // Element offset, within a tile column, of input k's value for output 0 of the tile (output n: + 2 n).
   std::vector<int64_t> at(K);
-  for (int k = 0; k < K; ++k) {
-    int kb = k / 32;
-    for (const Fp8Segment& s : p.segments)  // fp8: the inputs' k-blocks follow their segments
-      if (k >= s.k0 && k < s.k1) kb = s.kb0 + k / 32 - s.a_kb;
-    at[k] = static_cast<int64_t>(kb) * 512 + (k % 32 / 2) * 32 + k % 2;
-  }
+  for (int k = 0; k < K; ++k) at[k] = p.input_offset(k);
   pool.parallel_for(static_cast<int64_t>(p.experts) * p.n_tiles, [&](int64_t task) {
     const int e = static_cast<int>(task / p.n_tiles), nt = static_cast<int>(task % p.n_tiles);
     const uint8_t* tiles = p.tile(e, nt);

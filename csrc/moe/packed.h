@@ -253,6 +253,16 @@ struct PackedTensor {
     return format == PackedFormat::kFP8 ? (inputs + 31) / 32 * 32 : k_blocks * k_step(format);
   }
   int groups() const { return format == PackedFormat::kInt4 ? k_blocks * k_step(format) / kInt4Group : 1; }
+  // bf16 / fp8: offset, within an expert's n-tile column (elements; fp8: bytes), of input k's value for the tile's
+  // output 0 (output n: + 2 n). fp8 inputs sit in the k-blocks of their segment, segments[k / first segment's width].
+  int64_t input_offset(int k) const {
+    int kb = k / 32;
+    if (!segments.empty()) {
+      const Fp8Segment& s = segments[k / segments[0].k1];
+      kb = s.kb0 + k / 32 - s.a_kb;
+    }
+    return static_cast<int64_t>(kb) * 512 + (k % 32 / 2) * 32 + k % 2;
+  }
   const uint8_t* tile(int e, int nt) const {
     return data.data() + ((static_cast<int64_t>(e) * n_tiles + nt) * k_blocks) * tile_bytes(format);
   }
