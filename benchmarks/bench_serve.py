@@ -57,7 +57,8 @@ def prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
 
 def measure(server: SGLangServer, vocab: int, new_tokens: int) -> dict:
     long_prompts = prompts(vocab, 4, 2048, seed=1)
-    server.generate(long_prompts[0], 1)  # warm-up (kernels, graphs of this size)
+    for p in prompts(vocab, 2, 2048, seed=4):  # warm-up: kernels of this size; prompts of their own, none cached
+        server.generate(p, 1)
     t0 = time.perf_counter()
     for p in long_prompts:
         server.generate(p, 1)
