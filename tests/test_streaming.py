@@ -391,6 +391,36 @@ def test_slot_loads_make_no_tensor_from_host_values(monkeypatch):
     assert made == []
 
 
+def test_a_whole_layer_load_copies_runs_of_experts_not_each_expert(monkeypatch):
+    """Each host-to-device copy is a launch on the host: a whole-layer slot around its residents takes one copy
+    per run of consecutive streamed experts and tensor, and still holds every expert's exact weights."""
+    from kt_core.streaming import store as store_mod
+
+    ours = ToyMoE(3)
+    enable_streaming(ours, device="cpu", **SPLITS["resident"])
+    train(ours, steps=2)  # residents chosen after step 1
+    copies = []
+    original = store_mod.ExpertStore._copy
+
+    def counted(self, slot, srcs, content, resident):
+        calls = []
+        copy_ = torch.Tensor.copy_
+        monkeypatch.setattr(torch.Tensor, "copy_", lambda t, *a, **k: calls.append(1) or copy_(t, *a, **k))
+        try:
+            original(self, slot, srcs, content, resident)
+        finally:
+            monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+        streamed = [e for e in content if e not in resident]
+        runs = sum(1 for i, e in enumerate(streamed) if i == 0 or e != streamed[i - 1] + 1)
+        copies.append((len(calls), runs * len(srcs), len(streamed) * len(srcs)))
+        for j, e in enumerate(content):  # the residents were filled from their device copies, the same values
+            assert all(torch.equal(buf[j], src[e]) for buf, src in zip(slot.bufs, srcs, strict=True))
+
+    monkeypatch.setattr(store_mod.ExpertStore, "_copy", counted)
+    train(ours, steps=1)
+    assert copies and all(n == expected < per_expert for n, expected, per_expert in copies)
+
+
 def _trace(method, traced, *args, **kwargs):
     original = torch.tensor
     torch.tensor = traced

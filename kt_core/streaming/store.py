@@ -129,6 +129,18 @@ class _Layer:
         return self.q if self.q is not None else self.stored
 
 
+def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(slot position, expert, count) of the runs where consecutive pairs (position, expert) both advance by one:
+    a layer's streamed experts then cross in a few copies per tensor, not one per expert (each copy is a launch)."""
+    runs: list[list[int]] = []
+    for j, e in pairs:
+        if runs and runs[-1][0] + runs[-1][2] == j and runs[-1][1] + runs[-1][2] == e:
+            runs[-1][2] += 1
+        else:
+            runs.append([j, e, 1])
+    return [tuple(r) for r in runs]
+
+
 def _raw(t: torch.Tensor) -> torch.Tensor:
     """e4m3 tensors as their bytes, for the indexing kernels that take no float8 (index_copy_ on the CPU)."""
     return t.view(torch.uint8) if t.dtype == FP8 else t
@@ -409,15 +421,10 @@ class ExpertStore:
 
     def _copy(self, slot: _Slot, srcs, content: tuple[int, ...], resident: set[int]) -> None:
         """Host -> slot copies of the streamed experts of `content` (residents: see `_fill_residents`)."""
-        n = len(content)
-        if not resident and content == tuple(range(n)):  # a prefix of the experts: one copy per tensor
-            for dst, src in zip(slot.bufs, srcs, strict=True):
-                dst[:n].copy_(src[:n], non_blocking=True)
-            return
+        runs = _runs([(j, e) for j, e in enumerate(content) if e not in resident])
         for dst, src in zip(slot.bufs, srcs, strict=True):
-            for j, e in enumerate(content):
-                if e not in resident:
-                    dst[j].copy_(src[e], non_blocking=True)
+            for j, e, n in runs:
+                dst[j : j + n].copy_(src[e : e + n], non_blocking=True)
         if resident and self.quantize is None:  # as stored: bf16 / fp32 weights, or FP8 bytes and scales
             self._fill_residents(slot.tag[0], slot.bufs)
 
