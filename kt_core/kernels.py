@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,6 +64,27 @@ except ImportError as exc:  # a source checkout that was never built
     _IMPORT_ERROR = exc
 else:
     _IMPORT_ERROR = None
+
+
+def not_built_reason() -> str:
+    """Why the compiled module is missing, and where a built copy sits when another kt_core on sys.path has one:
+    `python -m` puts the working directory first, so a source checkout there shadows the installed package."""
+    import kt_core
+
+    here = Path(__file__).resolve().parent
+    own = {Path(d).resolve() for d in kt_core.__path__}  # an editable install's build folder is one of them
+    built = [
+        found
+        for entry in sys.path
+        if (found := Path(entry or ".").resolve() / "kt_core") not in own and any(found.glob("_C*.so"))
+    ]
+    reason = f"kt_core._C is not built ({_IMPORT_ERROR}); kt_core was imported from {here}"
+    if built:
+        reason += (
+            f", which shadows a built copy at {built[0]} (a source checkout in the working directory comes first on "
+            "sys.path): run from another directory, or install the checkout itself (pip install -e .)"
+        )
+    return reason
 
 
 def cpu_features() -> dict[str, bool]:
@@ -128,7 +151,7 @@ def resolve_kernel(kernel: str = "auto", weight_dtype: torch.dtype | None = None
     available = available_kernels()
     if requested == "auto":
         if _C is None:
-            logger.warning("kt_core._C is not built (%s); using the plain-torch experts", _IMPORT_ERROR)
+            logger.warning("%s; using the plain-torch experts", not_built_reason())
         return available[0]
     if requested in available or requested in quantized_kernels():
         return requested
@@ -229,7 +252,7 @@ def new_operator(module: KTExperts):
     """The C++ operator over the module's weights (borrowed pointers), checked, not yet packed (build_operator
     packs it; kt_core.distributed.shared_packs lends it a node's shared packed copy instead)."""
     if _C is None:
-        raise RuntimeError(f"kt_core._C is not built ({_IMPORT_ERROR}); only kernel='torch' runs here")
+        raise RuntimeError(f"{not_built_reason()}; only kernel='torch' runs here")
     E, H, I = module.num_experts, module.hidden_dim, module.intermediate_dim
     _check("gate_up_proj", module.gate_up_proj, (E, 2 * I, H), tuple(_WEIGHT_DTYPE_NAMES))
     _check("down_proj", module.down_proj, (E, H, I), (module.gate_up_proj.dtype,))
@@ -278,7 +301,7 @@ def cache_row_floats(module: KTExperts, lora, dtype: torch.dtype | None = None) 
     (csrc/moe/experts_op.h: ForwardCache::row_floats), so the layout has one definition.
     """
     if _C is None:
-        raise RuntimeError(f"kt_core._C is not built ({_IMPORT_ERROR}); only kernel='torch' runs here")
+        raise RuntimeError(f"{not_built_reason()}; only kernel='torch' runs here")
     dtype = dtype or (module.gate_up_proj.dtype if module.gate_up_proj.dtype in _DTYPE_NAMES else torch.bfloat16)
     return _C.cache_row_floats(module.intermediate_dim, module.lora.rank if lora else 0, _DTYPE_NAMES[dtype])
 

@@ -98,3 +98,20 @@ def test_cache_of_other_inputs_is_refused(experts, batch):
         pytest.skip("the plain-torch kernel keeps no cache")
     with pytest.raises(ValueError, match="cache must be the contiguous fp32 tensor"):
         kernels.experts_backward(experts, x, ids, w, torch.randn_like(x), cache=cache[: cache.numel() // 2])
+
+
+def test_a_missing_compiled_module_names_the_built_copy_it_shadows(tmp_path, monkeypatch):
+    """`python -m` from a source checkout imports the checkout's kt_core, which has no _C, ahead of the installed
+    package: the error says where kt_core came from and where a built copy is."""
+    installed = tmp_path / "site-packages"
+    (installed / "kt_core").mkdir(parents=True)
+    (installed / "kt_core" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    monkeypatch.setattr(kernels, "_C", None)
+    monkeypatch.setattr(kernels, "_IMPORT_ERROR", ImportError("cannot import name '_C'"))
+    monkeypatch.setattr(kernels.sys, "path", [str(tmp_path / "checkout")])
+    with pytest.raises(RuntimeError) as plain:
+        kernels.new_operator(KTExperts.from_module(make_hf_experts("qwen3_moe", torch.float32), kernel="torch"))
+    assert "kt_core._C is not built" in str(plain.value) and "shadows" not in str(plain.value)
+    monkeypatch.setattr(kernels.sys, "path", [str(tmp_path / "checkout"), str(installed)])
+    with pytest.raises(RuntimeError, match=r"shadows a built copy at .*site-packages/kt_core.*pip install -e \."):
+        kernels.new_operator(KTExperts.from_module(make_hf_experts("qwen3_moe", torch.float32), kernel="torch"))

@@ -294,3 +294,23 @@ def test_release_and_restore_with_the_pack_cache(monkeypatch, tmp_path):
         assert torch.equal(a, b)
     cached.restore_host_weights()
     assert torch.equal(cached.gate_up_proj, original)
+
+
+def test_pack_experts_refuses_before_packing_what_host_ram_cannot_hold(monkeypatch):
+    """Packing makes a copy of every layer's experts: without room for it the host would run out of memory mid-way
+    (the process killed without a word), so pack_experts refuses first, naming the bytes and what to change; with
+    release only one layer's copy needs room at a time."""
+    from kt_core import pack_experts
+    from kt_core.loading import memory
+    from kt_core.loading.memory import MemoryPlanError
+
+    kernel = use("avx512_bf16_packed", monkeypatch)
+    model = torch.nn.ModuleList([layer(kernel, seed=i) for i in range(3)])
+    one = model[0].pending_pack_bytes()
+    assert one >= 3 * E * H * I * 2  # the bf16 tiles of gate, up and down, padded
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: 2 * one)
+    with pytest.raises(MemoryPlanError, match=r"needs .* more host RAM at layer 1 of 3 .*keeps its weights"):
+        pack_experts(model, progress=False)
+    assert all(m.pending_pack_bytes() == one for m in model)  # nothing was packed
+    assert pack_experts(model, progress=False, release=True) == 3  # one layer's copy at a time
+    assert all(m.host_weights_released and m.pending_pack_bytes() == 0 for m in model)

@@ -331,6 +331,13 @@ class KTExperts(nn.Module):
         then release its host weights (`release_host_weights`)."""
         return self.kernel != kernels.TORCH_KERNEL and self.operator().packs
 
+    def pending_pack_bytes(self) -> int:
+        """Host bytes that building the operator now would allocate for its packed copy: 0 when it is built over the
+        weights as they are, or when the kernel computes from the weights themselves."""
+        if self.kernel == kernels.TORCH_KERNEL or self._op_key == self._operator_key():
+            return 0
+        return sum(nbytes for _, nbytes in kernels.new_operator(self).packed_layout())
+
     @property
     def host_weights_released(self) -> bool:
         """Whether `release_host_weights` freed the weights (the packed kernel's copy is all that is left)."""

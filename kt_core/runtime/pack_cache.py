@@ -191,11 +191,15 @@ def pack_experts(model: torch.nn.Module, *, progress: bool = True, release: bool
     layers = [m for m in model.modules() if isinstance(m, KTExperts) and m.gpu_share is None]
     if not layers:
         return 0
+    pending = [m.pending_pack_bytes() for m in layers]
+    # Before any work: all the packed copies, or with `release` the largest (each layer then frees its weights).
+    _check_host_room(max(pending) if release else sum(pending), pending, release)
     t0 = time.perf_counter()
     gib = sum(m.gate_up_proj.nbytes + m.down_proj.nbytes for m in layers) / 2**30
     released = 0
     with tqdm(total=len(layers), desc=f"CPU experts ({layers[0].kernel})", unit="layer", disable=not progress) as bar:
-        for m in layers:
+        for i, m in enumerate(layers):
+            _check_host_room(pending[i], pending, release, done=i)  # what the layers before it kept or freed
             op = m.operator() if m.kernel != TORCH_KERNEL else None
             if release and op is not None and op.packed_backward("bfloat16"):
                 released += m.release_host_weights()
@@ -209,6 +213,25 @@ def pack_experts(model: torch.nn.Module, *, progress: bool = True, release: bool
             released / 2**30,
         )
     return len(layers)
+
+
+def _check_host_room(need: int, pending: list[int], release: bool, done: int = 0) -> None:
+    """Raises MemoryPlanError when `need` more bytes of packed copies do not fit the host RAM available now (a host
+    out of memory would end the process without a word); `pending`: each layer's packed bytes, `done`: layers packed."""
+    from kt_core.loading.memory import MemoryPlanError, available_host_bytes, format_bytes
+
+    available = available_host_bytes()
+    if not need or available is None or need <= available:
+        return
+    kept = "frees its weights once packed where its kernel allows" if release else "keeps its weights"
+    raise MemoryPlanError(
+        f"pack_experts: packing the CPU experts needs {format_bytes(need)} more host RAM at layer {done + 1} of "
+        f"{len(pending)} but {format_bytes(available)} is available (MemAvailable in /proc/meminfo); each layer's "
+        f"packed copy is {format_bytes(max(pending))} and this run {kept}. Free the weights as they pack "
+        "(training: a bf16 model on one process with keep_host_weights / kt_keep_host_weights off, the default), "
+        "pick a kernel that computes from the weights as they are (KT_KERNEL=avx512_bf16 or avx2), or use a "
+        "machine with more RAM."
+    )
 
 
 def training_releases_weights(model: torch.nn.Module, keep_host_weights: bool, args=None) -> bool:
