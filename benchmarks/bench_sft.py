@@ -39,8 +39,10 @@ train more than lf-gpu by default (`kt_expert_lora`); off gives both the same tr
 adds per size the tokens/s, peak GPU memory, the split and the largest loss-curve difference between modes.
 
 --profile PREFIX writes, for the modes of --profile-modes, `torch.profiler` tables of the last step to PREFIX-MODE.txt,
-headed on CUDA by each stream's busy time and its overlap with the compute stream (copies hidden or not) and by the
-step's host synchronisations counted by Python line (torch.cuda.set_sync_debug_mode("warn")).
+headed on CUDA by each stream's busy time and its overlap with the compute stream (copies hidden or not), by the
+compute stream's idle gaps (split into waiting for a copy and waiting for the host, the longest with the host ops
+running when they began) and by the step's host synchronisations counted by Python line
+(torch.cuda.set_sync_debug_mode("warn")).
 
 Reported per mode: tokens/s (median step after --warmup steps, timed between the Trainer's step callbacks,
 tokens counted by the Trainer's `include_num_input_tokens_seen`),
@@ -72,6 +74,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -422,6 +425,31 @@ def _start_profiler(cuda: bool):
     return profiler
 
 
+def _union(intervals) -> list[list[int]]:
+    out: list[list[int]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _total(intervals) -> int:
+    return sum(b - a for a, b in intervals)
+
+
+def _intersect(x, y) -> int:
+    i = j = n = 0
+    while i < len(x) and j < len(y):
+        n += max(0, min(x[i][1], y[j][1]) - max(x[i][0], y[j][0]))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return n
+
+
 def stream_summary(events) -> list[str]:
     """Busy time of each CUDA stream in the step and the overlap of the copy streams with the compute stream.
 
@@ -442,29 +470,7 @@ def stream_summary(events) -> list[str]:
         into[stream] = into.get(stream, 0) + e.duration_ns()
     if not spans:
         return ["streams: no device events"]
-
-    def union(intervals):
-        out = []
-        for a, b in sorted(intervals):
-            if out and a <= out[-1][1]:
-                out[-1][1] = max(out[-1][1], b)
-            else:
-                out.append([a, b])
-        return out
-
-    def total(intervals):
-        return sum(b - a for a, b in intervals)
-
-    def intersect(x, y):
-        i = j = n = 0
-        while i < len(x) and j < len(y):
-            n += max(0, min(x[i][1], y[j][1]) - max(x[i][0], y[j][0]))
-            if x[i][1] < y[j][1]:
-                i += 1
-            else:
-                j += 1
-        return n
-
+    union, total, intersect = _union, _total, _intersect
     busy = {s: union(v) for s, v in spans.items()}
     wall = max(b for v in busy.values() for _, b in v) - min(a for v in busy.values() for a, _ in v)
     compute = max(kernel_ns, key=kernel_ns.get) if kernel_ns else None
@@ -478,6 +484,56 @@ def stream_summary(events) -> list[str]:
         if compute is not None and s != compute:
             line += f", overlapping compute {intersect(busy[s], busy[compute]) / 1e6:8.1f} ms"
         lines.append(line)
+    return lines
+
+
+def gap_summary(events, longest: int = 12) -> list[str]:
+    """Where the compute stream idles inside the step, and what the host was doing then.
+
+    events: the profiler's kineto events (CUDA and CPU, one clock). Each gap of the compute stream (the one with
+    the most kernel time) is split into time a copy stream was busy (the compute waits for a copy) and time no
+    stream was (the device waits for the host); the longest gaps are listed with the host ops that enclosed their
+    start, innermost first.
+    """
+    from torch.autograd import DeviceType
+
+    spans: dict[int, list[tuple[int, int]]] = {}
+    kernel_ns: dict[int, int] = {}
+    host: list[tuple[int, int, str]] = []
+    for e in events:
+        if e.duration_ns() <= 0:
+            continue
+        if e.device_type() == DeviceType.CPU:
+            host.append((e.start_ns(), e.end_ns(), e.name()))
+            continue
+        if e.device_type() != DeviceType.CUDA:
+            continue
+        stream = e.device_resource_id()
+        spans.setdefault(stream, []).append((e.start_ns(), e.end_ns()))
+        if "Memcpy" not in e.name():
+            kernel_ns[stream] = kernel_ns.get(stream, 0) + e.duration_ns()
+    if not kernel_ns:
+        return []
+    compute = max(kernel_ns, key=kernel_ns.get)
+    busy = _union(spans[compute])
+    others = _union([iv for s, v in spans.items() if s != compute for iv in v])
+    first = min(a for v in spans.values() for a, _ in v)
+    gaps = [(a, b) for (_, a), (b, _) in itertools.pairwise(busy) if b > a]
+    copying = [_intersect([[a, b]], others) for a, b in gaps]
+    idle = _total(gaps)
+    lines = [
+        f"compute stream idle inside the step: {idle / 1e6:.1f} ms in {len(gaps)} gaps; of it, a copy stream busy "
+        f"{sum(copying) / 1e6:.1f} ms (compute waits for a copy), nothing on the device "
+        f"{(idle - sum(copying)) / 1e6:.1f} ms (the device waits for the host)"
+    ]
+    for i in sorted(range(len(gaps)), key=lambda i: gaps[i][0] - gaps[i][1])[:longest]:
+        a, b = gaps[i]
+        enclosing = sorted((e - s, name) for s, e, name in host if s <= a < e)
+        names = list(dict.fromkeys(name for _, name in enclosing))[:4]
+        lines.append(
+            f"  {(b - a) / 1e6:7.2f} ms at +{(a - first) / 1e6:8.1f} ms, copies {copying[i] / 1e6:6.2f} ms; host: "
+            + (" < ".join(n[:60] for n in names) or "(no op)")
+        )
     return lines
 
 
@@ -502,7 +558,8 @@ def _write_profile(profiler, path: str, cuda: bool) -> None:
     events = profiler.key_averages()
     with open(path, "w") as f:
         if cuda:
-            summary = stream_summary(profiler.profiler.kineto_results.events()) + sync_summary(profiler.kt_sync_list)
+            kineto = profiler.profiler.kineto_results.events()
+            summary = stream_summary(kineto) + gap_summary(kineto) + sync_summary(profiler.kt_sync_list)
             f.write("\n".join(summary) + "\n\n")
             print("\n".join(f"    {line}" for line in summary), flush=True)
             f.write(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=80) + "\n")

@@ -203,15 +203,16 @@ def test_split_lines_are_kept():
 
 
 class _DeviceEvent:
-    """A profiler kineto event as stream_summary reads it: a CUDA event on a stream, [start, end) in ns."""
+    """A profiler kineto event as stream_summary reads it: a CUDA event on a stream (stream None: a host op),
+    [start, end) in ns."""
 
-    def __init__(self, stream: int, start: int, end: int, name: str):
+    def __init__(self, stream: int | None, start: int, end: int, name: str):
         self.stream, self.start, self.end, self._name = stream, start, end, name
 
     def device_type(self):
         from torch.autograd import DeviceType
 
-        return DeviceType.CUDA
+        return DeviceType.CPU if self.stream is None else DeviceType.CUDA
 
     def device_resource_id(self):
         return self.stream
@@ -245,6 +246,19 @@ def test_profile_summary_reads_the_streams_overlap_and_the_host_syncs():
     copies = next(line for line in lines if "(copies )" in line)
     assert "busy      25.0 ms" in compute and "stream    7" in compute
     assert "busy      30.0 ms" in copies and "overlapping compute     15.0 ms" in copies
+
+    host = [  # the host ops running when the compute stream's gaps began
+        _DeviceEvent(None, 8 * ms, 16 * ms, "ExpertsFunction"),
+        _DeviceEvent(None, 9 * ms, 11 * ms, "aten::copy_"),
+        _DeviceEvent(None, 29 * ms, 31 * ms, "aten::item"),
+    ]
+    events += [*host, _DeviceEvent(7, 32 * ms, 33 * ms, "gemm")]  # compute gaps: [10, 15) and [30, 32) ms
+    lines = bench_sft.gap_summary(events)
+    assert lines[0].startswith("compute stream idle inside the step: 7.0 ms in 2 gaps")
+    assert "a copy stream busy 7.0 ms" in lines[0] and "nothing on the device 0.0 ms" in lines[0]
+    assert lines[1].split()[:2] == ["5.00", "ms"]
+    assert "copies   5.00 ms; host: aten::copy_ < ExpertsFunction" in lines[1]
+    assert "+    30.0 ms" in lines[2] and lines[2].endswith("host: aten::item")
 
     class Caught:
         def __init__(self, message, filename, lineno):
