@@ -47,7 +47,9 @@ class SGLangServer:
         self.url = f"http://127.0.0.1:{self.port}"
         logs.mkdir(parents=True, exist_ok=True)
         self.log = logs / f"{Path(checkpoint).name}-{name}.log"
-        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(checkpoint), "--port", str(self.port)]
+        # -P: the working directory stays off sys.path (a source checkout there would shadow the installed kt_core)
+        cmd = [sys.executable, "-P", "-m", "sglang.launch_server", "--model-path", str(checkpoint)]
+        cmd += ["--port", str(self.port)]
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd + BASE_FLAGS + flags, stdout=log, stderr=subprocess.STDOUT)
         self.started_s = self._wait_up(start_timeout)
