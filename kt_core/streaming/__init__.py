@@ -8,6 +8,7 @@ gpu_experts.py  grouped-GEMM expert MLP + LoRA with a hand-written backward
 share.py        StreamedShare: the GPU share attached to each KTExperts layer (device path, GPU parts)
 runtime.py      StreamingRuntime (prefetch order, statistics, per-step logs) and enable_streaming
 memory_plan.py  the GPU memory of a training run, planned before it allocates (public as a module)
+model_dims.py   what that plan reads of a model (each decoder layer's linears, the routed experts' shapes)
 
 The split itself (which slots go to the CPU, staging, the autograd bridge) belongs to the layer:
 kt_core/experts/.
