@@ -425,6 +425,28 @@ def _start_profiler(cuda: bool):
     return profiler
 
 
+def _step_events(events):
+    """The profiler's kineto events of a step, sorted out: per CUDA stream its [(start, end)] spans, its host-to-device
+    copy ns and its other (kernel) ns; and the host ops as [(start, end, name)] (one clock with the device's)."""
+    from torch.autograd import DeviceType
+
+    spans: dict[int, list[tuple[int, int]]] = {}
+    copy_ns: dict[int, int] = {}
+    kernel_ns: dict[int, int] = {}
+    host: list[tuple[int, int, str]] = []
+    for e in events:
+        if e.duration_ns() <= 0:
+            continue
+        if e.device_type() == DeviceType.CPU:
+            host.append((e.start_ns(), e.end_ns(), e.name()))
+        elif e.device_type() == DeviceType.CUDA:
+            stream = e.device_resource_id()
+            spans.setdefault(stream, []).append((e.start_ns(), e.end_ns()))
+            into = copy_ns if "Memcpy HtoD" in e.name() else kernel_ns
+            into[stream] = into.get(stream, 0) + e.duration_ns()
+    return spans, copy_ns, kernel_ns, host
+
+
 def _union(intervals) -> list[list[int]]:
     out: list[list[int]] = []
     for a, b in sorted(intervals):
@@ -456,33 +478,21 @@ def stream_summary(events) -> list[str]:
     events: the profiler's kineto events. The compute stream is the one with the most kernel time; a copy
     stream is one whose time is mostly host-to-device copies. Busy = the union of the stream's event intervals.
     """
-    from torch.autograd import DeviceType
-
-    spans: dict[int, list[tuple[int, int]]] = {}
-    copy_ns: dict[int, int] = {}
-    kernel_ns: dict[int, int] = {}
-    for e in events:
-        if e.device_type() != DeviceType.CUDA or e.duration_ns() <= 0:
-            continue
-        stream = e.device_resource_id()
-        spans.setdefault(stream, []).append((e.start_ns(), e.end_ns()))
-        into = copy_ns if "Memcpy HtoD" in e.name() else kernel_ns
-        into[stream] = into.get(stream, 0) + e.duration_ns()
+    spans, copy_ns, kernel_ns, _ = _step_events(events)
     if not spans:
         return ["streams: no device events"]
-    union, total, intersect = _union, _total, _intersect
-    busy = {s: union(v) for s, v in spans.items()}
+    busy = {s: _union(v) for s, v in spans.items()}
     wall = max(b for v in busy.values() for _, b in v) - min(a for v in busy.values() for a, _ in v)
     compute = max(kernel_ns, key=kernel_ns.get) if kernel_ns else None
     lines = [f"device streams over the step ({wall / 1e6:.1f} ms from the first device event to the last):"]
-    for s in sorted(busy, key=lambda s: -total(busy[s])):
+    for s in sorted(busy, key=lambda s: -_total(busy[s])):
         role = "compute" if s == compute else ("copies" if copy_ns.get(s, 0) > kernel_ns.get(s, 0) else "other")
         line = (
-            f"  stream {s:4d} ({role:7s}) busy {total(busy[s]) / 1e6:9.1f} ms: kernels {kernel_ns.get(s, 0) / 1e6:8.1f}"
-            f" ms, host-to-device copies {copy_ns.get(s, 0) / 1e6:8.1f} ms"
+            f"  stream {s:4d} ({role:7s}) busy {_total(busy[s]) / 1e6:9.1f} ms: "
+            f"kernels {kernel_ns.get(s, 0) / 1e6:8.1f} ms, host-to-device copies {copy_ns.get(s, 0) / 1e6:8.1f} ms"
         )
         if compute is not None and s != compute:
-            line += f", overlapping compute {intersect(busy[s], busy[compute]) / 1e6:8.1f} ms"
+            line += f", overlapping compute {_intersect(busy[s], busy[compute]) / 1e6:8.1f} ms"
         lines.append(line)
     return lines
 
@@ -495,23 +505,7 @@ def gap_summary(events, longest: int = 12) -> list[str]:
     stream was (the device waits for the host); the longest gaps are listed with the host ops that enclosed their
     start, innermost first.
     """
-    from torch.autograd import DeviceType
-
-    spans: dict[int, list[tuple[int, int]]] = {}
-    kernel_ns: dict[int, int] = {}
-    host: list[tuple[int, int, str]] = []
-    for e in events:
-        if e.duration_ns() <= 0:
-            continue
-        if e.device_type() == DeviceType.CPU:
-            host.append((e.start_ns(), e.end_ns(), e.name()))
-            continue
-        if e.device_type() != DeviceType.CUDA:
-            continue
-        stream = e.device_resource_id()
-        spans.setdefault(stream, []).append((e.start_ns(), e.end_ns()))
-        if "Memcpy" not in e.name():
-            kernel_ns[stream] = kernel_ns.get(stream, 0) + e.duration_ns()
+    spans, _, kernel_ns, host = _step_events(events)
     if not kernel_ns:
         return []
     compute = max(kernel_ns, key=kernel_ns.get)

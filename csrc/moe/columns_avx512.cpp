@@ -97,7 +97,7 @@ void pack_columns_fp8(const Fp8View& w, int col0, const std::vector<Fp8Segment>&
       for (int kp = 0; kp < 16; ++kp)
         r[kp] = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + kp * 32)));
       transpose_16x16_dwords(r);
-      const int64_t kb = s.kb0 + k / 32 - s.a_kb;
+      const int64_t kb = s.k_block(k);
       for (int p = 0; p < 8; ++p) {  // rows k + 2p, k + 2p + 1: one row of each backward tile
         const __m512i v = _mm512_shuffle_epi8(r[p], swap);
         uint8_t* row = dst + kb * (kTileBytes / 2) + ((k % 32) / 2 + p) * 32;

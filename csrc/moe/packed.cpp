@@ -116,7 +116,7 @@ void pack_fp8_tile(const uint8_t* q, const int64_t* rows, int K, const std::vect
       if (rows[n] < 0) continue;
       const uint8_t* src = q + rows[n] * K;
       for (int k = s.k0; k < s.k1; ++k) {
-        const int kb = s.kb0 + k / 32 - s.a_kb, kp = (k % 32) / 2, j = k % 2;
+        const int kb = s.k_block(k), kp = (k % 32) / 2, j = k % 2;
         dst[static_cast<int64_t>(kb) * (kTileBytes / 2) + (kp * kTileRows + n) * 2 + j] = src[k];
       }
     }
@@ -321,7 +321,7 @@ void pack_columns_fp8(const Fp8View& w, int col0, const std::vector<Fp8Segment>&
 
 void pack_fp8_column_row(const Fp8Segment& s, int k, int64_t tile_column, const uint8_t* src, const int64_t* cols,
                          uint8_t* dst) {
-  const int kb = s.kb0 + k / 32 - s.a_kb, kp = (k % 32) / 2, j = k % 2;
+  const int kb = s.k_block(k), kp = (k % 32) / 2, j = k % 2;
   uint8_t* row = dst + static_cast<int64_t>(kb) * (kTileBytes / 2) + kp * 2 * kTileRows + j;
   for (int c = 0; c < 32 && cols[c] >= 0; ++c) row[(c / kTileRows) * tile_column + (c % kTileRows) * 2] = src[cols[c]];
 }

@@ -64,6 +64,7 @@ struct Fp8Segment {
   int a_kb, kb0, kb1;
   int k0, k1;
   int block;
+  int k_block(int k) const { return kb0 + k / 32 - a_kb; }  // the packed k-block that holds input k in [k0, k1)
 };
 
 // The segments of K inputs cut at multiples of `block` and, when split > 0, at `split` (gate_up's rows in the
@@ -256,11 +257,7 @@ struct PackedTensor {
   // bf16 / fp8: offset, within an expert's n-tile column (elements; fp8: bytes), of input k's value for the tile's
   // output 0 (output n: + 2 n). fp8 inputs sit in the k-blocks of their segment, segments[k / first segment's width].
   int64_t input_offset(int k) const {
-    int kb = k / 32;
-    if (!segments.empty()) {
-      const Fp8Segment& s = segments[k / segments[0].k1];
-      kb = s.kb0 + k / 32 - s.a_kb;
-    }
+    const int kb = segments.empty() ? k / 32 : segments[k / segments[0].k1].k_block(k);
     return static_cast<int64_t>(kb) * 512 + (k % 32 / 2) * 32 + k % 2;
   }
   const uint8_t* tile(int e, int nt) const {
