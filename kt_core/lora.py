@@ -1,9 +1,11 @@
-"""Expert LoRA: per-expert low-rank factors on the fused gate_up and down projections, in host memory.
+"""Expert LoRA: per-expert low-rank factors on the fused gate_up and down projections.
 
 The layout follows the math of the C++ operator: every projection W [E, out, in] gains
 scaling * B[e] @ A[e], with A [E, r, in] applied first and B [E, out, r] second. B starts at zero, so a
-fresh adapter leaves the model unchanged. The factors are fp32 nn.Parameters on the CPU: the optimizer
-updates them in place and their gradients are written there by the C++ backward.
+fresh adapter leaves the model unchanged. The factors are fp32 nn.Parameters in host memory, where the C++
+operator reads them and writes their gradients, and the optimizer updates them in place. Where the GPU computes
+the experts (streaming), `place_` can move them to the GPU instead: their gradients, the optimizer's work on
+them and gradient clipping then stay on the device, and the CPU operator gets host copies per call.
 
 Legend: E = experts, H = hidden, I = expert intermediate, r = rank.
 """
@@ -59,8 +61,24 @@ class ExpertLoRA(nn.Module):
         """Returns (gate_up_A, gate_up_B, down_A, down_B)."""
         return (self.gate_up_A, self.gate_up_B, self.down_A, self.down_B)
 
+    @property
+    def device(self) -> torch.device:
+        return self.gate_up_A.device
+
+    def place_(self, device: str | torch.device) -> ExpertLoRA:
+        """Moves the factors (and any gradients) to `device`, keeping the Parameter objects an optimizer holds.
+
+        Call it before the optimizer has state for them (the streaming runtime does, when it is enabled).
+        """
+        device = torch.device(device)
+        for f in self.factors():
+            f.data = f.data.to(device)
+            if f.grad is not None:
+                f.grad = f.grad.to(device)
+        return self
+
     def _apply(self, fn, recurse=True):
-        # Like the base weights, expert LoRA never leaves host memory: `model.cuda()` must not move it.
+        # Like the base weights, expert LoRA stays where kt-plugins put it: `model.cuda()` must not move it.
         return self
 
     def extra_repr(self) -> str:

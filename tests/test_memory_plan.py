@@ -53,6 +53,7 @@ def _hand_parts(checkpointing: bool) -> dict[str, int]:
     return {
         "non-expert weights": 1000,
         "trainable state": 100 * 3,  # gradients + two Adam states
+        "expert LoRA on the GPU": 2 * factors * 4 * 4,  # fp32 factors, gradients, two Adam states, 2 layers
         "streaming slots": 4 * SLOT,
         "resident experts": 2 * 2 * EXPERT,  # what the budget leaves: 2 per layer
         "layer inputs": 3 * T * H * d if checkpointing else 2 * saved,
@@ -68,11 +69,41 @@ def test_each_part_equals_the_bytes_computed_by_hand(checkpointing):
     want = _hand_parts(checkpointing)
     assert plan.parts == want
     transient = max(want["loss workspace"], want["one layer's working set"] + want["kept expert intermediates"])
-    static = sum(want[k] for k in ("non-expert weights", "trainable state", "streaming slots", "resident experts"))
+    static = sum(
+        want[k]
+        for k in want
+        if k not in ("layer inputs", "one layer's working set", "kept expert intermediates", "loss workspace")
+    )
     assert plan.peak == static + want["layer inputs"] + transient
     assert (plan.capacity, plan.residents, plan.elastic_residents) == (4, 2, False)
+    assert plan.expert_lora_on_gpu
     assert plan.limit_source == "the free memory CUDA reports" and plan.fits
     plan.check()  # fits: no error
+
+
+def test_expert_lora_goes_to_the_gpu_only_where_it_fits():
+    """Factors, gradients and optimizer states on the GPU when they fit beside the rest (before residents); else
+    host memory (no part, no refusal); never with mode "cpu" or when told not to."""
+    inputs = _tiny_inputs(budget=4 * SLOT)  # slots only: the factors' room is not taken by residents
+    state = mp.expert_lora_state_bytes(TINY, optimizer_states=2)
+    assert state == 2 * 4 * 2 * (2 * 32 + 3 * 16) * 4 * 4
+    with_them = mp.plan_gpu_memory(inputs, limit=GiB)
+    assert with_them.expert_lora_on_gpu and with_them.parts["expert LoRA on the GPU"] == state
+    forced = replace(inputs, streaming=replace(inputs.streaming, expert_lora_on_gpu=True))
+    lo, hi = 1, GiB  # the smallest limit the plan with them on the GPU fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if mp.plan_gpu_memory(forced, mid).fits else (mid + 1, hi)
+    tight = mp.plan_gpu_memory(inputs, lo - 1)
+    assert not tight.expert_lora_on_gpu and tight.parts["expert LoRA on the GPU"] == 0 and tight.fits
+    assert tight.peak == with_them.peak - state
+    refused = mp.plan_gpu_memory(forced, lo - 1)
+    assert refused.expert_lora_on_gpu and not refused.fits
+    for streaming in (replace(inputs.streaming, expert_lora_on_gpu=False), replace(inputs.streaming, mode="cpu")):
+        plan = mp.plan_gpu_memory(replace(inputs, streaming=streaming), limit=GiB)
+        assert not plan.expert_lora_on_gpu and plan.parts["expert LoRA on the GPU"] == 0
+    sgd = mp.plan_gpu_memory(replace(inputs, optimizer_states=0), limit=GiB)
+    assert sgd.parts["expert LoRA on the GPU"] == state // 2  # factors and gradients only
 
 
 def test_checkpointing_trades_every_layer_s_activations_for_its_input():

@@ -498,3 +498,23 @@ def test_memory_plan_sizes_the_expert_memory_as_enable_streaming_does(budget, qu
     if limit is None:  # (under a limit the plan fits the residents itself; the runtime does after step 1)
         assert plan.residents == rt.resident_per_layer
     rt.disable()
+
+
+def test_expert_lora_stays_in_host_memory_where_the_gpu_cannot_hold_it():
+    """The factors move only to a CUDA device and never with mode "cpu"; asking for it elsewhere says why."""
+    model = ToyMoE(2)
+    factors = lora_params(model)
+    rt = enable_streaming(model, device="cpu", mode="gpu")  # auto: the CPU standing in for a GPU is host memory
+    try:
+        assert all(f.device.type == "cpu" for f in factors)
+    finally:
+        rt.disable()
+    with pytest.raises(ValueError, match=r"expert_lora_on_gpu=True.*not a CUDA device"):
+        enable_streaming(ToyMoE(2), device="cpu", mode="gpu", expert_lora_on_gpu=True)
+    with pytest.raises(ValueError, match=r"expert_lora_on_gpu=True.*mode 'cpu'"):
+        enable_streaming(ToyMoE(2), device="cpu", mode="cpu", expert_lora_on_gpu=True)
+    lora = model.experts[0].lora
+    f = lora.gate_up_A
+    f.grad = torch.ones_like(f)
+    lora.place_("cpu")  # to a GPU and back: tests/test_streaming_gpu.py
+    assert lora.gate_up_A is f and lora.device.type == "cpu" and f.grad.device.type == "cpu"

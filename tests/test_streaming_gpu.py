@@ -125,3 +125,28 @@ def test_fused_steps_match_plain_torch(monkeypatch, dtype):
         (d1, s1), (d2, s2) = both(fused.dout_and_dots, dy, tok[a:b], w[order][a:b], rows[a:b], dtype)
         torch.testing.assert_close(d1, d2, **tol)
         torch.testing.assert_close(s1, s2, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("split", ["all-streamed", "planner"])
+def test_expert_lora_on_the_gpu_trains_as_in_host_memory(split):
+    """Factors on the GPU (gradients, clipping and Adam there; the CPU share reads host copies) against factors in
+    host memory: the same loss curve and factors; the same Parameter objects throughout, back on the host after."""
+    runs = {}
+    for on_gpu in (False, True):
+        model = to_bf16_experts(ToyMoE(3))
+        factors = lora_params(model)
+        rt = enable_streaming(model, device="cuda", expert_lora_on_gpu=on_gpu, **SPLITS[split])
+        try:
+            assert {f.device.type for f in factors} == {"cuda" if on_gpu else "cpu"}
+            losses = train_gpu(model)
+            assert lora_params(model)[0] is factors[0] and factors[0].grad is None  # zero_grad: set to None
+            if split == "planner":
+                assert any(r["cpu_slot_share"] > 0 for r in rt.history)  # the CPU computed with host copies
+            runs[on_gpu] = losses, [f.detach().cpu().clone() for f in factors]
+        finally:
+            rt.disable()
+        assert {f.device.type for f in factors} == {"cpu"}
+    (host_losses, host_factors), (gpu_losses, gpu_factors) = runs[False], runs[True]
+    assert gpu_losses == pytest.approx(host_losses, rel=1e-3)
+    for a, b in zip(gpu_factors, host_factors, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

@@ -6,15 +6,18 @@ none of the routed experts, the CPU computes everything. When the share holds ev
 (`covers_all`), the call never leaves the device. The two partial outputs add up.
 
 Backward: the same split. dx and the routing-weight gradients of both sides add; each expert-LoRA factor
-receives one gradient, the sum of both sides'. The GPU side computes with a device copy of the factors made
-from the host master copy at every forward call (and kept on the autograd context for the backward), so an
-in-place update of the factors, whoever makes it, is always seen: no cache, nothing that can go stale.
+receives one gradient, the sum of both sides', on the factors' device. Each side computes with a copy of the
+factors on its own device (the GPU side's in its compute dtype) made at every forward call and kept on the
+autograd context for the backward, so an in-place update of the factors, whoever makes it, is always seen: no
+cache, nothing that can go stale.
 
-On the device path, under `backward()` (what every trainer calls), the factor gradients are not returned
-through autograd (that would wait for the device in every layer): their device-to-host copy is queued on the
-stream and one callback at the end of the backward pass adds them to the factors' `.grad`, as autograd would.
-Where the pass does not accumulate into the factors (`torch.autograd.grad`, `backward(inputs=...)` without
-them) they are returned through autograd, waiting for the device once per layer.
+Factors in host memory (the default): on the device path, under `backward()` (what every trainer calls), the
+factor gradients are not returned through autograd (that would wait for the device in every layer): their
+device-to-host copy is queued on the stream and one callback at the end of the backward pass adds them to the
+factors' `.grad`, as autograd would. Where the pass does not accumulate into the factors (`torch.autograd.grad`,
+`backward(inputs=...)` without them) they are returned through autograd, waiting for the device once per layer.
+Factors on the GPU (`ExpertLoRA.place_`, done by streaming when they fit): the GPU side's gradients return
+through autograd with no wait, and the CPU side's travel to the device.
 
 Legend: T = tokens, K = experts per token, E = experts, H = hidden, I = expert intermediate, r = LoRA rank.
 """
@@ -81,7 +84,7 @@ def _cpu_forward(ctx, module, x, ids, w, lora, needs_grad):
     rows = module.rows_of(ids_host.to(torch.int64), strict=True)  # [T, K]
     w_host = w_host.to(torch.float32)
     y, cache = kernels.experts_forward(
-        module, x_host, rows, w_host, lora=lora or None, save_for_backward=needs_grad, pin_output=x.is_cuda
+        module, x_host, rows, w_host, lora=_host(lora), save_for_backward=needs_grad, pin_output=x.is_cuda
     )
     if needs_grad:
         ctx.x_dtype = x.dtype
@@ -93,7 +96,7 @@ def _cpu_backward(ctx, dy):
     x_host, rows, w_host, cache, *lora = ctx.saved_tensors
     (dy_host,) = stage_to_host(dy)
     dx, dw, lora_grads = kernels.experts_backward(
-        ctx.module, x_host, rows, w_host, dy_host.to(x_host.dtype), cache=cache, lora=lora or None
+        ctx.module, x_host, rows, w_host, dy_host.to(x_host.dtype), cache=cache, lora=_host(lora)
     )
     dx = to_device(dx, dy.device)
     return (
@@ -101,7 +104,7 @@ def _cpu_backward(ctx, dy):
         dx.to(ctx.x_dtype) if ctx.needs_input_grad[1] else None,
         None,
         to_device(dw.to(ctx.w_dtype), dy.device) if ctx.needs_input_grad[3] else None,
-        *(lora_grads or ()),
+        *(to_device(g, f.device) for f, g in zip(lora, lora_grads or (), strict=True)),
     )
 
 
@@ -146,10 +149,10 @@ def _split_forward(ctx, module, x, ids, w, lora, needs_grad):
         cpu_ids, parts = _host_split(module, call, ids_host, x.device)
         future = None
         if bool((cpu_ids >= 0).any()):
-            rows = module.rows_of(cpu_ids)
+            rows, lora_host = module.rows_of(cpu_ids), _host(lora)
             future = call.submit_cpu(
                 lambda: kernels.experts_forward(
-                    module, x_host, rows, w_host, lora=lora or None, save_for_backward=needs_grad,
+                    module, x_host, rows, w_host, lora=lora_host, save_for_backward=needs_grad,
                     pin_output=x.is_cuda,
                 ),
                 slots=int((cpu_ids >= 0).sum()),
@@ -186,10 +189,10 @@ def _split_backward(ctx, dy):
         if not gpu_grads:
             return _grads(ctx, dx, dw, x, [None] * len(lora))
         factors, needs = module.lora.factors(), ctx.needs_input_grad[4:]
-        if _engine_accumulates(factors, needs):  # backward(): to `.grad` when the pass ends, one wait in all
+        if lora[0].device.type == "cpu" and _engine_accumulates(factors, needs):  # to `.grad` when the pass ends
             _deferred.add(factors, gpu_grads, needs, dy.device)
             return _grads(ctx, dx, dw, x, [None] * len(lora))
-        return _grads(ctx, dx, dw, x, _lora_grads_on_host(lora, gpu_grads))  # autograd.grad: returned now
+        return _grads(ctx, dx, dw, x, _lora_grads(lora, gpu_grads))  # returned now
     x_host, ids_host, w_host, dy_host = stage_to_host(x, ids, w, dy)
     ids_host, w_host = ids_host.to(torch.int64), w_host.to(torch.float32)
     cpu_ids, parts = _host_split(module, call, ids_host, x.device)
@@ -198,10 +201,10 @@ def _split_backward(ctx, dy):
     cpu_mask = cpu_ids >= 0
     future = None
     if bool(cpu_mask.any()):
-        rows = module.rows_of(cpu_ids)
+        rows, lora_host = module.rows_of(cpu_ids), _host(lora)
         future = call.submit_cpu(
             lambda: kernels.experts_backward(
-                module, x_host, rows, w_host, dy_host.to(x_host.dtype), cache=cache, lora=lora or None
+                module, x_host, rows, w_host, dy_host.to(x_host.dtype), cache=cache, lora=lora_host
             ),
             slots=int(cpu_mask.sum()),
         )
@@ -211,22 +214,30 @@ def _split_backward(ctx, dy):
     if parts or call.weight_sets is None:
         dx, dw, gpu_grads = call.backward(x, ids, w, dy, parts, ctx.lora_dev)
     call.end()
-    lora_grads = _lora_grads_on_host(lora, gpu_grads)
+    lora_grads = _lora_grads(lora, gpu_grads)
     if future is not None:
         dx_cpu, dw_cpu, cpu_lora = future.result()
         dx += to_device(dx_cpu, x.device).float()
         dw += to_device(torch.where(cpu_mask, dw_cpu, 0.0), x.device)
         for total, g in zip(lora_grads or (), cpu_lora or (), strict=True):
-            total.add_(g)
+            total.add_(to_device(g, total.device))
     return _grads(ctx, dx, dw, x, lora_grads)
 
 
-def _lora_grads_on_host(lora, gpu_grads) -> list[torch.Tensor] | None:
-    """The factors' gradients (host, like the factors, [E, ...]) with the GPU side's parts added in."""
+def _host(lora) -> tuple[torch.Tensor, ...] | None:
+    """The factors as the CPU operator reads them: themselves in host memory, else host copies (one wait)."""
+    if not lora or lora[0].device.type == "cpu":
+        return tuple(lora) or None
+    return tuple(stage_to_host(*(f.detach() for f in lora)))
+
+
+def _lora_grads(lora, gpu_grads) -> list[torch.Tensor] | None:
+    """The factors' gradients ([E, ...], on the factors' device) with the GPU side's parts added in."""
     lora_grads = [torch.zeros_like(f) for f in lora] if lora else None
-    for experts, grads in gpu_grads or ():  # device -> host, into the factors' gradients
-        idx = torch.tensor(experts)
-        for total, g in zip(lora_grads, _to_host_fp32(grads), strict=True):
+    for experts, grads in gpu_grads or ():
+        on_host = lora_grads[0].device.type == "cpu"
+        idx = torch.tensor(experts, device=lora_grads[0].device)
+        for total, g in zip(lora_grads, _to_host_fp32(grads) if on_host else grads, strict=True):
             total.index_add_(0, idx, g.to(total.dtype))
     return lora_grads
 

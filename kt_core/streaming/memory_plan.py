@@ -18,6 +18,10 @@ P = min(PIECE_ROWS, T*K) sorted slots per piece of a streamed call):
 
     non-expert weights         parameters and buffers on the GPU outside the CPU experts, LoRA factors included
     trainable state            trainable bytes on the GPU x (1 gradient + optimizer states: 2 for Adam)
+    expert LoRA on the GPU     streaming (not mode "cpu") with expert LoRA: L_moe x E*r*(2H + 3I) x 4 x
+                               (2 + optimizer states), the fp32 factors with their gradients and optimizer states,
+                               when they fit beside everything but the residents (or StreamingSizes says so);
+                               else 0 and the factors stay in host memory (enable_streaming's expert_lora_on_gpu)
     streaming slots            capacity x slot_bytes_per_expert (the split enable_streaming makes, planner.py); FP8
                                experts: e4m3 bytes and fp32 block scales in both slots, plus once the bf16 buffer
                                they are dequantized into a group at a time (dequant_buffer_bytes: min(capacity,
@@ -42,7 +46,8 @@ P = min(PIECE_ROWS, T*K) sorted slots per piece of a streamed call):
                        + streamed MoE: 2 x P x (2H + 3I) x d (a piece's forward and backward) + 40 x T*K (routing)
                                        + E*r*(2H + 3I)*4 (the factors' fp32 gradients)
 
-peak = weights + trainable state + slots + residents + layer inputs + max(loss workspace, working set + kept):
+peak = weights + trainable state + expert LoRA + slots + residents + layer inputs
+       + max(loss workspace, working set + kept):
 the loss runs, and frees its workspace, before the backward recomputes the last layer. The check refuses when
 peak + allocator_margin(limit) exceeds the limit. An estimate, by a formula: benchmarks/bench_sft.py prints it
 beside torch.cuda.max_memory_allocated (`last_plan()` is the one logged last in this process).
@@ -84,6 +89,7 @@ __all__ = [
     "StreamingSizes",
     "check_and_log",
     "checkpoint_inputs",
+    "expert_lora_state_bytes",
     "last_plan",
     "loss_backend",
     "matches_lora_target",
@@ -138,6 +144,8 @@ class StreamingSizes:
         keep_bytes: a recomputed layer's expert intermediates kept for its backward, at most.
         mode: "auto", "cpu" or "gpu".
         dequant_bytes: FP8 experts: the bf16 buffer they are dequantized into, a group of experts at a time.
+        expert_lora_on_gpu: the expert-LoRA factors on the GPU (True), in host memory (False), or on the GPU
+            when they fit (None; the plan's `expert_lora_on_gpu` says what it decided).
     """
 
     expert_gpu_memory: int | str | None = None
@@ -145,6 +153,7 @@ class StreamingSizes:
     keep_bytes: int | str = "1GiB"
     mode: str = "auto"
     dequant_bytes: int | str = DEQUANT_BYTES
+    expert_lora_on_gpu: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -241,6 +250,7 @@ class GpuMemoryPlan:
         limit_source: where `limit` came from ("gpu_memory_limit", or CUDA's free memory).
         capacity, residents: experts per streaming slot, resident experts per layer.
         elastic_residents: whether the residents were fitted under the limit (they then never refuse a plan).
+        expert_lora_on_gpu: whether the expert-LoRA factors are planned on the GPU (enable_streaming's setting).
     """
 
     inputs: PlanInputs
@@ -251,6 +261,7 @@ class GpuMemoryPlan:
     capacity: int = 0
     residents: int = 0
     elastic_residents: bool = False
+    expert_lora_on_gpu: bool = False
 
     @property
     def margin(self) -> int:
@@ -439,6 +450,7 @@ def plan_gpu_memory(
     parts = plan.parts
     parts["non-expert weights"] = inputs.weights_bytes
     parts["trainable state"] = inputs.trainable_bytes * (1 + inputs.optimizer_states)
+    parts["expert LoRA on the GPU"] = 0
     parts["streaming slots"] = plan.capacity * per_expert + dequant_buffer_bytes(
         dims.hidden, dims.expert_intermediate, plan.capacity, block=dims.expert_block, dequant_bytes=dequant
     )
@@ -455,6 +467,14 @@ def plan_gpu_memory(
         if T and run.loss_on_device else 0
     )  # fmt: skip
     plan.peak = _peak(parts)
+    lora_state = expert_lora_state_bytes(dims, inputs.optimizer_states) if streamed and s.mode != "cpu" else 0
+    if lora_state and s.expert_lora_on_gpu is not False:
+        parts["expert LoRA on the GPU"] = lora_state
+        plan.peak = _peak(parts)
+        plan.expert_lora_on_gpu = s.expert_lora_on_gpu or plan.fits
+        if not plan.expert_lora_on_gpu:  # host memory then: slower steps, no refusal for their sake
+            parts["expert LoRA on the GPU"] = 0
+            plan.peak = _peak(parts)
     if streamed and plan.residents:
         per_resident = dims.moe_layers * dims.expert_bytes  # one more resident in every layer
         if plan.elastic_residents:  # the runtime keeps what fits after step 1
@@ -469,8 +489,19 @@ def _dequant_bytes(s: StreamingSizes | None) -> int:
     return parse_size(s.dequant_bytes, "dequant_bytes") if s is not None else DEQUANT_BYTES
 
 
+def expert_lora_state_bytes(dims: ModelDims, optimizer_states: int = 2) -> int:
+    """The expert-LoRA factors of every MoE layer in fp32 with their gradients and optimizer states."""
+    factors = dims.experts * dims.expert_lora_rank * (2 * dims.hidden + 3 * dims.expert_intermediate)
+    return dims.moe_layers * factors * 4 * (2 + optimizer_states)
+
+
 def _peak(parts: dict[str, int]) -> int:
-    static = sum(parts[k] for k in ("non-expert weights", "trainable state", "streaming slots", "resident experts"))
+    static = sum(
+        parts[k]
+        for k in (
+            "non-expert weights", "trainable state", "expert LoRA on the GPU", "streaming slots", "resident experts"
+        )
+    )  # fmt: skip
     transient = max(parts["loss workspace"], parts["one layer's working set"] + parts["kept expert intermediates"])
     return static + parts["layer inputs"] + transient
 

@@ -344,9 +344,12 @@ class StreamingRuntime:
         return chosen
 
     def disable(self) -> None:
-        """Restores the CPU-only forward of every layer and releases pinned memory and device buffers."""
+        """Restores the CPU-only forward of every layer, brings expert-LoRA factors on the GPU back to host
+        memory, and releases pinned memory and device buffers."""
         for m in self.layers:
             m.detach_gpu_share()
+            if m.lora is not None and m.lora.device.type != "cpu":
+                m.lora.place_("cpu")
         self.store.close()
         self.pool.shutdown()
 
@@ -363,6 +366,7 @@ def enable_streaming(
     gpu_memory_limit: int | str | None = None,
     gpu_memory_budget: int | str | None = None,
     dequant_bytes: int | str = DEQUANT_BYTES,
+    expert_lora_on_gpu: bool | None = None,
 ) -> StreamingRuntime:
     """Splits every KTExperts layer of `model` between CPU compute and GPU compute on streamed weights.
 
@@ -392,6 +396,12 @@ def enable_streaming(
             same whatever the slot capacity; it is counted in `expert_gpu_memory`. Larger: fewer, larger GEMMs and
             dequantizations (a slot that fits whole is dequantized once for the forward, the recomputation and the
             backward); smaller: more experts per slot in the same budget.
+        expert_lora_on_gpu: where the expert-LoRA factors live (kt_core.lora). True: on the GPU, with their
+            gradients and optimizer states, so gradient clipping and the optimizer step on them run there, not
+            on the host between two steps; the CPU operator reads host copies. False: host memory. None: the GPU
+            when their state (factors, gradients, two optimizer states) takes at most a quarter of the GPU's free
+            memory (KTCallback and LLaMA-Factory pass what their GPU memory plan decided instead). Host memory
+            always with mode "cpu" and in distributed runs (their gradient reduction reads the factors there).
 
     Returns:
         The StreamingRuntime (per-step reports in `.history`; `.disable()` undoes it).
@@ -470,8 +480,6 @@ def enable_streaming(
     for i, m in enumerate(layers):
         scales = (m.gate_up_proj_scale_inv.detach(), m.down_proj_scale_inv.detach()) if m.is_fp8 else None
         store.add_layer(m.gate_up_proj.detach(), m.down_proj.detach(), scales=scales, block=m.weight_block_size)
-        for factor in m.lora.factors() if m.lora is not None else ():
-            store.pin(factor.data)  # the per-call device copies of the expert LoRA then travel by DMA
         rt.layers.append(m)
         rt.counts.append(None)
         rt.plans.append(LayerPlan())
@@ -479,6 +487,14 @@ def enable_streaming(
         rt._step_counts.append(None)
         m.attach_gpu_share(StreamedShare(rt, i))  # same module, names and state dict; the layer splits each call
     rt._reset_counters()
+    lora_on_gpu = _expert_lora_on_gpu(layers, expert_lora_on_gpu, mode, device)
+    for m in layers:
+        if m.lora is not None and lora_on_gpu:
+            m.lora.place_(device)
+        for factor in m.lora.factors() if m.lora is not None and not lora_on_gpu else ():
+            store.pin(factor.data)  # the per-call device copies of the expert LoRA then travel by DMA
+    if any(m.lora is not None for m in layers):
+        logger.info("streaming: expert-LoRA factors in %s", device if lora_on_gpu else "host memory")
     logger.info(
         "streaming: %d layers on %s, slot capacity %d of %d experts, %s%d resident/layer, %.2f GiB of expert "
         "weights on the device, mode %s%s%s",
@@ -487,6 +503,36 @@ def enable_streaming(
         "" if store.pin_ok else ", host memory NOT pinned",
     )  # fmt: skip
     return rt
+
+
+def _expert_lora_on_gpu(layers: list[KTExperts], wanted: bool | None, mode: str, device: torch.device) -> bool:
+    """Whether the layers' expert-LoRA factors move to `device` (enable_streaming's expert_lora_on_gpu)."""
+    factors = [f for m in layers if m.lora is not None for f in m.lora.factors()]
+    if not factors or wanted is False:
+        return False
+    from kt_core.distributed import deepspeed_running
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    why_not = (
+        "mode 'cpu' computes every expert on the CPU"
+        if mode == "cpu"
+        else f"{device} is not a CUDA device"
+        if device.type != "cuda"
+        else "a distributed run reduces their gradients in host memory"
+        if distributed and torch.distributed.get_world_size() > 1
+        else "under DeepSpeed they have an optimizer of their own, in host memory"
+        if deepspeed_running()
+        else None
+    )
+    if why_not is not None:
+        if wanted:
+            raise ValueError(f"enable_streaming(expert_lora_on_gpu=True): {why_not}; leave it unset")
+        return False
+    if wanted:
+        return True
+    state = sum(f.numel() * f.element_size() for f in factors) * 4  # factors, gradients, two optimizer states
+    free, _ = torch.cuda.mem_get_info(device)
+    return state <= free // 4
 
 
 def _stored(m: KTExperts) -> tuple[torch.Tensor, ...]:

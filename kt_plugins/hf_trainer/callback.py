@@ -235,7 +235,11 @@ class KTCallback(TrainerCallback):
         if self.streaming_options is not None and self._streaming is None:
             from kt_core import enable_streaming
 
-            self._streaming = enable_streaming(model, device=device, **self.streaming_options)
+            plan = self.memory_plan  # where the expert-LoRA factors go, as planned (None: enable_streaming decides)
+            on_gpu = plan.expert_lora_on_gpu if plan is not None else None
+            self._streaming = enable_streaming(
+                model, device=device, expert_lora_on_gpu=on_gpu, **self.streaming_options
+            )
         if self.log_speed and self._timer is None:
             self._timer = ExpertTimer(model)
 

@@ -72,8 +72,10 @@ class _KTAutoModel:
 
 def _enable_streaming(model, settings: KTSettings) -> None:
     import kt_core
+    from kt_core.streaming.memory_plan import last_plan
 
     device = settings.kt_device.split(",")[0] if settings.kt_device else None
+    plan = last_plan()  # the one made when the YAML was parsed: it decided where the expert-LoRA factors go
     runtime = kt_core.enable_streaming(
         model,
         expert_gpu_memory=settings.kt_expert_gpu_memory,
@@ -83,6 +85,7 @@ def _enable_streaming(model, settings: KTSettings) -> None:
         mode=settings.kt_stream_mode,
         dequant_bytes=settings.kt_stream_dequant_bytes,
         gpu_memory_limit=settings.kt_gpu_memory_limit,
+        expert_lora_on_gpu=plan.expert_lora_on_gpu if plan is not None and plan.inputs.streaming else None,
     )
     model.kt_streaming = runtime  # kept alive with the model; per-step reports go to the kt_core.streaming log
     logger.info(
