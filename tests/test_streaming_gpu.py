@@ -127,21 +127,24 @@ def test_fused_steps_match_plain_torch(monkeypatch, dtype):
         torch.testing.assert_close(s1, s2, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("split", ["all-streamed", "planner"])
+@pytest.mark.parametrize("split", ["all-streamed", "half-streamed"])
 def test_expert_lora_on_the_gpu_trains_as_in_host_memory(split):
     """Factors on the GPU (gradients, clipping and Adam there; the CPU share reads host copies) against factors in
     host memory: the same loss curve and factors; the same Parameter objects throughout, back on the host after."""
+    kw = dict(SPLITS[split])
+    if split == "half-streamed":
+        kw["expert_gpu_memory"] //= 2  # bf16 experts take half the bytes of the fp32 figure
     runs = {}
     for on_gpu in (False, True):
         model = to_bf16_experts(ToyMoE(3))
         factors = lora_params(model)
-        rt = enable_streaming(model, device="cuda", expert_lora_on_gpu=on_gpu, **SPLITS[split])
+        rt = enable_streaming(model, device="cuda", expert_lora_on_gpu=on_gpu, **kw)
         try:
             assert {f.device.type for f in factors} == {"cuda" if on_gpu else "cpu"}
             losses = train_gpu(model)
             assert lora_params(model)[0] is factors[0] and factors[0].grad is None  # zero_grad: set to None
-            if split == "planner":
-                assert any(r["cpu_slot_share"] > 0 for r in rt.history)  # the CPU computed with host copies
+            share = rt.history[-1]["cpu_slot_share"]
+            assert (0 < share < 1) if split == "half-streamed" else share == 0  # the CPU share reads host copies
             runs[on_gpu] = losses, [f.detach().cpu().clone() for f in factors]
         finally:
             rt.disable()
@@ -149,4 +152,22 @@ def test_expert_lora_on_the_gpu_trains_as_in_host_memory(split):
     (host_losses, host_factors), (gpu_losses, gpu_factors) = runs[False], runs[True]
     assert gpu_losses == pytest.approx(host_losses, rel=1e-3)
     for a, b in zip(gpu_factors, host_factors, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+        assert ((a - b).norm() / b.norm()).item() < 1e-3  # Adam moves a near-zero element either way
+
+
+def test_factors_on_the_gpu_upload_without_a_host_round_trip():
+    """Device copies of factors already on the GPU are device-to-device: no host copy, no synchronisation."""
+    from kt_core.experts.staging import to_device, upload_factors
+
+    factors = [torch.randn(4, 8, 16, device="cuda") for _ in range(4)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        copies = upload_factors(factors, torch.bfloat16, torch.device("cuda", torch.cuda.current_device()))
+        same = to_device(factors[0], factors[0].device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert same is factors[0]
+    for f, c in zip(factors, copies, strict=True):
+        assert c.is_cuda and c.dtype == torch.bfloat16 and c.data_ptr() != f.data_ptr()
+        torch.testing.assert_close(c.float(), f, rtol=1e-2, atol=1e-2)

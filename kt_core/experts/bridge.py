@@ -236,7 +236,7 @@ def _lora_grads(lora, gpu_grads) -> list[torch.Tensor] | None:
     lora_grads = [torch.zeros_like(f) for f in lora] if lora else None
     for experts, grads in gpu_grads or ():
         on_host = lora_grads[0].device.type == "cpu"
-        idx = torch.tensor(experts, device=lora_grads[0].device)
+        idx = to_device(torch.tensor(experts), lora_grads[0].device)  # no host wait
         for total, g in zip(lora_grads, _to_host_fp32(grads) if on_host else grads, strict=True):
             total.index_add_(0, idx, g.to(total.dtype))
     return lora_grads

@@ -36,10 +36,11 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """t on `device`; from the CPU the copy is asynchronous through a pinned buffer."""
-    if device.type == "cpu":
+    """t on `device` (t itself when it is there); from the CPU the copy is asynchronous through a pinned buffer,
+    from another device it is a device-to-device copy (never through host memory)."""
+    if device.type == "cpu" or t.device == device:
         return t
-    if not t.is_pinned():
+    if t.device.type == "cpu" and not t.is_pinned():
         pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         pinned.copy_(t)
         t = pinned
@@ -55,6 +56,6 @@ def upload_factors(factors, dtype: torch.dtype, device: torch.device) -> tuple[t
     """
     if not factors:
         return None
-    if device.type == "cpu":
+    if device.type == "cpu" or factors[0].device == device:  # factors on the GPU (or the CPU standing in for it)
         return tuple(f.detach().to(dtype, copy=True) for f in factors)
     return tuple(to_device(f.detach(), device).to(dtype) for f in factors)
