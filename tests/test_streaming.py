@@ -130,6 +130,20 @@ def test_gradients_match_per_layer(checkpointing):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_fused_steps_take_the_lora_term_in_their_pass():
+    """silu_mul / swiglu_backward given the LoRA term (`add`) equal adding it first; gu holds the sum only when asked
+    (the Triton kernels against these steps: tests/test_streaming_gpu.py)."""
+    from kt_core.streaming import fused
+
+    gen = torch.Generator().manual_seed(3)
+    gu, add, dh, add_dh = (torch.randn(*s, generator=gen).bfloat16() for s in [(7, 10), (7, 10), (7, 5), (7, 5)])
+    for into in (False, True):
+        g = gu.clone()
+        assert torch.equal(fused.silu_mul(g, add, sum_into_gu=into), fused.silu_mul(gu + add))
+        assert torch.equal(g, gu + add if into else gu)
+    assert torch.equal(fused.swiglu_backward(dh, gu, add_dh), fused.swiglu_backward(dh + add_dh, gu))
+
+
 def test_state_dict_and_module_names_unchanged():
     model = ToyMoE(2)
     before = copy.deepcopy(model.state_dict())
@@ -307,8 +321,8 @@ def test_plans_are_made_once_per_step(monkeypatch):
     assert len(rt.history) == 2
 
 
-# One piece of 7 sorted slots keeps 7 * (H + 3 * I) fp32 values.
-PIECE_BYTES = 7 * (H + 3 * I) * 4
+# One piece of 7 sorted slots keeps 7 * (H + 2 * I) fp32 values (its output and gu; h is recomputed).
+PIECE_BYTES = 7 * (H + 2 * I) * 4
 
 
 @pytest.mark.parametrize("keep_pieces", [0, 2, 100])

@@ -103,9 +103,19 @@ def test_fused_steps_match_plain_torch(monkeypatch, dtype):
 
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1.6e-2)
     for S, I in [(1, 5), (37, 1408), (300, 768)]:
-        gu, dh = rand(S, 2 * I), rand(S, I)
+        gu, dh, add_gu, add_dh = rand(S, 2 * I), rand(S, I), rand(S, 2 * I), rand(S, I)
         torch.testing.assert_close(*both(fused.silu_mul, gu), **tol)
         torch.testing.assert_close(*both(fused.swiglu_backward, dh, gu), **tol)
+        torch.testing.assert_close(*both(fused.swiglu_backward, dh, gu, add_dh), **tol)
+        # the LoRA term added in the pass: the sum rounded to gu's dtype, written into gu only when asked
+        for into in (False, True):
+            fast_gu, plain_gu = gu.clone(), gu.clone()
+            monkeypatch.setenv("KT_STREAM_TRITON", "1")
+            fast = fused.silu_mul(fast_gu, add_gu, sum_into_gu=into)
+            monkeypatch.setenv("KT_STREAM_TRITON", "0")
+            plain = fused.silu_mul(plain_gu, add_gu, sum_into_gu=into)
+            torch.testing.assert_close(fast, plain, **tol)
+            assert torch.equal(fast_gu, plain_gu) and torch.equal(fast_gu, gu + add_gu if into else gu)
     T, K, H = 33, 6, 2048
     order = torch.randperm(T * K, generator=gen).cuda()
     inv = torch.empty_like(order)

@@ -3,8 +3,11 @@
 On CUDA with Triton (bundled with torch's CUDA wheels) each step is one kernel; elsewhere, or with
 `KT_STREAM_TRITON=0`, the same math runs as plain torch ops (the CPU "fake device" of the tests).
 
-- silu_mul:        h = silu(gate) * up from gu = [gate | up], fp32 math, rounded once
-- swiglu_backward: d(gate | up) from dh and gu, fp32 math, rounded once
+- silu_mul:        h = silu(gate) * up from gu = [gate | up], fp32 math, rounded once; with `add` (the LoRA
+                   term), gu + add first, rounded to gu's dtype as a separate add would round it, and written
+                   back into gu when the caller keeps it
+- swiglu_backward: d(gate | up) from dh and gu, fp32 math, rounded once; with `add`, from dh + add (rounded
+                   to dh's dtype first, likewise)
 - combine:         total[t] += sum_k w[t, k] * rows[slot(t, k)] over the slots of one piece, token-major
                    (each token's sum in registers: no atomics, no fp32 copy of the rows)
 - dout_and_dots:   dout = dy[tok] * w (the expert output's gradient) and the routing-weight gradient
@@ -38,25 +41,60 @@ def triton_enabled(t: torch.Tensor) -> bool:
 # ---- public steps (dispatch) ----------------------------------------------------------------------------
 
 
-def silu_mul(gu: torch.Tensor) -> torch.Tensor:
-    """[S, 2I] gu -> [S, I] silu(gate) * up in gu.dtype."""
-    I = gu.shape[1] // 2
-    if triton_enabled(gu) and gu.shape[0]:
-        h = gu.new_empty((gu.shape[0], I))
-        _launch_rows(_silu_mul_kernel, gu.shape[0], I, gu, h, gu.stride(0), h.stride(0))
+def silu_mul(gu: torch.Tensor, add: torch.Tensor | None = None, *, sum_into_gu: bool = True) -> torch.Tensor:
+    """[S, 2I] gu (+ [S, 2I] add) -> [S, I] silu(gate) * up in gu.dtype.
+
+    With `add`, gate and up are those of gu + add, rounded to gu.dtype; `sum_into_gu` writes that sum into gu
+    (what the backward reads), else gu is left as it was (one write fewer).
+    """
+    S, I = gu.shape[0], gu.shape[1] // 2
+    if triton_enabled(gu) and S:
+        h = gu.new_empty((S, I))
+        extra = gu if add is None else add.contiguous()  # unused pointer without `add`
+        _launch_rows(
+            _silu_mul_kernel,
+            S,
+            I,
+            gu,
+            extra,
+            h,
+            gu.stride(0),
+            extra.stride(0),
+            h.stride(0),
+            HAS_ADD=add is not None,
+            STORE_SUM=add is not None and sum_into_gu,
+        )
         return h
+    if add is not None:
+        gu = gu.add_(add) if sum_into_gu else gu + add
     return F.silu(gu[:, :I]) * gu[:, I:]
 
 
-def swiglu_backward(dh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
-    """[S, I] dh, [S, 2I] gu (gate | up) -> [S, 2I] d(gate | up) in gu.dtype."""
-    I = dh.shape[1]
+def swiglu_backward(dh: torch.Tensor, gu: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """[S, I] dh (+ [S, I] add, the sum rounded to dh.dtype), [S, 2I] gu (gate | up) -> [S, 2I] d(gate | up) in
+    gu.dtype."""
+    S, I = dh.shape
     dgu = torch.empty_like(gu)
-    if triton_enabled(gu) and gu.shape[0]:
+    if triton_enabled(gu) and S:
         dh = dh.contiguous()
-        _launch_rows(_swiglu_backward_kernel, gu.shape[0], I, gu, dh, dgu, gu.stride(0), dh.stride(0), dgu.stride(0))
+        extra = dh if add is None else add.contiguous()  # unused pointer without `add`
+        _launch_rows(
+            _swiglu_backward_kernel,
+            S,
+            I,
+            gu,
+            dh,
+            extra,
+            dgu,
+            gu.stride(0),
+            dh.stride(0),
+            dgu.stride(0),
+            HAS_ADD=add is not None,
+        )
         return dgu
-    for a in range(0, dh.shape[0], ROWS):
+    if add is not None:
+        dh = dh + add
+    for a in range(0, S, ROWS):
         g, u, d = gu[a : a + ROWS, :I].float(), gu[a : a + ROWS, I:].float(), dh[a : a + ROWS].float()
         sig = torch.sigmoid(g)
         dgu[a : a + ROWS, I:] = d * g * sig  # d(up) = dh * silu(gate)
@@ -125,30 +163,64 @@ def dout_and_dots(
 _BLOCK = 1024  # columns per program
 
 
-def _launch_rows(kernel, rows: int, cols: int, *args) -> None:
-    kernel[(rows, triton.cdiv(cols, _BLOCK))](*args, cols, BLOCK=_BLOCK)
+def _launch_rows(kernel, rows: int, cols: int, *args, **flags) -> None:
+    kernel[(rows, triton.cdiv(cols, _BLOCK))](*args, cols, **flags, BLOCK=_BLOCK)
 
 
 if triton is not None:
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, h_ptr, stride_gu, stride_h, I, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(
+        gu_ptr,
+        add_ptr,
+        h_ptr,
+        stride_gu,
+        stride_add,
+        stride_h,
+        I,
+        HAS_ADD: tl.constexpr,
+        STORE_SUM: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < I
-        g = tl.load(gu_ptr + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + row * stride_gu + I + cols, mask=m, other=0.0).to(tl.float32)
+        gate, up = gu_ptr + row * stride_gu + cols, gu_ptr + row * stride_gu + I + cols
+        g = tl.load(gate, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(up, mask=m, other=0.0).to(tl.float32)
+        if HAS_ADD:  # the sums rounded to gu's dtype, as a separate add would leave them (and the backward reads them)
+            add = add_ptr + row * stride_add + cols
+            g = (g + tl.load(add, mask=m, other=0.0).to(tl.float32)).to(gu_ptr.dtype.element_ty)
+            u = (u + tl.load(add + I, mask=m, other=0.0).to(tl.float32)).to(gu_ptr.dtype.element_ty)
+            if STORE_SUM:
+                tl.store(gate, g, mask=m)
+                tl.store(up, u, mask=m)
+            g, u = g.to(tl.float32), u.to(tl.float32)
         h = g * tl.sigmoid(g) * u
         tl.store(h_ptr + row * stride_h + cols, h.to(h_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _swiglu_backward_kernel(gu_ptr, dh_ptr, dgu_ptr, stride_gu, stride_dh, stride_dgu, I, BLOCK: tl.constexpr):
+    def _swiglu_backward_kernel(
+        gu_ptr,
+        dh_ptr,
+        add_ptr,
+        dgu_ptr,
+        stride_gu,
+        stride_dh,
+        stride_dgu,
+        I,
+        HAS_ADD: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < I
         g = tl.load(gu_ptr + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
         u = tl.load(gu_ptr + row * stride_gu + I + cols, mask=m, other=0.0).to(tl.float32)
         d = tl.load(dh_ptr + row * stride_dh + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_ADD:  # add: dh's shape and strides; the sum rounded to dh's dtype, as a separate add would round it
+            a = tl.load(add_ptr + row * stride_dh + cols, mask=m, other=0.0).to(tl.float32)
+            d = (d + a).to(dh_ptr.dtype.element_ty).to(tl.float32)
         sig = tl.sigmoid(g)
         d_gate = d * u * sig * (1.0 + g * (1.0 - sig))
         d_up = d * g * sig

@@ -28,7 +28,7 @@ import torch
 
 from kt_core.streaming.fused import silu_mul, swiglu_backward
 
-__all__ = ["Groups", "expert_mlp_backward", "expert_mlp_forward", "grouped_mm_available"]
+__all__ = ["Groups", "expert_mlp_backward", "expert_mlp_forward", "grouped_mm_available", "to_keep"]
 
 
 class Groups:
@@ -206,18 +206,27 @@ def expert_mlp_forward(
         lora: (A1 [G, r, H], B1 [G, 2I, r], A2 [G, r, I], B2 [G, H, r]) in xs.dtype, or None.
         keep: also return the intermediates the backward needs (pass them as its `saved`), else None.
     """
-    gu = _frozen(xs, w13, g, transposed=True)  # [S, 2I]
-    z1 = None
+    gu = _frozen(xs, w13, g, transposed=True)  # [S, 2I], a fresh tensor (as every product here): updated in place
+    z1 = lora_gu = None
     if lora is not None:
         z1 = _lora_in(xs, lora[0], g, scaling)  # [S, r]
-        gu = gu + _mm_t(z1, lora[1], g)
-    h = silu_mul(gu)  # [S, I]
+        lora_gu = _mm_t(z1, lora[1], g)  # [S, 2I]
+    h = silu_mul(gu, lora_gu, sum_into_gu=keep)  # [S, I]; the LoRA term added in the same pass
+    del lora_gu
     out = _frozen(h, w2, g, transposed=True)  # [S, H]
     z2 = None
     if lora is not None:
         z2 = _lora_in(h, lora[2], g, scaling)  # [S, r]
-        out = out + _mm_t(z2, lora[3], g)
+        out.add_(_mm_t(z2, lora[3], g))
     return out, ((gu, h, z1, z2) if keep else None)
+
+
+def to_keep(saved: tuple) -> tuple:
+    """The forward's intermediates as held between a layer's recomputation and its backward: gu, z1 and z2; h is
+    dropped (the backward recomputes it from gu, one element-wise pass, where the LoRA needs it), so a kept row
+    takes H + 2I values with its output instead of H + 3I."""
+    gu, _, z1, z2 = saved
+    return gu, None, z1, z2
 
 
 def expert_mlp_backward(
@@ -236,7 +245,7 @@ def expert_mlp_backward(
     Args:
         xs, g, w13, w2, lora, scaling: as for the forward.
         dout: [S, H] gradient of its output.
-        saved: the forward's intermediates (`keep=True`); recomputed when not given.
+        saved: the forward's intermediates (`keep=True`, or `to_keep` of them); recomputed when not given.
 
     Returns:
         out [S, H] (recomputed, for the routing-weight gradient; None when `saved` was given), dxs [S, H],
@@ -248,21 +257,23 @@ def expert_mlp_backward(
     gu, h, z1, z2 = saved
     del saved
     dh = _frozen(dout, w2, g, transposed=False)  # [S, I]
-    grads = None
+    grads = lora_dh = None
     if lora is not None:
         A1, B1, A2, B2 = lora
+        if h is None:  # held by `to_keep`: recomputed from gu
+            h = silu_mul(gu)
         dB2 = _wgrad(dout, z2, g, small="b")  # [G, H, r]
         dz2 = _mm_n(dout, B2, g) * scaling  # [S, r]
         dA2 = _wgrad(dz2, h, g, small="a")  # [G, r, I]
-        dh = dh + _mm_n(dz2, A2, g)
+        lora_dh = _mm_n(dz2, A2, g)  # [S, I]
     del h
-    dgu = swiglu_backward(dh, gu).to(xs.dtype)  # [S, 2I]
-    del gu, dh
+    dgu = swiglu_backward(dh, gu, lora_dh).to(xs.dtype)  # [S, 2I]; the LoRA term added in the same pass
+    del gu, dh, lora_dh
     dxs = _frozen(dgu, w13, g, transposed=False)  # [S, H]
     if lora is not None:
         dB1 = _wgrad(dgu, z1, g, small="b")  # [G, 2I, r]
         dz1 = _mm_n(dgu, B1, g) * scaling  # [S, r]
         dA1 = _wgrad(dz1, xs, g, small="a")  # [G, r, H]
-        dxs = dxs + _mm_n(dz1, A1, g)
+        dxs.add_(_mm_n(dz1, A1, g))
         grads = (dA1, dB1, dA2, dB2)
     return out, dxs, grads

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kt_core.streaming.fused import combine, dout_and_dots
-from kt_core.streaming.gpu_experts import Groups, expert_mlp_backward, expert_mlp_forward
+from kt_core.streaming.gpu_experts import Groups, expert_mlp_backward, expert_mlp_forward, to_keep
 
 if TYPE_CHECKING:
     from kt_core.experts.split import GpuPart
@@ -175,12 +175,12 @@ class _StreamedCall:
         kept, kept_bytes = [], 0
         for a, b, g in self._pieces(r):
             tok = r.tok[a:b]
-            nbytes = (b - a) * (m.hidden_dim + 3 * m.intermediate_dim) * w13.element_size()  # out, gu, h
+            nbytes = (b - a) * (m.hidden_dim + 2 * m.intermediate_dim) * w13.element_size()  # out, gu (to_keep)
             keep_piece = keep and kept_bytes + nbytes <= rt.keep_bytes
             xs = x[tok].to(w13.dtype)  # [P, H]
             out, saved = expert_mlp_forward(xs, g, w13, w2, sub, scaling, keep=keep_piece)
             combine(y, out, a, inv=r.inv, tok=tok, w_tok=r.w_tok, w_sorted=r.ws[a:b])
-            kept.append((out, saved) if keep_piece else None)
+            kept.append((out, to_keep(saved)) if keep_piece else None)
             kept_bytes += nbytes if keep_piece else 0
             del xs, out, saved
         if keep:
