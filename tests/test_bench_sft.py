@@ -279,12 +279,12 @@ def test_llamafactory_modes_differ_only_in_the_kt_keys(expert_lora, tmp_path):
 
     a = SimpleNamespace(
         checkpoint=tmp_path, rank=8, seq=64, batch=2, warmup=1, steps=2, lr=1e-4, device="cuda", cpu_infer=None,
-        expert_lora=expert_lora, expert_gpu_memory="3GiB", gpu_memory_limit=None,
+        expert_lora=expert_lora, expert_gpu_memory="3GiB", gpu_memory_limit=None, stream_keep_bytes="2GiB",
     )  # fmt: skip
     stock = bench_sft.llamafactory_config("lf-gpu", a, tmp_path)
     assert "use_kt" not in stock and stock["lora_target"] == "all" and stock["use_cpu"] is False
     cpu = bench_sft.llamafactory_config("lf-kt-cpu", a, tmp_path)
     stream = bench_sft.llamafactory_config("lf-kt-stream", a, tmp_path)
     assert {k: v for k, v in cpu.items() if k not in stock} == {"use_kt": True, "kt_expert_lora": expert_lora == "on"}
-    assert stream == {**cpu, "kt_expert_gpu_memory": "3GiB"}
+    assert stream == {**cpu, "kt_expert_gpu_memory": "3GiB", "kt_stream_keep_bytes": "2GiB"}
     assert {k: v for k, v in cpu.items() if k in stock} == stock
