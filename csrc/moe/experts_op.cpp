@@ -200,33 +200,42 @@ void ExpertsOp::gather_rows(ThreadPool& pool, const Routing& r, const void* src,
   });
 }
 
-// gu [S, 2I] = xg @ W_gu[e]^T + xa @ B_gu[e]^T, with xa [S, r] = scaling * xg @ A_gu[e]^T (kept for backward).
-void ExpertsOp::gate_up(ThreadPool& pool, const Routing& r, DType act, const float* xg, const LoraFactors& lora,
-                        float* xa, float* gu) {
-  const int H = w_.hidden, I2 = 2 * w_.intermediate, R = lora.rank;
+// c [S, N] = a [S, K] @ W[e]^T + za @ B[e]^T, with za [S, r] = scaling * a @ A[e]^T (kept for backward), for
+// W = W_gu (gate_up: K = H, N = 2I) or W_d (K = I, N = H). In the bf16 dot path `a` is rounded to bf16 first: exact
+// for gate_up (its rows came from bf16 activations); for down it rounds h, as the bf16 reference does between its two
+// matmuls.
+void ExpertsOp::project_with_lora(ThreadPool& pool, const Routing& r, DType act, bool gate_up, const float* a,
+                                  const float* lora_a, const float* lora_b, const LoraFactors& lora, float* za,
+                                  float* c) {
+  const int K = gate_up ? w_.hidden : w_.intermediate, N = gate_up ? 2 * w_.intermediate : w_.hidden, R = lora.rank;
   const int64_t S = r.num_rows();
   if (R > 0) {
     for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
       if (rows == 0) return;
-      float* xa_e = xa + row0 * R;
-      k_->nt(rows, R, H, xg + row0 * H, H, lora.gate_up_a + static_cast<int64_t>(e) * R * H, DType::kF32, H, xa_e, R,
-             false);
-      for (int64_t i = 0; i < static_cast<int64_t>(rows) * R; ++i) xa_e[i] *= lora.scaling;
+      float* za_e = za + row0 * R;
+      k_->nt(rows, R, K, a + row0 * K, K, lora_a + static_cast<int64_t>(e) * R * K, DType::kF32, K, za_e, R, false);
+      for (int64_t i = 0; i < static_cast<int64_t>(rows) * R; ++i) za_e[i] *= lora.scaling;
     });
   }
   const bool bf16_dot = use_bf16_dot(act);
-  bf16* xb = nullptr;
-  if (bf16_dot) {  // exact: the rows came from bf16 activations
-    xb = scratch_.bf16_operand.get(S * H);
-    for (int64_t i = 0; i < S * H; ++i) xb[i] = f32_to_bf16(xg[i]);
+  bf16* ab = nullptr;
+  if (bf16_dot) {
+    ab = scratch_.bf16_operand.get(S * K);
+    for (int64_t i = 0; i < S * K; ++i) ab[i] = f32_to_bf16(a[i]);
   }
-  for_each_block(pool, r, I2, [&](int e, int64_t row0, int rows, int col0, int ncols) {
-    float* c = gu + row0 * I2 + col0;
-    project(bf16_dot, true, e, col0, rows, ncols, xg + row0 * H, xb ? xb + row0 * H : nullptr, c, I2);
+  for_each_block(pool, r, N, [&](int e, int64_t row0, int rows, int col0, int ncols) {
+    float* ce = c + row0 * N + col0;
+    project(bf16_dot, gate_up, e, col0, rows, ncols, a + row0 * K, ab ? ab + row0 * K : nullptr, ce, N);
     if (R > 0)
-      k_->nt(rows, ncols, R, xa + row0 * R, R, lora.gate_up_b + (static_cast<int64_t>(e) * I2 + col0) * R, DType::kF32,
-             R, c, I2, true);
+      k_->nt(rows, ncols, R, za + row0 * R, R, lora_b + (static_cast<int64_t>(e) * N + col0) * R, DType::kF32, R, ce, N,
+             true);
   });
+}
+
+// gu [S, 2I] = xg @ W_gu[e]^T + xa @ B_gu[e]^T, with xa [S, r] = scaling * xg @ A_gu[e]^T (kept for backward).
+void ExpertsOp::gate_up(ThreadPool& pool, const Routing& r, DType act, const float* xg, const LoraFactors& lora,
+                        float* xa, float* gu) {
+  project_with_lora(pool, r, act, true, xg, lora.gate_up_a, lora.gate_up_b, lora, xa, gu);
 }
 
 // h [S, I] = silu(gate) * up.
@@ -247,30 +256,7 @@ void ExpertsOp::activate(ThreadPool& pool, const Routing& r, const float* gu, fl
 // out [S, H] = h @ W_d[e]^T + ha @ B_d[e]^T, with ha [S, r] = scaling * h @ A_d[e]^T (kept for backward).
 void ExpertsOp::down(ThreadPool& pool, const Routing& r, DType act, const float* h, const LoraFactors& lora, float* ha,
                      float* out) {
-  const int H = w_.hidden, I = w_.intermediate, R = lora.rank;
-  const int64_t S = r.num_rows();
-  if (R > 0) {
-    for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
-      if (rows == 0) return;
-      float* ha_e = ha + row0 * R;
-      k_->nt(rows, R, I, h + row0 * I, I, lora.down_a + static_cast<int64_t>(e) * R * I, DType::kF32, I, ha_e, R,
-             false);
-      for (int64_t i = 0; i < static_cast<int64_t>(rows) * R; ++i) ha_e[i] *= lora.scaling;
-    });
-  }
-  const bool bf16_dot = use_bf16_dot(act);
-  bf16* hb = nullptr;
-  if (bf16_dot) {  // rounds h to bf16, as the bf16 reference does between its two matmuls
-    hb = scratch_.bf16_operand.get(S * I);
-    for (int64_t i = 0; i < S * I; ++i) hb[i] = f32_to_bf16(h[i]);
-  }
-  for_each_block(pool, r, H, [&](int e, int64_t row0, int rows, int col0, int ncols) {
-    float* c = out + row0 * H + col0;
-    project(bf16_dot, false, e, col0, rows, ncols, h + row0 * I, hb ? hb + row0 * I : nullptr, c, H);
-    if (R > 0)
-      k_->nt(rows, ncols, R, ha + row0 * R, R, lora.down_b + (static_cast<int64_t>(e) * H + col0) * R, DType::kF32, R,
-             c, H, true);
-  });
+  project_with_lora(pool, r, act, false, h, lora.down_a, lora.down_b, lora, ha, out);
 }
 
 // out[t] = sum_k scale[t,k] * rows[slot_row(t,k)] in slot order (deterministic), stored as `t`.
