@@ -9,7 +9,6 @@ import contextlib
 import pytest
 
 from kt_core.distributed import LocalRanks, ignore_frozen_experts, local_ranks, prepare_data_parallel
-from kt_core.distributed import ddp as ddp_module
 from kt_core.distributed.cpus import _ranges, cpu_share
 
 
@@ -49,20 +48,6 @@ def _tiny_with_expert_lora():
 
 
 @contextlib.contextmanager
-def _one_rank_group():
-    import torch.distributed as dist
-
-    # An in-memory store: a one-rank group needs no rendezvous, and file locks on the test machine's temp
-    # directory are not something these tests are about.
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        ddp_module._gloo_group = None
-        dist.destroy_process_group()
-
-
-@contextlib.contextmanager
 def _counting_all_reduce():
     """Yields the list of the element counts of every torch.distributed.all_reduce made while it is open."""
     import torch.distributed as dist
@@ -80,7 +65,7 @@ def _counting_all_reduce():
         dist.all_reduce = real_all_reduce
 
 
-def test_ddp_ignores_the_experts_and_their_lora():
+def test_ddp_ignores_the_experts_and_their_lora(one_rank_group):
     from torch.nn.parallel import DistributedDataParallel
 
     model = _tiny_with_expert_lora()
@@ -89,16 +74,15 @@ def test_ddp_ignores_the_experts_and_their_lora():
     factors += [f"model.layers.{i}.mlp.experts.lora.{f}" for i in range(2) for f in ("gate_up_A", "gate_up_B")]
     frozen = [f"model.layers.{i}.mlp.experts.{w}" for i in range(2) for w in ("down_proj", "gate_up_proj")]
     assert ignored == sorted(frozen + factors)
-    with _one_rank_group():
-        ddp = DistributedDataParallel(model)
-        assert ddp.parameters_to_ignore == set(ignored)
-        booked = {id(p) for p in ddp._module_parameters}
-        named = dict(model.named_parameters())
-        assert all(id(named[n]) not in booked for n in factors)  # the averager's, on the host whatever DDP's device
-        assert any(id(p) in booked for p in model.parameters())
+    ddp = DistributedDataParallel(model)
+    assert ddp.parameters_to_ignore == set(ignored)
+    booked = {id(p) for p in ddp._module_parameters}
+    named = dict(model.named_parameters())
+    assert all(id(named[n]) not in booked for n in factors)  # the averager's, on the host whatever DDP's device
+    assert any(id(p) in booked for p in model.parameters())
 
 
-def test_expert_lora_averaged_once_per_optimizer_step():
+def test_expert_lora_averaged_once_per_optimizer_step(one_rank_group):
     """Two optimizer steps of two micro-batches each: one broadcast, then one all_reduce per step, on the last
     micro-batch's backward (outside no_sync()), before anything reads the gradients; the gradients keep the local
     accumulation (one rank: the average of one)."""
@@ -110,24 +94,23 @@ def test_expert_lora_averaged_once_per_optimizer_step():
     assert averager is model.kt_lora_averager and prepare_data_parallel(model) is averager
     assert len(averager.factors) == 8
     ids = torch.randint(3, 64, (4, 2, 8), generator=torch.Generator().manual_seed(0))
-    with _one_rank_group():
-        ddp = DistributedDataParallel(model)
-        with _counting_all_reduce() as calls:
-            for step in range(2):
-                with ddp.no_sync():
-                    ddp(input_ids=ids[2 * step], labels=ids[2 * step]).loss.backward()
-                assert averager.reductions == step  # accumulating: nothing reduced
-                local = [p.grad.clone() for p in averager.factors]
-                ddp(input_ids=ids[2 * step + 1], labels=ids[2 * step + 1]).loss.backward()
-                assert averager.reductions == step + 1
-                model.zero_grad(set_to_none=True)
-        assert averager.broadcasts == 1
-        total = sum(p.numel() for p in averager.factors)
-        assert calls.count(total) == 2  # one flat buffer per step, every factor in it
-        assert all(g is not None for g in local)
+    ddp = DistributedDataParallel(model)
+    with _counting_all_reduce() as calls:
+        for step in range(2):
+            with ddp.no_sync():
+                ddp(input_ids=ids[2 * step], labels=ids[2 * step]).loss.backward()
+            assert averager.reductions == step  # accumulating: nothing reduced
+            local = [p.grad.clone() for p in averager.factors]
+            ddp(input_ids=ids[2 * step + 1], labels=ids[2 * step + 1]).loss.backward()
+            assert averager.reductions == step + 1
+            model.zero_grad(set_to_none=True)
+    assert averager.broadcasts == 1
+    total = sum(p.numel() for p in averager.factors)
+    assert calls.count(total) == 2  # one flat buffer per step, every factor in it
+    assert all(g is not None for g in local)
 
 
-def test_a_factor_without_gradient_is_refused_at_the_next_step():
+def test_a_factor_without_gradient_is_refused_at_the_next_step(one_rank_group):
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
@@ -136,10 +119,9 @@ def test_a_factor_without_gradient_is_refused_at_the_next_step():
     model = _tiny_with_expert_lora().train()
     averager = prepare_data_parallel(model)
     ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    with _one_rank_group():
-        ddp = DistributedDataParallel(model, find_unused_parameters=True)
-        next(m for m in model.modules() if isinstance(m, KTExperts)).lora_enabled = False
-        ddp(input_ids=ids, labels=ids).loss.backward()
-        assert averager.reductions == 0
-        with pytest.raises(RuntimeError, match=r"no gradient to 4 of 8 expert LoRA factors \(model\.layers\.0"):
-            ddp(input_ids=ids, labels=ids)
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    next(m for m in model.modules() if isinstance(m, KTExperts)).lora_enabled = False
+    ddp(input_ids=ids, labels=ids).loss.backward()
+    assert averager.reductions == 0
+    with pytest.raises(RuntimeError, match=r"no gradient to 4 of 8 expert LoRA factors \(model\.layers\.0"):
+        ddp(input_ids=ids, labels=ids)

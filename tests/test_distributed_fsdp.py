@@ -28,7 +28,7 @@ from kt_core.distributed import fsdp_ignored_params, prepare_data_parallel, prep
 from kt_core.distributed.fsdp import check_fsdp_plugin
 from kt_core.settings import SettingError
 from tests.distributed_helpers import fsdp_on_the_cpu, launch, peft_model_with_expert_lora, run_rank
-from tests.test_distributed import _counting_all_reduce, _one_rank_group, _tiny_with_expert_lora
+from tests.test_distributed import _counting_all_reduce, _tiny_with_expert_lora
 
 STEPS = 4
 GLOBAL_BATCH = 4
@@ -133,7 +133,7 @@ def _shard(model, **kwargs):
     return fully_shard(model, **kwargs)
 
 
-def test_fsdp2_leaves_the_experts_whole_and_averages_once_per_step():
+def test_fsdp2_leaves_the_experts_whole_and_averages_once_per_step(one_rank_group):
     """fully_shard by hand with fsdp_ignored_params: the experts stay plain host tensors; two steps of two
     micro-batches (set_requires_gradient_sync(False) on the first) give one broadcast and one all_reduce per step."""
     from torch.distributed.tensor import DTensor
@@ -146,58 +146,54 @@ def test_fsdp2_leaves_the_experts_whole_and_averages_once_per_step():
     ignored = fsdp_ignored_params(model)
     assert ignored == {p for m in experts for p in m.parameters()} and len(ignored) == 12
     ids = torch.randint(3, 64, (4, 2, 8), generator=torch.Generator().manual_seed(0))
-    with _one_rank_group():
-        _shard(model, ignored_params=ignored)
-        assert all(not isinstance(p, DTensor) for p in ignored)
-        assert isinstance(model.model.layers[0].self_attn.q_proj.weight, DTensor)
-        with _counting_all_reduce() as calls:
-            for step in range(2):
-                model.set_requires_gradient_sync(False)
-                model(input_ids=ids[2 * step], labels=ids[2 * step]).loss.backward()
-                model.set_requires_gradient_sync(True)
-                assert averager.reductions == step  # accumulating: nothing reduced
-                model(input_ids=ids[2 * step + 1], labels=ids[2 * step + 1]).loss.backward()
-                assert averager.reductions == step + 1
-                model.zero_grad(set_to_none=True)
-        assert averager.broadcasts == 1
-        assert calls.count(sum(p.numel() for p in averager.factors)) == 2
+    _shard(model, ignored_params=ignored)
+    assert all(not isinstance(p, DTensor) for p in ignored)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.weight, DTensor)
+    with _counting_all_reduce() as calls:
+        for step in range(2):
+            model.set_requires_gradient_sync(False)
+            model(input_ids=ids[2 * step], labels=ids[2 * step]).loss.backward()
+            model.set_requires_gradient_sync(True)
+            assert averager.reductions == step  # accumulating: nothing reduced
+            model(input_ids=ids[2 * step + 1], labels=ids[2 * step + 1]).loss.backward()
+            assert averager.reductions == step + 1
+            model.zero_grad(set_to_none=True)
+    assert averager.broadcasts == 1
+    assert calls.count(sum(p.numel() for p in averager.factors)) == 2
 
 
-def test_fsdp2_sharding_the_experts_is_refused_at_the_first_forward():
+def test_fsdp2_sharding_the_experts_is_refused_at_the_first_forward(one_rank_group):
     model = _tiny_with_expert_lora().train()
     prepare_data_parallel(model)
     ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    with _one_rank_group():
-        _shard(model)
-        with pytest.raises(SettingError, match=r"FSDP2 ignored_params: FSDP2 shards 12 tensors of the routed experts"):
-            model(input_ids=ids, labels=ids)
+    _shard(model)
+    with pytest.raises(SettingError, match=r"FSDP2 ignored_params: FSDP2 shards 12 tensors of the routed experts"):
+        model(input_ids=ids, labels=ids)
 
 
-def test_fsdp2_cpu_offload_is_refused_at_the_first_forward():
+def test_fsdp2_cpu_offload_is_refused_at_the_first_forward(one_rank_group):
     from torch.distributed.fsdp import CPUOffloadPolicy
 
     model = _tiny_with_expert_lora().train()
     prepare_data_parallel(model)
     ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    with _one_rank_group():
-        _shard(model, ignored_params=fsdp_ignored_params(model), offload_policy=CPUOffloadPolicy(pin_memory=False))
-        with pytest.raises(SettingError, match=r"FSDP cpu_offload: got CPUOffloadPolicy"):
-            model(input_ids=ids, labels=ids)
+    _shard(model, ignored_params=fsdp_ignored_params(model), offload_policy=CPUOffloadPolicy(pin_memory=False))
+    with pytest.raises(SettingError, match=r"FSDP cpu_offload: got CPUOffloadPolicy"):
+        model(input_ids=ids, labels=ids)
 
 
 @pytest.mark.gpu
-def test_fsdp1_is_refused_at_the_first_forward():
+def test_fsdp1_is_refused_at_the_first_forward(one_rank_group):
     """FSDP1 wraps modules on an accelerator only ("FSDP needs a non-CPU accelerator device" on the CPU)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     model = _tiny_with_expert_lora().train()
     prepare_data_parallel(model)
     ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    with _one_rank_group():
-        attn = model.model.layers[0].self_attn
-        model.model.layers[0].self_attn = FullyShardedDataParallel(attn, device_id=torch.cuda.current_device())
-        with pytest.raises(SettingError, match=r"FSDP fsdp_version: got 1 \(FullyShardedDataParallel"):
-            model(input_ids=ids, labels=ids)
+    attn = model.model.layers[0].self_attn
+    model.model.layers[0].self_attn = FullyShardedDataParallel(attn, device_id=torch.cuda.current_device())
+    with pytest.raises(SettingError, match=r"FSDP fsdp_version: got 1 \(FullyShardedDataParallel"):
+        model(input_ids=ids, labels=ids)
 
 
 @pytest.mark.parametrize(
@@ -216,7 +212,7 @@ def test_accelerate_fsdp_settings_we_do_not_run_are_refused(setting, message):
         prepare_fsdp2(_tiny_with_expert_lora(), plugin)
 
 
-def test_per_mesh_clipping_takes_the_host_gradients():
+def test_per_mesh_clipping_takes_the_host_gradients(one_rank_group):
     """Newer accelerate clips under FSDP2 one device mesh at a time (Accelerator._clip_grad_norm_dtensor_aware),
     which cannot take the factors' plain host gradients beside DTensor ones; wrapped, the total norm and the clipped
     gradients are torch.nn.utils.clip_grad_norm_'s over all of them."""
@@ -241,24 +237,23 @@ def test_per_mesh_clipping_takes_the_host_gradients():
     for p, grad in zip(reference, grads, strict=True):
         p.grad = grad.clone()
     expected = torch.nn.utils.clip_grad_norm_(reference, max_norm=0.5)
-    with _one_rank_group():
-        mesh = init_device_mesh("cpu", (1,))
-        params = []
-        for i, (v, grad) in enumerate(zip(values, grads, strict=True)):
-            p = torch.nn.Parameter(distribute_tensor(v, mesh, [Shard(0)]) if i < 2 else v.clone())
-            p.grad = distribute_tensor(grad, mesh, [Shard(0)]) if i < 2 else grad.clone()
-            params.append(p)
-        with implicit_replication():
-            with pytest.raises(RuntimeError, match="same device"):
-                per_mesh(None, params, 0.5)
-            clip = clip_with_host_gradients(per_mesh)
-            norm = clip(None, params, float("inf"))
-            assert torch.allclose(norm, torch.linalg.vector_norm(torch.cat([x.flatten() for x in grads])))
-            total = clip(None, params, 0.5)
-        assert torch.allclose(total, expected)
-        for p, ref in zip(params, reference, strict=True):
-            got = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-            torch.testing.assert_close(got, ref.grad)
+    mesh = init_device_mesh("cpu", (1,))
+    params = []
+    for i, (v, grad) in enumerate(zip(values, grads, strict=True)):
+        p = torch.nn.Parameter(distribute_tensor(v, mesh, [Shard(0)]) if i < 2 else v.clone())
+        p.grad = distribute_tensor(grad, mesh, [Shard(0)]) if i < 2 else grad.clone()
+        params.append(p)
+    with implicit_replication():
+        with pytest.raises(RuntimeError, match="same device"):
+            per_mesh(None, params, 0.5)
+        clip = clip_with_host_gradients(per_mesh)
+        norm = clip(None, params, float("inf"))
+        assert torch.allclose(norm, torch.linalg.vector_norm(torch.cat([x.flatten() for x in grads])))
+        total = clip(None, params, 0.5)
+    assert torch.allclose(total, expected)
+    for p, ref in zip(params, reference, strict=True):
+        got = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        torch.testing.assert_close(got, ref.grad)
 
 
 def test_trainer_mixed_mesh_clipping_scales_each_gradient_on_its_device():
