@@ -617,10 +617,11 @@ def run_trainer_mode(mode: str, a) -> dict:
             streaming = dict(
                 expert_gpu_memory=full_layer_slots(model) if mode == "kt-stream-gpu" else a.expert_gpu_memory,
                 gpu_memory_limit=a.gpu_memory_limit,
-                stream_keep_bytes=a.stream_keep_bytes,
                 stream_quantize="int8" if mode.endswith("int8") else None,
                 stream_mode="gpu" if mode == "kt-stream-gpu" else "auto",  # gpu: every expert streamed, no CPU share
             )
+            if a.stream_keep_bytes:
+                streaming["stream_keep_bytes"] = a.stream_keep_bytes
         callbacks.append(KTCallback(cpu_infer=a.cpu_infer, max_seq_length=a.seq, **streaming))
     with tempfile.TemporaryDirectory() as out:
         args = transformers.TrainingArguments(
@@ -713,7 +714,8 @@ def llamafactory_config(mode: str, a, work: Path) -> dict:
             config["cpu_infer"] = a.cpu_infer
     if mode == "lf-kt-stream":
         config["kt_expert_gpu_memory"] = a.expert_gpu_memory
-        config["kt_stream_keep_bytes"] = a.stream_keep_bytes
+        if a.stream_keep_bytes:
+            config["kt_stream_keep_bytes"] = a.stream_keep_bytes
         if a.gpu_memory_limit:
             config["kt_gpu_memory_limit"] = a.gpu_memory_limit
     return config
@@ -832,8 +834,9 @@ def main() -> None:
     ap.add_argument("--gpu-memory-limit", default=None, help="kt[-lf]-stream modes: the whole run's GPU memory cap")
     ap.add_argument(
         "--stream-keep-bytes",
-        default="1GiB",
-        help="kt[-lf]-stream modes: expert intermediates a checkpointed layer keeps for its backward",
+        default=None,
+        help="kt[-lf]-stream modes: expert intermediates a checkpointed layer keeps for its backward (default: "
+        "the plugin's own)",
     )
     ap.add_argument("--cpu-infer", type=int, default=None, help="CPU threads of the experts operator")
     ap.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (written when missing)")

@@ -205,9 +205,10 @@ void ExpertsOp::gather_rows(ThreadPool& pool, const Routing& r, const void* src,
 // for gate_up (its rows came from bf16 activations); for down it rounds h, as the bf16 reference does between its two
 // matmuls.
 void ExpertsOp::project_with_lora(ThreadPool& pool, const Routing& r, DType act, bool gate_up, const float* a,
-                                  const float* lora_a, const float* lora_b, const LoraFactors& lora, float* za,
-                                  float* c) {
+                                  const LoraFactors& lora, float* za, float* c) {
   const int K = gate_up ? w_.hidden : w_.intermediate, N = gate_up ? 2 * w_.intermediate : w_.hidden, R = lora.rank;
+  const float* lora_a = gate_up ? lora.gate_up_a : lora.down_a;  // [E, r, K]
+  const float* lora_b = gate_up ? lora.gate_up_b : lora.down_b;  // [E, N, r]
   const int64_t S = r.num_rows();
   if (R > 0) {
     for_each_expert(pool, r, [&](int e, int64_t row0, int rows) {
@@ -235,7 +236,7 @@ void ExpertsOp::project_with_lora(ThreadPool& pool, const Routing& r, DType act,
 // gu [S, 2I] = xg @ W_gu[e]^T + xa @ B_gu[e]^T, with xa [S, r] = scaling * xg @ A_gu[e]^T (kept for backward).
 void ExpertsOp::gate_up(ThreadPool& pool, const Routing& r, DType act, const float* xg, const LoraFactors& lora,
                         float* xa, float* gu) {
-  project_with_lora(pool, r, act, true, xg, lora.gate_up_a, lora.gate_up_b, lora, xa, gu);
+  project_with_lora(pool, r, act, true, xg, lora, xa, gu);
 }
 
 // h [S, I] = silu(gate) * up.
@@ -256,7 +257,7 @@ void ExpertsOp::activate(ThreadPool& pool, const Routing& r, const float* gu, fl
 // out [S, H] = h @ W_d[e]^T + ha @ B_d[e]^T, with ha [S, r] = scaling * h @ A_d[e]^T (kept for backward).
 void ExpertsOp::down(ThreadPool& pool, const Routing& r, DType act, const float* h, const LoraFactors& lora, float* ha,
                      float* out) {
-  project_with_lora(pool, r, act, false, h, lora.down_a, lora.down_b, lora, ha, out);
+  project_with_lora(pool, r, act, false, h, lora, ha, out);
 }
 
 // out[t] = sum_k scale[t,k] * rows[slot_row(t,k)] in slot order (deterministic), stored as `t`.

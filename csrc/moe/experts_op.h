@@ -214,7 +214,7 @@ class ExpertsOp {
             float* out);
   // gate_up and down: the projection through W_gu or W_d with its LoRA term (experts_op.cpp).
   void project_with_lora(ThreadPool& pool, const Routing& r, DType act, bool gate_up, const float* a,
-                         const float* lora_a, const float* lora_b, const LoraFactors& lora, float* za, float* c);
+                         const LoraFactors& lora, float* za, float* c);
   // C[rows, cols] = A[rows, in] @ W[cols, in]^T for rows row0.. of W_gu[e] (gate_up) or W_d[e], through the
   // bf16 dot kernel when `bf16_dot`.
   void project(bool bf16_dot, bool gate_up, int e, int row0, int rows, int cols, const float* a, const bf16* a_bf16,
