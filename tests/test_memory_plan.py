@@ -58,7 +58,7 @@ def _hand_parts(checkpointing: bool) -> dict[str, int]:
         "resident experts": 2 * 2 * EXPERT,  # what the budget leaves: 2 per layer
         "layer inputs": 3 * T * H * d if checkpointing else 2 * saved,
         "one layer's working set": saved + transient if checkpointing else transient,
-        "kept expert intermediates": min(1024, T * K * (H + 2 * I) * d) if checkpointing else 0,
+        "kept expert intermediates": min(1024, T * K * 2 * I * d) if checkpointing else 0,
         "loss workspace": loss,
     }
 

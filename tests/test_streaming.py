@@ -141,7 +141,29 @@ def test_fused_steps_take_the_lora_term_in_their_pass():
         g = gu.clone()
         assert torch.equal(fused.silu_mul(g, add, sum_into_gu=into), fused.silu_mul(gu + add))
         assert torch.equal(g, gu + add if into else gu)
-    assert torch.equal(fused.swiglu_backward(dh, gu, add_dh), fused.swiglu_backward(dh + add_dh, gu))
+    assert torch.equal(fused.swiglu_backward(dh, gu, add_dh)[0], fused.swiglu_backward(dh + add_dh, gu)[0])
+
+
+def test_swiglu_backward_takes_the_routing_weight_gradient_from_dh_and_h():
+    """With the rows' routing weights: d(gate | up) for those weights, and <dh, h> (h rounded as the forward left
+    it), which equals <dy, out> for out = h @ w2^T: the backward needs no expert output."""
+    from kt_core.streaming import fused
+
+    gen = torch.Generator().manual_seed(8)
+    S, I_, H_ = 9, 6, 5
+    gu, dh_add = torch.randn(S, 2 * I_, generator=gen).bfloat16(), torch.randn(S, I_, generator=gen).bfloat16()
+    w2, dy = torch.randn(H_, I_, generator=gen).double(), torch.randn(S, H_, generator=gen).double()
+    weights = torch.rand(S, generator=gen)
+    dh = (dy @ w2).bfloat16()
+    dgu, dots = fused.swiglu_backward(dh, gu, dh_add, w=weights)
+    d = (dh + dh_add).float()  # the sum rounded to bf16, as the kernel rounds it
+    h = fused.silu_mul(gu).float()
+    torch.testing.assert_close(dots, (d * h).sum(-1), rtol=1e-6, atol=1e-6)
+    ref, _ = fused.swiglu_backward(d * weights[:, None], gu.float())
+    torch.testing.assert_close(dgu.float(), ref, rtol=1e-2, atol=1e-2)  # one bf16 rounding
+    _, plain = fused.swiglu_backward(dh, gu, w=weights)
+    torch.testing.assert_close(plain.double(), (dy * (h.double() @ w2.t())).sum(-1), rtol=2e-2, atol=2e-2)
+    assert fused.swiglu_backward(dh, gu)[1] is None
 
 
 def test_state_dict_and_module_names_unchanged():
@@ -321,21 +343,23 @@ def test_plans_are_made_once_per_step(monkeypatch):
     assert len(rt.history) == 2
 
 
-# One piece of 7 sorted slots keeps 7 * (H + 2 * I) fp32 values (its output and gu; h is recomputed).
-PIECE_BYTES = 7 * (H + 2 * I) * 4
+# One piece of 7 sorted slots keeps 7 * 2I fp32 values (its gu; h is recomputed, the output is not needed).
+PIECE_BYTES = 7 * 2 * I * 4
 
 
 @pytest.mark.parametrize("keep_pieces", [0, 2, 100])
 def test_device_path_in_pieces_matches_cpu_only(monkeypatch, keep_pieces):
     """Slots processed in pieces, some kept from the recomputation and the rest recomputed in the backward,
     over two backward passes (LoRA gradients accumulate in `.grad` at the end of each): same gradients."""
-    from kt_core.streaming import share
+    from kt_core.streaming import gpu_experts, share
 
     ref, ours = ToyMoE(2, seed=11), ToyMoE(2, seed=11)
     rt = enable_streaming(ours, device="cpu", mode="gpu", keep_bytes=keep_pieces * PIECE_BYTES)
     rt.piece_rows = 7
     forwards = _Counter(share.expert_mlp_forward)
     monkeypatch.setattr(share, "expert_mlp_forward", forwards)
+    recomputed = _Counter(gpu_experts.backward_intermediates)
+    monkeypatch.setattr(gpu_experts, "backward_intermediates", recomputed)
     gen = torch.Generator().manual_seed(4)
     xr = torch.randn(40, H, generator=gen).requires_grad_()
     xo = xr.detach().clone().requires_grad_()
@@ -349,7 +373,8 @@ def test_device_path_in_pieces_matches_cpu_only(monkeypatch, keep_pieces):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
     pieces = -(-40 * K // 7)  # 12 pieces of at most 7 slots
     kept = min(keep_pieces, pieces)
-    assert forwards.calls == 2 * 2 * (pieces + pieces + pieces - kept)  # passes x layers x (fwd, recompute, bwd)
+    assert forwards.calls == 2 * 2 * (pieces + pieces)  # passes x layers x (fwd, recompute)
+    assert recomputed.calls == 2 * 2 * (pieces - kept)  # the backward's gate/up side of the pieces not kept
 
 
 def test_planner_gives_no_small_cpu_share_to_a_gpu_bound_layer():

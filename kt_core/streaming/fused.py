@@ -7,11 +7,10 @@ On CUDA with Triton (bundled with torch's CUDA wheels) each step is one kernel; 
                    term), gu + add first, rounded to gu's dtype as a separate add would round it, and written
                    back into gu when the caller keeps it
 - swiglu_backward: d(gate | up) from dh and gu, fp32 math, rounded once; with `add`, from dh + add (rounded
-                   to dh's dtype first, likewise)
+                   to dh's dtype first, likewise); with the rows' routing weights, also the routing-weight
+                   gradient <dh, h> (h recomputed in registers) and d(gate | up) for those weights
 - combine:         total[t] += sum_k w[t, k] * rows[slot(t, k)] over the slots of one piece, token-major
                    (each token's sum in registers: no atomics, no fp32 copy of the rows)
-- dout_and_dots:   dout = dy[tok] * w (the expert output's gradient) and the routing-weight gradient
-                   <dy[tok], out>, one read of each row
 
 Legend: S = sorted slots of a piece, T = tokens, K = experts per token, H = hidden, I = expert intermediate.
 """
@@ -29,7 +28,7 @@ try:
 except ImportError:  # CPU-only torch builds do not ship Triton
     triton = None
 
-__all__ = ["combine", "dout_and_dots", "silu_mul", "swiglu_backward", "triton_enabled"]
+__all__ = ["combine", "silu_mul", "swiglu_backward", "triton_enabled"]
 
 ROWS = 8192  # rows per piece of the plain-torch fp32 work (bounds its temporaries)
 
@@ -67,39 +66,57 @@ def silu_mul(gu: torch.Tensor, add: torch.Tensor | None = None, *, sum_into_gu: 
         return h
     if add is not None:
         gu = gu.add_(add) if sum_into_gu else gu + add
-    return F.silu(gu[:, :I]) * gu[:, I:]
+    if gu.dtype == torch.float32:
+        return F.silu(gu[:, :I]) * gu[:, I:]
+    h = gu.new_empty((S, I))
+    for a in range(0, S, ROWS):  # fp32 math, rounded once (as the kernel, and as the backward recomputes h)
+        torch.mul(F.silu(gu[a : a + ROWS, :I].float()), gu[a : a + ROWS, I:].float(), out=h[a : a + ROWS])
+    return h
 
 
-def swiglu_backward(dh: torch.Tensor, gu: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-    """[S, I] dh (+ [S, I] add, the sum rounded to dh.dtype), [S, 2I] gu (gate | up) -> [S, 2I] d(gate | up) in
-    gu.dtype."""
+def swiglu_backward(
+    dh: torch.Tensor, gu: torch.Tensor, add: torch.Tensor | None = None, w: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """d(gate | up) [S, 2I] in gu.dtype from [S, I] dh (+ [S, I] add, the sum rounded to dh.dtype) and [S, 2I] gu.
+
+    With `w` ([S] fp32 routing weights; dh then is the gradient for a unit weight), the rows' d(gate | up) are
+    scaled by w and the second result is [S] fp32 <dh (+ add), h>, h = silu(gate) * up rounded to gu.dtype as
+    the forward rounded it (the routing-weight gradient); else it is None.
+    """
     S, I = dh.shape
     dgu = torch.empty_like(gu)
+    dots = torch.empty(S, dtype=torch.float32, device=gu.device) if w is not None else None
     if triton_enabled(gu) and S:
         dh = dh.contiguous()
-        extra = dh if add is None else add.contiguous()  # unused pointer without `add`
-        _launch_rows(
-            _swiglu_backward_kernel,
-            S,
-            I,
+        extra = dh if add is None else add.contiguous()  # unused pointers without `add` / `w`
+        _swiglu_backward_kernel[(S,)](
             gu,
             dh,
             extra,
+            gu if w is None else w.contiguous(),
             dgu,
+            dgu if dots is None else dots,
             gu.stride(0),
             dh.stride(0),
             dgu.stride(0),
+            I,
             HAS_ADD=add is not None,
+            HAS_W=w is not None,
+            BLOCK=_BLOCK,
         )
-        return dgu
+        return dgu, dots
     if add is not None:
         dh = dh + add
     for a in range(0, S, ROWS):
         g, u, d = gu[a : a + ROWS, :I].float(), gu[a : a + ROWS, I:].float(), dh[a : a + ROWS].float()
         sig = torch.sigmoid(g)
+        if w is not None:
+            h = (g * sig * u).to(gu.dtype).float()
+            dots[a : a + ROWS] = (d * h).sum(-1)
+            d = d * w[a : a + ROWS, None]
         dgu[a : a + ROWS, I:] = d * g * sig  # d(up) = dh * silu(gate)
         dgu[a : a + ROWS, :I] = d * u * sig * (1 + g * (1 - sig))
-    return dgu
+    return dgu, dots
 
 
 def combine(
@@ -133,29 +150,6 @@ def combine(
         # one kernel either way: bf16 rows times fp32 weights promote to fp32
         piece = piece.float() if w_sorted is None else torch.mul(piece, w_sorted[a : a + ROWS, None].float())
         total.index_add_(0, tok[a : a + ROWS], piece)
-
-
-def dout_and_dots(
-    dy: torch.Tensor, tok: torch.Tensor, w: torch.Tensor, out: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """dout [S, H] = dy[tok] * w in `dtype` (fp32 product, rounded once) and [S] fp32 <dy[tok], out>.
-
-    dy: [T, H]. tok: [S] token of each row. w: [S] routing weights. out: [S, H] the experts' outputs.
-    """
-    S, H = out.shape
-    if triton_enabled(dy) and S:
-        dy, out = dy.contiguous(), out.contiguous()
-        dout = torch.empty((S, H), dtype=dtype, device=dy.device)
-        dots = torch.empty(S, dtype=torch.float32, device=dy.device)
-        _dout_dots_kernel[(S,)](dy, tok, w.float(), out, dout, dots, H, BLOCK=_BLOCK)
-        return dout, dots
-    dys = dy[tok]  # [S, H]
-    dout = torch.empty((S, H), dtype=dtype, device=dy.device)
-    torch.mul(dys, w[:, None].float(), out=dout)
-    dots = torch.empty(S, dtype=torch.float32, device=dy.device)
-    for i in range(0, S, ROWS):
-        dots[i : i + ROWS] = (dys[i : i + ROWS].float() * out[i : i + ROWS].float()).sum(-1)
-    return dout, dots
 
 
 # ---- Triton kernels ---------------------------------------------------------------------------------------
@@ -204,29 +198,39 @@ if triton is not None:
         gu_ptr,
         dh_ptr,
         add_ptr,
+        w_ptr,
         dgu_ptr,
+        dots_ptr,
         stride_gu,
         stride_dh,
         stride_dgu,
         I,
         HAS_ADD: tl.constexpr,
+        HAS_W: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        m = cols < I
-        g = tl.load(gu_ptr + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + row * stride_gu + I + cols, mask=m, other=0.0).to(tl.float32)
-        d = tl.load(dh_ptr + row * stride_dh + cols, mask=m, other=0.0).to(tl.float32)
-        if HAS_ADD:  # add: dh's shape and strides; the sum rounded to dh's dtype, as a separate add would round it
-            a = tl.load(add_ptr + row * stride_dh + cols, mask=m, other=0.0).to(tl.float32)
-            d = (d + a).to(dh_ptr.dtype.element_ty).to(tl.float32)
-        sig = tl.sigmoid(g)
-        d_gate = d * u * sig * (1.0 + g * (1.0 - sig))
-        d_up = d * g * sig
-        out = dgu_ptr + row * stride_dgu + cols
-        tl.store(out, d_gate.to(dgu_ptr.dtype.element_ty), mask=m)
-        tl.store(out + I, d_up.to(dgu_ptr.dtype.element_ty), mask=m)
+        row = tl.program_id(0).to(tl.int64)  # one row a program: its dot product summed in a fixed order
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for c in range(0, I, BLOCK):
+            cols = c + tl.arange(0, BLOCK)
+            m = cols < I
+            g = tl.load(gu_ptr + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
+            u = tl.load(gu_ptr + row * stride_gu + I + cols, mask=m, other=0.0).to(tl.float32)
+            d = tl.load(dh_ptr + row * stride_dh + cols, mask=m, other=0.0).to(tl.float32)
+            if HAS_ADD:  # add: dh's shape and strides; the sum rounded to dh's dtype, as a separate add would round it
+                a = tl.load(add_ptr + row * stride_dh + cols, mask=m, other=0.0).to(tl.float32)
+                d = (d + a).to(dh_ptr.dtype.element_ty).to(tl.float32)
+            sig = tl.sigmoid(g)
+            if HAS_W:  # <dh, h> with h rounded as the forward stored it, then dh for the row's weight
+                acc += d * (g * sig * u).to(gu_ptr.dtype.element_ty).to(tl.float32)
+                d = d * tl.load(w_ptr + row).to(tl.float32)
+            d_gate = d * u * sig * (1.0 + g * (1.0 - sig))
+            d_up = d * g * sig
+            out = dgu_ptr + row * stride_dgu + cols
+            tl.store(out, d_gate.to(dgu_ptr.dtype.element_ty), mask=m)
+            tl.store(out + I, d_up.to(dgu_ptr.dtype.element_ty), mask=m)
+        if HAS_W:
+            tl.store(dots_ptr + row, tl.sum(acc, axis=0))
 
     @triton.jit
     def _combine_kernel(
@@ -247,18 +251,3 @@ if triton is not None:
             acc += v
         dst = total_ptr + t * H + cols
         tl.store(dst, tl.load(dst, mask=m, other=0.0) + acc, mask=m)
-
-    @triton.jit
-    def _dout_dots_kernel(dy_ptr, tok_ptr, w_ptr, out_ptr, dout_ptr, dots_ptr, H, BLOCK: tl.constexpr):
-        s = tl.program_id(0).to(tl.int64)
-        t = tl.load(tok_ptr + s).to(tl.int64)
-        w = tl.load(w_ptr + s)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for c in range(0, H, BLOCK):
-            cols = c + tl.arange(0, BLOCK)
-            m = cols < H
-            d = tl.load(dy_ptr + t * H + cols, mask=m, other=0.0).to(tl.float32)
-            o = tl.load(out_ptr + s * H + cols, mask=m, other=0.0).to(tl.float32)
-            acc += d * o
-            tl.store(dout_ptr + s * H + cols, (d * w).to(dout_ptr.dtype.element_ty), mask=m)
-        tl.store(dots_ptr + s, tl.sum(acc, axis=0))

@@ -3,7 +3,8 @@
 The weights are borrowed buffers (a streaming slot or the resident experts) that are overwritten once the
 layer is done, so nothing here is recorded by autograd. The backward takes the forward's intermediates when
 the caller kept them (the recomputation of a checkpointed layer, which runs just before its backward) or
-recomputes them from the saved inputs, then computes dx, the routing-weight gradient and the LoRA factor
+recomputes them from the saved inputs (the gate/up side only: the routing-weight gradient comes from dh and h,
+so the backward never needs the output), then computes dx, the routing-weight gradient and the LoRA factor
 gradients by hand. The factor gradients of all groups come from one GEMM each (the rank-r side spread over
 G*r columns by group): no loop over experts, no host-side row ranges. The SwiGLU and its backward are fused
 element-wise steps (kt_core.streaming.fused).
@@ -28,7 +29,14 @@ import torch
 
 from kt_core.streaming.fused import silu_mul, swiglu_backward
 
-__all__ = ["Groups", "expert_mlp_backward", "expert_mlp_forward", "grouped_mm_available", "to_keep"]
+__all__ = [
+    "Groups",
+    "backward_intermediates",
+    "expert_mlp_backward",
+    "expert_mlp_forward",
+    "grouped_mm_available",
+    "to_keep",
+]
 
 
 class Groups:
@@ -189,6 +197,17 @@ def _lora_in(x, A, g, scaling):
     return _mm_t(x, A, g) * scaling
 
 
+def _gate_up(xs, g, w13, lora, scaling, *, sum_into_gu: bool):
+    """gu [S, 2I] (with the LoRA term, written in when `sum_into_gu`), h [S, I] = silu(gate) * up, z1 [S, r] or None."""
+    gu = _frozen(xs, w13, g, transposed=True)  # a fresh tensor (as every product here): updated in place
+    z1 = lora_gu = None
+    if lora is not None:
+        z1 = _lora_in(xs, lora[0], g, scaling)  # [S, r]
+        lora_gu = _mm_t(z1, lora[1], g)  # [S, 2I]
+    h = silu_mul(gu, lora_gu, sum_into_gu=sum_into_gu)  # the LoRA term added in the same pass
+    return gu, h, z1
+
+
 def expert_mlp_forward(
     xs: torch.Tensor,
     g: Groups,
@@ -206,13 +225,7 @@ def expert_mlp_forward(
         lora: (A1 [G, r, H], B1 [G, 2I, r], A2 [G, r, I], B2 [G, H, r]) in xs.dtype, or None.
         keep: also return the intermediates the backward needs (pass them as its `saved`), else None.
     """
-    gu = _frozen(xs, w13, g, transposed=True)  # [S, 2I], a fresh tensor (as every product here): updated in place
-    z1 = lora_gu = None
-    if lora is not None:
-        z1 = _lora_in(xs, lora[0], g, scaling)  # [S, r]
-        lora_gu = _mm_t(z1, lora[1], g)  # [S, 2I]
-    h = silu_mul(gu, lora_gu, sum_into_gu=keep)  # [S, I]; the LoRA term added in the same pass
-    del lora_gu
+    gu, h, z1 = _gate_up(xs, g, w13, lora, scaling, sum_into_gu=keep)
     out = _frozen(h, w2, g, transposed=True)  # [S, H]
     z2 = None
     if lora is not None:
@@ -221,17 +234,27 @@ def expert_mlp_forward(
     return out, ((gu, h, z1, z2) if keep else None)
 
 
+def backward_intermediates(
+    xs: torch.Tensor, g: Groups, w13: torch.Tensor, lora: Sequence[torch.Tensor] | None, scaling: float
+) -> tuple:
+    """The intermediates expert_mlp_backward needs, recomputed without the down projection (the backward takes
+    the routing-weight gradient from dh and h, not from the output): gu, h, z1, z2."""
+    gu, h, z1 = _gate_up(xs, g, w13, lora, scaling, sum_into_gu=True)
+    z2 = _lora_in(h, lora[2], g, scaling) if lora is not None else None
+    return gu, h, z1, z2
+
+
 def to_keep(saved: tuple) -> tuple:
     """The forward's intermediates as held between a layer's recomputation and its backward: gu, z1 and z2; h is
-    dropped (the backward recomputes it from gu, one element-wise pass, where the LoRA needs it), so a kept row
-    takes H + 2I values with its output instead of H + 3I."""
+    dropped (the backward recomputes it from gu in its element-wise pass), so a kept row takes 2I values."""
     gu, _, z1, z2 = saved
     return gu, None, z1, z2
 
 
 def expert_mlp_backward(
     xs: torch.Tensor,
-    dout: torch.Tensor,
+    dys: torch.Tensor,
+    w: torch.Tensor,
     g: Groups,
     w13: torch.Tensor,
     w2: torch.Tensor,
@@ -239,35 +262,40 @@ def expert_mlp_backward(
     scaling: float,
     *,
     saved: tuple | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor, tuple[torch.Tensor, ...] | None]:
-    """Gradients of expert_mlp_forward (base weights frozen).
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Gradients of the routed sum of expert_mlp_forward (base weights frozen): each row's output enters the layer's
+    result times its routing weight.
+
+    The routing-weight gradient <dys, out> is taken as <dh, h> (dh the gradient of h for a unit weight; the output
+    is linear in h), so neither the output nor its down projection is needed here.
 
     Args:
         xs, g, w13, w2, lora, scaling: as for the forward.
-        dout: [S, H] gradient of its output.
+        dys: [S, H] gradient of the layer's result at each row's token (in xs.dtype); w: [S] routing weights.
         saved: the forward's intermediates (`keep=True`, or `to_keep` of them); recomputed when not given.
 
     Returns:
-        out [S, H] (recomputed, for the routing-weight gradient; None when `saved` was given), dxs [S, H],
-        and the factor gradients (dA1 [G, r, H], dB1 [G, 2I, r], dA2 [G, r, I], dB2 [G, H, r], fp32) or None.
+        dxs [S, H], the routing-weight gradients [S] fp32 and the factor gradients (dA1 [G, r, H], dB1 [G, 2I, r],
+        dA2 [G, r, I], dB2 [G, H, r], fp32) or None.
     """
-    out = None
     if saved is None:
-        out, saved = expert_mlp_forward(xs, g, w13, w2, lora, scaling, keep=True)
+        saved = backward_intermediates(xs, g, w13, lora, scaling)
     gu, h, z1, z2 = saved
     del saved
-    dh = _frozen(dout, w2, g, transposed=False)  # [S, I]
+    w = w.float()
+    dh = _frozen(dys, w2, g, transposed=False)  # [S, I], for a unit routing weight
     grads = lora_dh = None
     if lora is not None:
         A1, B1, A2, B2 = lora
         if h is None:  # held by `to_keep`: recomputed from gu
             h = silu_mul(gu)
-        dB2 = _wgrad(dout, z2, g, small="b")  # [G, H, r]
-        dz2 = _mm_n(dout, B2, g) * scaling  # [S, r]
-        dA2 = _wgrad(dz2, h, g, small="a")  # [G, r, I]
+        dB2 = _wgrad(dys, (z2 * w[:, None]).to(z2.dtype), g, small="b")  # [G, H, r]
+        dz2 = _mm_n(dys, B2, g) * scaling  # [S, r], for a unit routing weight
+        dA2 = _wgrad((dz2 * w[:, None]).to(dz2.dtype), h, g, small="a")  # [G, r, I]
         lora_dh = _mm_n(dz2, A2, g)  # [S, I]
     del h
-    dgu = swiglu_backward(dh, gu, lora_dh).to(xs.dtype)  # [S, 2I]; the LoRA term added in the same pass
+    # [S, 2I] for the rows' weights, and [S] <dh, h>; the LoRA term added in the same pass
+    dgu, dots = swiglu_backward(dh, gu, lora_dh, w=w)
     del gu, dh, lora_dh
     dxs = _frozen(dgu, w13, g, transposed=False)  # [S, H]
     if lora is not None:
@@ -276,4 +304,4 @@ def expert_mlp_backward(
         dA1 = _wgrad(dz1, xs, g, small="a")  # [G, r, H]
         dxs.add_(_mm_n(dz1, A1, g))
         grads = (dA1, dB1, dA2, dB2)
-    return out, dxs, grads
+    return dxs, dots, grads

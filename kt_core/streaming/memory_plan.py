@@ -32,7 +32,7 @@ P = min(PIECE_ROWS, T*K) sorted slots per piece of a streamed call):
     layer inputs               checkpointing: (L + 1) x T*H*d (each layer's input and the final hidden states);
                                without it: every layer's saved activations, sum of saved(layer)
     one layer's working set    checkpointing: the largest saved(layer) + transient(layer); without: transient
-    kept expert intermediates  streaming with checkpointing, slots of all E experts: min(keep_bytes, T*K*(H+2I)*d)
+    kept expert intermediates  streaming with checkpointing, slots of all E experts: min(keep_bytes, T*K*2I*d)
     loss workspace             kt_core.loss.loss_workspace_bytes(T, V, H, backend)
 
     saved(layer)     = T x [ d x sum over the layer's non-expert linears of (in + out)
@@ -459,7 +459,7 @@ def plan_gpu_memory(
     parts["layer inputs"] = inputs_bytes
     parts["one layer's working set"] = layer_bytes
     T, K, H, I = run.tokens, dims.top_k, dims.hidden, dims.expert_intermediate
-    kept = min(parse_size(s.keep_bytes, "keep_bytes"), T * K * (H + 2 * I) * d) if on_device else 0
+    kept = min(parse_size(s.keep_bytes, "keep_bytes"), T * K * 2 * I * d) if on_device else 0
     parts["kept expert intermediates"] = kept if run.gradient_checkpointing else 0
     parts["loss workspace"] = (
         loss_workspace_bytes(T, dims.vocab, H, backend=run.loss_backend, dtype=run.dtype,

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kt_core.streaming.fused import combine, dout_and_dots
+from kt_core.streaming.fused import combine
 from kt_core.streaming.gpu_experts import Groups, expert_mlp_backward, expert_mlp_forward, to_keep
 
 if TYPE_CHECKING:
@@ -175,12 +175,12 @@ class _StreamedCall:
         kept, kept_bytes = [], 0
         for a, b, g in self._pieces(r):
             tok = r.tok[a:b]
-            nbytes = (b - a) * (m.hidden_dim + 2 * m.intermediate_dim) * w13.element_size()  # out, gu (to_keep)
+            nbytes = (b - a) * 2 * m.intermediate_dim * w13.element_size()  # gu (to_keep)
             keep_piece = keep and kept_bytes + nbytes <= rt.keep_bytes
             xs = x[tok].to(w13.dtype)  # [P, H]
             out, saved = expert_mlp_forward(xs, g, w13, w2, sub, scaling, keep=keep_piece)
             combine(y, out, a, inv=r.inv, tok=tok, w_tok=r.w_tok, w_sorted=r.ws[a:b])
-            kept.append((out, to_keep(saved)) if keep_piece else None)
+            kept.append(to_keep(saved) if keep_piece else None)
             kept_bytes += nbytes if keep_piece else 0
             del xs, out, saved
         if keep:
@@ -197,20 +197,17 @@ class _StreamedCall:
         r, kept = held if held is not None else (self._route(ids, w), None)
         dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
         dw = torch.empty(T * K, dtype=torch.float32, device=x.device)
+        dy = dy.to(w13.dtype)  # [T, H], gathered per piece
         grads = None
         for i, (a, b, g) in enumerate(self._pieces(r)):
             tok = r.tok[a:b]
             xs = x[tok].to(w13.dtype)  # [P, H]
-            out, saved = kept[i] if kept is not None and kept[i] is not None else (None, None)
+            saved = kept[i] if kept is not None else None  # None: recomputed by the backward
             if kept is not None:
                 kept[i] = None  # freed as the pieces go
-            if saved is None:
-                out, saved = expert_mlp_forward(xs, g, w13, w2, sub, scaling, keep=True)
-            dout, dots = dout_and_dots(dy, tok, r.ws[a:b], out, xs.dtype)  # [P, H], [P]
+            dxs, dots, piece_grads = expert_mlp_backward(xs, dy[tok], r.ws[a:b], g, w13, w2, sub, scaling, saved=saved)
             dw[r.order[a:b]] = dots
-            del out, dots
-            _, dxs, piece_grads = expert_mlp_backward(xs, dout, g, w13, w2, sub, scaling, saved=saved)
-            del saved, dout, xs
+            del saved, dots, xs
             combine(dx, dxs, a, inv=r.inv, tok=tok)
             del dxs
             if piece_grads is not None:
@@ -238,11 +235,10 @@ class _StreamedCall:
             g = Groups(p.counts, x.device)
             xs = x[p.tok].to(p.w13.dtype)  # [S, H]
             sub = tuple(f[p.experts] for f in lora_dev) if lora_dev else None
-            out, saved = expert_mlp_forward(xs, g, p.w13, p.w2, sub, scaling, keep=True)
-            dout, dots = dout_and_dots(dy, p.tok, w_dev[p.flat], out, xs.dtype)
+            dys = dy[p.tok].to(xs.dtype)  # [S, H]
+            dxs, dots, grads = expert_mlp_backward(xs, dys, w_dev[p.flat], g, p.w13, p.w2, sub, scaling)
             dw.view(-1).index_copy_(0, p.flat, dots)
-            del out
-            _, dxs, grads = expert_mlp_backward(xs, dout, g, p.w13, p.w2, sub, scaling, saved=saved)
+            del dys
             combine(dx, dxs, 0, inv=None, tok=p.tok)
             if grads is not None:
                 out_grads.append((p.experts, grads))
