@@ -666,3 +666,79 @@ def test_gpu_group_sizes_give_identical_results(split):
         finally:
             rt.disable()
     _assert_groups_identical(results)
+
+
+# ---- on the GPU: grouped GEMMs straight from e4m3 (kt_core.streaming.fp8_gemm) ---------------------------------------
+
+FUSED_SHAPE = dict(block=(128, 128), h=320, i=192)  # widths the kernel takes (multiples of 64), partial last blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", [0, 1])
+def test_gpu_fp8_kernel_equals_the_working_buffer(which):
+    """Both products (x @ W^T of the forward, x @ W of the backward) of the fused kernel against each group's
+    dequantized weights (the working buffer's bf16 values) times its rows in fp32: groups with no rows, one row and
+    more rows than a tile; gate_up's scale rows (gate's blocks, then up's) and down's."""
+    from types import SimpleNamespace
+
+    from kt_core.streaming import fp8_gemm
+    from kt_core.streaming.store import _dequantize_into
+
+    h, i = FUSED_SHAPE["h"], FUSED_SHAPE["i"]
+    q_gu, s_gu, q_d, s_d = random_fp8(5, h, i, (128, 128), seed=6)
+    q, s = (q_gu, s_gu) if which == 0 else (q_d, s_d)
+    q, s = q.cuda(), s.cuda()
+    w = GroupedWeight.__new__(GroupedWeight)  # what the kernel reads of a weight set
+    w.q, w.scale, w.which, w.shape, w.dtype = q, s, which, q.shape, torch.bfloat16
+    w.store = SimpleNamespace(block=(128, 128))
+    assert fp8_gemm.applies(w)
+    dense = _dequantize_into(torch.empty(q.shape, dtype=torch.bfloat16, device="cuda"), q, s, which, (128, 128))
+    counts = [3, 0, 1, 300, 130]
+    offs = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    gen = torch.Generator().manual_seed(7)
+    for transposed in (True, False):
+        x = torch.randn(sum(counts), q.shape[2] if transposed else q.shape[1], generator=gen).bfloat16().cuda()
+        got = fp8_gemm.grouped_mm(x, w, offs, transposed=transposed)
+        want, a = torch.empty(got.shape, device="cuda"), 0
+        for g, n in enumerate(counts):
+            wg = dense[g].float()
+            want[a : a + n] = x[a : a + n].float() @ (wg.t() if transposed else wg)
+            a += n
+        assert got.dtype == torch.bfloat16 and rel(got, want) < 4e-3  # one bf16 rounding of fp32 sums
+    none = torch.zeros(5, dtype=torch.int32, device="cuda")
+    assert fp8_gemm.grouped_mm(x[:0], w, none, transposed=False).shape == (0, q.shape[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", ["all-streamed", "resident"])
+def test_gpu_fp8_streaming_multiplies_from_e4m3(monkeypatch, split):
+    """Where the kernel applies, the streamed FP8 layers never fill the working buffer, read no row counts on the
+    host, and train as the bf16-dequantized model does."""
+    from kt_core.streaming import fp8_gemm
+
+    h, i = FUSED_SHAPE["h"], FUSED_SHAPE["i"]
+    expert8, expert16 = stored_expert_bytes(h, i, 1, (128, 128)), stored_expert_bytes(h, i, 2)
+    fp8, bf16 = Fp8MoE(3, seed=4, **FUSED_SHAPE).cuda(), Fp8MoE(3, seed=4, bf16=True, **FUSED_SHAPE).cuda()
+    rt8 = enable_streaming(fp8, device="cuda", **gpu_splits(expert8, expert16)[split])
+    rt16 = enable_streaming(bf16, device="cuda", **gpu_splits(expert16, 0)[split])
+    calls = []
+    monkeypatch.setattr(rt8.store, "_dequantize", lambda *a: calls.append("buffer") / 0)
+    kernel = fp8_gemm.grouped_mm
+    monkeypatch.setattr(fp8_gemm, "grouped_mm", lambda *a, **k: calls.append("kernel") or kernel(*a, **k))
+    try:
+        x = torch.randn(96, h, generator=torch.Generator().manual_seed(5)).cuda()
+        x8, x16 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        fp8(x8).backward()
+        bf16(x16).backward()
+        assert rel(x8.grad, x16.grad) < 1e-2
+        for a, b in zip(lora_params(fp8), lora_params(bf16), strict=True):
+            assert rel(a.grad, b.grad) < 2e-2
+        for model in (fp8, bf16):
+            model.zero_grad(set_to_none=True)
+        assert train(fp8, steps=3, device="cuda", tokens=96) == pytest.approx(
+            train(bf16, steps=3, device="cuda", tokens=96), rel=1e-2
+        )
+        assert calls and set(calls) == {"kernel"}
+    finally:
+        rt8.disable()
+        rt16.disable()

@@ -11,10 +11,11 @@ element-wise steps (kt_core.streaming.fused).
 
 Grouped GEMMs run through `torch._grouped_mm` (bf16; H100 / H200 on CUDA) or a loop over the groups.
 
-The frozen weights w13 / w2 are tensors, or weights taken a few experts at a time (FP8 experts:
-kt_core.streaming.store.GroupedWeight, each group of experts dequantized into one working buffer right before
-its GEMMs): the products with them then run group of experts by group of experts over those experts' rows
-(each expert's rows times its weight, the same products), groups without rows skipped. Everything else (the
+The frozen weights w13 / w2 are tensors, or FP8 experts (kt_core.streaming.store.GroupedWeight): multiplied
+from e4m3 by one Triton kernel where it applies (kt_core.streaming.fp8_gemm), else taken a few experts at a time,
+each group of experts dequantized into one working buffer right before its GEMMs: the products with them then run
+group of experts by group of experts over those experts' rows (each expert's rows times its weight, the same
+products), groups without rows skipped. Everything else (the
 LoRA, the SwiGLU, the factor gradients) runs over all rows at once, as with tensors.
 
 Legend: S = routed slots on this side (sorted by expert), G = experts in the group list, H = hidden,
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kt_core.streaming import fp8_gemm
 from kt_core.streaming.fused import silu_mul, swiglu_backward
 
 __all__ = [
@@ -139,6 +141,8 @@ def _frozen(x: torch.Tensor, w, g: Groups, *, transposed: bool) -> torch.Tensor:
     mm = _mm_t if transposed else _mm_n
     if isinstance(w, torch.Tensor):
         return mm(x, w, g)
+    if fp8_gemm.applies(w) and x.dtype == torch.bfloat16:  # e4m3 tiles dequantized in registers: no working buffer
+        return fp8_gemm.grouped_mm(x, w, g.offs, transposed=transposed)
     if w.group >= w.shape[0]:  # the whole set at once
         return mm(x, w.take(0, w.shape[0]), g)
     out = x.new_empty((x.shape[0], w.shape[1] if transposed else w.shape[2]))

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kt_core.streaming import fp8_gemm
 from kt_core.streaming.fused import combine
 from kt_core.streaming.gpu_experts import Groups, expert_mlp_backward, expert_mlp_forward, to_keep
 
@@ -146,7 +147,7 @@ class _StreamedCall:
         inv[order] = torch.arange(order.shape[0], device=ids.device)
         w_flat = w.reshape(-1)
         groups = Groups.on_device(ends.to(torch.int32), sorted_local)
-        if any(not isinstance(t, torch.Tensor) and t.group < len(t) for t in self.full[1:]):
+        if any(not isinstance(t, torch.Tensor) and t.group < len(t) and not fp8_gemm.applies(t) for t in self.full[1:]):
             groups.counts  # noqa: B018 (read once, on the host: each piece's groups then derive from them)
         return _Route(order, inv, order // K, w_flat[order], w_flat.float(), groups)
 
