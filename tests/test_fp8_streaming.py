@@ -439,10 +439,18 @@ def test_mixed_split_matches_the_cpu_only_fp8_run():
     assert 0 < rt.end_step()["cpu_slot_share"] < 1  # both sides computed
 
 
-def test_enable_streaming_sizes_fp8_as_the_memory_plan_does():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_enable_streaming_sizes_fp8_as_the_memory_plan_does(monkeypatch, kernel):
+    """Slots, working buffer and residents as the plan counts them; where the GEMMs multiply from e4m3 (`kernel`,
+    CUDA with Triton at kernel widths: simulated here) no working buffer is made or planned, and its bytes hold
+    experts instead."""
+    from kt_core.streaming import fp8_gemm
+
+    monkeypatch.setattr(fp8_gemm, "takes", lambda *a: kernel)
     for budget in (None, FP8_SPLITS["half-streamed"]["expert_gpu_memory"], FP8_SPLITS["resident"]["expert_gpu_memory"]):
         model = Fp8MoE(2)
         rt = enable_streaming(model, device="cpu", mode="gpu", expert_gpu_memory=budget)
+        assert (rt.store.scratch is None) == kernel
         dims = mp.model_dims(_with_config(model))
         assert (dims.expert_item, dims.expert_block, dims.expert_bytes) == (1, BLOCK, FP8_EXPERT)
         streaming = mp.StreamingSizes(expert_gpu_memory=budget, mode="gpu")
@@ -451,10 +459,44 @@ def test_enable_streaming_sizes_fp8_as_the_memory_plan_does():
         )
         assert (plan.capacity, plan.residents) == (rt.store.capacity, rt.resident_per_layer)
         assert plan.parts["streaming slots"] == rt.store.gpu_bytes()
+        assert ("multiplied from e4m3" in plan.table()) == kernel
+        if kernel and budget == FP8_SPLITS["resident"]["expert_gpu_memory"]:  # the buffer's bytes hold residents
+            assert rt.resident_per_layer > 3
         p = rt.plan(0, 40)  # the planner's PCIe time: the streamed experts at their FP8 bytes
         assert rt.store.expert_bytes(0) == FP8_EXPERT
         assert p.pcie_s == pytest.approx(rt.cost.pcie_passes * len(p.stream) * FP8_EXPERT / rt.cost.pcie_bytes_per_s)
         rt.disable()
+
+
+@pytest.mark.parametrize("split", ["all-streamed", "resident"])
+def test_streamed_fp8_without_a_working_buffer_trains_the_same(monkeypatch, split):
+    """Where the GEMMs multiply from e4m3 (simulated on the CPU: fp8_gemm.takes says yes, and grouped_mm multiplies
+    each group's dequantized weights by its rows), no working buffer is made, slots and residents reach the GEMMs
+    as FP8 weight sets, and training equals the run through the working buffer (tests/test_fp8_streaming.py::
+    test_gpu_fp8_* run the kernel itself)."""
+    from kt_core.streaming import fp8_gemm
+    from kt_core.streaming.store import _dequantize_into
+
+    def each_group(x, w, offs, *, transposed):
+        dense = _dequantize_into(torch.empty(w.shape, dtype=x.dtype), w.q, w.scale, w.which, w.store.block)
+        y, a = x.new_empty((x.shape[0], w.shape[1] if transposed else w.shape[2])), 0
+        for g, end in enumerate(offs.tolist()):
+            y[a:end] = x[a:end] @ (dense[g].t() if transposed else dense[g])
+            a = end
+        return y
+
+    runs = {}
+    for kernel in (False, True):
+        calls = []
+        monkeypatch.setattr(fp8_gemm, "takes", lambda *a, k=kernel: k)
+        monkeypatch.setattr(fp8_gemm, "grouped_mm", lambda *a, c=calls, **k: c.append(1) or each_group(*a, **k))
+        model = Fp8MoE(2, seed=1)
+        rt = enable_streaming(model, device="cpu", **FP8_SPLITS[split])
+        assert (rt.store.scratch is None) == kernel
+        runs[kernel] = train(model)
+        assert bool(calls) == kernel
+        rt.disable()
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5)
 
 
 # ---- the working buffer, a group of experts at a time ---------------------------------------------------------------
@@ -712,8 +754,8 @@ def test_gpu_fp8_kernel_equals_the_working_buffer(which):
 @pytest.mark.gpu
 @pytest.mark.parametrize("split", ["all-streamed", "resident"])
 def test_gpu_fp8_streaming_multiplies_from_e4m3(monkeypatch, split):
-    """Where the kernel applies, the streamed FP8 layers never fill the working buffer, read no row counts on the
-    host, and train as the bf16-dequantized model does."""
+    """Where the kernel applies, the streamed FP8 layers have no working buffer, read no row counts on the host, and
+    train as the bf16-dequantized model does."""
     from kt_core.streaming import fp8_gemm
 
     h, i = FUSED_SHAPE["h"], FUSED_SHAPE["i"]
@@ -721,6 +763,7 @@ def test_gpu_fp8_streaming_multiplies_from_e4m3(monkeypatch, split):
     fp8, bf16 = Fp8MoE(3, seed=4, **FUSED_SHAPE).cuda(), Fp8MoE(3, seed=4, bf16=True, **FUSED_SHAPE).cuda()
     rt8 = enable_streaming(fp8, device="cuda", **gpu_splits(expert8, expert16)[split])
     rt16 = enable_streaming(bf16, device="cuda", **gpu_splits(expert16, 0)[split])
+    assert rt8.store.scratch is None  # no working buffer made
     calls = []
     monkeypatch.setattr(rt8.store, "_dequantize", lambda *a: calls.append("buffer") / 0)
     kernel = fp8_gemm.grouped_mm

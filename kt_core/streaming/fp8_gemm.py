@@ -9,7 +9,8 @@ per-expert row counts never reach the host.
 
 Both products of the device path: `transposed` (x @ W^T, the forward's gate/up and down) and not (x @ W, the
 backward's dh and dx). Used where `applies(w)`: CUDA with Triton, bf16 compute, the streamed path's kernels on
-(`KT_STREAM_TRITON`), every width and the block a multiple of the kernel's K step; elsewhere the working buffer.
+(`KT_STREAM_TRITON`), every width and the block a multiple of the kernel's K step; elsewhere the working buffer,
+which is allocated only where the kernel does not take the experts (`dequant_bytes_needed`).
 
 Legend: S = sorted slots, G = experts of the weight set, N x K = one expert's weight (out x in), R = the product's
 reduction length (K transposed, N not), C = its output columns (N transposed, K not).
@@ -27,7 +28,7 @@ try:
 except ImportError:  # CPU-only torch builds do not ship Triton
     triton = None
 
-__all__ = ["applies", "grouped_mm"]
+__all__ = ["applies", "dequant_bytes_needed", "grouped_mm", "takes"]
 
 BM, BN, BK = 128, 128, 64  # rows of slots, output columns and reduction step per program
 # (num_warps, num_stages) by product, transposed or not: the fastest of eight configurations at DeepSeek-V3 widths on
@@ -35,13 +36,27 @@ BM, BN, BK = 128, 128, 64  # rows of slots, output columns and reduction step pe
 LAUNCH = {True: (8, 3), False: (4, 4)}
 
 
-def applies(w) -> bool:
-    """Whether the fused kernel takes this GroupedWeight (else the store's working buffer does)."""
-    if triton is None or not w.q.is_cuda or not current().stream_triton or w.dtype != torch.bfloat16:
+def takes(hidden: int, intermediate: int, block: tuple[int, int] | None, device: str | torch.device) -> bool:
+    """Whether the kernel multiplies FP8 experts of these widths and quantization block on `device`."""
+    if triton is None or block is None or torch.device(device).type != "cuda" or not current().stream_triton:
         return False
-    b0, b1 = w.store.block
-    split = w.shape[1] // 2 if w.which == 0 else w.shape[1]
-    return all(v % BK == 0 for v in (w.shape[1], w.shape[2], b0, b1, split))
+    return all(v % BK == 0 for v in (hidden, intermediate, *block))
+
+
+def applies(w) -> bool:
+    """Whether the kernel takes this GroupedWeight (else the store's working buffer does)."""
+    gate_up = w.which == 0
+    hidden, intermediate = (w.shape[2], w.shape[1] // 2) if gate_up else (w.shape[1], w.shape[2])
+    return w.dtype == torch.bfloat16 and takes(hidden, intermediate, w.store.block, w.q.device)
+
+
+def dequant_bytes_needed(
+    dequant_bytes: int, hidden: int, intermediate: int, block: tuple[int, int] | None, device: str | torch.device
+) -> int:
+    """The working buffer FP8 experts need: none where the kernel takes them (0), else `dequant_bytes`. Read when
+    streaming is enabled and planned; a run that turns the kernels off later (KT_STREAM_TRITON=0) then dequantizes
+    each weight set into a buffer of its own, outside the plan."""
+    return 0 if takes(hidden, intermediate, block, device) else dequant_bytes
 
 
 def grouped_mm(x: torch.Tensor, w, offs: torch.Tensor, *, transposed: bool) -> torch.Tensor:

@@ -25,7 +25,8 @@ P = min(PIECE_ROWS, T*K) sorted slots per piece of a streamed call):
     streaming slots            capacity x slot_bytes_per_expert (the split enable_streaming makes, planner.py); FP8
                                experts: e4m3 bytes and fp32 block scales in both slots, plus once the bf16 buffer
                                they are dequantized into a group at a time (dequant_buffer_bytes: min(capacity,
-                               dequant_group) experts, fixed by `dequant_bytes`; FP8 residents go through it too)
+                               dequant_group) experts, fixed by `dequant_bytes`; FP8 residents go through it too),
+                               where the GEMMs do not multiply from e4m3 (fp8_gemm.dequant_bytes_needed)
     resident experts           residents per layer x MoE layers x the expert as stored (3*H*I*item, + the block
                                scales of FP8); under a gpu_memory_limit, as many as fit beside everything else
                                (what the runtime keeps after step 1)
@@ -66,6 +67,7 @@ from torch import nn
 from kt_core.loading.memory import MemoryPlanError, format_bytes
 from kt_core.loss import loss_workspace_bytes
 from kt_core.settings import optional_size, parse_size
+from kt_core.streaming import fp8_gemm
 from kt_core.streaming.model_dims import LayerDims, ModelDims, matches_lora_target, model_dims
 from kt_core.streaming.planner import (
     DEQUANT_BYTES,
@@ -305,8 +307,8 @@ class GpuMemoryPlan:
         if name == "streaming slots" and s is not None:
             kind = ", int8" if s.quantize else ""
             if d.expert_block and self.capacity:
-                group = min(self.capacity, dequant_group(d.hidden, d.expert_intermediate, _dequant_bytes(s)))
-                kind = f", fp8 + bf16 dequantization buffer of {group}"
+                group = min(self.capacity, dequant_group(d.hidden, d.expert_intermediate, _dequant_bytes(self.inputs)))
+                kind = f", fp8 + bf16 dequantization buffer of {group}" if group else ", fp8, multiplied from e4m3"
             return f"streaming slots (2 x {self.capacity} experts{kind})"
         if name == "resident experts" and s is not None:
             return f"resident experts ({self.residents}/layer x {d.moe_layers}{', fitted' * self.elastic_residents})"
@@ -434,7 +436,7 @@ def plan_gpu_memory(
     per_expert = slot_bytes_per_expert(
         dims.hidden, dims.expert_intermediate, dims.expert_item, s.quantize if s else None, block=dims.expert_block
     )
-    dequant = _dequant_bytes(s)
+    dequant = _dequant_bytes(inputs)
     if streamed:
         budget = optional_size(s.expert_gpu_memory, "expert_gpu_memory")
         left = None if user_limit is None else user_limit - inputs.weights_bytes
@@ -485,8 +487,11 @@ def plan_gpu_memory(
     return plan
 
 
-def _dequant_bytes(s: StreamingSizes | None) -> int:
-    return parse_size(s.dequant_bytes, "dequant_bytes") if s is not None else DEQUANT_BYTES
+def _dequant_bytes(inputs: PlanInputs) -> int:
+    """The FP8 working buffer as enable_streaming sizes it: none where the GEMMs multiply from e4m3."""
+    s, dims = inputs.streaming, inputs.dims
+    asked = parse_size(s.dequant_bytes, "dequant_bytes") if s is not None else DEQUANT_BYTES
+    return fp8_gemm.dequant_bytes_needed(asked, dims.hidden, dims.expert_intermediate, dims.expert_block, inputs.device)
 
 
 def expert_lora_state_bytes(dims: ModelDims, optimizer_states: int = 2) -> int:

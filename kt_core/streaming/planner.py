@@ -185,7 +185,10 @@ def slot_capacity(
 
 
 def dequant_group(hidden: int, intermediate: int, dequant_bytes: int = DEQUANT_BYTES) -> int:
-    """Experts per group of the FP8 dequantization buffer: as many bf16 experts as `dequant_bytes` holds, at least 1."""
+    """Experts per group of the FP8 dequantization buffer: as many bf16 experts as `dequant_bytes` holds, at least 1;
+    0 for no buffer (0 bytes: the GEMMs multiply from e4m3, kt_core.streaming.fp8_gemm)."""
+    if dequant_bytes <= 0:
+        return 0
     return max(1, int(dequant_bytes) // (3 * hidden * intermediate * FP8_WORKING_ITEM))
 
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from kt_core.experts import KTExperts
 from kt_core.settings import optional_size, parse_size, renamed
+from kt_core.streaming import fp8_gemm
 from kt_core.streaming.planner import (
     DEQUANT_BYTES,
     PIECE_ROWS,
@@ -390,7 +391,9 @@ def enable_streaming(
             resident experts as fit under the limit (and warns, naming what to lower, when step 1 alone
             exceeded it). None: residents fill what `expert_gpu_memory` leaves over the slots.
         gpu_memory_budget: the former name of `expert_gpu_memory` (accepted with a warning).
-        dequant_bytes: FP8 experts: device bytes of the bf16 buffer they are dequantized into ("512MiB" default;
+        dequant_bytes: FP8 experts where the GEMMs do not multiply them from e4m3 (kt_core.streaming.fp8_gemm: CUDA
+            with Triton, widths and block multiples of 64; there no buffer is made): device bytes of the bf16 buffer
+            they are dequantized into ("512MiB" default;
             whole experts, at least one, at most a slot's). The slots' experts and the residents are computed a group
             of that many experts at a time, each group dequantized right before its GEMMs, so the buffer stays the
             same whatever the slot capacity; it is counted in `expert_gpu_memory`. Larger: fewer, larger GEMMs and
@@ -447,7 +450,9 @@ def enable_streaming(
     per_expert = slot_bytes_per_expert(
         first.hidden_dim, first.intermediate_dim, first.gate_up_proj.element_size(), quantize, block=block
     )
-    dequant = parse_size(dequant_bytes, "dequant_bytes")
+    dequant = fp8_gemm.dequant_bytes_needed(
+        parse_size(dequant_bytes, "dequant_bytes"), first.hidden_dim, first.intermediate_dim, block, device
+    )
     group = dequant_group(first.hidden_dim, first.intermediate_dim, dequant) if block is not None else 0
     group_expert = 3 * first.hidden_dim * first.intermediate_dim * 2 if block is not None else 0  # bf16
     expert_gpu_memory = renamed("gpu_memory_budget", gpu_memory_budget, "expert_gpu_memory", expert_gpu_memory)

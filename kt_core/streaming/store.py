@@ -15,7 +15,8 @@
 - int8 (optional): per-output-row symmetric int8 copies with fp32 scales are streamed (half the bytes)
   and dequantized on the device into one scratch buffer.
 - FP8 experts (KTExperts(dtype=torch.float8_e4m3fn)) stream as stored: the slots hold the e4m3 bytes and the
-  fp32 128 x 128 block scales (half the PCIe bytes of bf16). The GEMMs take them as `GroupedWeight`s: a group of
+  fp32 128 x 128 block scales (half the PCIe bytes of bf16). The GEMMs take them as `GroupedWeight`s, multiplied
+  from e4m3 where kt_core.streaming.fp8_gemm applies (`dequant_bytes` 0: no buffer is made), else a group of
   at most `group` experts at a time (planner.dequant_group: as many bf16 experts as `dequant_bytes` holds), each
   group dequantized on the compute stream into one bf16 working buffer of `group` experts right before its GEMMs
   (the block-scaled multiply of kt_core.loading.fp8): the GEMMs see exactly the weights of the bf16-dequantized
@@ -298,12 +299,13 @@ class ExpertStore:
             self.slots.append(_Slot(bufs))
         if lw.q is not None or lw.scales is not None:
             n = C
-            if lw.scales is not None:
+            if lw.scales is not None:  # FP8: no buffer where the GEMMs multiply from e4m3 (dequant_bytes 0)
                 n = self.group = min(C, dequant_group(lw.down.shape[1], lw.down.shape[2], self.dequant_bytes))
-            self.scratch = tuple(
-                torch.empty((n, *t.shape[1:]), dtype=self.compute_dtype, device=self.device)
-                for t in (lw.gate_up, lw.down)
-            )
+            if n:
+                self.scratch = tuple(
+                    torch.empty((n, *t.shape[1:]), dtype=self.compute_dtype, device=self.device)
+                    for t in (lw.gate_up, lw.down)
+                )
 
     def set_resident(self, layer: int, experts: list[int]) -> None:
         """Keeps these experts of `layer` on the device (exact copies of the host weights, as stored)."""
@@ -354,7 +356,7 @@ class ExpertStore:
     def _dequantize(self, w: GroupedWeight, lo: int, hi: int) -> torch.Tensor:
         """Experts [lo, hi) of `w` in the working buffer (on the compute stream, right before the GEMMs reading it)."""
         q, s = w.q[lo:hi], w.scale[lo:hi]
-        if self.scratch is None:  # residents without slots (never from enable_streaming): a buffer of their own
+        if self.scratch is None:  # no working buffer (the GEMMs multiply from e4m3, or residents without slots)
             out = torch.empty(q.shape, dtype=self.compute_dtype, device=self.device)
             return _dequantize_into(out, q, s, w.which, self.block)
         held = self._held(w.which, w.key, lo, hi)
@@ -450,12 +452,11 @@ class ExpertStore:
         n = len(experts)
         self._clock += 1
         slot.used = self._clock
+        if self.fp8:  # with or without a working buffer
+            q13, q2, s13, s2 = slot.bufs
+            return experts, *self._grouped(q13[:n], s13[:n], q2[:n], s2[:n], ("slot", slot.tag), 0)
         if self.scratch is None:
             return experts, slot.bufs[0][:n], slot.bufs[1][:n]
-        q13, q2, s13, s2 = slot.bufs
-        if self.fp8:
-            key = ("slot", slot.tag)
-            return experts, *self._grouped(q13[:n], s13[:n], q2[:n], s2[:n], key, 0)
         return experts, self.scratch[0][:n], self.scratch[1][:n]  # int8: filled by ready()
 
     def ready(self, layer: int) -> None:
