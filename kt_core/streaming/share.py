@@ -9,7 +9,8 @@ prefetch of the next layer); the resident experts, if any, are a second weight s
   `piece_rows` sorted slots (bounds the intermediates); in the recomputation of a checkpointed layer the
   pieces' intermediates are kept, up to `keep_bytes`, for the backward that follows it.
 - parts (mixed splits): the layer has split the slots on the host (kt_core/experts/split.py); each GPU
-  part is a grouped-GEMM MLP over its sorted slots, while the CPU share runs on the runtime's worker thread.
+  part is a grouped-GEMM MLP over its sorted slots, in pieces of at most `piece_rows` as well, while the CPU
+  share runs on the runtime's worker thread.
 
 FP8 layers: the weight sets are GroupedWeights (kt_core.streaming.store): the e4m3 experts, dequantized on the device
 into the store's bf16 working buffer a group of experts at a time, right before the GEMMs with them
@@ -157,15 +158,15 @@ class _StreamedCall:
             return lora_dev
         return tuple(f[experts] for f in lora_dev)
 
-    def _pieces(self, r: _Route):
+    def _pieces(self, groups: Groups):
         """(start, end, groups) of consecutive ranges of at most `piece_rows` sorted slots."""
-        rows, total = self.share.runtime.piece_rows, r.groups.rows
+        rows, total = self.share.runtime.piece_rows, groups.rows
         if total <= rows:
-            yield 0, total, r.groups
+            yield 0, total, groups
             return
         for a in range(0, total, rows):
             b = min(total, a + rows)
-            yield a, b, r.groups.piece(a, b)
+            yield a, b, groups.piece(a, b)
 
     def _device_forward(self, x, ids, w, lora_dev, *, keep: bool) -> torch.Tensor:
         rt, m = self.share.runtime, self.module
@@ -174,7 +175,7 @@ class _StreamedCall:
         sub, scaling = self._sub(lora_dev), self._scaling()
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
         kept, kept_bytes = [], 0
-        for a, b, g in self._pieces(r):
+        for a, b, g in self._pieces(r.groups):
             tok = r.tok[a:b]
             nbytes = (b - a) * 2 * m.intermediate_dim * w13.element_size()  # gu (to_keep)
             keep_piece = keep and kept_bytes + nbytes <= rt.keep_bytes
@@ -200,7 +201,7 @@ class _StreamedCall:
         dw = torch.empty(T * K, dtype=torch.float32, device=x.device)
         dy = dy.to(w13.dtype)  # [T, H], gathered per piece
         grads = None
-        for i, (a, b, g) in enumerate(self._pieces(r)):
+        for i, (a, b, g) in enumerate(self._pieces(r.groups)):
             tok = r.tok[a:b]
             xs = x[tok].to(w13.dtype)  # [P, H]
             saved = kept[i] if kept is not None else None  # None: recomputed by the backward
@@ -221,10 +222,13 @@ class _StreamedCall:
         """Sum over parts of routing weight * expert output, [T, H] fp32 on the device."""
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for p in parts:
-            xs = x[p.tok].to(p.w13.dtype)  # [S, H]
             sub = tuple(f[p.experts] for f in lora_dev) if lora_dev else None
-            out, _ = expert_mlp_forward(xs, Groups(p.counts, x.device), p.w13, p.w2, sub, self._scaling())  # [S, H]
-            combine(y, out, 0, inv=None, tok=p.tok, w_sorted=w_flat[p.flat])
+            for a, b, g in self._pieces(Groups(p.counts, x.device)):
+                tok = p.tok[a:b]
+                xs = x[tok].to(p.w13.dtype)  # [P, H]
+                out, _ = expert_mlp_forward(xs, g, p.w13, p.w2, sub, self._scaling())  # [P, H]
+                combine(y, out, 0, inv=None, tok=tok, w_sorted=w_flat[p.flat[a:b]])
+                del xs, out
         return y
 
     def _parts_backward(self, x, ids, w, dy, parts: list[GpuPart], lora_dev):
@@ -233,14 +237,19 @@ class _StreamedCall:
         w_dev = w.reshape(-1).float()
         scaling, out_grads = self._scaling(), []
         for p in parts:
-            g = Groups(p.counts, x.device)
-            xs = x[p.tok].to(p.w13.dtype)  # [S, H]
             sub = tuple(f[p.experts] for f in lora_dev) if lora_dev else None
-            dys = dy[p.tok].to(xs.dtype)  # [S, H]
-            dxs, dots, grads = expert_mlp_backward(xs, dys, w_dev[p.flat], g, p.w13, p.w2, sub, scaling)
-            dw.view(-1).index_copy_(0, p.flat, dots)
-            del dys
-            combine(dx, dxs, 0, inv=None, tok=p.tok)
+            grads = None
+            for a, b, g in self._pieces(Groups(p.counts, x.device)):
+                tok, flat = p.tok[a:b], p.flat[a:b]
+                xs = x[tok].to(p.w13.dtype)  # [P, H]
+                dys = dy[tok].to(xs.dtype)  # [P, H]
+                dxs, dots, piece_grads = expert_mlp_backward(xs, dys, w_dev[flat], g, p.w13, p.w2, sub, scaling)
+                dw.view(-1).index_copy_(0, flat, dots)
+                del xs, dys, dots
+                combine(dx, dxs, 0, inv=None, tok=tok)
+                del dxs
+                if piece_grads is not None:
+                    grads = piece_grads if grads is None else [t.add_(q) for t, q in zip(grads, piece_grads, strict=True)]
             if grads is not None:
                 out_grads.append((p.experts, grads))
         return dx, dw, out_grads or None
