@@ -212,8 +212,7 @@ class _StreamedCall:
             del saved, dots, xs
             combine(dx, dxs, a, inv=r.inv, tok=tok)
             del dxs
-            if piece_grads is not None:
-                grads = piece_grads if grads is None else [t.add_(p) for t, p in zip(grads, piece_grads, strict=True)]
+            grads = _accumulate(grads, piece_grads)
         return dx, dw.view(T, K), [(list(experts), grads)] if grads is not None else None
 
     # ---- parts --------------------------------------------------------------------------------------
@@ -248,11 +247,17 @@ class _StreamedCall:
                 del xs, dys, dots
                 combine(dx, dxs, 0, inv=None, tok=tok)
                 del dxs
-                if piece_grads is not None:
-                    grads = piece_grads if grads is None else [t.add_(q) for t, q in zip(grads, piece_grads, strict=True)]
+                grads = _accumulate(grads, piece_grads)
             if grads is not None:
                 out_grads.append((p.experts, grads))
         return dx, dw, out_grads or None
+
+
+def _accumulate(total: list[torch.Tensor] | None, piece: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    """Sums the LoRA factor gradients of a part's pieces (in place into the first piece's)."""
+    if piece is None:
+        return total
+    return piece if total is None else [t.add_(q) for t, q in zip(total, piece, strict=True)]
 
 
 def _check_factors(lora_dev, dtype: torch.dtype) -> None:
