@@ -6,8 +6,10 @@ over the experts (FP8 experts at their measured CPU and GPU speeds, `kt_core.pla
 runs the layer's attention and shared experts (forward, recomputation, backward: 4 passes of 2 FLOPs per
 weight and token, plus the attention scores over the sequence). A layer costs the attention, then the slower
 of its CPU and GPU expert shares; the next layer's copy runs under it and shows only where it takes longer
-(`max(attention + experts, PCIe)`). Layers are split over the GPUs in ranges, one GPU working at a time (today's
-runtime), each with its own PCIe link and two slots.
+(`max(attention + experts, PCIe)`); each layer is copied twice a step (forward, then recomputation and backward)
+but the last two of each GPU's forward, which stay in its two slots for their backward. Layers are split over the
+GPUs in ranges, one GPU working at a time (today's runtime), each with its own PCIe link and two slots. FP8 experts'
+GPU speed follows the rows per expert (`kt_core.plan.machines.fp8_gpu_speed`).
 
 GPU memory per GPU: its layers' non-expert weights, two slots of the experts it streams, the checkpointed
 layer inputs of its layers, one layer's working set (36 hidden-sized tensors of the step's tokens: measured
@@ -26,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kt_core.loss import loss_workspace_bytes
-from kt_core.plan.machines import FP8_CPU_SPEED, FP8_GPU_SPEED, Machine
+from kt_core.plan.machines import FP8_CPU_SPEED, Machine, fp8_gpu_speed
 from kt_core.plan.models import ModelShape
 from kt_core.streaming.planner import (
     CostModel,
@@ -47,6 +49,7 @@ FP8_BLOCK = (128, 128)  # DeepSeek-V3's / Kimi-K2's weight_block_size
 # Copies of the routed experts in host RAM: the store and the packed kernel's copy while some stream (streaming
 # reads the store); the packed copy alone when the CPU computes them all (kt_core/runtime/pack_cache.py).
 HOST_COPIES_STREAMING, HOST_COPIES_CPU_ONLY = 2, 1
+SLOTS = 2  # streaming slots per GPU (kt_core.streaming.store)
 
 
 @dataclass
@@ -94,7 +97,8 @@ def project(
     expert_bytes = stored_expert_bytes(H, I, item, block)  # streamed over PCIe, per expert
     slot_bytes = slot_bytes_per_expert(H, I, 2 if quantize else item, quantize, block=block)  # GPU, per expert
     cpu_flops = machine.cpu_flops * (FP8_CPU_SPEED if expert_dtype == "fp8" else 1.0)
-    expert_gpu_flops = machine.gpu_flops * (FP8_GPU_SPEED if expert_dtype == "fp8" else 1.0)
+    rows = n * model.experts_per_token / model.experts  # routed slots per expert, routing spread evenly
+    expert_gpu_flops = machine.gpu_flops * (fp8_gpu_speed(rows) if expert_dtype == "fp8" else 1.0)
     cost = CostModel(pcie_bytes_per_s=machine.pcie_bytes_per_s, cpu_flops=cpu_flops, gpu_flops=expert_gpu_flops)
     layers_per_gpu = -(-model.layers // machine.gpus)
     activations = layers_per_gpu * n * h * 2 + WORKING_SET_TENSORS * n * h * 2
@@ -106,9 +110,8 @@ def project(
     budget = max(0, room if expert_gpu_memory is None else min(room, expert_gpu_memory))
     capacity = slot_capacity(budget, model.experts, slot_bytes, slots=1, **group)
 
-    slots = n * model.experts_per_token / model.experts
     plan = plan_layer(
-        [slots] * model.experts,
+        [rows] * model.experts,
         hidden=h,
         intermediate=model.expert_intermediate,
         expert_bytes=expert_bytes,
@@ -117,9 +120,12 @@ def project(
     )
     rest_s = _non_routed_s(model, machine, n, seq, moe=True)  # attention, shared experts, router
     layer_s = max(rest_s + max(plan.cpu_s, plan.gpu_s), plan.pcie_s)
+    # The two layers each GPU's forward streams last are still in its slots for their backward: copied once a step.
+    kept = min(SLOTS * machine.gpus, model.moe_layers)
+    kept_s = kept * max(rest_s + max(plan.cpu_s, plan.gpu_s), plan.pcie_s / 2)
     dense_s = _non_routed_s(model, machine, n, seq, moe=False)
     head_s = 3 * 2 * n * model.vocab * h / machine.gpu_flops
-    step_s = model.moe_layers * layer_s + model.dense_layers * dense_s + head_s
+    step_s = (model.moe_layers - kept) * layer_s + kept_s + model.dense_layers * dense_s + head_s
 
     used = weights + activations + capacity * slot_bytes + dequant_buffer_bytes(H, I, capacity, block=block)
     gpu_bytes = [used] * (machine.gpus - 1) + [used + head]
