@@ -74,12 +74,17 @@ def train(model, steps: int = 4, lr: float = 0.05, seed: int = 0) -> list[float]
 
 
 # Settings of the split: everything on the CPU, everything streamed, half streamed, residents, the planner.
+def planner_cost() -> CostModel:
+    """Speeds under which the planner gives these toy layers a CPU share (slow PCIe)."""
+    return CostModel(pcie_bytes_per_s=2e7, cpu_flops=1e9, cpu_expert_s=0.0, cpu_call_s=0.0)
+
+
 SPLITS = {
     "cpu": dict(mode="cpu"),
     "all-streamed": dict(mode="gpu"),
     "half-streamed": dict(mode="gpu", expert_gpu_memory=2 * 4 * (2 * I * H + H * I) * 4),
     "resident": dict(mode="gpu", expert_gpu_memory=2 * E * (3 * I * H) * 4 + 3 * 3 * 3 * I * H * 4),
-    "planner": dict(mode="auto", cost=CostModel(pcie_bytes_per_s=2e7, cpu_flops=1e9, cpu_expert_s=0.0, cpu_call_s=0.0)),
+    "planner": dict(mode="auto", cost=planner_cost()),
 }
 
 
@@ -407,6 +412,39 @@ def test_mixed_split_parts_run_in_pieces(monkeypatch):
     assert rows and max(rows) <= 5 and sum(r == 5 for r in rows) > 1  # several full pieces, none larger
 
 
+@pytest.mark.parametrize(
+    ("packed", "steps_left", "cpu_share"),
+    [(False, 1, False), (False, None, True), (False, 10**9, True), (True, 1, True)],
+)
+def test_a_cpu_share_packs_the_layer_only_where_that_pays(monkeypatch, caplog, packed, steps_left, cpu_share):
+    """A layer whose experts all fit a slot and whose CPU operator is not built yet gets a CPU share only where the
+    share's modeled saving over the steps left pays for the packing (a full-width FP8 DeepSeek-V3 layer took ~36 s
+    inside a step for a share of 0% of its slots); with the operator built, or the steps left unknown, the planner
+    splits as before. Either way training equals the CPU-only model's."""
+    ref, ours = ToyMoE(2, seed=13), ToyMoE(2, seed=13)
+    monkeypatch.setattr(KTExperts, "pending_pack_bytes", lambda self: 0 if packed else 10**12)
+    for side in ("cpu", "gpu", "pcie"):  # the planner keeps its given speeds (no timings of this machine)
+        monkeypatch.setattr(CostModel, f"observe_{side}", lambda self, *args: None)
+    rt = enable_streaming(ours, device="cpu", mode="auto", cost=planner_cost())
+    assert rt.store.capacity >= E  # the whole layer fits: streaming it all is the alternative
+    if steps_left is not None:
+        rt.set_steps_left(steps_left)
+    with caplog.at_level(logging.INFO, logger="kt_core.streaming"):
+        assert train(ours) == pytest.approx(train(ref), rel=2e-4, abs=1e-6)
+    shares = [r["cpu_slot_share"] for r in rt.history]
+    assert (max(shares) > 0) == cpu_share, shares
+    announced = any("its CPU operator packs now" in r.getMessage() for r in caplog.records)
+    assert announced == (cpu_share and not packed)
+
+
+def test_steps_left_count_accumulation():
+    rt = enable_streaming(ToyMoE(1), device="cpu", mode="auto")
+    rt.set_steps_left(10, accumulation=4)
+    assert rt.remaining_steps == 40
+    rt.set_steps_left(-3)
+    assert rt.remaining_steps == 0
+
+
 def test_planner_gives_no_small_cpu_share_to_a_gpu_bound_layer():
     """A GPU-bound layer with two cold experts: handing them to the CPU would save microseconds of GPU time
     and cost the host path's synchronisation, so every expert is streamed."""
@@ -587,3 +625,24 @@ def test_expert_lora_stays_in_host_memory_where_the_gpu_cannot_hold_it():
     f.grad = torch.ones_like(f)
     lora.place_("cpu")  # to a GPU and back: tests/test_streaming_gpu.py
     assert lora.gate_up_A is f and lora.device.type == "cpu" and f.grad.device.type == "cpu"
+
+
+def test_training_callbacks_tell_the_runtime_the_steps_left():
+    """KTCallback and use_kt's callback pass the optimizer steps left times the accumulation on each step."""
+    from types import SimpleNamespace
+
+    from kt_plugins.hf_trainer import KTCallback
+    from kt_plugins.llamafactory.takeover import _training_callback
+
+    model = ToyMoE(1)
+    rt = enable_streaming(model, device="cpu", mode="auto")
+    args = SimpleNamespace(gradient_accumulation_steps=3)
+    state = SimpleNamespace(max_steps=10, global_step=4)
+    hf = KTCallback()
+    hf._streaming = rt
+    hf.on_step_begin(args, state, None)
+    assert rt.remaining_steps == 18
+    model.kt_streaming = rt
+    state.global_step = 9
+    _training_callback().on_step_begin(args, state, None, model=model)
+    assert rt.remaining_steps == 3

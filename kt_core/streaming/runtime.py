@@ -15,6 +15,8 @@ Plans are made ahead, once per step and layer, from the routing statistics of th
 counts on the first step): the routing counts accumulate on the device during a step and come to the host
 once, when the step closes. When a plan leaves the CPU nothing to do, the layer streams all its experts, so
 its calls take the device path (kt_core/streaming/share.py) (no host synchronisation, no CPU thread hand-off).
+A layer whose CPU operator is not built yet and whose experts all fit a slot gets a CPU share only when the share's
+modeled saving over the steps left (`set_steps_left`, from the training plugins) pays for packing the operator.
 
 FP8 experts (KTExperts(dtype=torch.float8_e4m3fn)) stream and stay resident as FP8, dequantized to bf16 on the
 device right before their GEMMs, a group of experts at a time into one working buffer of `dequant_bytes` (store.py).
@@ -56,6 +58,10 @@ __all__ = ["StreamingRuntime", "enable_streaming"]
 
 logger = logging.getLogger("kt_core.streaming")
 
+# Host bytes a second the CPU operator packs (its tile layout) on 15 AMX threads: a full-width DeepSeek-V3 layer,
+# FP8 (11.3 GB), in ~9.5 s (benchmarks/RESULTS.md 2026-12-06); bf16 (22.5 GB) in ~20 s.
+PACK_BYTES_PER_S = 1.1e9
+
 
 class StreamingRuntime:
     """Shared state of the streamed layers of one model (see the module docstring)."""
@@ -94,6 +100,9 @@ class StreamingRuntime:
         self._kept: dict[int, tuple] = {}  # layer -> (key, intermediates) from a recomputation, for its backward
         self._saw_backward = False
         self._step_t0 = time.perf_counter()
+        # Steps left in the run (the training plugins set it each step; None: unknown). A layer whose CPU operator is
+        # not built yet gets a CPU share only when the share's modeled saving over these steps pays for the packing.
+        self.remaining_steps: int | None = None
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -194,6 +203,8 @@ class StreamingRuntime:
             mode=self.mode,
         )
         rest = [e for e in range(E) if e not in set(resident)]
+        if self.mode == "auto" and len(rest) <= self.store.capacity:
+            p = self._unless_packing_costs_more(layer, p, counts)
         covered = set(p.stream) | set(resident)
         if (
             self.mode != "cpu"
@@ -205,6 +216,48 @@ class StreamingRuntime:
             p.pcie_s = self.cost.pcie_passes * len(rest) * self.store.expert_bytes(layer) / self.cost.pcie_bytes_per_s
         self.plans[layer] = p
         self._fresh[layer] = True
+        return p
+
+    def set_steps_left(self, optimizer_steps: int, accumulation: int = 1) -> None:
+        """The run's optimizer steps left and its gradient accumulation: the streaming steps (forward + backward
+        passes) left, which decide whether packing a layer's CPU operator pays (`plan`)."""
+        self.remaining_steps = max(0, int(optimizer_steps)) * max(1, int(accumulation))
+
+    def _unless_packing_costs_more(self, layer: int, p: LayerPlan, counts: list[float]) -> LayerPlan:
+        """`p`, or the plan streaming every routed expert when `p`'s CPU share would first have to pack the layer's
+        CPU operator (a full-width FP8 DeepSeek-V3 layer: ~10 s, inside the step) and saves less than that over the
+        steps left. Only for layers whose routed experts all fit a slot, so that no CPU share is left either way."""
+        m = self.layers[layer]
+        streamed = set(p.stream) | set(self.store.layers[layer].resident)
+        if all(e in streamed for e, c in enumerate(counts) if c > 0):
+            return p  # no CPU share
+        pack_bytes = m.pending_pack_bytes()
+        if not pack_bytes:
+            return p  # built already (or a kernel that packs nothing)
+        gpu = plan_layer(
+            counts,
+            hidden=m.hidden_dim,
+            intermediate=m.intermediate_dim,
+            expert_bytes=self.store.expert_bytes(layer),
+            capacity=self.store.capacity,
+            cost=self.cost,
+            resident=self.store.layers[layer].resident,
+            mode="gpu",
+        )
+        pack_s = pack_bytes / PACK_BYTES_PER_S
+        saving_s = gpu.step_s - p.step_s
+        if self.remaining_steps is not None and saving_s * self.remaining_steps < pack_s:
+            return gpu
+        logger.info(
+            "streaming: layer %d takes a CPU share: its CPU operator packs now (%.1f GiB, ~%.0f s at %.1f GB/s), "
+            "saving a modeled %.0f ms a step over %s steps left",
+            layer,
+            pack_bytes / 2**30,
+            pack_s,
+            PACK_BYTES_PER_S / 1e9,
+            saving_s * 1e3,
+            "unknown" if self.remaining_steps is None else self.remaining_steps,
+        )
         return p
 
     def submit_cpu(self, layer: int, phase: str, fn, *, slots: int) -> Future:

@@ -300,6 +300,10 @@ class KTCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         save_engine_state(args, state, model)
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._streaming is not None:
+            self._streaming.set_steps_left(state.max_steps - state.global_step, args.gradient_accumulation_steps)
+
     def on_step_end(self, args, state, control, **kwargs):
         if self._streaming is not None:
             self._streaming.end_step()

@@ -227,6 +227,11 @@ def _training_callback():
         def on_save(self, args, state, control, model=None, **kwargs):
             save_engine_state(args, state, model)
 
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            streaming = getattr(model, "kt_streaming", None)  # kt_plugins/llamafactory/model.py sets it
+            if streaming is not None:
+                streaming.set_steps_left(state.max_steps - state.global_step, args.gradient_accumulation_steps)
+
         def on_step_end(self, args, state, control, **kwargs):
             if self.timer is not None:
                 self.timer.end_step()
