@@ -348,6 +348,22 @@ def test_plans_are_made_once_per_step(monkeypatch):
     assert len(rt.history) == 2
 
 
+def assert_same_gradients(ours, ref, *, seed: int) -> None:
+    """Two forward + backward passes of 40 random tokens through both models (LoRA gradients accumulate in `.grad`
+    at the end of each): the same input and parameter gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    xr = torch.randn(40, H, generator=gen).requires_grad_()
+    xo = xr.detach().clone().requires_grad_()
+    for _ in range(2):
+        ref(xr).backward()
+        ours(xo).backward()
+    torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None), name
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 # One piece of 7 sorted slots keeps 7 * 2I fp32 values (its gu; h is recomputed, the output is not needed).
 PIECE_BYTES = 7 * 2 * I * 4
 
@@ -365,17 +381,7 @@ def test_device_path_in_pieces_matches_cpu_only(monkeypatch, keep_pieces):
     monkeypatch.setattr(share, "expert_mlp_forward", forwards)
     recomputed = _Counter(gpu_experts.backward_intermediates)
     monkeypatch.setattr(gpu_experts, "backward_intermediates", recomputed)
-    gen = torch.Generator().manual_seed(4)
-    xr = torch.randn(40, H, generator=gen).requires_grad_()
-    xo = xr.detach().clone().requires_grad_()
-    for _ in range(2):
-        ref(xr).backward()
-        ours(xo).backward()
-    torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-5, atol=1e-6)
-    for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
-        assert (a.grad is None) == (b.grad is None), name
-        if b.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_gradients(ours, ref, seed=4)
     pieces = -(-40 * K // 7)  # 12 pieces of at most 7 slots
     kept = min(keep_pieces, pieces)
     assert forwards.calls == 2 * 2 * (pieces + pieces)  # passes x layers x (fwd, recompute)
@@ -397,17 +403,7 @@ def test_mixed_split_parts_run_in_pieces(monkeypatch):
         monkeypatch.setattr(share, name, lambda xs, *a, _fn=fn, **k: rows.append(xs.shape[0]) or _fn(xs, *a, **k))
     parts = _Counter(share._StreamedCall._parts_forward)
     monkeypatch.setattr(share._StreamedCall, "_parts_forward", lambda self, *a, **k: parts(self, *a, **k))
-    gen = torch.Generator().manual_seed(5)
-    xr = torch.randn(40, H, generator=gen).requires_grad_()
-    xo = xr.detach().clone().requires_grad_()
-    for _ in range(2):
-        ref(xr).backward()
-        ours(xo).backward()
-    torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-5, atol=1e-6)
-    for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
-        assert (a.grad is None) == (b.grad is None), name
-        if b.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_gradients(ours, ref, seed=5)
     assert parts.calls > 0  # the layers did split on the host
     assert rows and max(rows) <= 5 and sum(r == 5 for r in rows) > 1  # several full pieces, none larger
 

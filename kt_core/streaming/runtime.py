@@ -192,16 +192,7 @@ class StreamingRuntime:
         E = m.num_experts
         counts = self.counts[layer].tolist() if self.counts[layer] is not None else [slots / E] * E
         resident = self.store.layers[layer].resident
-        p = plan_layer(
-            counts,
-            hidden=m.hidden_dim,
-            intermediate=m.intermediate_dim,
-            expert_bytes=self.store.expert_bytes(layer),
-            capacity=self.store.capacity,
-            cost=self.cost,
-            resident=resident,
-            mode=self.mode,
-        )
+        p = self._plan_layer(layer, counts, self.mode)
         rest = [e for e in range(E) if e not in set(resident)]
         if self.mode == "auto" and len(rest) <= self.store.capacity:
             p = self._unless_packing_costs_more(layer, p, counts)
@@ -217,6 +208,19 @@ class StreamingRuntime:
         self.plans[layer] = p
         self._fresh[layer] = True
         return p
+
+    def _plan_layer(self, layer: int, counts: list[float], mode: str) -> LayerPlan:
+        m = self.layers[layer]
+        return plan_layer(
+            counts,
+            hidden=m.hidden_dim,
+            intermediate=m.intermediate_dim,
+            expert_bytes=self.store.expert_bytes(layer),
+            capacity=self.store.capacity,
+            cost=self.cost,
+            resident=self.store.layers[layer].resident,
+            mode=mode,
+        )
 
     def set_steps_left(self, optimizer_steps: int, accumulation: int = 1) -> None:
         """The run's optimizer steps left and its gradient accumulation: the streaming steps (forward + backward
@@ -234,16 +238,7 @@ class StreamingRuntime:
         pack_bytes = m.pending_pack_bytes()
         if not pack_bytes:
             return p  # built already (or a kernel that packs nothing)
-        gpu = plan_layer(
-            counts,
-            hidden=m.hidden_dim,
-            intermediate=m.intermediate_dim,
-            expert_bytes=self.store.expert_bytes(layer),
-            capacity=self.store.capacity,
-            cost=self.cost,
-            resident=self.store.layers[layer].resident,
-            mode="gpu",
-        )
+        gpu = self._plan_layer(layer, counts, "gpu")
         pack_s = pack_bytes / PACK_BYTES_PER_S
         saving_s = gpu.step_s - p.step_s
         if self.remaining_steps is not None and saving_s * self.remaining_steps < pack_s:
