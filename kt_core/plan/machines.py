@@ -3,12 +3,15 @@
 Measured on the GPU test machine (benchmarks/RESULTS.md; one H200 or H100 with 16 AMX Xeon cores): 50-55 GB/s
 pinned host -> GPU, the streamed experts' grouped GEMMs at ~300 TFLOP/s (bf16, DeepSeek-V2-Lite at 16 x 2048 tokens:
 ~3,000 rows per expert), and the CPU operator on 15 threads of its 16 AMX Xeon cores (one left to the driving thread)
-on full-width DeepSeek-V3 layers at 8,192 tokens per step (2026-12-04), counted as the planner counts (4 passes of
-2 x 3 x H x I per routed slot): 4.3 TFLOP/s on bf16 experts (the mixed split's CPU calls as the streaming runtime
-times them), ~3.0 on FP8 experts dequantized in registers (the all-CPU run). Streamed FP8 experts are multiplied
-from e4m3 (kt_core/streaming/fp8_gemm.py); counted the same way (5 passes), their GPU share ran at ~100, ~228 and
-~290 TFLOP/s at 64, 256 and 1,024 rows per expert (full-width DeepSeek-V3 at 2,048, 8,192 and 32,768 tokens per
-step, H100, 2026-12-06): `fp8_gpu_speed` is the saturating curve through those points. Other machines scale these:
+on full-width DeepSeek-V3 layers, counted as the planner counts (4 passes of 2 x 3 x H x I per routed slot): a mixed
+split's CPU share ran at 4.3 TFLOP/s on bf16 experts (8,192 tokens per step, H200, 2026-12-04) and at 4.3-4.95 on FP8
+experts dequantized in registers (8,192 and 32,768 tokens, H100, 2026-12-06), as the streaming runtime times it; with
+every expert of a layer on the CPU the operator's time came to ~3.0 TFLOP/s as counted (FP8, 8,192 tokens, H200;
+2.65 at 2,048 tokens, H100): `ALL_CPU_SPEED`, which the projection applies to bf16 all-CPU runs too (not measured at
+this width). Streamed FP8 experts are multiplied from e4m3 (kt_core/streaming/fp8_gemm.py); counted the same way
+(5 passes), their GPU share ran at ~100, ~228 and ~290 TFLOP/s at 64, 256 and 1,024 rows per expert (full-width
+DeepSeek-V3 at 2,048, 8,192 and 32,768 tokens per step, H100, 2026-12-06): `fp8_gpu_speed` is the saturating curve
+through those points. Other machines scale these:
 CPU by AMX cores (the same kernels), GPU by the data-sheet bf16 peak (the same kernels at the same share of peak),
 PCIe by the link generation. Those scalings are assumptions until measured there.
 """
@@ -17,12 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["FP8_CPU_SPEED", "MACHINES", "Machine", "fp8_gpu_speed"]
+__all__ = ["ALL_CPU_SPEED", "MACHINES", "Machine", "fp8_gpu_speed"]
 
 GIB = 2**30
 H200_EFFECTIVE_SHARE = 300e12 / 989e12  # our grouped GEMMs at training batch sizes vs the H200's bf16 dense peak
-CPU_FLOPS_PER_AMX_CORE = 4.3e12 / 15  # the CPU operator's LoRA passes on bf16 experts, 15 threads measured
-FP8_CPU_SPEED = 3.0 / 4.3  # the operator's speed on FP8 experts against bf16 (the in-register dequantization)
+CPU_FLOPS_PER_AMX_CORE = 4.3e12 / 15  # a mixed split's CPU share (bf16 and FP8 experts), 15 threads measured
+ALL_CPU_SPEED = 3.0 / 4.3  # the operator with every expert of a layer, against a mixed split's share (as counted)
 FP8_GEMM_PEAK = 342 / 300  # the e4m3 grouped GEMMs' fitted peak, against the bf16 GEMMs' effective speed
 FP8_GEMM_HALF_ROWS = 128  # rows per expert at which they reach half that peak
 H200_MACHINE_CPU_THREADS = 15  # the operator's threads on the 16-core GPU test machine
@@ -40,7 +43,7 @@ class Machine:
     gpu_bytes: int  # per GPU
     gpu_flops: float  # per GPU, effective
     pcie_bytes_per_s: float  # per GPU link, effective
-    cpu_flops: float  # the CPU operator on bf16 experts, effective (FP8: x FP8_CPU_SPEED)
+    cpu_flops: float  # a mixed split's CPU share, effective (every expert on the CPU: x ALL_CPU_SPEED)
     host_bytes: int
     about: str
 

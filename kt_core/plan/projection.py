@@ -2,9 +2,12 @@
 
 Per MoE layer and step the experts are split exactly as the runtime's planner splits them
 (`kt_core.streaming.planner.plan_layer`, the same `CostModel` and pass counts), with routing spread evenly
-over the experts (FP8 experts at their measured CPU and GPU speeds, `kt_core.plan.machines`); the GPU also
-runs the layer's attention and shared experts (forward, recomputation, backward: 4 passes of 2 FLOPs per
-weight and token, plus the attention scores over the sequence). A layer costs the attention, then the slower
+over the experts (the CPU at a mixed split's measured speed, or at the all-CPU one where every expert stays there;
+FP8 experts' GPU speed as measured: `kt_core.plan.machines`); the GPU also runs the layer's attention and shared
+experts. Their weights are frozen (LoRA), so a GEMM over them runs 3 times a step (forward, recomputation, the input
+gradient; no weight gradient), 2 FLOPs per weight and token; the causal attention scores 4.5 times (the forward,
+the recomputation and flash attention's backward, about 2.5 forwards); lm_head twice (the fused loss computes the
+logits and their input gradient in one chunked pass, `kt_core.loss`). A layer costs the attention, then the slower
 of its CPU and GPU expert shares; the next layer's copy runs under it and shows only where it takes longer
 (`max(attention + experts, PCIe)`); each layer is copied twice a step (forward, then recomputation and backward)
 but the last two of each GPU's forward, which stay in its two slots for their backward. Layers are split over the
@@ -28,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kt_core.loss import loss_workspace_bytes
-from kt_core.plan.machines import FP8_CPU_SPEED, Machine, fp8_gpu_speed
+from kt_core.plan.machines import ALL_CPU_SPEED, Machine, fp8_gpu_speed
 from kt_core.plan.models import ModelShape
 from kt_core.streaming.planner import (
     CostModel,
@@ -50,6 +53,9 @@ FP8_BLOCK = (128, 128)  # DeepSeek-V3's / Kimi-K2's weight_block_size
 # reads the store); the packed copy alone when the CPU computes them all (kt_core/runtime/pack_cache.py).
 HOST_COPIES_STREAMING, HOST_COPIES_CPU_ONLY = 2, 1
 SLOTS = 2  # streaming slots per GPU (kt_core.streaming.store)
+FROZEN_GEMM_PASSES = 3  # forward, recomputation, input gradient
+SCORE_PASSES = 4.5  # forward, recomputation, flash attention's backward (~2.5 forwards)
+HEAD_PASSES = 2  # the fused loss: logits and their input gradient, chunk by chunk
 
 
 @dataclass
@@ -96,10 +102,6 @@ def project(
     H, I = model.hidden, model.expert_intermediate
     expert_bytes = stored_expert_bytes(H, I, item, block)  # streamed over PCIe, per expert
     slot_bytes = slot_bytes_per_expert(H, I, 2 if quantize else item, quantize, block=block)  # GPU, per expert
-    cpu_flops = machine.cpu_flops * (FP8_CPU_SPEED if expert_dtype == "fp8" else 1.0)
-    rows = n * model.experts_per_token / model.experts  # routed slots per expert, routing spread evenly
-    expert_gpu_flops = machine.gpu_flops * (fp8_gpu_speed(rows) if expert_dtype == "fp8" else 1.0)
-    cost = CostModel(pcie_bytes_per_s=machine.pcie_bytes_per_s, cpu_flops=cpu_flops, gpu_flops=expert_gpu_flops)
     layers_per_gpu = -(-model.layers // machine.gpus)
     activations = layers_per_gpu * n * h * 2 + WORKING_SET_TENSORS * n * h * 2
     lora = 4 * 4 * lora_rank * model.attention_params // h  # fp32 factors, grads, Adam moments (attention LoRA)
@@ -109,6 +111,10 @@ def project(
     group = dict(group=dequant_group(H, I), group_expert_bytes=3 * H * I * 2) if block else {}  # FP8 buffer
     budget = max(0, room if expert_gpu_memory is None else min(room, expert_gpu_memory))
     capacity = slot_capacity(budget, model.experts, slot_bytes, slots=1, **group)
+    cpu_flops = machine.cpu_flops * (ALL_CPU_SPEED if capacity == 0 else 1.0)
+    rows = n * model.experts_per_token / model.experts  # routed slots per expert, routing spread evenly
+    expert_gpu_flops = machine.gpu_flops * (fp8_gpu_speed(rows) if expert_dtype == "fp8" else 1.0)
+    cost = CostModel(pcie_bytes_per_s=machine.pcie_bytes_per_s, cpu_flops=cpu_flops, gpu_flops=expert_gpu_flops)
 
     plan = plan_layer(
         [rows] * model.experts,
@@ -124,7 +130,7 @@ def project(
     kept = min(SLOTS * machine.gpus, model.moe_layers)
     kept_s = kept * max(rest_s + max(plan.cpu_s, plan.gpu_s), plan.pcie_s / 2)
     dense_s = _non_routed_s(model, machine, n, seq, moe=False)
-    head_s = 3 * 2 * n * model.vocab * h / machine.gpu_flops
+    head_s = HEAD_PASSES * 2 * n * model.vocab * h / machine.gpu_flops
     step_s = (model.moe_layers - kept) * layer_s + kept_s + model.dense_layers * dense_s + head_s
 
     used = weights + activations + capacity * slot_bytes + dequant_buffer_bytes(H, I, capacity, block=block)
@@ -149,9 +155,10 @@ def project(
 
 
 def _non_routed_s(model: ModelShape, machine: Machine, tokens: int, seq: int, *, moe: bool) -> float:
-    """GPU seconds of a layer's non-routed work: forward, recomputation and backward (4 passes)."""
-    per_token = model.layer_params_on_gpu(moe) + model.attention_width * seq / 2  # causal attention scores
-    return 4 * 2 * tokens * per_token / machine.gpu_flops
+    """GPU seconds of a layer's non-routed work: its frozen GEMMs and the causal attention scores, every pass."""
+    gemms = FROZEN_GEMM_PASSES * model.layer_params_on_gpu(moe)
+    scores = SCORE_PASSES * model.attention_width * seq / 2
+    return 2 * tokens * (gemms + scores) / machine.gpu_flops
 
 
 def _gib(n: float) -> str:
