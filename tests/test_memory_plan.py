@@ -55,6 +55,7 @@ def _hand_parts(checkpointing: bool) -> dict[str, int]:
         "trainable state": 100 * 3,  # gradients + two Adam states
         "expert LoRA on the GPU": 2 * factors * 4 * 4,  # fp32 factors, gradients, two Adam states, 2 layers
         "streaming slots": 4 * SLOT,
+        "packed-copy staging": 0,  # fp32 experts: no packed copy streams in their place
         "resident experts": 2 * 2 * EXPERT,  # what the budget leaves: 2 per layer
         "layer inputs": 3 * T * H * d if checkpointing else 2 * saved,
         "one layer's working set": saved + transient if checkpointing else transient,

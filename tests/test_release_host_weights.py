@@ -132,8 +132,11 @@ def test_what_needs_the_weights_refuses_after_release(kernel, monkeypatch):
         module(x.float().requires_grad_(), ids, w)
     with pytest.raises(RuntimeError, match=r"load_expert_: expert 2: .*released"):
         module.load_expert_(2, down=torch.zeros(H, I))
-    with pytest.raises(ValueError, match=r"enable_streaming: 1 KTExperts layers released their host weights"):
-        enable_streaming(torch.nn.Sequential(module), device="cpu", expert_gpu_memory="1MiB")
+    with pytest.raises(ValueError, match=r"enable_streaming: 1 KTExperts layers released .* quantize='int8'"):
+        enable_streaming(torch.nn.Sequential(module), device="cpu", expert_gpu_memory="1MiB", quantize="int8")
+    rt = enable_streaming(torch.nn.Sequential(module), device="cpu", expert_gpu_memory="1MiB")
+    assert rt.store.layers[0].tiles is not None  # streams from the packed copy (tests/test_stream_from_tiles.py)
+    rt.disable()
     module.kernel = "avx512_bf16" if kernel.startswith("avx512") else "avx512_bf16_packed"
     with pytest.raises(RuntimeError, match=r"needs the expert weights, which were released"):
         module.operator()

@@ -331,6 +331,13 @@ class KTExperts(nn.Module):
         then release its host weights (`release_host_weights`)."""
         return self.kernel != kernels.TORCH_KERNEL and self.operator().packs
 
+    def packed_operator(self):
+        """The CPU operator when it is built over the current weights and computes from a packed copy of its own
+        (kt_core.streaming.tiles reads that copy); None otherwise. Builds nothing."""
+        if self.kernel == kernels.TORCH_KERNEL or self._op is None or self._op_key != self._operator_key():
+            return None
+        return self._op if self._op.packs else None
+
     def pending_pack_bytes(self) -> int:
         """Host bytes that building the operator now would allocate for its packed copy: 0 when it is built over the
         weights as they are, or when the kernel computes from the weights themselves."""

@@ -27,6 +27,9 @@ P = min(PIECE_ROWS, T*K) sorted slots per piece of a streamed call):
                                they are dequantized into a group at a time (dequant_buffer_bytes: min(capacity,
                                dequant_group) experts, fixed by `dequant_bytes`; FP8 residents go through it too),
                                where the GEMMs do not multiply from e4m3 (fp8_gemm.dequant_bytes_needed)
+    packed-copy staging        streaming bf16 / FP8 experts, not quantized: the buffer the tiles of layers that stream
+                               from their packed copy cross PCIe into (planner.stage_bytes: whole experts' gate_up,
+                               as many as STAGE_BYTES holds, at least one)
     resident experts           residents per layer x MoE layers x the expert as stored (3*H*I*item, + the block
                                scales of FP8); under a gpu_memory_limit, as many as fit beside everything else
                                (what the runtime keeps after step 1)
@@ -77,6 +80,7 @@ from kt_core.streaming.planner import (
     dequant_group,
     expert_memory_split,
     slot_bytes_per_expert,
+    stage_bytes,
 )
 
 __all__ = [
@@ -456,6 +460,9 @@ def plan_gpu_memory(
     parts["streaming slots"] = plan.capacity * per_expert + dequant_buffer_bytes(
         dims.hidden, dims.expert_intermediate, plan.capacity, block=dims.expert_block, dequant_bytes=dequant
     )
+    gate_up = 2 * dims.expert_intermediate * dims.hidden * dims.expert_item  # bytes of one expert's gate_up
+    exact_tiles = streamed and not s.quantize and dims.expert_item in (1, 2)  # bf16 / FP8 packed copies stream
+    parts["packed-copy staging"] = stage_bytes(gate_up, plan.capacity) if exact_tiles else 0
     parts["resident experts"] = 0
     inputs_bytes, layer_bytes = _activations(dims, run, d, streamed)
     parts["layer inputs"] = inputs_bytes

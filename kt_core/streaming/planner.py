@@ -38,6 +38,7 @@ from kt_core.loading.fp8 import expert_scale_bytes
 __all__ = [
     "DEQUANT_BYTES",
     "PIECE_ROWS",
+    "STAGE_BYTES",
     "CostModel",
     "LayerPlan",
     "allocator_margin",
@@ -47,6 +48,7 @@ __all__ = [
     "plan_layer",
     "slot_bytes_per_expert",
     "slot_capacity",
+    "stage_bytes",
     "stored_expert_bytes",
 ]
 
@@ -54,6 +56,7 @@ MODES = ("auto", "cpu", "gpu")
 FP8_WORKING_ITEM = 2  # bytes a weight of the bf16 buffer FP8 experts are dequantized into (store.FP8_WORKING_DTYPE)
 PIECE_ROWS = 32768  # sorted slots per piece of a device-path call (bounds its intermediates)
 DEQUANT_BYTES = 512 * 2**20  # default size of the bf16 buffer FP8 experts are dequantized into, a group at a time
+STAGE_BYTES = 64 * 2**20  # the staging buffer the packed copy's tiles cross PCIe into (kt_core/streaming/tiles.py)
 
 
 def allocator_margin(limit: int) -> int:
@@ -190,6 +193,14 @@ def dequant_group(hidden: int, intermediate: int, dequant_bytes: int = DEQUANT_B
     if dequant_bytes <= 0:
         return 0
     return max(1, int(dequant_bytes) // (3 * hidden * intermediate * FP8_WORKING_ITEM))
+
+
+def stage_bytes(gate_up_bytes: int, capacity: int) -> int:
+    """Device bytes of the staging buffer that layers streaming from the packed copy use: whole experts' gate_up tiles
+    (`gate_up_bytes` each), as many as `STAGE_BYTES` holds, at least one, at most a slot's (0 when nothing streams)."""
+    if capacity <= 0:
+        return 0
+    return min(capacity, max(1, STAGE_BYTES // gate_up_bytes)) * gate_up_bytes
 
 
 def dequant_buffer_bytes(

@@ -18,6 +18,10 @@ its calls take the device path (kt_core/streaming/share.py) (no host synchronisa
 A layer whose CPU operator is not built yet and whose experts all fit a slot gets a CPU share only when the share's
 modeled saving over the steps left (`set_steps_left`, from the training plugins) pays for packing the operator.
 
+Host RAM: a layer streams from its weights until its CPU operator packs them (its first CPU share); from the next step
+on it streams from the packed copy and frees the weights (`release_packed_weights`, which the training plugins set as
+they set the release of CPU-only layers), so host RAM holds each layer's experts once (kt_core/streaming/tiles.py).
+
 FP8 experts (KTExperts(dtype=torch.float8_e4m3fn)) stream and stay resident as FP8, dequantized to bf16 on the
 device right before their GEMMs, a group of experts at a time into one working buffer of `dequant_bytes` (store.py).
 
@@ -53,6 +57,7 @@ from kt_core.streaming.planner import (
 )
 from kt_core.streaming.share import StreamedShare
 from kt_core.streaming.store import ExpertStore
+from kt_core.streaming.tiles import tiles_of
 
 __all__ = ["StreamingRuntime", "enable_streaming"]
 
@@ -103,6 +108,10 @@ class StreamingRuntime:
         # Steps left in the run (the training plugins set it each step; None: unknown). A layer whose CPU operator is
         # not built yet gets a CPU share only when the share's modeled saving over these steps pays for the packing.
         self.remaining_steps: int | None = None
+        # Whether a layer whose CPU operator has packed its experts streams from that copy and frees its weights
+        # (`_stream_from_packed_copies`): the training plugins set it as they decide the release of CPU-only layers
+        # (kt_core.runtime.pack_cache.training_releases_weights); off otherwise (the weights stay).
+        self.release_packed_weights = False
         self._reset_counters()
 
     def _reset_counters(self) -> None:
@@ -310,6 +319,7 @@ class StreamingRuntime:
         self._step_counts = [None] * len(self.layers)
         self._kept.clear()
         pcie_s, pcie_bytes = self.store.take_pcie()
+        self._stream_from_packed_copies()
         if self.device.type == "cuda":
             for _, e in self._gpu:
                 e.synchronize()
@@ -361,6 +371,35 @@ class StreamingRuntime:
         self._saw_backward = False
         self._step_t0 = time.perf_counter()
         return report
+
+    def _stream_from_packed_copies(self) -> None:
+        """Layers whose CPU operator has packed their experts stream from that copy from now on and free their weights
+        (the module docstring), where `release_packed_weights` allows it."""
+        if not self.release_packed_weights or self.store.quantize is not None:
+            return
+        freed = sum(m.release_host_weights() for i, m in enumerate(self.layers) if self.stream_from_tiles(i))
+        if freed:
+            logger.info(
+                "streaming: %.2f GiB of expert weights freed: their layers stream from the CPU operator's packed copy "
+                "(keep_host_weights / kt_keep_host_weights keeps both)",
+                freed / 2**30,
+            )
+
+    def stream_from_tiles(self, layer: int) -> bool:
+        """Makes `layer` stream from its CPU operator's packed copy if it has one that keeps the weights exactly in
+        tiles without padding (kt_core/streaming/tiles.py); True when it does so now. The weights stay until the
+        caller frees them (KTExperts.release_host_weights)."""
+        m = self.layers[layer]
+        if self.store.layers[layer].tiles is not None or self.store.quantize is not None:
+            return False
+        op = m.packed_operator()
+        if op is None or not op.packed_backward("bfloat16"):
+            return False
+        tiles = tiles_of(op, m.gate_up_proj, m.down_proj)
+        if tiles is None:
+            return False
+        self.store.stream_from_tiles(layer, tiles, owner=op)
+        return True
 
     def _device_peak(self) -> int:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
@@ -477,11 +516,11 @@ def enable_streaming(
             "(expert_ids, or a GPU share attached); streaming needs every expert of a layer in host memory"
         )
     released = [m for m in layers if m.host_weights_released]
-    if released:
+    if released and quantize is not None:
         raise ValueError(
             f"enable_streaming: {len(released)} KTExperts layers released their host weights once packed "
-            "(release_host_weights): streaming copies those weights to the GPU; restore_host_weights() on each "
-            "gives them back"
+            f"(release_host_weights), and quantize={quantize!r} makes its int8 copies from them; "
+            "restore_host_weights() on each gives them back"
         )
     first = layers[0]
     E = first.num_experts
@@ -538,6 +577,13 @@ def enable_streaming(
         rt.plans.append(LayerPlan())
         rt._fresh.append(False)
         rt._step_counts.append(None)
+        if m.host_weights_released and not rt.stream_from_tiles(i):
+            store.close()
+            raise ValueError(
+                f"enable_streaming: layer {i} released its host weights once packed (release_host_weights), and its "
+                f"kernel's packed copy ({m.kernel}) cannot stream in their place (padded or quantized tiles); "
+                "restore_host_weights() on each such layer gives them back"
+            )
         m.attach_gpu_share(StreamedShare(rt, i))  # same module, names and state dict; the layer splits each call
     rt._reset_counters()
     lora_on_gpu = _expert_lora_on_gpu(layers, expert_lora_on_gpu, mode, device)

@@ -46,18 +46,22 @@ class StreamedShare:
 
     Attributes:
         takes_fp8: FP8 expert weights are dequantized by the share itself (the store's working buffer).
-        reads_host_weights: it copies the layer's host weights to the GPU (KTExperts.release_host_weights refuses).
+        reads_host_weights: it copies the layer's host weights to the GPU (KTExperts.release_host_weights refuses);
+            False once the layer streams from its packed copy (store.stream_from_tiles).
         compute_dtype: the dtype of the weights its GEMMs take (bf16 for FP8 layers; else the weights' own),
             in which the layer uploads the expert-LoRA factors.
     """
 
     takes_fp8 = True
-    reads_host_weights = True
 
     def __init__(self, runtime: StreamingRuntime, layer: int):
         self.runtime = runtime
         self.layer = layer
         self.device = runtime.device
+
+    @property
+    def reads_host_weights(self) -> bool:
+        return self.runtime.store.layers[self.layer].tiles is None
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -24,6 +24,10 @@
   a slot that fits it whole is dequantized once for the forward, the recomputation and the backward. Residents
   stay FP8 on the device too; those not part of a whole-layer slot are taken the same way, after the slot's
   experts when both fit the buffer, else from its start.
+- From the packed copy (`stream_from_tiles`): a layer whose CPU operator packed its experts (its first CPU share)
+  streams the operator's tiles instead of the weights, which the layer then frees: host RAM holds the experts once
+  (kt_core/streaming/tiles.py). The tiles cross PCIe into a staging buffer of at most `STAGE_BYTES` (one expert's
+  gate_up at least) and are put back in the slot's layout there, by one strided copy per group, on the side stream.
 - Without CUDA the same code runs on the CPU device ("fake device"): copies are plain copies, timed.
 
 Legend: E = experts, C = slot capacity (experts), H = hidden, I = expert intermediate.
@@ -40,7 +44,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kt_core.loading.fp8 import DEFAULT_BLOCK, scale_blocks_
-from kt_core.streaming.planner import DEQUANT_BYTES, dequant_group
+from kt_core.streaming.planner import DEQUANT_BYTES, dequant_group, stage_bytes
+from kt_core.streaming.tiles import untile_
 
 __all__ = ["FP8", "FP8_WORKING_DTYPE", "ExpertStore", "GroupedWeight", "pin_in_place", "quantize_rows"]
 
@@ -118,6 +123,8 @@ class _Layer:
     resident: list[int] = field(default_factory=list)
     res: tuple[torch.Tensor, ...] | None = None  # the residents as stored ([R, ...] each of `stored`), device
     res_ids: torch.Tensor | None = None  # [R] int64 their expert ids, device (a whole-layer slot's positions)
+    tiles: tuple[torch.Tensor, torch.Tensor] | None = None  # the packed copy [E, bytes] uint8 streamed instead
+    tiles_owner: object = None  # what keeps the tiles' memory (the CPU operator)
 
     @property
     def stored(self) -> tuple[torch.Tensor, ...]:
@@ -233,6 +240,7 @@ class ExpertStore:
         self.scratch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.scratch_tag = None  # int8: the slot tag whose experts scratch[:n] holds
         self._ranges: tuple[list, list] = ([], [])  # FP8, per buffer: (key, lo, hi, at) of the ranges it holds
+        self.staging: torch.Tensor | None = None  # device bytes the tiles of a group of experts land in (CUDA)
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
         self.pinned: list[torch.Tensor] = []
         self.pin_ok = True
@@ -286,7 +294,7 @@ class ExpertStore:
 
     def pin(self, t: torch.Tensor) -> None:
         """Page-locks a host tensor in place (once); after the first refusal, stops trying."""
-        if self.cuda and self.pin_ok and not t.is_pinned():
+        if self.cuda and self.pin_ok and not t.is_meta and not t.is_pinned():
             registered = pin_in_place(t)
             self.pin_ok = registered is not False
             if registered:
@@ -316,8 +324,34 @@ class ExpertStore:
             lw.res = lw.res_ids = None
             return
         idx = torch.tensor(lw.resident)
-        lw.res = tuple(_raw(t)[idx].to(self.device).view(t.dtype) for t in lw.stored)
+        lw.res = tuple(self._host_experts(lw, w, idx) for w in range(len(lw.stored)))
         lw.res_ids = idx.to(self.device)  # made here, between steps: a list -> device tensor waits for the device
+
+    def _host_experts(self, lw: _Layer, which: int, idx: torch.Tensor) -> torch.Tensor:
+        """Experts `idx` of the layer's stored tensor `which` on the device, as stored (from its tiles if any)."""
+        t = lw.stored[which]
+        if lw.tiles is None or which > 1:
+            return _raw(t)[idx].to(self.device).view(t.dtype)
+        out = torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype, device=self.device)
+        return untile_(out, lw.tiles[which][idx].to(self.device), interleaved=which == 0)
+
+    def stream_from_tiles(self, layer: int, tiles: tuple[torch.Tensor, torch.Tensor], owner: object) -> None:
+        """From now on `layer`'s experts stream from `tiles` (kt_core.streaming.tiles.tiles_of: the packed CPU
+        operator's copy, kept alive by `owner`); the store lets go of the layer's weights (the caller frees them)."""
+        lw = self.layers[layer]
+        if self.quantize is not None:
+            raise ValueError(f"streaming: quantize={self.quantize!r} streams int8 copies; the tiles are the weights")
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # no copy may still read the weights
+        for name in ("gate_up", "down"):
+            w = getattr(lw, name)
+            if any(p is w for p in self.pinned):
+                unpin(w)
+                self.pinned[:] = [p for p in self.pinned if p is not w]
+            setattr(lw, name, torch.empty(w.shape, dtype=w.dtype, device="meta"))
+        lw.tiles, lw.tiles_owner = tiles, owner
+        for t in tiles:
+            self.pin(t)
 
     def resident_bytes(self, layer: int = 0) -> int:
         """Device bytes one resident expert takes (the weights as stored on the host, FP8 block scales included)."""
@@ -424,11 +458,31 @@ class ExpertStore:
     def _copy(self, slot: _Slot, srcs, content: tuple[int, ...], resident: set[int]) -> None:
         """Host -> slot copies of the streamed experts of `content` (residents: see `_fill_residents`)."""
         runs = _runs([(j, e) for j, e in enumerate(content) if e not in resident])
-        for dst, src in zip(slot.bufs, srcs, strict=True):
+        tiles = self.layers[slot.tag[0]].tiles
+        for which, (dst, src) in enumerate(zip(slot.bufs, srcs, strict=True)):
             for j, e, n in runs:
-                dst[j : j + n].copy_(src[e : e + n], non_blocking=True)
+                if tiles is not None and which < 2:
+                    self._untile(dst[j : j + n], tiles[which][e : e + n], interleaved=which == 0)
+                else:
+                    dst[j : j + n].copy_(src[e : e + n], non_blocking=True)
         if resident and self.quantize is None:  # as stored: bf16 / fp32 weights, or FP8 bytes and scales
             self._fill_residents(slot.tag[0], slot.bufs)
+
+    def _untile(self, dst: torch.Tensor, tiles: torch.Tensor, *, interleaved: bool) -> None:
+        """Host tiles [G, bytes] -> dst [G, out, in] on the device: through the staging buffer a group at a time (on
+        the current stream, which orders each group's copy after the previous group's untiling)."""
+        if not self.cuda:
+            untile_(dst, tiles, interleaved=interleaved)
+            return
+        per = tiles.shape[1]
+        if self.staging is None or self.staging.numel() < per:
+            self.staging = torch.empty(stage_bytes(per, self.capacity), dtype=torch.uint8, device=self.device)
+        group = self.staging.numel() // per
+        for a in range(0, dst.shape[0], group):
+            b = min(dst.shape[0], a + group)
+            buf = self.staging[: (b - a) * per].view(b - a, per)
+            buf.copy_(tiles[a:b], non_blocking=True)
+            untile_(dst[a:b], buf, interleaved=interleaved)
 
     def _fill_residents(self, layer: int, dst: tuple[torch.Tensor, ...]) -> None:
         """Device copies of `layer`'s residents into a whole-layer weight set (positions = expert ids)."""
@@ -500,8 +554,9 @@ class ExpertStore:
         return seconds, nbytes
 
     def gpu_bytes(self) -> int:
-        """Device bytes held: slots, the int8 scratch or the FP8 working buffer, residents."""
+        """Device bytes held: slots, the int8 scratch or the FP8 working buffer, the tiles' staging, residents."""
         ts = [b for s in self.slots for b in s.bufs] + list(self.scratch or ())
+        ts += [self.staging] if self.staging is not None else []
         ts += [t for lw in self.layers for t in lw.res or ()]
         return sum(t.numel() * t.element_size() for t in ts)
 
@@ -512,7 +567,7 @@ class ExpertStore:
             self._finalizer()  # unregisters once
         self.pinned.clear()
         self.slots.clear()
-        self.scratch = self.scratch_tag = None
+        self.scratch = self.scratch_tag = self.staging = None
         self._forget(lambda key: True)
         for lw in self.layers:
             lw.res = None

@@ -294,6 +294,8 @@ class KTCallback(TrainerCallback):
         if model is not None:  # packed kernels pack now, with a progress bar, not inside the first step
             release = training_releases_weights(model, self.keep_host_weights, args)
             pack_experts(model, progress=state.is_local_process_zero, release=release)
+            if self._streaming is not None:  # streamed layers free theirs once their CPU operator packs
+                self._streaming.release_packed_weights = release
         if self._timer is not None:
             self._timer.start_steps()
 

@@ -218,6 +218,9 @@ def _training_callback():
                 keep = settings is not None and settings.kt_keep_host_weights
                 release = training_releases_weights(model, keep, args)
                 pack_experts(model, progress=state.is_local_process_zero, release=release)
+                streaming = getattr(model, "kt_streaming", None)
+                if streaming is not None:  # streamed layers free theirs once their CPU operator packs
+                    streaming.release_packed_weights = release
             if self.timer is not None:
                 self.timer.start_steps()
             beside_deepspeed = attach_deepspeed(args, state, model, optimizer, caller="use_kt")  # own optimizer
