@@ -46,10 +46,11 @@ running when they began) and by the step's host synchronisations counted by Pyth
 
 Reported per mode: tokens/s (median step after --warmup steps, timed between the Trainer's step callbacks,
 tokens counted by the Trainer's `include_num_input_tokens_seen`),
-peak GPU memory (torch.cuda.max_memory_allocated over training) and, for the kt modes, the peak the memory plan
-gave before the run ("planned", kt_core.streaming.memory_plan), the loss curve, kt's speed logs and the split of a
-step (`split`: median CPU operator / PCIe copy / GPU expert seconds per step, with the streaming runtime's own
-"streaming step N: ..." lines in `split_lines`).
+peak GPU memory (torch.cuda.max_memory_allocated over training), host RSS at each step's start and at the end
+(`host_rss_gib`: streamed layers free their weights once their CPU operator packs) and, for the kt modes, the peak
+the memory plan gave before the run ("planned", kt_core.streaming.memory_plan), the loss curve, kt's speed logs and
+the split of a step (`split`: median CPU operator / PCIe copy / GPU expert seconds per step, with the streaming
+runtime's own "streaming step N: ..." lines in `split_lines`).
 
     python benchmarks/bench_sft.py --shape dsv2-lite --batch 16 --modes gpu,gpu-loss,kt-stream --out sft.json
     python benchmarks/bench_sft.py --shape qwen3-30b-a3b --batch 8 --checkpoint /data/q3 --expert-gpu-memory 12GiB
@@ -313,6 +314,7 @@ class StepMeter:
                     torch.cuda.reset_peak_memory_stats()
 
             def on_step_begin(self, args, state, control, **kwargs):
+                meter.host_gib.append(host_rss_gib())  # after the previous step's end (streamed layers' release)
                 if profile and len(meter.step_s) == profile_step:
                     meter._profiler = _start_profiler(cuda)
                 meter._sync()
@@ -326,11 +328,16 @@ class StepMeter:
                 if meter._profiler is not None:
                     _write_profile(meter._profiler, profile, cuda)
                     meter._profiler = None
-                print(f"    step {len(meter.step_s)}: {meter.step_s[-1] * 1e3:8.0f} ms", flush=True)
+                print(
+                    f"    step {len(meter.step_s)}: {meter.step_s[-1] * 1e3:8.0f} ms, host RSS at its start "
+                    f"{meter.host_gib[-1]:.1f} GiB",
+                    flush=True,
+                )
 
             def on_train_end(self, args, state, control, **kwargs):
                 # the history, where KTCallback adds its speed logs to each entry (it may run after this callback)
                 meter.logs = [dict(log) for log in state.log_history]
+                meter.host_gib.append(host_rss_gib())
 
         self.cuda = cuda
         self.step_s: list[float] = []
@@ -339,6 +346,7 @@ class StepMeter:
         self._profiler = None
         self.logs: list[dict] = []
         self.split_lines: list[str] = []
+        self.host_gib: list[float] = []  # host RSS at each step's start, then at the end of training
         logging.getLogger("kt_core.streaming").addHandler(SplitLines(self.split_lines))
         self.callback = _Callback()
 
@@ -367,8 +375,16 @@ class StepMeter:
             kt_logs=kt_logs,
             split=step_split(kt_logs[warmup:], [t for t, _ in timed]) if kt_logs else None,
             split_lines=list(self.split_lines),
+            host_rss_gib=[round(g, 2) for g in self.host_gib],
             **extra,
         )
+
+
+def host_rss_gib() -> float:
+    """This process's resident host memory (VmRSS), GiB."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def step_split(kt_logs: list[dict], step_s: list[float]) -> dict:
