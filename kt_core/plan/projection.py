@@ -21,9 +21,10 @@ loss (`kt_core.loss.loss_workspace_bytes`, Liger); slots sized as the runtime si
 (`kt_core.streaming.planner.slot_bytes_per_expert`: FP8 slots hold e4m3 weights and block scales, plus once per GPU
 the fixed bf16 buffer the GPU dequantizes them into a group of experts at a time, `dequant_buffer_bytes`).
 Host RAM: as the runtime holds the routed experts with a packed kernel (the speeds above are the packed AMX
-kernels'): twice when some of them stream, the store in the stored dtype (the one streaming reads) and the packed
-kernel's copy in its tile layout, the same bytes; once when the CPU computes them all, whose training run frees the
-store once packed (`kt_core.pack_experts(release=True)`, the training plugins' default for bf16 runs).
+kernels'): once. With every expert on the CPU the training run frees the weights once packed
+(`kt_core.pack_experts(release=True)`, the training plugins' default for bf16 runs); where some stream, a layer streams
+from its weights until its first CPU share packs it, then from the packed copy, and frees the weights
+(kt_core/streaming/tiles.py), so the peak holds one layer twice: the one packing.
 """
 
 from __future__ import annotations
@@ -49,9 +50,6 @@ __all__ = ["Projection", "project"]
 WORKING_SET_TENSORS = 36  # one layer's recomputation + backward, in [tokens, H] bf16 tensors (measured, see above)
 BYTES_PER_WEIGHT = {"bf16": 2, "fp8": 1, "int8": 1}
 FP8_BLOCK = (128, 128)  # DeepSeek-V3's / Kimi-K2's weight_block_size
-# Copies of the routed experts in host RAM: the store and the packed kernel's copy while some stream (streaming
-# reads the store); the packed copy alone when the CPU computes them all (kt_core/runtime/pack_cache.py).
-HOST_COPIES_STREAMING, HOST_COPIES_CPU_ONLY = 2, 1
 SLOTS = 2  # streaming slots per GPU (kt_core.streaming.store)
 FROZEN_GEMM_PASSES = 3  # forward, recomputation, input gradient
 SCORE_PASSES = 4.5  # forward, recomputation, flash attention's backward (~2.5 forwards)
@@ -135,8 +133,9 @@ def project(
 
     used = weights + activations + capacity * slot_bytes + dequant_buffer_bytes(H, I, capacity, block=block)
     gpu_bytes = [used] * (machine.gpus - 1) + [used + head]
-    copies = HOST_COPIES_STREAMING if capacity > 0 else HOST_COPIES_CPU_ONLY
-    host_bytes = copies * model.moe_layers * model.experts * expert_bytes
+    layer_bytes = model.experts * expert_bytes
+    packing = layer_bytes if capacity > 0 else 0  # a streamed layer's weights beside the packed copy it is making
+    host_bytes = model.moe_layers * layer_bytes + packing
     problems = []
     if capacity == 0 and expert_gpu_memory != 0:
         problems.append(
@@ -147,7 +146,7 @@ def project(
     if host_bytes > machine.host_bytes:
         problems.append(
             f"host RAM: the routed experts take {_gib(host_bytes)} in {expert_dtype} "
-            + ("(store + packed copy)" if copies == HOST_COPIES_STREAMING else "(the packed copy)")
+            + ("(once, + one layer while it packs)" if packing else "(the packed copy)")
             + f", the machine has {_gib(machine.host_bytes)}: "
             + ("store them in fp8 or int8, or use more RAM" if expert_dtype == "bf16" else "use more RAM")
         )
