@@ -638,7 +638,9 @@ def run_trainer_mode(mode: str, a) -> dict:
             )
             if a.stream_keep_bytes:
                 streaming["stream_keep_bytes"] = a.stream_keep_bytes
-        callbacks.append(KTCallback(cpu_infer=a.cpu_infer, max_seq_length=a.seq, **streaming))
+        callbacks.append(
+            KTCallback(cpu_infer=a.cpu_infer, max_seq_length=a.seq, keep_host_weights=a.keep_host_weights, **streaming)
+        )
     with tempfile.TemporaryDirectory() as out:
         args = transformers.TrainingArguments(
             output_dir=out,
@@ -855,6 +857,11 @@ def main() -> None:
         "the plugin's own)",
     )
     ap.add_argument("--cpu-infer", type=int, default=None, help="CPU threads of the experts operator")
+    ap.add_argument(
+        "--keep-host-weights",
+        action="store_true",
+        help="Trainer kt modes: KTCallback(keep_host_weights=True), the expert weights stay beside the packed copy",
+    )
     ap.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (written when missing)")
     ap.add_argument("--device", default=None, help="default: cuda when there is one")
     ap.add_argument("--small", action="store_true", help="tiny shapes (smoke test)")
