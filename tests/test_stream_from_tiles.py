@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_streaming import train
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -103,21 +104,6 @@ class Toy(nn.Module):
         return x.float().pow(2).mean()
 
 
-def train(model, device, steps: int = 4) -> list[float]:
-    params = [p for m in model.experts for p in m.lora.factors()] + list(model.routers.parameters())
-    opt = torch.optim.Adam(params, lr=0.02)
-    gen = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(37, H, generator=gen).to(device, torch.bfloat16)  # T = 37: odd
-        loss = model(x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def slot_bytes(dtype) -> int:
     """Device bytes per expert of slot capacity (both slots; FP8: e4m3 weights and their 32 x 32 block scales)."""
     weights = 3 * I * H * (1 if dtype == FP8 else 2)
@@ -141,7 +127,7 @@ def run(kernel: str, dtype, device: str, *, release: bool, residents: int = 0):
             m.release_host_weights()
     rt = enable_streaming(model, device=device, mode="gpu", expert_gpu_memory=budget, expert_lora_on_gpu=False)
     rt.release_packed_weights = release
-    losses = train(model, device)
+    losses = train(model, lr=0.02, tokens=37, hidden=H, device=device, dtype=torch.bfloat16)  # T = 37: odd
     factors = [p.detach().clone() for m in model.experts for p in m.lora.factors()]
     return rt, model, losses, factors
 

@@ -58,13 +58,24 @@ def lora_params(model):
     return [p for m in model.modules() if isinstance(m, KTExperts) for p in m.lora.factors()]
 
 
-def train(model, steps: int = 4, lr: float = 0.05, seed: int = 0) -> list[float]:
+def train(
+    model,
+    steps: int = 4,
+    lr: float = 0.05,
+    seed: int = 0,
+    *,
+    tokens: int = 24,
+    hidden: int = H,
+    device="cpu",
+    dtype=torch.float32,
+) -> list[float]:
+    """Adam on the expert-LoRA factors and the routers; each step's input [tokens, hidden] drawn from `seed`."""
     params = lora_params(model) + list(model.routers.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
-        x = torch.randn(24, H, generator=gen)
+        x = torch.randn(tokens, hidden, generator=gen).to(device, dtype)
         loss = model(x)
         loss.backward()
         opt.step()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_streaming import SPLITS, ToyMoE, lora_params
+from test_streaming import SPLITS, ToyMoE, lora_params, train
 
 from kt_core import KTExperts
 from kt_core.streaming import enable_streaming
@@ -27,18 +27,7 @@ def to_bf16_experts(model: ToyMoE) -> ToyMoE:
 
 
 def train_gpu(model, steps=4):
-    params = lora_params(model) + list(model.routers.parameters())
-    opt = torch.optim.Adam(params, lr=0.02)
-    gen = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(64, 32, generator=gen).cuda()
-        loss = model(x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train(model, steps, lr=0.02, tokens=64, device="cuda")
 
 
 @pytest.mark.parametrize("split", ["all-streamed", "pieces", "half-streamed", "resident", "int8"])

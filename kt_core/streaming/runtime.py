@@ -375,7 +375,7 @@ class StreamingRuntime:
     def _stream_from_packed_copies(self) -> None:
         """Layers whose CPU operator has packed their experts stream from that copy from now on and free their weights
         (the module docstring), where `release_packed_weights` allows it."""
-        if not self.release_packed_weights or self.store.quantize is not None:
+        if not self.release_packed_weights:
             return
         freed = sum(m.release_host_weights() for i, m in enumerate(self.layers) if self.stream_from_tiles(i))
         if freed:
